@@ -1,0 +1,258 @@
+"""Public entry points: `optimize` (frontend -> pass -> rewritten model + report) and `load`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from riem_compiler import __version__
+from riem_compiler.compressed import CompressedWeight
+from riem_compiler.config import Config
+from riem_compiler.errors import InputError
+from riem_compiler.frontend.layers import LayerSpec
+from riem_compiler.passes.compress import compress_specs
+from riem_compiler.report import LayerRecord, Report
+
+log = logging.getLogger("riem_compiler")
+
+ARTIFACT_FORMAT = "riem-artifact"
+ARTIFACT_VERSION = 1
+
+
+@dataclass
+class Result:
+    """What `optimize` returns. `model` is the same kind as the input (nn.Module or onnx.ModelProto)."""
+
+    model: object
+    report: Report
+    compressed: dict[str, CompressedWeight]
+    specs: list[LayerSpec]
+    config: Config
+    source: str  # "torch" | "onnx"
+    example_inputs: tuple | None = None
+    original: object = field(default=None, repr=False)
+
+    def save(self, directory) -> Path:
+        """Compact artifact: compressed.safetensors (+ rest.safetensors for torch, model.onnx for
+        ONNX) and manifest.json; no pickle."""
+        return save_artifact(self, directory)
+
+    def export_onnx(self, path, materialize: bool = False) -> Path:
+        from riem_compiler.codegen.onnx_export import export_result_onnx
+
+        return Path(export_result_onnx(self, path, materialize=materialize))
+
+    def build_tvm(self, directory, target: str = "llvm", tune_trials: int = 0, **kwargs) -> Path:
+        from riem_compiler.codegen.tvm_build import build_tvm
+
+        return Path(build_tvm(self, directory, target=target, tune_trials=tune_trials, **kwargs))
+
+
+def _is_onnx_input(graph) -> bool:
+    if isinstance(graph, (str, os.PathLike)):
+        return True
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - onnx is a dependency
+        return False
+    return isinstance(graph, onnx.ModelProto)
+
+
+def optimize(graph, example_inputs=None, config: Config | None = None, **options) -> Result:
+    """Compress the linear/conv weights of `graph` without data.
+
+    graph: nn.Module | torch.fx.GraphModule | torch.export.ExportedProgram | onnx.ModelProto | path to .onnx.
+    Options are the fields of `Config` (ratio, method, state_bits, ...), or pass `config=`.
+    """
+    cfg = Config.from_kwargs(config, **options)
+    if _is_onnx_input(graph):
+        return _optimize_onnx(graph, cfg)
+    return _optimize_torch(graph, example_inputs, cfg)
+
+
+def _skipped_records(skipped: list[tuple[str, str]]) -> list[LayerRecord]:
+    return [LayerRecord(name, "-", (), "-", "skipped", 0, 0, reason=reason) for name, reason in skipped]
+
+
+def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
+    from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
+    from riem_compiler.passes.rewrite_torch import apply_compressed
+
+    model = as_module(graph)
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    det = find_torch_layers(model, cfg)
+    if not det.layers:
+        log.warning("nothing to compress in %s: no Linear/Conv/MatMul weight passed the filters; "
+                    "the model is returned unchanged", type(model).__name__)
+        return Result(model, Report(_skipped_records(det.skipped)), {}, [], cfg, "torch", example_inputs, model)
+    compressed, records = compress_specs(det.layers, cfg)
+    new_model = apply_compressed(model, det.layers, compressed, det.graph_module, cfg.recompute) if compressed else model
+    report = Report(records + _skipped_records(det.skipped))
+    if example_inputs is not None and compressed:
+        report.output_error = torch_output_error(model, new_model, example_inputs)
+    if not compressed:
+        log.warning("no layer was compressed; the model is returned unchanged (see the report)")
+    return Result(new_model, report, compressed, det.layers, cfg, "torch", example_inputs, model)
+
+
+def torch_output_error(reference, candidate, inputs) -> float:
+    """||y - y_ref|| / ||y_ref|| over all tensor outputs."""
+    with torch.no_grad():
+        ref = _flat_outputs(reference(*inputs))
+        out = _flat_outputs(candidate(*inputs))
+    num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(out, ref))
+    den = sum(float(r.double().pow(2).sum()) for r in ref)
+    return (num / den) ** 0.5 if den > 0 else num ** 0.5
+
+
+def _flat_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_outputs(o)]
+    return []
+
+
+def _optimize_onnx(graph, cfg: Config) -> Result:
+    from riem_compiler.codegen.onnx_export import rewrite_onnx
+    from riem_compiler.frontend.onnx_frontend import find_onnx_layers, load_onnx
+
+    model = load_onnx(graph)
+    specs, skipped = find_onnx_layers(model, cfg)
+    if not specs:
+        log.warning("nothing to compress in the ONNX model; it is returned unchanged")
+        return Result(model, Report(_skipped_records(skipped)), {}, [], cfg, "onnx", None, model)
+    compressed, records = compress_specs(specs, cfg)
+    new_model = rewrite_onnx(model, specs, compressed) if compressed else model
+    return Result(new_model, Report(records + _skipped_records(skipped)), compressed, specs, cfg, "onnx", None, model)
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+def save_artifact(res: Result, directory) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{name}::{key}": np.ascontiguousarray(arr)
+              for name, cw in res.compressed.items() for key, arr in cw.arrays.items()}
+    _atomic(out / "compressed.safetensors", lambda p: save_file(arrays, str(p)))
+    manifest = {
+        "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "riem_compiler": __version__,
+        "source": res.source, "config": res.config.to_dict(),
+        "layers": [{"name": s.name, "module": s.module, "kind": s.kind, "attrs": s.attrs,
+                    "method": res.compressed[s.name].method, "shape": list(res.compressed[s.name].shape),
+                    "meta": res.compressed[s.name].meta, "arrays": sorted(res.compressed[s.name].arrays)}
+                   for s in res.specs if s.name in res.compressed],
+        "report": res.report.to_dict(),
+    }
+    if res.source == "torch":
+        from riem_compiler.passes.rewrite_torch import RieMWeight
+
+        riem_buffers = {f"{n}.{b}" if n else b for n, mod in res.model.named_modules()
+                        if isinstance(mod, RieMWeight) for b, _ in mod.named_buffers(recurse=False)}
+        rest = {k: v.detach().cpu().contiguous().numpy() for k, v in res.model.state_dict().items()
+                if k not in riem_buffers}
+        _atomic(out / "rest.safetensors", lambda p: save_file(rest, str(p)))
+    else:
+        import onnx
+
+        _atomic(out / "model.onnx", lambda p: onnx.save_model(res.model, str(p)))
+    _atomic(out / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+    log.info("saved artifact to %s (%d compressed layers)", out, len(res.compressed))
+    return out
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: no half-written outputs."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_artifact(directory) -> tuple[dict, dict[str, CompressedWeight]]:
+    d = Path(directory)
+    manifest_path = d / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{d}: no manifest.json; expected a directory written by Result.save or build_tvm")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise InputError(f"{manifest_path}: format {manifest.get('format')!r} is not {ARTIFACT_FORMAT!r}")
+    tensors = load_file(str(d / "compressed.safetensors"))
+    compressed = {
+        layer["name"]: CompressedWeight(layer["method"], tuple(layer["shape"]), layer["meta"],
+                                        {k: tensors[f"{layer['name']}::{k}"] for k in layer["arrays"]})
+        for layer in manifest["layers"]
+    }
+    return manifest, compressed
+
+
+def load(path, device: str = "cpu", model=None):
+    """Load an artifact as a callable model.
+
+    - a directory from `Result.save` of a torch model: pass `model=` a fresh instance of the
+      original architecture (the artifact holds weights, not code); returns the compressed nn.Module.
+    - a directory from `Result.save` of an ONNX model, or a .onnx file: an onnxruntime callable.
+    - a directory from `Result.build_tvm`: the TVM module (decoded once at load).
+    """
+    p = Path(path)
+    if p.is_file() and p.suffix == ".onnx":
+        from riem_compiler.codegen.onnx_export import OnnxRuntimeModel
+
+        return OnnxRuntimeModel(p, device=device)
+    manifest_path = p / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{p}: not a riem_compiler artifact (no manifest.json) and not a .onnx file")
+    fmt = json.loads(manifest_path.read_text()).get("format")
+    if fmt == "riem-tvm":
+        from riem_compiler.codegen.tvm_runtime import load_tvm
+
+        return load_tvm(p, device=device)
+    manifest, compressed = read_artifact(p)
+    if manifest["source"] == "onnx":
+        from riem_compiler.codegen.onnx_export import OnnxRuntimeModel
+
+        return OnnxRuntimeModel(p / "model.onnx", device=device)
+    if model is None:
+        raise InputError(f"{p} holds the weights of a PyTorch model, not its code: call "
+                         "riem_compiler.load(path, model=<fresh instance of the original model>)")
+    return _rebuild_torch(p, manifest, compressed, model, device)
+
+
+def _rebuild_torch(path: Path, manifest: dict, compressed: dict[str, CompressedWeight], model, device):
+    from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
+    from riem_compiler.passes.rewrite_torch import apply_compressed
+
+    cfg = Config(**{**manifest["config"], "quiet": True})
+    module = as_module(model)
+    det = find_torch_layers(module, Config(min_weight_size=0, quiet=True))
+    specs = [s for s in det.layers if s.name in compressed]
+    missing = sorted(set(compressed) - {s.name for s in specs})
+    if missing:
+        raise InputError(f"{path}: the model given to load() has no layers named {missing[:5]}; "
+                         "pass an instance of the same architecture that was compressed")
+    for s in specs:
+        if tuple(s.shape) != tuple(compressed[s.name].shape):
+            raise InputError(f"{path}: layer {s.name} has shape {s.shape} in the given model but "
+                             f"{compressed[s.name].shape} in the artifact")
+    rebuilt = apply_compressed(module, specs, compressed, det.graph_module, cfg.recompute)
+    rest = {k: torch.from_numpy(v) for k, v in load_file(str(path / "rest.safetensors")).items()}
+    missing_keys, unexpected = rebuilt.load_state_dict(rest, strict=False)
+    unexpected = [k for k in unexpected]
+    if unexpected:
+        raise InputError(f"{path}: artifact has weights {unexpected[:5]} the given model does not have")
+    return rebuilt.to(device).eval()

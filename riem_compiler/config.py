@@ -1,0 +1,84 @@
+"""`Config`: every option of `optimize`, validated at the boundary."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from riem_compiler import riem
+from riem_compiler.errors import InputError
+from riem_compiler.frontend.layers import LAYER_KINDS
+
+METHODS = ("riem", "svd", "rtn", "tucker2", "auto")
+
+
+@dataclass
+class Config:
+    """Options of the compression pass.
+
+    ratio: target stored bytes per layer as a fraction of its fp32 weight bytes (0 < ratio < 1);
+        for method="auto" the global budget over all compressible layers.
+    """
+
+    ratio: float = 0.25
+    method: str = "riem"
+    state_bits: int = 8
+    metric_dtype: str = "float16"
+    m: int = 16
+    k_branches: int = riem.K_BRANCHES
+    steps: int = 1000
+    time_budget_s: float = 60.0
+    lr: float = 3e-2
+    error_ceiling: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    ignore: tuple[str, ...] = ()
+    ignore_types: tuple[str, ...] = ()
+    min_weight_size: int = 1024
+    keep_first_last: bool = False
+    recompute: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        self.ignore = tuple(self.ignore)
+        self.ignore_types = tuple(self.ignore_types)
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 1.0:
+            raise InputError(f"ratio must be a number in (0, 1), the stored fraction of fp32 bytes; got {self.ratio!r}")
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {METHODS}; got {self.method!r}")
+        if self.state_bits not in riem.STATE_BITS:
+            raise InputError(f"state_bits must be one of {riem.STATE_BITS}; got {self.state_bits!r}")
+        if self.metric_dtype not in riem.METRIC_DTYPES:
+            raise InputError(f"metric_dtype must be one of {riem.METRIC_DTYPES}; got {self.metric_dtype!r}")
+        for name in ("m", "k_branches", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer; got {value!r}")
+        if self.time_budget_s <= 0:
+            raise InputError(f"time_budget_s must be positive; got {self.time_budget_s!r}")
+        if self.error_ceiling <= 0:
+            raise InputError(f"error_ceiling must be positive; got {self.error_ceiling!r}")
+        if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise InputError(f"device must be 'cpu' or 'cuda'; got {self.device!r}")
+        bad = [t for t in self.ignore_types if t not in LAYER_KINDS]
+        if bad:
+            raise InputError(f"ignore_types has unknown kinds {bad}; known: {LAYER_KINDS}")
+        if self.min_weight_size < 0:
+            raise InputError(f"min_weight_size must be >= 0; got {self.min_weight_size!r}")
+
+    @classmethod
+    def from_kwargs(cls, config: "Config | None", **kwargs) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise InputError(f"unknown option(s) {unknown}; valid options: {sorted(names)}")
+        if config is None:
+            return cls(**kwargs)
+        if not isinstance(config, cls):
+            raise InputError(f"config must be a riem_compiler.Config, got {type(config).__name__}")
+        return dataclasses.replace(config, **kwargs)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -1,0 +1,217 @@
+"""PyTorch frontend: find compressible weights in nn.Module / fx.GraphModule / ExportedProgram.
+
+Two ways a weight is used:
+- module layers: nn.Linear, nn.Conv1d, nn.Conv2d (the pass swaps the module);
+- functional uses in a graph: F.linear / conv / matmul / mm / addmm (torch or aten ops) whose
+  weight is a get_attr of a parameter, possibly through a transpose (the pass swaps the get_attr).
+An ExportedProgram is unlifted with `.module()` first, so its parameters are get_attr nodes.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from riem_compiler.errors import InputError
+from riem_compiler.frontend.layers import LayerSpec
+
+log = logging.getLogger("riem_compiler.frontend")
+
+MODULE_KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+
+_aten = torch.ops.aten
+# function -> (kind, index of the weight argument)
+FUNCTIONAL_WEIGHT_ARG = {
+    F.linear: ("linear", 1),
+    torch.matmul: ("matmul", 1),
+    operator.matmul: ("matmul", 1),
+    torch.mm: ("matmul", 1),
+    torch.addmm: ("matmul", 2),
+    F.conv1d: ("conv1d", 1),
+    F.conv2d: ("conv2d", 1),
+    _aten.linear.default: ("linear", 1),
+    _aten.matmul.default: ("matmul", 1),
+    _aten.mm.default: ("matmul", 1),
+    _aten.addmm.default: ("matmul", 2),
+    _aten.conv1d.default: ("conv1d", 1),
+    _aten.conv2d.default: ("conv2d", 1),
+    _aten.convolution.default: ("conv", 1),
+}
+# ops that only re-view a weight on its way to a matmul
+TRANSPOSE_OPS = {torch.t, torch.transpose, _aten.t.default, _aten.transpose.int, _aten.permute.default}
+TRANSPOSE_METHODS = {"t", "transpose", "permute"}
+
+
+@dataclass
+class Detection:
+    """What the frontend found: layers to compress and (name, reason) for those it will not."""
+
+    layers: list[LayerSpec] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    graph_module: torch.fx.GraphModule | None = None  # set when functional weights need graph surgery
+
+
+def as_module(graph) -> nn.Module:
+    """Turn any accepted torch input into an nn.Module the pass can edit."""
+    if isinstance(graph, torch.export.ExportedProgram):
+        return graph.module()
+    if isinstance(graph, nn.Module):
+        return graph
+    raise InputError(
+        f"expected an nn.Module, torch.fx.GraphModule, torch.export.ExportedProgram, onnx.ModelProto or a "
+        f"path to a .onnx file; got {type(graph).__name__}"
+    )
+
+
+def find_torch_layers(model: nn.Module, config) -> Detection:
+    """Detect compressible weights. A plain nn.Module is also traced (when fx can) to find
+    functional uses of its parameters; then `graph_module` is the traced module to rewrite."""
+    det = Detection()
+    params = dict(model.named_parameters())
+    owned = set()
+    if not isinstance(model, torch.fx.GraphModule):
+        for mod_name, mod in model.named_modules():
+            kind = MODULE_KINDS.get(type(mod))
+            if kind is None:
+                continue
+            det.layers.append(_module_spec(mod_name, mod, kind))
+            owned.add(_join(mod_name, "weight"))
+        leftovers = [n for n, p in params.items() if p.dim() >= 2 and n not in owned]
+        if leftovers:
+            try:
+                traced = torch.fx.symbolic_trace(model)
+            except Exception as exc:  # fx cannot trace every model; module layers still work
+                det.skipped += [(n, f"used outside Linear/Conv and fx could not trace the model ({type(exc).__name__})")
+                                for n in leftovers]
+            else:
+                graph_layers, graph_skipped = _graph_layers(traced, set(leftovers))
+                if graph_layers:
+                    det.graph_module = traced
+                det.layers += graph_layers
+                det.skipped += graph_skipped
+    else:
+        for node in model.graph.nodes:
+            if node.op == "call_module":
+                mod = model.get_submodule(node.target)
+                kind = MODULE_KINDS.get(type(mod))
+                if kind is not None:
+                    det.layers.append(_module_spec(node.target, mod, kind))
+                    owned.add(_join(node.target, "weight"))
+        graph_layers, graph_skipped = _graph_layers(model, {n for n in params if n not in owned})
+        if graph_layers:
+            det.graph_module = model
+        det.layers += graph_layers
+        det.skipped += graph_skipped
+    det.layers, filtered = _apply_scope(det.layers, config)
+    det.skipped += filtered
+    return det
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _module_spec(mod_name: str, mod: nn.Module, kind: str) -> LayerSpec:
+    attrs = {}
+    if kind.startswith("conv"):
+        attrs = {"stride": list(mod.stride), "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
+                 "dilation": list(mod.dilation), "groups": mod.groups, "padding_mode": mod.padding_mode}
+    bias = None if mod.bias is None else mod.bias.detach().cpu().float().numpy()
+    return LayerSpec(name=_join(mod_name, "weight"), kind=kind, weight=_numpy(mod.weight), bias=bias,
+                     attrs=attrs, module=mod_name)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().float().numpy().copy()
+
+
+def _weight_source(node) -> str | None:
+    """Follow transposes back to a get_attr; return its target."""
+    while isinstance(node, torch.fx.Node):
+        if node.op == "get_attr":
+            return node.target
+        transposing = (node.op == "call_function" and node.target in TRANSPOSE_OPS) or (
+            node.op == "call_method" and node.target in TRANSPOSE_METHODS)
+        if not transposing:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _graph_layers(gm: torch.fx.GraphModule, candidates: set[str]):
+    """Functional weight uses in a graph; a parameter qualifies only if every use is a weight use."""
+    uses: dict[str, list[str | None]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target not in candidates:
+            continue
+        uses.setdefault(node.target, [])
+        for user in _through_transposes(node):
+            kind = None
+            entry = FUNCTIONAL_WEIGHT_ARG.get(user.target) if user.op == "call_function" else None
+            if entry is not None:
+                kind, idx = entry
+                arg = user.args[idx] if len(user.args) > idx else user.kwargs.get("weight")
+                if _weight_source(arg) != node.target:
+                    kind = None
+            uses[node.target].append(kind)
+    layers, skipped = [], []
+    for name, kinds in uses.items():
+        param = gm.get_parameter(name) if _is_parameter(gm, name) else None
+        if param is None or param.dim() < 2 or not param.is_floating_point():
+            continue
+        if not kinds or any(k is None for k in kinds):
+            skipped.append((name, "parameter is used by an op the pass does not compress"))
+            continue
+        kind = kinds[0]
+        if kind == "conv":
+            kind = {3: "conv1d", 4: "conv2d"}.get(param.dim())
+            if kind is None:
+                skipped.append((name, f"convolution with a {param.dim()}-D weight is not supported"))
+                continue
+        layers.append(LayerSpec(name=name, kind=kind, weight=_numpy(param), attrs={"functional": True}))
+    return layers, skipped
+
+
+def _is_parameter(gm: nn.Module, name: str) -> bool:
+    try:
+        gm.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _through_transposes(node):
+    for user in node.users:
+        transposing = (user.op == "call_function" and user.target in TRANSPOSE_OPS) or (
+            user.op == "call_method" and user.target in TRANSPOSE_METHODS)
+        if transposing:
+            yield from _through_transposes(user)
+        else:
+            yield user
+
+
+def _apply_scope(layers: list[LayerSpec], config):
+    """Ignored scope, minimum size, keep first/last; returns (kept, skipped)."""
+    kept, skipped = [], []
+    for spec in layers:
+        names = [spec.name] + ([spec.module] if spec.module else [])
+        pattern = next((p for p in config.ignore if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+        if pattern is not None:
+            skipped.append((spec.name, f"matches ignore pattern {pattern!r}"))
+        elif spec.kind in config.ignore_types:
+            skipped.append((spec.name, f"layer type {spec.kind!r} is ignored"))
+        elif spec.weight.size < config.min_weight_size:
+            skipped.append((spec.name, f"{spec.weight.size} weights < min_weight_size {config.min_weight_size}"))
+        else:
+            kept.append(spec)
+    if config.keep_first_last and kept:
+        ends = {kept[0].name, kept[-1].name}
+        skipped += [(n, "first/last layer kept (keep_first_last)") for n in sorted(ends)]
+        kept = [s for s in kept if s.name not in ends]
+    return kept, skipped

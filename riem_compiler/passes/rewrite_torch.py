@@ -1,0 +1,202 @@
+"""Rewrite pass for PyTorch: put compressed-weight modules where the dense weights were.
+
+- `RieMWeight` holds exactly the stored arrays as buffers (so `state_dict` is the compact form)
+  and returns the decoded weight. By default it decodes once and caches, so inference costs what
+  the original layer cost; `recompute=True` decodes on every call (memory-bound deployments).
+  Under torch.export / torch.compile it always decodes from the buffers, so exported programs
+  carry the compact parameters, not a baked dense weight.
+- `RieMLinear` / `RieMConv` replace nn.Linear / nn.Conv1d / nn.Conv2d.
+- Functional uses (a get_attr feeding F.linear, aten.mm, ...) become a call of a `RieMWeight`
+  submodule named `<param>_riem` in the GraphModule.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from riem_compiler.compressed import CompressedWeight, decode_torch
+
+log = logging.getLogger("riem_compiler.rewrite")
+
+RIEM_SUFFIX = "_riem"
+
+
+class RieMWeight(nn.Module):
+    def __init__(self, cw: CompressedWeight, param_name: str = "", recompute: bool = False):
+        super().__init__()
+        self.method = cw.method
+        self.shape = tuple(cw.shape)
+        self.meta = dict(cw.meta)
+        self.param_name = param_name
+        self.recompute = recompute
+        self._array_names = list(cw.arrays)
+        for name, arr in cw.arrays.items():
+            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(arr)).clone())
+        self._cache: torch.Tensor | None = None
+
+    def compressed(self) -> CompressedWeight:
+        arrays = {n: getattr(self, n).detach().cpu().numpy() for n in self._array_names}
+        return CompressedWeight(self.method, self.shape, dict(self.meta), arrays)
+
+    def decode(self) -> torch.Tensor:
+        cw = CompressedWeight(self.method, self.shape, self.meta, {})
+        return decode_torch(cw, {n: getattr(self, n) for n in self._array_names})
+
+    def forward(self) -> torch.Tensor:
+        if self.recompute or torch.compiler.is_compiling():
+            return self.decode()
+        anchor = getattr(self, self._array_names[0])
+        if self._cache is None or self._cache.device != anchor.device:
+            with torch.no_grad():
+                self._cache = self.decode()
+        return self._cache
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None  # device/dtype moves invalidate the decoded weight
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, shape={self.shape}, meta={self.meta}, recompute={self.recompute}"
+
+
+class RieMLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, cw: CompressedWeight, name: str = "weight", recompute: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.riem = RieMWeight(cw, name, recompute)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.riem()
+
+    def forward(self, x):
+        return F.linear(x, self.riem(), self.bias)
+
+
+class RieMConv(nn.Module):
+    """Conv1d/Conv2d with a compressed weight; same padding modes as the nn modules."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, cw: CompressedWeight, name: str = "weight",
+                 recompute: bool = False):
+        super().__init__()
+        self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups, self.padding_mode = conv.dilation, conv.groups, conv.padding_mode
+        self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
+        self.riem = RieMWeight(cw, name, recompute)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.riem()
+
+    def forward(self, x):
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return conv(x, self.riem(), self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def to_conv(self, weight: torch.Tensor) -> nn.Module:
+        cls = nn.Conv1d if self.dims == 1 else nn.Conv2d
+        conv = cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                   self.dilation, self.groups, self.bias is not None, self.padding_mode)
+        conv.weight = nn.Parameter(weight)
+        if self.bias is not None:
+            conv.bias = nn.Parameter(self.bias.detach().clone())
+        return conv
+
+
+def _split(qualified: str) -> tuple[str, str]:
+    parent, _, attr = qualified.rpartition(".")
+    return parent, attr
+
+
+def apply_compressed(model: nn.Module, specs, compressed: dict[str, CompressedWeight],
+                     graph_module: torch.fx.GraphModule | None = None, recompute: bool = False) -> nn.Module:
+    """Return a rewritten copy of `model` (or of `graph_module` when functional weights are
+    compressed) with every weight in `compressed` replaced. The input is not modified."""
+    base = graph_module if graph_module is not None and any(
+        not s.module for s in specs if s.name in compressed) else model
+    out = copy.deepcopy(base)
+    for spec in specs:
+        cw = compressed.get(spec.name)
+        if cw is None:
+            continue
+        if spec.module:
+            old = out.get_submodule(spec.module)
+            cls = RieMLinear if isinstance(old, nn.Linear) else RieMConv
+            new = cls(old, cw, spec.name, recompute)
+            parent, attr = _split(spec.module)
+            setattr(out.get_submodule(parent) if parent else out, attr, new)
+        else:
+            _rewrite_functional(out, spec.name, cw, recompute)
+    if isinstance(out, torch.fx.GraphModule):
+        out.graph.lint()
+        out.recompile()
+    return out
+
+
+def _rewrite_functional(gm: torch.fx.GraphModule, param_name: str, cw: CompressedWeight, recompute: bool):
+    parent, attr = _split(param_name)
+    owner = gm.get_submodule(parent) if parent else gm
+    delattr(owner, attr)
+    owner.add_module(attr + RIEM_SUFFIX, RieMWeight(cw, param_name, recompute))
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == param_name:
+            node.op = "call_module"
+            node.target = param_name + RIEM_SUFFIX
+
+
+def compressed_weights(model: nn.Module) -> dict[str, CompressedWeight]:
+    """Weight name -> CompressedWeight for every RieM module in a rewritten model."""
+    out = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, RieMWeight):
+            out[mod.param_name] = mod.compressed()
+    return out
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """A copy with plain nn.Linear/Conv (and plain parameters) holding the decoded weights.
+
+    Parameter names equal the original model's (e.g. "fc1.weight"), so exporters see the
+    same names the frontend reported."""
+    out = copy.deepcopy(model)
+    for mod_name, mod in list(out.named_modules()):
+        if isinstance(mod, (RieMLinear, RieMConv)):
+            weight = mod.riem.decode().detach().clone()
+            if isinstance(mod, RieMLinear):
+                new = nn.Linear(mod.in_features, mod.out_features, mod.bias is not None)
+                new.weight = nn.Parameter(weight)
+                if mod.bias is not None:
+                    new.bias = nn.Parameter(mod.bias.detach().clone())
+            else:
+                new = mod.to_conv(weight)
+            parent, attr = _split(mod_name)
+            setattr(out.get_submodule(parent) if parent else out, attr, new)
+    if isinstance(out, torch.fx.GraphModule):
+        for node in list(out.graph.nodes):
+            if node.op != "call_module":
+                continue
+            mod = out.get_submodule(node.target)
+            if not isinstance(mod, RieMWeight):
+                continue
+            parent, attr = _split(mod.param_name)
+            owner = out.get_submodule(parent) if parent else out
+            weight = mod.decode().detach().clone()
+            delattr(owner, attr + RIEM_SUFFIX)
+            owner.register_parameter(attr, nn.Parameter(weight))
+            node.op = "get_attr"
+            node.target = mod.param_name
+        out.graph.lint()
+        out.recompile()
+    return out

@@ -1,0 +1,229 @@
+"""The RieM representation of one weight matrix: parameters, reconstruction, storage, sizing.
+
+W_hat[i, j] = c + sum_r v_r * sum_k sigmoid(U_k (a_i + S^{s_k} b_j) + beta_k)_r
+
+with S^s a cyclic left shift by s = floor(k*q/K). Reconstruction uses the precomputed form
+A_k = a U_k^T + beta_k, B_k = (S^{s_k} b) U_k^T, so each element costs K*m adds and sigmoids.
+
+Storage: neuron states a, b are kept at `state_bits` (32 = float32; fewer bits = per-dimension
+min-max uniform codes, bit-packed) with float32 scale/offset per dimension; the metric network
+(U, beta, v, c) in float16 or float32. `stored_tensors` is the exact set of arrays an artifact
+writes, so the byte count is the sum of their sizes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+K_BRANCHES = 6
+STATE_BITS = (32, 16, 8, 6, 4)
+METRIC_DTYPES = ("float16", "float32")
+
+
+def branch_shifts(q: int, k_branches: int = K_BRANCHES) -> list[int]:
+    """Shift s_k = floor(k*q/K) for k = 0..K-1."""
+    return [(k * q) // k_branches for k in range(k_branches)]
+
+
+def shifted_states(b: torch.Tensor, k_branches: int = K_BRANCHES) -> torch.Tensor:
+    """Stack of S^{s_k} b for every branch: (K, N_in, q). S^s moves coordinate d+s to d."""
+    q = b.shape[-1]
+    return torch.stack([torch.roll(b, -s, dims=-1) for s in branch_shifts(q, k_branches)])
+
+
+def reconstruct(a, b, U, beta, v, c, row_chunk: int = 0) -> torch.Tensor:
+    """Weight matrix (N_out, N_in) from RieM parameters (differentiable torch tensors).
+
+    row_chunk > 0 bounds peak memory to row_chunk * N_in * m floats per branch.
+    """
+    k_branches = U.shape[0]
+    A = torch.einsum("iq,kmq->kim", a, U) + beta[:, None, :]  # (K, N_out, m)
+    B = torch.einsum("kjq,kmq->kjm", shifted_states(b, k_branches), U)  # (K, N_in, m)
+    if row_chunk <= 0 or row_chunk >= a.shape[0]:
+        return _sum_branches(A, B, v) + c
+    rows = [_sum_branches(A[:, r:r + row_chunk], B, v) for r in range(0, a.shape[0], row_chunk)]
+    return torch.cat(rows) + c
+
+
+def _sum_branches(A: torch.Tensor, B: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = None
+    for k in range(A.shape[0]):
+        term = torch.sigmoid(A[k][:, None, :] + B[k][None, :, :]) @ v
+        out = term if out is None else out + term
+    return out
+
+
+def reconstruct_reference(a, b, U, beta, v, c) -> np.ndarray:
+    """Direct per-element evaluation of the formula (slow; used to check `reconstruct`)."""
+    a, b, U, beta, v = (np.asarray(x, dtype=np.float64) for x in (a, b, U, beta, v))
+    n_out, n_in = a.shape[0], b.shape[0]
+    q, k_branches = a.shape[1], U.shape[0]
+    shifts = branch_shifts(q, k_branches)
+    W = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        for j in range(n_in):
+            total = float(c)
+            for k in range(k_branches):
+                sb = np.array([b[j, (d + shifts[k]) % q] for d in range(q)])
+                z = U[k] @ (a[i] + sb) + beta[k]
+                total += float(v @ (1.0 / (1.0 + np.exp(-z))))
+            W[i, j] = total
+    return W
+
+
+def parameter_count(n_out: int, n_in: int, q: int, m: int, k_branches: int = K_BRANCHES) -> int:
+    return (n_out + n_in) * q + k_branches * m * (q + 1) + m + 1
+
+
+# ----------------------------------------------------------------------------- quantisation
+
+def quantize_states(x: torch.Tensor, bits: int):
+    """Per-dimension (column) min-max uniform quantisation: codes, scale, offset (x ~ codes*scale+offset)."""
+    levels = (1 << bits) - 1
+    lo = x.min(dim=0).values
+    hi = x.max(dim=0).values
+    scale = (hi - lo) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.round((x - lo) / scale), 0, levels)
+    return codes, scale, lo
+
+
+def fake_quantize_states(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantise-dequantise with a straight-through gradient (for quantisation-aware fitting)."""
+    if bits >= 32:
+        return x
+    codes, scale, lo = quantize_states(x.detach(), bits)
+    return x + (codes * scale + lo - x).detach()
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned integer codes (< 2**bits) into a flat uint8 array, little-endian bit order."""
+    flat = np.asarray(codes, dtype=np.uint32).ravel()
+    if bits == 8:
+        return flat.astype(np.uint8)
+    if bits == 16:
+        return flat.astype("<u2").view(np.uint8)
+    bit_matrix = ((flat[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(bit_matrix.ravel(), bitorder="little")
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    packed = np.asarray(packed, dtype=np.uint8).ravel()
+    if bits == 8:
+        return packed[:count].astype(np.int64)
+    if bits == 16:
+        return packed.view("<u2")[:count].astype(np.int64)
+    bit_stream = np.unpackbits(packed, bitorder="little")[: count * bits].reshape(count, bits)
+    return (bit_stream.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(axis=1)
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    return math.ceil(count * bits / 8)
+
+
+# ----------------------------------------------------------------------------- the layer record
+
+@dataclass
+class RieMFactors:
+    """Float RieM parameters of one matrix; scale of W already folded into v and c."""
+
+    a: torch.Tensor  # (N_out, q)
+    b: torch.Tensor  # (N_in, q)
+    U: torch.Tensor  # (K, m, q)
+    beta: torch.Tensor  # (K, m)
+    v: torch.Tensor  # (m,)
+    c: torch.Tensor  # ()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.a.shape[0], self.b.shape[0])
+
+    @property
+    def q(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def m(self) -> int:
+        return self.U.shape[1]
+
+    def weight(self, row_chunk: int = 256) -> torch.Tensor:
+        with torch.no_grad():
+            return reconstruct(self.a, self.b, self.U, self.beta, self.v, self.c, row_chunk)
+
+
+def store(f: RieMFactors, state_bits: int, metric_dtype: str) -> dict[str, np.ndarray]:
+    """The arrays an artifact writes for one RieM matrix (their nbytes sum is the stored size)."""
+    if state_bits not in STATE_BITS:
+        raise ValueError(f"state_bits must be one of {STATE_BITS}, got {state_bits}")
+    if metric_dtype not in METRIC_DTYPES:
+        raise ValueError(f"metric_dtype must be one of {METRIC_DTYPES}, got {metric_dtype!r}")
+    out: dict[str, np.ndarray] = {}
+    for name, x in (("a", f.a), ("b", f.b)):
+        x = x.detach().float().cpu()
+        if state_bits == 32:
+            out[name] = x.numpy().astype(np.float32)
+            continue
+        codes, scale, lo = quantize_states(x, state_bits)
+        out[f"{name}_codes"] = pack_codes(codes.numpy().astype(np.int64), state_bits)
+        out[f"{name}_scale"] = scale.numpy().astype(np.float32)
+        out[f"{name}_offset"] = lo.numpy().astype(np.float32)
+    for name in ("U", "beta", "v", "c"):
+        value = getattr(f, name).detach().float().cpu().numpy().astype(metric_dtype)
+        out[name] = value.reshape(1) if name == "c" else value
+    return out
+
+
+def load_stored(
+    arrays: dict[str, np.ndarray], shape: tuple[int, int], q: int, state_bits: int
+) -> RieMFactors:
+    """Inverse of `store`: dequantised float32 factors."""
+    states = []
+    for name, rows in (("a", shape[0]), ("b", shape[1])):
+        if state_bits == 32:
+            states.append(torch.from_numpy(np.asarray(arrays[name], dtype=np.float32)).reshape(rows, q))
+            continue
+        codes = unpack_codes(arrays[f"{name}_codes"], state_bits, rows * q).reshape(rows, q)
+        x = codes.astype(np.float32) * arrays[f"{name}_scale"].astype(np.float32) + arrays[
+            f"{name}_offset"
+        ].astype(np.float32)
+        states.append(torch.from_numpy(x.astype(np.float32)))
+    metric = {n: torch.from_numpy(np.asarray(arrays[n], dtype=np.float32)) for n in ("U", "beta", "v", "c")}
+    return RieMFactors(states[0], states[1], metric["U"], metric["beta"], metric["v"], metric["c"].reshape(()))
+
+
+def stored_nbytes(
+    n_out: int, n_in: int, q: int, m: int, state_bits: int, metric_dtype: str,
+    k_branches: int = K_BRANCHES,
+) -> int:
+    """Bytes of `store(...)` for these sizes, without building it."""
+    if state_bits == 32:
+        states = (n_out + n_in) * q * 4
+    else:
+        states = packed_nbytes(n_out * q, state_bits) + packed_nbytes(n_in * q, state_bits)
+        states += 2 * 2 * q * 4  # scale and offset per dimension, for a and b
+    metric = k_branches * m * (q + 1) + m + 1
+    return states + metric * np.dtype(metric_dtype).itemsize
+
+
+def choose_size(
+    n_out: int, n_in: int, ratio: float, state_bits: int, metric_dtype: str, m: int,
+    k_branches: int = K_BRANCHES,
+) -> tuple[int, int] | None:
+    """Largest q (with m shrunk if the metric net alone is too big) whose stored bytes fit
+    ratio * fp32 bytes; None when not even q=1 fits."""
+    budget = ratio * n_out * n_in * 4
+    for m_try in sorted({m, max(1, m // 2), max(1, m // 4), 1}, reverse=True):
+        if stored_nbytes(n_out, n_in, 1, m_try, state_bits, metric_dtype, k_branches) > budget:
+            continue
+        lo, hi = 1, max(1, min(n_out, n_in) * 4)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if stored_nbytes(n_out, n_in, mid, m_try, state_bits, metric_dtype, k_branches) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, m_try
+    return None
