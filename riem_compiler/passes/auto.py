@@ -1,0 +1,358 @@
+"""method="auto": pick one compression per layer under a global byte budget, without data.
+
+Each layer gets a list of candidate `CompressedWeight`s (RTN at several bit widths, SVD at several
+sizes, Tucker-2 for KxK convs, RieM through a fitting callable, and dense float16/float32).
+A data-free proxy scores a plan: sum over layers of w_l * rel_error_l**2, with w_l the layer's
+share of fp32 bytes ("size_weighted"), of squared weight norm ("energy": total squared weight
+error over total weight energy) or 1/L ("uniform"). A multiple-choice knapsack solved by dynamic
+programming over bytes (rounded up, so the budget holds exactly) picks one candidate per layer.
+
+Every "single method" plan (each layer gets that method's best candidate within budget_ratio of
+its own fp32 bytes) is also scored, and the knapsack's plan is replaced by the best of them if
+that one is better, so auto is never worse on the proxy than any single method at the same budget.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+from riem_compiler import riem
+from riem_compiler.compressed import CompressedWeight
+from riem_compiler.frontend.layers import LayerSpec
+from riem_compiler.passes import baselines
+
+log = logging.getLogger("riem_compiler.auto")
+
+PROXIES = ("size_weighted", "energy", "uniform")
+
+# (weight, ratio) -> a fitted RieM CompressedWeight, or None when that ratio cannot hold one
+RiemFit = Callable[[np.ndarray, float], "CompressedWeight | None"]
+# (spec, budget_ratio) -> candidate CompressedWeights for that layer
+CandidateSource = Callable[[LayerSpec, float], list[CompressedWeight]]
+
+
+def family(cw: CompressedWeight) -> str:
+    """Method plus the setting that defines a "single method" (svd8 and svd16 are different)."""
+    if cw.method == "svd":
+        return f"svd{cw.meta['factor_bits']}"
+    if cw.method == "dense":
+        return "dense16" if cw.meta["dtype"] == "float16" else "dense32"
+    if cw.method == "riem":
+        return f"riem{cw.meta['state_bits']}"
+    return cw.method
+
+
+def label(cw: CompressedWeight) -> str:
+    """Short human name of a candidate, e.g. rtn4/g128, svd8 r93, tucker2 r(18,9), riem8 q12 m16."""
+    m = cw.meta
+    if cw.method == "rtn":
+        return f"rtn{m['bits']}" + ("" if m["group_size"] is None else f"/g{m['group_size']}")
+    if cw.method == "svd":
+        return f"svd{m['factor_bits']} r{m['rank']}"
+    if cw.method == "tucker2":
+        return f"tucker2 r({m['ranks'][0]},{m['ranks'][1]})"
+    if cw.method == "riem":
+        return f"riem{m['state_bits']} q{m['q']} m{m['m']}"
+    return family(cw)
+
+
+def riem_fitter(settings=None, state_bits: int = 8, metric_dtype: str = "float16", m: int = 16) -> RiemFit:
+    """A RiemFit that sizes q (and m) with riem.choose_size and fits with fit_riem(settings)."""
+    from riem_compiler.passes.fit import fit_riem
+
+    def fit(weight: np.ndarray, ratio: float) -> CompressedWeight | None:
+        n_out, n_in = weight.shape[0], int(np.prod(weight.shape[1:]))
+        size = riem.choose_size(n_out, n_in, ratio, state_bits, metric_dtype, m)
+        if size is None:
+            return None
+        q, m_fit = size
+        return fit_riem(weight, q, m_fit, state_bits, metric_dtype, settings).weight
+
+    return fit
+
+
+@dataclass
+class CandidateGrid:
+    """The default candidate source. The budget ratio itself is added to every ratio list, so
+    each single method at the global ratio is one of the candidates."""
+
+    rtn: tuple = baselines.RTN_LADDER
+    rtn_group_size: int = 128
+    svd_ratios: tuple = (0.5, 0.25, 0.125, 0.0625)
+    svd_factor_bits: tuple = (16, 8)
+    tucker_ratios: tuple = (0.5, 0.25, 0.125, 0.0625)
+    riem_ratios: tuple = (0.25, 0.125, 0.0625)
+    riem_fit: RiemFit | None = None  # None: no RieM candidates (fitting takes seconds per layer)
+    dense: tuple = ("float16", "float32")
+
+    def __call__(self, spec: LayerSpec, budget_ratio: float) -> list[CompressedWeight]:
+        w = np.asarray(spec.weight, dtype=np.float32)
+        shape = tuple(w.shape)
+        out: list[CompressedWeight] = [baselines.fit_dense(w, dt) for dt in self.dense]
+        for bits, group in self.rtn:
+            out.append(baselines.fit_rtn(w, bits, None if group is None else self.rtn_group_size))
+        if w.ndim >= 2 and min(w.shape[0], int(np.prod(w.shape[1:]))) > 1:
+            ratios = _with(self.svd_ratios, budget_ratio)
+            usv = np.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
+            for bits in self.svd_factor_bits:
+                ranks = set()
+                for r in ratios:
+                    rank = baselines.svd_rank_for_ratio(shape, r, bits)
+                    if rank > 0 and rank not in ranks:
+                        ranks.add(rank)
+                        out.append(baselines.fit_svd(w, r, bits, usv=usv))
+        if _tucker_applies(spec, w):
+            seen = set()
+            for r in _with(self.tucker_ratios, budget_ratio):
+                ranks = baselines.tucker2_ranks_for_ratio(shape, r)
+                if ranks is not None and ranks not in seen:
+                    seen.add(ranks)
+                    out.append(baselines.fit_tucker2(w, r, groups=1))
+        if self.riem_fit is not None:
+            for r in _with(self.riem_ratios, budget_ratio):
+                cw = self.riem_fit(w, r)
+                if cw is not None:
+                    out.append(cw)
+        return out
+
+
+def _with(ratios: Iterable[float], extra: float) -> list[float]:
+    return sorted({float(r) for r in ratios} | {float(extra)}, reverse=True)
+
+
+def _tucker_applies(spec: LayerSpec, w: np.ndarray) -> bool:
+    return (spec.kind in ("conv1d", "conv2d") and int(spec.attrs.get("groups", 1)) == 1
+            and w.ndim >= 3 and int(np.prod(w.shape[2:])) > 1)
+
+
+@dataclass
+class Candidate:
+    weight: CompressedWeight = field(repr=False)
+    label: str
+    family: str
+    nbytes: int
+    rel_error: float
+
+
+@dataclass
+class Choice:
+    """The pick for one layer and why."""
+
+    name: str
+    method: str
+    label: str
+    settings: dict
+    nbytes: int
+    fp32_bytes: int
+    rel_error: float
+    proxy: float  # this layer's term: proxy weight * rel_error**2
+    reason: str
+    weight: CompressedWeight = field(repr=False)
+    candidates: list[Candidate] = field(default_factory=list, repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return self.nbytes / self.fp32_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "method": self.method, "label": self.label, "settings": self.settings,
+            "nbytes": self.nbytes, "fp32_bytes": self.fp32_bytes, "ratio": self.ratio,
+            "rel_error": self.rel_error, "proxy": self.proxy, "reason": self.reason,
+            "candidates": [{"label": c.label, "nbytes": c.nbytes, "rel_error": c.rel_error}
+                           for c in self.candidates],
+        }
+
+
+@dataclass
+class AutoResult:
+    choices: list[Choice]
+    budget_bytes: int
+    fp32_bytes: int
+    proxy: float
+    source: str  # "knapsack" or "single method <family>"
+    single_method: dict[str, dict] = field(default_factory=dict)  # family -> {proxy, nbytes}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.choices)
+
+    def to_dict(self) -> dict:
+        return {"budget_bytes": self.budget_bytes, "fp32_bytes": self.fp32_bytes, "nbytes": self.nbytes,
+                "proxy": self.proxy, "source": self.source, "single_method": self.single_method,
+                "choices": [c.to_dict() for c in self.choices]}
+
+    def table(self) -> str:
+        return format_choices(self.choices, self)
+
+
+def proxy_weights(specs: list[LayerSpec], proxy: str) -> np.ndarray:
+    """Per-layer weights w_l of the proxy sum w_l * rel_error_l**2 (they sum to 1)."""
+    if proxy == "size_weighted":
+        w = np.array([s.fp32_bytes for s in specs], dtype=np.float64)
+    elif proxy == "energy":
+        w = np.array([float(np.sum(np.asarray(s.weight, np.float64) ** 2)) for s in specs])
+    elif proxy == "uniform":
+        w = np.ones(len(specs))
+    else:
+        raise ValueError(f"proxy must be one of {PROXIES}, got {proxy!r}")
+    return w / max(w.sum(), 1e-300)
+
+
+def choose_methods(
+    specs: list[LayerSpec], budget_ratio: float, candidates: CandidateSource | None = None,
+    proxy: str = "size_weighted", resolution: int = 4096,
+) -> list[Choice]:
+    """One Choice per spec (same order), total bytes <= budget_ratio * fp32 bytes of the specs."""
+    return choose_methods_detailed(specs, budget_ratio, candidates, proxy, resolution).choices
+
+
+def choose_methods_detailed(
+    specs: list[LayerSpec], budget_ratio: float, candidates: CandidateSource | None = None,
+    proxy: str = "size_weighted", resolution: int = 4096,
+) -> AutoResult:
+    """`choose_methods` plus the plan's totals and every single-method plan's score."""
+    if not specs:
+        raise ValueError("choose_methods needs at least one layer")
+    if not budget_ratio > 0:
+        raise ValueError(f"budget_ratio must be > 0 (a fraction of fp32 bytes), got {budget_ratio}")
+    source = candidates if candidates is not None else CandidateGrid()
+    weights = proxy_weights(specs, proxy)
+    total_fp32 = sum(s.fp32_bytes for s in specs)
+    budget = int(math.floor(budget_ratio * total_fp32))
+
+    pools: list[list[Candidate]] = []
+    for spec in specs:
+        pool = []
+        for cw in source(spec, budget_ratio):
+            if tuple(cw.shape) != spec.shape:
+                raise ValueError(f"candidate {cw.method} for {spec.name} has shape {cw.shape}, "
+                                 f"expected {spec.shape}")
+            pool.append(Candidate(cw, label(cw), family(cw), cw.nbytes,
+                                  baselines.relative_error(spec.weight, cw)))
+        if not pool:
+            raise ValueError(f"no candidates for layer {spec.name}")
+        pool.sort(key=lambda c: (c.nbytes, c.rel_error))
+        pools.append(pool)
+        log.debug("%s: %d candidates", spec.name, len(pool))
+
+    plan = _knapsack(pools, weights, budget, resolution)
+    best_cost = _cost(pools, plan, weights) if plan is not None else math.inf
+    plan_source = "knapsack"
+    singles: dict[str, dict] = {}
+    for fam in sorted({c.family for pool in pools for c in pool}):
+        single = _single_method_plan(pools, specs, fam, budget_ratio)
+        if single is None:
+            continue
+        cost = _cost(pools, single, weights)
+        nbytes = sum(pools[i][j].nbytes for i, j in enumerate(single))
+        singles[fam] = {"proxy": cost, "nbytes": nbytes}
+        if cost < best_cost and nbytes <= budget:
+            plan, best_cost, plan_source = single, cost, f"single method {fam}"
+    if plan is None:
+        cheapest = sum(pool[0].nbytes for pool in pools)
+        raise ValueError(f"budget {budget} bytes ({budget_ratio} of {total_fp32} fp32 bytes) is too "
+                         f"small: the cheapest candidates need {cheapest} bytes; raise the ratio")
+
+    choices = []
+    for i, (spec, pool) in enumerate(zip(specs, pools)):
+        c = pool[plan[i]]
+        choices.append(Choice(
+            name=spec.name, method=c.weight.method, label=c.label, settings=dict(c.weight.meta),
+            nbytes=c.nbytes, fp32_bytes=spec.fp32_bytes, rel_error=c.rel_error,
+            proxy=float(weights[i] * c.rel_error ** 2), reason=_reason(pool, c, plan_source),
+            weight=c.weight, candidates=pool))
+    result = AutoResult(choices, budget, total_fp32, best_cost, plan_source, singles)
+    log.info("auto: %d layers, %d / %d bytes (budget %d), proxy %.4g via %s",
+             len(specs), result.nbytes, total_fp32, budget, best_cost, plan_source)
+    return result
+
+
+def _cost(pools, plan, weights) -> float:
+    return float(sum(weights[i] * pools[i][j].rel_error ** 2 for i, j in enumerate(plan)))
+
+
+def _knapsack(pools: list[list[Candidate]], weights: np.ndarray, budget: int, resolution: int):
+    """Multiple-choice knapsack by DP over bytes in units of budget/resolution, each candidate's
+    bytes rounded UP to whole units so any plan it returns fits the byte budget exactly."""
+    if budget <= 0:
+        return None
+    R = int(resolution)
+    inf = math.inf
+    best = np.zeros(R + 1)  # best[b]: min cost of the layers so far within b units
+    picks = np.zeros((len(pools), R + 1), dtype=np.int64)
+    units_of = []
+    for i, pool in enumerate(pools):
+        units = [-(-c.nbytes * R // budget) for c in pool]  # ceil, exact integer arithmetic
+        units_of.append(units)
+        new = np.full(R + 1, inf)
+        pick = np.full(R + 1, -1, dtype=np.int64)
+        for j, (c, u) in enumerate(zip(pool, units)):
+            if u > R:
+                continue
+            cand = np.full(R + 1, inf)
+            cand[u:] = best[: R + 1 - u] + weights[i] * c.rel_error ** 2
+            better = cand < new  # strict: pools are sorted by bytes, so ties keep the cheaper one
+            new[better], pick[better] = cand[better], j
+        best, picks[i] = new, pick
+    if not np.isfinite(best[R]):
+        return None
+    plan, b = [0] * len(pools), R
+    for i in range(len(pools) - 1, -1, -1):
+        j = int(picks[i, b])
+        plan[i] = j
+        b -= units_of[i][j]
+    return plan
+
+
+def _single_method_plan(pools, specs, fam: str, budget_ratio: float):
+    """Each layer's lowest-error candidate of `fam` within budget_ratio of its own fp32 bytes."""
+    plan = []
+    for spec, pool in zip(specs, pools):
+        fits = [j for j, c in enumerate(pool)
+                if c.family == fam and c.nbytes <= budget_ratio * spec.fp32_bytes]
+        if not fits:
+            return None
+        plan.append(min(fits, key=lambda j: (pool[j].rel_error, pool[j].nbytes)))
+    return plan
+
+
+def _reason(pool: list[Candidate], c: Candidate, plan_source: str) -> str:
+    n = len(pool)
+    most_accurate = min(pool, key=lambda x: (x.rel_error, x.nbytes))
+    if plan_source != "knapsack":
+        head = f"{plan_source} beat the knapsack plan; "
+    else:
+        head = ""
+    if c.rel_error <= most_accurate.rel_error:
+        return head + f"lowest error among {n} candidates"
+    # the next more accurate candidate and what it would have cost
+    better = [x for x in pool if x.rel_error < c.rel_error]
+    nxt = min(better, key=lambda x: x.nbytes)
+    smaller = [x for x in pool if x.nbytes < c.nbytes]
+    note = f"best error per byte among {n} candidates"
+    note += f"; {nxt.label} (rel {nxt.rel_error:.3g}) costs {nxt.nbytes - c.nbytes:+d} bytes"
+    if smaller:
+        cheaper = min(smaller, key=lambda x: x.rel_error)
+        note += f"; the best smaller one, {cheaper.label}, has rel {cheaper.rel_error:.3g}"
+    return head + note
+
+
+def format_choices(choices: list[Choice], result: AutoResult | None = None) -> str:
+    """A plain-text table of every choice and its reason, with totals."""
+    rows = [("layer", "choice", "bytes", "ratio", "rel err", "why")]
+    for c in choices:
+        rows.append((c.name, c.label, str(c.nbytes), f"{c.ratio:.4f}", f"{c.rel_error:.4f}", c.reason))
+    widths = [max(len(r[k]) for r in rows) for k in range(5)]
+    lines = ["  ".join(r[k].ljust(widths[k]) for k in range(5)) + "  " + r[5] for r in rows]
+    total, fp32 = sum(c.nbytes for c in choices), sum(c.fp32_bytes for c in choices)
+    lines.append(f"total {total} bytes = {total / max(fp32, 1):.4f} of fp32 ({fp32} bytes)")
+    if result is not None:
+        lines.append(f"budget {result.budget_bytes} bytes; proxy {result.proxy:.4g} via {result.source}")
+        for fam, s in sorted(result.single_method.items(), key=lambda kv: kv[1]["proxy"]):
+            lines.append(f"  single method {fam}: proxy {s['proxy']:.4g}, {s['nbytes']} bytes")
+    return "\n".join(lines)
