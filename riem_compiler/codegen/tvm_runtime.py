@@ -1,0 +1,123 @@
+"""Load a TVM artifact written by `build_tvm` as a callable model.
+
+Decode-once artifacts run their `decode` function once here, at load, and keep the dense
+weights on the device; each call then runs only `main`. Fused artifacts keep the compact
+arrays and reconstruct inside `main`. Inputs may be numpy arrays or torch tensors; outputs come
+back as the same kind (torch in -> torch out), a single output unwrapped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("riem_compiler.tvm_runtime")
+
+FORMAT = "riem-tvm"
+
+
+class TvmModel:
+    """Callable over a loaded artifact. `decode_seconds` is the time the load-time decode took."""
+
+    def __init__(self, directory, device: str = "cpu"):
+        import tvm
+        from safetensors.numpy import load_file
+        from tvm import relax
+
+        d = Path(directory)
+        manifest_path = d / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{d}: no manifest.json; expected a directory written by build_tvm")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r} is not {FORMAT!r}")
+        built_for = self.manifest["device"]
+        if device != built_for:
+            raise ValueError(f"{d} was built for {built_for!r}; load it with device={built_for!r} "
+                             f"or rebuild with target={'cuda' if device == 'cuda' else 'llvm'}")
+        self.device = device
+        self.dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+        lib = tvm.runtime.load_module(str(d / self.manifest["files"]["library"]))
+        self.vm = relax.VirtualMachine(lib, self.dev)
+        tensors = load_file(str(d / self.manifest["files"]["params"]))
+
+        def put(arr):
+            return tvm.runtime.tensor(np.ascontiguousarray(arr), device=self.dev)
+
+        compact = []
+        for entry in self.manifest["compressed"]:
+            compact.extend(put(tensors[f"riem::{entry['name']}::{n}"]) for n in entry["arrays"])
+        self.decode_seconds = 0.0
+        decoded = []
+        if self.manifest["mode"] == "decode-once" and self.manifest["compressed"]:
+            t0 = time.perf_counter()
+            result = self.vm["decode"](*compact)
+            self.dev.sync()
+            self.decode_seconds = time.perf_counter() - t0
+            decoded = [result[i] for i in range(len(self.manifest["compressed"]))]
+        params = []
+        for entry in self.manifest["params"]:
+            if entry["source"] == "stored":
+                params.append(put(tensors[f"param::{entry['name']}"]))
+            elif self.manifest["mode"] == "decode-once":
+                params.append(decoded[entry["index"]])
+        if self.manifest["mode"] == "fused":
+            params.extend(compact)
+        self.params = params
+        self.inputs = self.manifest["inputs"]
+        log.info("loaded %s (%s, %s); decode %.1f ms", d, device, self.manifest["mode"], 1e3 * self.decode_seconds)
+
+    def _to_device(self, args):
+        import tvm
+
+        if len(args) != len(self.inputs):
+            raise ValueError(f"expected {len(self.inputs)} inputs {[i['name'] for i in self.inputs]}, got {len(args)}")
+        out, as_torch = [], False
+        for arg, spec in zip(args, self.inputs):
+            if hasattr(arg, "detach"):  # torch tensor
+                as_torch = True
+                arg = arg.detach().cpu().numpy()
+            arr = np.ascontiguousarray(arg)
+            if list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
+                raise ValueError(f"input {spec['name']}: expected shape {spec['shape']} dtype {spec['dtype']}, "
+                                 f"got {list(arr.shape)} {arr.dtype} (the artifact is compiled for fixed shapes)")
+            out.append(tvm.runtime.tensor(arr, device=self.dev))
+        return out, as_torch
+
+    def run_device(self, device_inputs):
+        """Run main on inputs already on the device; returns TVM tensors (for timing)."""
+        return self.vm["main"](*device_inputs, *self.params)
+
+    def __call__(self, *args):
+        dev_inputs, as_torch = self._to_device(args)
+        res = self.run_device(dev_inputs)
+        outs = _flatten(res)
+        arrays = [o.numpy() for o in outs]
+        if as_torch:
+            import torch
+
+            arrays = [torch.from_numpy(a) for a in arrays]
+        return arrays[0] if len(arrays) == 1 else tuple(arrays)
+
+    def time_main(self, *args, number: int = 10, repeat: int = 3) -> float:
+        """Median seconds of one `main` call (VM time_evaluator, inputs on the device)."""
+        dev_inputs, _ = self._to_device(args)
+        self.vm.set_input("main", *dev_inputs, *self.params)
+        timer = self.vm.time_evaluator("invoke_stateful", self.dev, number=number, repeat=repeat)
+        return float(np.median(timer("main").results))
+
+
+def _flatten(res) -> list:
+    import tvm
+
+    if isinstance(res, tvm.runtime.Tensor):
+        return [res]
+    return [t for item in res for t in _flatten(item)]
+
+
+def load_tvm(directory, device: str = "cpu") -> TvmModel:
+    """Load a `build_tvm` artifact; decode-once artifacts decode their weights here, once."""
+    return TvmModel(directory, device)
