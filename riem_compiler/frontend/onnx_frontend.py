@@ -303,7 +303,7 @@ def _reject(node, src: ConstSource, operand: int, overridable: set[str]) -> str 
         return f"weight type {onnx.helper.tensor_dtype_to_np_dtype(src.tensor.data_type)} is not floating point"
     ndim = len(src.tensor.dims)
     if node.op_type == "Conv" and ndim not in (3, 4):
-        return f"Conv with a {ndim}-D weight (only 1-D and 2-D convolutions are supported)"
+        return f"{max(ndim - 2, 0)}-D convolution (weight of {ndim} dims; only 1-D and 2-D convolutions are supported)"
     if node.op_type in ("Gemm", "MatMul") and ndim != 2:
         return f"{node.op_type} with a {ndim}-D constant operand (only 2-D weights are supported)"
     return None
