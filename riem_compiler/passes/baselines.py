@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from riem_compiler import riem
-from riem_compiler.compressed import DECODERS, CompressedWeight, unpack_codes_torch
+from riem_compiler.compressed import DECODERS, CompressedWeight
 
 log = logging.getLogger("riem_compiler.baselines")
 
@@ -277,10 +277,28 @@ def fit_rtn(weight, bits: int = 8, group_size: int | None = None) -> CompressedW
     return CompressedWeight("rtn", shape, meta, arrays)
 
 
+def unpack_codes_exportable(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Float32 codes from `riem.pack_codes` output (little-endian bit order), written with
+    floor-division and remainder only: torch.onnx exports those (Div/Floor/Mod) where it
+    rejects bit shifts. When bits divides 8, code j of a byte is (byte // 2**(j*bits)) % 2**bits."""
+    p = packed.reshape(-1, 1).to(torch.int32)
+    if bits == 8:
+        return p.reshape(-1)[:count].to(torch.float32)
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        div = 2 ** (bits * torch.arange(per_byte, dtype=torch.int32, device=p.device))
+        codes = torch.remainder(torch.div(p, div, rounding_mode="floor"), 2 ** bits)
+        return codes.reshape(-1)[:count].to(torch.float32)
+    div = 2 ** torch.arange(8, dtype=torch.int32, device=p.device)
+    stream = torch.remainder(torch.div(p, div, rounding_mode="floor"), 2).reshape(-1)[: count * bits]
+    place = 2.0 ** torch.arange(bits, dtype=torch.float32, device=p.device)
+    return (stream.reshape(count, bits).to(torch.float32) * place).sum(dim=1)
+
+
 def _decode_rtn(cw: CompressedWeight, t: dict[str, torch.Tensor]) -> torch.Tensor:
     n, d, g = _rtn_layout(cw.shape, cw.meta["group_size"])
     bits = cw.meta["bits"]
-    codes = unpack_codes_torch(t["codes"], bits, n * d).reshape(n, d) - float(cw.meta["offset"])
+    codes = unpack_codes_exportable(t["codes"], bits, n * d).reshape(n, d) - float(cw.meta["offset"])
     scale = t["scale"].to(torch.float32).reshape(n, -1)
     if cw.meta["group_size"] is not None:
         scale = scale.repeat_interleave(g, dim=1)[:, :d]
