@@ -108,7 +108,7 @@ class CandidateGrid:
         if _tucker_applies(spec, w):
             seen = set()
             for r in _with(self.tucker_ratios, budget_ratio):
-                ranks = baselines.tucker2_ranks_for_ratio(shape, r)
+                ranks = baselines.tucker2_ranks_by_energy(w, r)
                 if ranks is not None and ranks not in seen:
                     seen.add(ranks)
                     out.append(baselines.fit_tucker2(w, r, groups=1))

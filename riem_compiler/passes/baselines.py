@@ -170,11 +170,37 @@ def _leading_left_vectors(unfolded: np.ndarray, rank: int) -> np.ndarray:
     return np.linalg.svd(unfolded, full_matrices=False)[0][:, :rank]
 
 
-def fit_tucker2(weight, ratio: float, groups: int = 1, iterations: int = 5) -> CompressedWeight:
+def tucker2_ranks_by_energy(weight, ratio: float) -> tuple[int, int] | None:
+    """Channel ranks that fit ratio * fp32 bytes and discard the least energy: the sum of the
+    dropped squared singular values of the two channel unfoldings (an upper bound on the
+    squared error of the truncated HOSVD). Ties go to the smaller pair."""
+    w = np.asarray(weight, dtype=np.float64)
+    shape = w.shape
+    out_ch, in_ch, kernel = shape[0], shape[1], int(np.prod(shape[2:]))
+    s_out = np.linalg.svd(w.reshape(out_ch, -1), compute_uv=False) ** 2
+    s_in = np.linalg.svd(np.moveaxis(w, 1, 0).reshape(in_ch, -1), compute_uv=False) ** 2
+    tail_out = np.concatenate([np.cumsum(s_out[::-1])[::-1], [0.0]])  # tail_out[r] = sum s_out[r:]
+    tail_in = np.concatenate([np.cumsum(s_in[::-1])[::-1], [0.0]])
+    r_out = np.arange(1, len(s_out) + 1)[:, None]
+    r_in = np.arange(1, len(s_in) + 1)[None, :]
+    nbytes = 2 * (out_ch * r_out + in_ch * r_in + r_out * r_in * kernel)
+    dropped = tail_out[r_out] + tail_in[r_in]
+    fits = nbytes <= ratio * _fp32_bytes(shape)
+    if not fits.any():
+        return None
+    score = np.where(fits, dropped, np.inf)
+    best = np.flatnonzero(score == score.min())
+    i, j = np.unravel_index(best[np.argmin(nbytes.ravel()[best])], score.shape)
+    return int(i) + 1, int(j) + 1
+
+
+def fit_tucker2(weight, ratio: float, groups: int = 1, iterations: int = 5,
+                rank_rule: str = "energy") -> CompressedWeight:
     """Tucker-2 on the output/input channel modes of a conv weight (HOSVD start, then HOOI).
 
     Only for ungrouped convs with a kernel of more than one tap: a 1x1 or grouped conv is a
-    matrix (use "svd") or a set of small matrices.
+    matrix (use "svd") or a set of small matrices. rank_rule "energy" picks the rank pair by
+    `tucker2_ranks_by_energy`; "proportional" keeps ranks proportional to the channel counts.
     """
     w = np.asarray(weight, dtype=np.float64)
     shape = tuple(w.shape)
@@ -183,15 +209,19 @@ def fit_tucker2(weight, ratio: float, groups: int = 1, iterations: int = 5) -> C
                          f"got shape {shape}; use method 'svd' for matrices and 1x1 convs")
     if groups != 1:
         raise ValueError(f"tucker2 supports groups == 1 only, got groups={groups}; use 'svd' or 'rtn'")
-    ranks = tucker2_ranks_for_ratio(shape, ratio)
+    if rank_rule == "energy":
+        ranks = tucker2_ranks_by_energy(w, ratio)
+    elif rank_rule == "proportional":
+        ranks = tucker2_ranks_for_ratio(shape, ratio)
+    else:
+        raise ValueError(f"rank_rule must be 'energy' or 'proportional', got {rank_rule!r}")
     if ranks is None:
         raise ValueError(f"ratio {ratio} is too small for a rank-(1, 1) Tucker-2 of shape {shape} "
                          f"({tucker2_nbytes(shape, (1, 1))} bytes needed); raise the ratio")
     r_out, r_in = ranks
     out_ch, in_ch = shape[0], shape[1]
-    unfold_in = np.moveaxis(w, 1, 0).reshape(in_ch, -1)
     out_f = _leading_left_vectors(w.reshape(out_ch, -1), r_out)
-    in_f = _leading_left_vectors(unfold_in, r_in)
+    in_f = _leading_left_vectors(np.moveaxis(w, 1, 0).reshape(in_ch, -1), r_in)
     for _ in range(iterations):
         y = np.einsum("oi...,is->os...", w, in_f)
         out_f = _leading_left_vectors(y.reshape(out_ch, -1), r_out)
@@ -203,7 +233,8 @@ def fit_tucker2(weight, ratio: float, groups: int = 1, iterations: int = 5) -> C
     p_in = np.linalg.pinv(in_16.astype(np.float64))
     core = np.einsum("ro,oi...,si->rs...", p_out, w, p_in)
     arrays = {"out_factor": out_16, "core": core.astype(np.float16), "in_factor": in_16}
-    return CompressedWeight("tucker2", shape, {"ranks": [r_out, r_in], "iterations": iterations}, arrays)
+    meta = {"ranks": [r_out, r_in], "iterations": iterations, "rank_rule": rank_rule}
+    return CompressedWeight("tucker2", shape, meta, arrays)
 
 
 def _decode_tucker2(cw: CompressedWeight, t: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,148 @@
+"""method="auto": the plan stays within the byte budget, the knapsack is optimal (up to its byte
+rounding), and it is never worse on the proxy than any single method at the same budget."""
+import itertools
+
+import numpy as np
+import pytest
+
+from riem_compiler.frontend.layers import LayerSpec
+from riem_compiler.passes import auto
+from riem_compiler.passes import baselines as B
+from riem_compiler.passes.fit import FitSettings
+
+
+def _specs():
+    """Layers where different methods win: low rank (svd), Gaussian (rtn), Tucker conv, a wide one."""
+    r = np.random.default_rng(0)
+    low = (r.standard_normal((64, 4)) @ r.standard_normal((4, 48)) + 0.01 * r.standard_normal((64, 48)))
+    core = r.standard_normal((6, 4, 3, 3))
+    out_f, in_f = np.linalg.qr(r.standard_normal((16, 6)))[0], np.linalg.qr(r.standard_normal((32, 4)))[0]
+    conv = np.einsum("rs...,or,is->oi...", core, out_f, in_f) + 0.01 * r.standard_normal((16, 32, 3, 3))
+    return [
+        LayerSpec("low.weight", "linear", low.astype(np.float32)),
+        LayerSpec("gauss.weight", "linear", r.standard_normal((64, 64)).astype(np.float32)),
+        LayerSpec("conv.weight", "conv2d", conv.astype(np.float32), attrs={"groups": 1}),
+        LayerSpec("wide.weight", "linear", (0.1 * r.standard_normal((32, 160))).astype(np.float32)),
+    ]
+
+
+def _proxy(specs, weights, proxy="size_weighted"):
+    w = auto.proxy_weights(specs, proxy)
+    return sum(wl * B.relative_error(s.weight, cw) ** 2 for wl, s, cw in zip(w, specs, weights))
+
+
+def _single_method_plans(specs, ratio):
+    """Each method alone at `ratio` of every layer's fp32 bytes, fitted directly (not via auto)."""
+    plans = {}
+    for bits in (32, 16, 8):
+        if all(B.svd_rank_for_ratio(s.shape, ratio, bits) > 0 for s in specs):
+            plans[f"svd{bits}"] = [B.fit_svd(s.weight, ratio, bits) for s in specs]
+    settings = [B.rtn_settings_for_ratio(s.shape, ratio) for s in specs]
+    if all(x is not None for x in settings):
+        plans["rtn"] = [B.fit_rtn(s.weight, *x) for s, x in zip(specs, settings)]
+    return plans
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3])
+@pytest.mark.parametrize("proxy", ["size_weighted", "energy"])
+def test_auto_within_budget_and_not_worse_than_single_methods(ratio, proxy):
+    specs = _specs()
+    result = auto.choose_methods_detailed(specs, ratio, proxy=proxy)
+    total_fp32 = sum(s.fp32_bytes for s in specs)
+    assert [c.name for c in result.choices] == [s.name for s in specs]
+    assert sum(c.weight.nbytes for c in result.choices) <= ratio * total_fp32
+    ours = _proxy(specs, [c.weight for c in result.choices], proxy)
+    assert ours == pytest.approx(result.proxy, rel=1e-9)
+    singles = _single_method_plans(specs, ratio)
+    assert singles, "at least one single method must fit these ratios"
+    for name, plan in singles.items():
+        assert sum(cw.nbytes for cw in plan) <= ratio * total_fp32
+        assert ours <= _proxy(specs, plan, proxy) + 1e-12, name
+    # mixing helps here: strictly better than every single method
+    assert ours < min(_proxy(specs, plan, proxy) for plan in singles.values())
+
+
+def test_choices_are_consistent_and_explained():
+    specs = _specs()
+    result = auto.choose_methods_detailed(specs, 0.2)
+    for spec, c in zip(specs, result.choices):
+        assert c.nbytes == c.weight.nbytes and c.fp32_bytes == spec.fp32_bytes
+        assert c.rel_error == pytest.approx(B.relative_error(spec.weight, c.weight))
+        assert c.method == c.weight.method and c.reason and str(len(c.candidates)) in c.reason
+        assert c.weight.reconstruct().shape == spec.shape
+    by_name = {c.name: c for c in result.choices}
+    assert by_name["low.weight"].method == "svd"  # rank-4 matrix: SVD is near exact and cheap
+    # Tucker-2 is a candidate for the KxK conv only, and the best one when bytes are scarce
+    assert all(x.family != "tucker2" for c in result.choices if c.name != "conv.weight" for x in c.candidates)
+    conv = by_name["conv.weight"]
+    fits = [x for x in conv.candidates if x.nbytes <= 0.07 * conv.fp32_bytes]
+    assert min(fits, key=lambda x: x.rel_error).family == "tucker2"
+    table = result.table()
+    for spec in specs:
+        assert spec.name in table
+    assert "budget" in table and result.to_dict()["nbytes"] == result.nbytes
+
+
+def _fixed_source(pools):
+    """A candidate source that returns prebuilt candidates (to test the solver alone)."""
+    return lambda spec, ratio: pools[spec.name]
+
+
+def test_knapsack_matches_brute_force():
+    specs = _specs()[:3]
+    pools = {}
+    for s in specs:
+        cands = [B.fit_rtn(s.weight, b, g) for b, g in ((8, None), (4, 32), (3, 32), (2, None))]
+        cands += [B.fit_svd(s.weight, r, 16) for r in (0.3, 0.15, 0.08)]
+        pools[s.name] = cands
+    weights = auto.proxy_weights(specs, "size_weighted")
+    errors = {n: [B.relative_error(s.weight, cw) for cw in pools[n]] for n, s in zip(pools, specs)}
+    total_fp32 = sum(s.fp32_bytes for s in specs)
+    resolution = 2048
+    for ratio in (0.08, 0.12, 0.18, 0.25):
+        budget = ratio * total_fp32
+        result = auto.choose_methods_detailed(specs, ratio, _fixed_source(pools), resolution=resolution)
+        assert result.nbytes <= budget
+
+        def best_within(limit):
+            best = np.inf
+            for combo in itertools.product(*(range(len(pools[s.name])) for s in specs)):
+                nbytes = sum(pools[s.name][j].nbytes for s, j in zip(specs, combo))
+                if nbytes <= limit:
+                    best = min(best, sum(w * errors[s.name][j] ** 2 for w, s, j in zip(weights, specs, combo)))
+            return best
+
+        # bytes are rounded up to budget/resolution units: at most one unit lost per layer
+        assert best_within(budget) - 1e-12 <= result.proxy <= best_within(budget * (1 - len(specs) / resolution)) + 1e-12
+
+
+def test_riem_candidates_through_callable():
+    specs = _specs()[1:2]  # the Gaussian 64 x 64 layer
+    calls = []
+
+    def fit(weight, ratio):
+        calls.append(ratio)
+        return auto.riem_fitter(FitSettings(steps=20, seed=0), state_bits=8, m=8)(weight, ratio)
+
+    grid = auto.CandidateGrid(riem_fit=fit, riem_ratios=(0.25,), svd_ratios=(0.25,), rtn=((8, None), (4, 32)))
+    result = auto.choose_methods_detailed(specs, 0.2, grid)
+    assert sorted(calls) == [0.2, 0.25]
+    families = {c.family for c in result.choices[0].candidates}
+    assert {"riem8", "rtn", "svd16", "svd8", "dense16", "dense32"} <= families
+    assert result.nbytes <= 0.2 * specs[0].fp32_bytes
+
+
+def test_bad_inputs():
+    specs = _specs()
+    with pytest.raises(ValueError, match="too small"):
+        auto.choose_methods(specs, 0.001)
+    with pytest.raises(ValueError, match="proxy"):
+        auto.choose_methods(specs, 0.2, proxy="nope")
+    with pytest.raises(ValueError, match="budget_ratio"):
+        auto.choose_methods(specs, 0.0)
+
+
+def test_generous_budget_keeps_weights_exact():
+    specs = _specs()
+    choices = auto.choose_methods(specs, 1.0)
+    assert all(c.rel_error == 0.0 for c in choices)  # dense float32 fits everywhere
