@@ -45,6 +45,7 @@ LIB_NAME = "model.so"
 PARAMS_NAME = "params.safetensors"
 MANIFEST_NAME = "manifest.json"
 TUNING_DIR = "tuning"
+CUDA_SOURCE_NAME = "cuda_source.cu"
 
 
 @dataclass
@@ -445,15 +446,12 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
             shutil.rmtree(db_dir)
         shutil.copytree(opts.tuning_db, db_dir)
     use_ms = opts.tune_trials > 0 or (db_dir / "database_tuning_record.json").is_file()
-    cpu_hand = tgt.kind.name == "llvm" and not use_ms
 
     if opts.mode == "decode-once":
-        mod = _add_decode_function(imp.mod, riem_weights, schedule_cpu=cpu_hand)
+        mod = _add_decode_function(imp.mod, riem_weights, schedule_cpu=False)
     else:
         mod = _make_fused_main(imp, riem_weights, "cuda" if tgt.kind.name == "cuda" else "llvm")
     mod = _legalize_and_fuse(mod, tgt)
-    if cpu_hand and opts.mode == "fused":
-        mod = _schedule_decode_calls(mod)
     baked = dense_constants(mod, [cw.shape for cw in riem_weights.values()])
     if baked:
         raise RuntimeError(f"dense weights of shapes {baked} were folded into the module")
@@ -463,11 +461,19 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
         _tune(mod, tgt, db_dir, opts.tune_trials, opts.max_trials_per_task, info)
     if use_ms:
         mod = _apply_database(mod, tgt, db_dir)
+    if tgt.kind.name == "llvm":  # RieM kernels without a tuning record: hand schedule
+        mod = _schedule_decode_calls(mod)
     mod = _default_schedules(mod, tgt)
     info.kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
     ex = _lower_and_compile(mod, tgt)
     lib_path = out / LIB_NAME
     ex.export_library(str(lib_path))
+    cuda_file = None
+    if tgt.kind.name == "cuda":
+        # the library embeds this source and compiles it on the GPU machine at load (NVRTC or
+        # nvcc); a copy beside it lets a machine without a GPU check that it compiles
+        cuda_file = CUDA_SOURCE_NAME
+        (out / cuda_file).write_text("\n".join(cuda_sources(ex)))
 
     arrays: dict[str, np.ndarray] = {}
     params_manifest = []
@@ -496,7 +502,7 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
         "inputs": imp.input_info, "outputs": imp.output_info,
         "params": params_manifest,
         "compressed": compressed_manifest,
-        "files": {"library": LIB_NAME, "params": PARAMS_NAME,
+        "files": {"library": LIB_NAME, "params": PARAMS_NAME, "cuda_source": cuda_file,
                   "tuning": TUNING_DIR if (db_dir / "database_tuning_record.json").is_file() else None},
         "bytes": {"params_file": (out / PARAMS_NAME).stat().st_size, "library": lib_path.stat().st_size,
                   "dense_weights_replaced": int(sum(4 * int(np.prod(c.shape)) for c in riem_weights.values())),
@@ -578,11 +584,23 @@ def cuda_sources(lib_or_ex) -> list[str]:
         if id(m) in seen:
             continue
         seen.add(id(m))
-        if getattr(m, "kind", getattr(m, "type_key", "")) == "cuda":
+        if m.kind == "cuda":
             out.append(m.inspect_source())
-        stack.extend(getattr(m, "imports", []) or [])
+        stack.extend(m.imports)
     return out
 
 
-def _tmpdir() -> str:
-    return tempfile.mkdtemp(prefix="riem_tvm_")
+def compile_cuda_source(path, arch: str = "sm_80") -> bytes:
+    """nvcc the CUDA source of a cuda artifact to a cubin (proves it compiles without a GPU)."""
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found on PATH; install the CUDA toolkit to check CUDA sources")
+    with tempfile.TemporaryDirectory(prefix="riem_nvcc_") as tmp:
+        cubin = Path(tmp) / "out.cubin"
+        cmd = [nvcc, "--cubin", "-O3", f"-arch={arch}", "-o", str(cubin), str(path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {path}:\n{proc.stderr[-4000:]}")
+        return cubin.read_bytes()

@@ -238,7 +238,9 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
     sch = s_tir.Schedule(func)
     for blk in ("a_f", "b_f", "A"):
         sch.compute_inline(sch.get_sblock(blk))
-    n_out = cw.matrix_shape[0]
+    n_out, n_in = cw.matrix_shape
+    if target_kind == "cuda":  # keep the shared-memory W tile within 32 KiB
+        row_tile = max(1, min(row_tile, 8192 // n_in))
     tile = math.gcd(n_out, row_tile)
     y_blk = sch.get_sblock("y")
     b_loop, i_loop, j_loop = sch.get_loops(y_blk)
@@ -254,7 +256,6 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
             sch.parallel(sch.fuse(loops[0], loops[1]))
         sch.parallel(io)
         wl = sch.get_loops(w_blk)  # io, i, j, k, r
-        n_in = cw.matrix_shape[1]
         if n_in % 16 == 0:
             jo, ji = sch.split(wl[2], [None, 16])
             sch.reorder(wl[1], jo, wl[3], wl[4], ji)
@@ -266,10 +267,10 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
 def _bind_fused_cuda(sch, io, b_loop, ii, w_blk, y_blk, threads: int = 128):
     """One CUDA kernel per call: a block per tile of output features builds its W tile in
     shared memory, then each thread computes outputs for its share of the input rows."""
-    # projections: their own small kernels (A is inlined, a_proj and B are tiny)
-    for blk in ("a_proj", "B"):
+    # projections and readout casts: their own small kernels (A is inlined; these are tiny)
+    for blk, n_spatial in (("a_proj", 3), ("B", 3), ("v_f", 1), ("c_f", 1)):
         loops = sch.get_loops(sch.get_sblock(blk))
-        fused = sch.fuse(*loops)
+        fused = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
         bx, tx = sch.split(fused, [None, threads])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
