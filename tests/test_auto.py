@@ -37,7 +37,7 @@ def _single_method_plans(specs, ratio):
     for bits in (32, 16, 8):
         if all(B.svd_rank_for_ratio(s.shape, ratio, bits) > 0 for s in specs):
             plans[f"svd{bits}"] = [B.fit_svd(s.weight, ratio, bits) for s in specs]
-    settings = [B.rtn_settings_for_ratio(s.shape, ratio) for s in specs]
+    settings = [B.rtn_settings_for_ratio(ratio, s.shape) for s in specs]
     if all(x is not None for x in settings):
         plans["rtn"] = [B.fit_rtn(s.weight, *x) for s, x in zip(specs, settings)]
     return plans
@@ -146,3 +146,41 @@ def test_generous_budget_keeps_weights_exact():
     specs = _specs()
     choices = auto.choose_methods(specs, 1.0)
     assert all(c.rel_error == 0.0 for c in choices)  # dense float32 fits everywhere
+
+
+def test_compress_auto_records_and_budget():
+    from riem_compiler.config import Config
+
+    specs = _specs()
+    bad = LayerSpec("nan.weight", "linear", np.full((8, 8), np.nan, np.float32))
+    config = Config(method="auto", ratio=0.2, steps=10, time_budget_s=5.0, quiet=True)
+    compressed, records = auto.compress_auto(specs + [bad], config, auto.CandidateGrid())
+    assert [r.name for r in records] == [s.name for s in specs] + ["nan.weight"]
+    assert records[-1].status == "skipped" and "NaN" in records[-1].reason
+    assert sum(r.bytes_after for r in records[:-1]) <= 0.2 * sum(s.fp32_bytes for s in specs)
+    for spec, r in zip(specs, records):
+        assert r.reason.startswith("auto: ") and r.rel_error is not None
+        if r.status == "compressed":
+            cw = compressed[spec.name]
+            assert r.bytes_after == cw.nbytes and r.method == cw.method
+            assert r.rel_error == pytest.approx(B.relative_error(spec.weight, cw))
+    assert "nan.weight" not in compressed
+
+
+def test_compress_auto_default_grid_fits_riem_from_config(monkeypatch):
+    from riem_compiler.config import Config
+
+    made, fitted = [], []
+    real = auto.riem_fitter
+
+    def spy(settings, state_bits, metric_dtype, m, k_branches):
+        made.append((settings.steps, state_bits, metric_dtype, m))
+        fit = real(settings, state_bits, metric_dtype, m, k_branches)
+        return lambda w, r: fitted.append(r) or fit(w, r)
+
+    monkeypatch.setattr(auto, "riem_fitter", spy)
+    specs = _specs()[1:2]
+    config = Config(method="auto", ratio=0.2, steps=10, time_budget_s=5.0, m=8, quiet=True)
+    compressed, records = auto.compress_auto(specs, config)
+    assert made == [(10, 8, "float16", 8)] and sorted(fitted) == [0.1, 0.2]
+    assert records[0].bytes_after <= 0.2 * specs[0].fp32_bytes

@@ -142,13 +142,33 @@ def test_rtn_error_decreases_with_bits():
 def test_rtn_settings_for_ratio():
     shape = (384, 384)
     # int8 per channel is 1/4 of fp32 plus its scales, so exactly 1/4 falls to 4-bit groups
-    assert B.rtn_settings_for_ratio(shape, 0.25) == (4, 128)
-    assert B.rtn_settings_for_ratio(shape, 0.26) == (8, None)
-    assert B.rtn_settings_for_ratio(shape, 0.125) == (3, 128)
-    assert B.rtn_settings_for_ratio(shape, 0.01) is None
+    assert B.rtn_settings_for_ratio(shape=shape, ratio=0.25) == (4, 128)
+    assert B.rtn_settings_for_ratio(shape=shape, ratio=0.26) == (8, None)
+    assert B.rtn_settings_for_ratio(shape=shape, ratio=0.125) == (3, 128)
+    assert B.rtn_settings_for_ratio(shape=shape, ratio=0.01) is None
     for ratio in (0.07, 0.1, 0.13, 0.3):
-        bits, group = B.rtn_settings_for_ratio(shape, ratio)
+        bits, group = B.rtn_settings_for_ratio(shape=shape, ratio=ratio)
         assert B.fit_rtn(np.ones(shape, np.float32), bits, group).nbytes <= ratio * 384 * 384 * 4
+
+
+def test_rtn_settings_without_shape_use_wide_matrix_bytes():
+    assert B.rtn_settings_for_ratio(0.25) == (8, None)
+    assert B.rtn_settings_for_ratio(0.13) == (4, 128)
+    assert B.rtn_settings_for_ratio(0.125) == (4, None)
+    assert B.rtn_settings_for_ratio(0.01) is None
+
+
+def test_fit_for_ratio_dispatch_and_budget():
+    w = _rng(10).standard_normal((48, 64)).astype(np.float32)
+    conv = _rng(10).standard_normal((16, 8, 3, 3)).astype(np.float32)
+    for method, weight in (("svd", w), ("rtn", w), ("tucker2", conv), ("svd", conv), ("rtn", conv)):
+        cw = B.fit_for_ratio(method, weight, 0.2)
+        assert cw.method == method and cw.nbytes <= 0.2 * weight.size * 4
+    assert B.fit_for_ratio("rtn", w, 0.2).meta["bits"] == 4
+    with pytest.raises(ValueError, match="unknown baseline"):
+        B.fit_for_ratio("lowrank", w, 0.2)
+    with pytest.raises(ValueError, match="too small"):
+        B.fit_for_ratio("rtn", w, 0.01)
 
 
 def test_rtn_bad_bits():

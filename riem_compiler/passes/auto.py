@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from riem_compiler import riem
 from riem_compiler.compressed import CompressedWeight
+from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LayerSpec
 from riem_compiler.passes import baselines
 
@@ -60,17 +62,18 @@ def label(cw: CompressedWeight) -> str:
     return family(cw)
 
 
-def riem_fitter(settings=None, state_bits: int = 8, metric_dtype: str = "float16", m: int = 16) -> RiemFit:
+def riem_fitter(settings=None, state_bits: int = 8, metric_dtype: str = "float16", m: int = 16,
+                k_branches: int = riem.K_BRANCHES) -> RiemFit:
     """A RiemFit that sizes q (and m) with riem.choose_size and fits with fit_riem(settings)."""
     from riem_compiler.passes.fit import fit_riem
 
     def fit(weight: np.ndarray, ratio: float) -> CompressedWeight | None:
         n_out, n_in = weight.shape[0], int(np.prod(weight.shape[1:]))
-        size = riem.choose_size(n_out, n_in, ratio, state_bits, metric_dtype, m)
+        size = riem.choose_size(n_out, n_in, ratio, state_bits, metric_dtype, m, k_branches)
         if size is None:
             return None
         q, m_fit = size
-        return fit_riem(weight, q, m_fit, state_bits, metric_dtype, settings).weight
+        return fit_riem(weight, q, m_fit, state_bits, metric_dtype, settings, k_branches).weight
 
     return fit
 
@@ -190,6 +193,41 @@ class AutoResult:
         return format_choices(self.choices, self)
 
 
+def compress_auto(specs: list[LayerSpec], config, candidates: CandidateSource | None = None):
+    """method="auto" inside the compression pass: (dict name -> CompressedWeight, LayerRecords).
+
+    config.ratio is the budget over all given layers. RieM candidates are fitted with the
+    config's fit settings at config.ratio and half of it (each fit can take up to
+    config.time_budget_s). A layer whose best plan is "dense32" is kept as it is.
+    """
+    from riem_compiler.passes.compress import fit_settings
+    from riem_compiler.report import LayerRecord
+
+    if candidates is None:
+        fitter = riem_fitter(fit_settings(config), config.state_bits, config.metric_dtype, config.m,
+                             config.k_branches)
+        candidates = CandidateGrid(riem_fit=fitter, riem_ratios=(config.ratio / 2,))
+    usable = [s for s in specs if np.all(np.isfinite(s.weight))]
+    records: dict[str, LayerRecord] = {}
+    for s in specs:
+        if not np.all(np.isfinite(s.weight)):
+            records[s.name] = LayerRecord(s.name, s.kind, s.shape, "auto", "skipped", s.fp32_bytes,
+                                          s.fp32_bytes, reason="weight contains NaN or inf; left unchanged")
+    compressed: dict[str, CompressedWeight] = {}
+    if usable:
+        result = choose_methods_detailed(usable, config.ratio, candidates, progress=not config.quiet)
+        log.info("auto plan:\n%s", result.table())
+        for spec, c in zip(usable, result.choices):
+            kept = c.method == "dense" and c.settings.get("dtype") == "float32"
+            record = LayerRecord(spec.name, spec.kind, spec.shape, c.method, "skipped" if kept else "compressed",
+                                 spec.fp32_bytes, spec.fp32_bytes if kept else c.nbytes, rel_error=c.rel_error,
+                                 reason=f"auto: {c.label}: {c.reason}", settings=dict(c.settings))
+            if not kept:
+                compressed[spec.name] = c.weight
+            records[spec.name] = record
+    return compressed, [records[s.name] for s in specs]
+
+
 def proxy_weights(specs: list[LayerSpec], proxy: str) -> np.ndarray:
     """Per-layer weights w_l of the proxy sum w_l * rel_error_l**2 (they sum to 1)."""
     if proxy == "size_weighted":
@@ -199,7 +237,7 @@ def proxy_weights(specs: list[LayerSpec], proxy: str) -> np.ndarray:
     elif proxy == "uniform":
         w = np.ones(len(specs))
     else:
-        raise ValueError(f"proxy must be one of {PROXIES}, got {proxy!r}")
+        raise InputError(f"proxy must be one of {PROXIES}, got {proxy!r}")
     return w / max(w.sum(), 1e-300)
 
 
@@ -213,32 +251,37 @@ def choose_methods(
 
 def choose_methods_detailed(
     specs: list[LayerSpec], budget_ratio: float, candidates: CandidateSource | None = None,
-    proxy: str = "size_weighted", resolution: int = 4096,
+    proxy: str = "size_weighted", resolution: int = 4096, progress: bool = False,
 ) -> AutoResult:
     """`choose_methods` plus the plan's totals and every single-method plan's score."""
     if not specs:
-        raise ValueError("choose_methods needs at least one layer")
+        raise InputError("choose_methods needs at least one layer")
     if not budget_ratio > 0:
-        raise ValueError(f"budget_ratio must be > 0 (a fraction of fp32 bytes), got {budget_ratio}")
+        raise InputError(f"budget_ratio must be > 0 (a fraction of fp32 bytes), got {budget_ratio}")
     source = candidates if candidates is not None else CandidateGrid()
     weights = proxy_weights(specs, proxy)
     total_fp32 = sum(s.fp32_bytes for s in specs)
     budget = int(math.floor(budget_ratio * total_fp32))
 
     pools: list[list[Candidate]] = []
+    bar = tqdm(total=sum(s.weight.size for s in specs), unit="w", unit_scale=True,
+               desc="auto: candidates", disable=not progress, leave=False)
     for spec in specs:
+        bar.set_postfix_str(spec.name, refresh=False)
         pool = []
         for cw in source(spec, budget_ratio):
             if tuple(cw.shape) != spec.shape:
-                raise ValueError(f"candidate {cw.method} for {spec.name} has shape {cw.shape}, "
+                raise InputError(f"candidate {cw.method} for {spec.name} has shape {cw.shape}, "
                                  f"expected {spec.shape}")
             pool.append(Candidate(cw, label(cw), family(cw), cw.nbytes,
                                   baselines.relative_error(spec.weight, cw)))
         if not pool:
-            raise ValueError(f"no candidates for layer {spec.name}")
+            raise InputError(f"no candidates for layer {spec.name}")
         pool.sort(key=lambda c: (c.nbytes, c.rel_error))
         pools.append(pool)
+        bar.update(spec.weight.size)
         log.debug("%s: %d candidates", spec.name, len(pool))
+    bar.close()
 
     plan = _knapsack(pools, weights, budget, resolution)
     best_cost = _cost(pools, plan, weights) if plan is not None else math.inf
@@ -255,7 +298,7 @@ def choose_methods_detailed(
             plan, best_cost, plan_source = single, cost, f"single method {fam}"
     if plan is None:
         cheapest = sum(pool[0].nbytes for pool in pools)
-        raise ValueError(f"budget {budget} bytes ({budget_ratio} of {total_fp32} fp32 bytes) is too "
+        raise InputError(f"budget {budget} bytes ({budget_ratio} of {total_fp32} fp32 bytes) is too "
                          f"small: the cheapest candidates need {cheapest} bytes; raise the ratio")
 
     choices = []

@@ -15,7 +15,7 @@ Methods (the weight is viewed as the matrix (shape[0], prod(shape[1:])) unless s
              per group of `group_size` consecutive inputs; codes bit-packed with an offset of
              2**(bits-1) (the ONNX DequantizeLinear zero point for unsigned codes).
 
-This module imports only numpy, torch and riem_compiler.{riem, compressed}, so compressed.py can
+This module imports only numpy, torch and riem_compiler.{riem, compressed, errors}, so compressed.py can
 import it to register the decoders without an import cycle.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 
 from riem_compiler import riem
 from riem_compiler.compressed import DECODERS, CompressedWeight
+from riem_compiler.errors import InputError
 
 log = logging.getLogger("riem_compiler.baselines")
 
@@ -41,7 +42,7 @@ DENSE_DTYPES = ("float32", "float16")
 def _matrix(weight) -> np.ndarray:
     w = np.asarray(weight, dtype=np.float32)
     if w.ndim < 2:
-        raise ValueError(f"expected a weight with at least 2 dimensions, got shape {w.shape}")
+        raise InputError(f"expected a weight with at least 2 dimensions, got shape {w.shape}")
     return w.reshape(w.shape[0], -1)
 
 
@@ -61,7 +62,7 @@ def relative_error(weight, cw: CompressedWeight) -> float:
 def fit_dense(weight, dtype: str = "float16") -> CompressedWeight:
     """Keep the weight uncompressed (float32) or cast to float16."""
     if dtype not in DENSE_DTYPES:
-        raise ValueError(f"dense dtype must be one of {DENSE_DTYPES}, got {dtype!r}")
+        raise InputError(f"dense dtype must be one of {DENSE_DTYPES}, got {dtype!r}")
     w = np.asarray(weight, dtype=np.float32)
     return CompressedWeight("dense", tuple(w.shape), {"dtype": dtype}, {"weight": w.astype(dtype)})
 
@@ -79,7 +80,7 @@ def svd_nbytes(shape, rank: int, factor_bits: int = 16) -> int:
         return rank * (n + d) + 4 * (n + rank)
     if factor_bits in (16, 32):
         return rank * (n + d) * factor_bits // 8
-    raise ValueError(f"factor_bits must be one of {SVD_FACTOR_BITS}, got {factor_bits}")
+    raise InputError(f"factor_bits must be one of {SVD_FACTOR_BITS}, got {factor_bits}")
 
 
 def svd_rank_for_ratio(shape, ratio: float, factor_bits: int = 16) -> int:
@@ -113,7 +114,7 @@ def fit_svd(weight, ratio: float, factor_bits: int = 16, *, usv=None) -> Compres
     M = _matrix(weight)
     rank = svd_rank_for_ratio(shape, ratio, factor_bits)
     if rank == 0:
-        raise ValueError(
+        raise InputError(
             f"ratio {ratio} is too small for a rank-1 SVD of a {M.shape} matrix with "
             f"{factor_bits}-bit factors ({svd_nbytes(shape, 1, factor_bits)} bytes needed, "
             f"{ratio * _fp32_bytes(shape):.0f} allowed); raise the ratio or use another method")
@@ -205,18 +206,18 @@ def fit_tucker2(weight, ratio: float, groups: int = 1, iterations: int = 5,
     w = np.asarray(weight, dtype=np.float64)
     shape = tuple(w.shape)
     if w.ndim < 3 or int(np.prod(shape[2:])) <= 1:
-        raise ValueError(f"tucker2 needs a conv weight (out, in, *kernel) with more than one tap, "
+        raise InputError(f"tucker2 needs a conv weight (out, in, *kernel) with more than one tap, "
                          f"got shape {shape}; use method 'svd' for matrices and 1x1 convs")
     if groups != 1:
-        raise ValueError(f"tucker2 supports groups == 1 only, got groups={groups}; use 'svd' or 'rtn'")
+        raise InputError(f"tucker2 supports groups == 1 only, got groups={groups}; use 'svd' or 'rtn'")
     if rank_rule == "energy":
         ranks = tucker2_ranks_by_energy(w, ratio)
     elif rank_rule == "proportional":
         ranks = tucker2_ranks_for_ratio(shape, ratio)
     else:
-        raise ValueError(f"rank_rule must be 'energy' or 'proportional', got {rank_rule!r}")
+        raise InputError(f"rank_rule must be 'energy' or 'proportional', got {rank_rule!r}")
     if ranks is None:
-        raise ValueError(f"ratio {ratio} is too small for a rank-(1, 1) Tucker-2 of shape {shape} "
+        raise InputError(f"ratio {ratio} is too small for a rank-(1, 1) Tucker-2 of shape {shape} "
                          f"({tucker2_nbytes(shape, (1, 1))} bytes needed); raise the ratio")
     r_out, r_in = ranks
     out_ch, in_ch = shape[0], shape[1]
@@ -266,16 +267,23 @@ def rtn_nbytes(shape, bits: int, group_size: int | None = 128) -> int:
     return riem.packed_nbytes(n * d, bits) + n * groups * np.dtype(rtn_scale_dtype(group_size)).itemsize
 
 
-def rtn_settings_for_ratio(shape, ratio: float, group_size: int = 128) -> tuple[int, int | None] | None:
+def rtn_settings_for_ratio(ratio: float, shape=None, group_size: int = 128) -> tuple[int, int | None] | None:
     """Most precise (bits, group_size) from RTN_LADDER whose stored bytes fit ratio * fp32 bytes.
 
-    4-bit codes plus float16 group scales cost a little over 1/8 of fp32, so ratio 0.125 exactly
-    gets 3 bits; None when not even 2 bits per channel fits.
+    With `shape` the exact bytes of that weight are used: 4-bit codes plus float16 group scales
+    cost a little over 1/8 of fp32, and int8 per channel a little over 1/4, so ratio 0.25 gets
+    4-bit groups and 0.125 gets 3-bit groups. Without it, the per-row scale of a very wide matrix
+    is taken as free (so 0.25 gives int8 per channel), which can overshoot a real weight's budget.
+    None when not even 2 bits per channel fits.
     """
-    budget = ratio * _fp32_bytes(shape)
     for bits, group in RTN_LADDER:
         group = None if group is None else group_size
-        if rtn_nbytes(shape, bits, group) <= budget:
+        if shape is not None:
+            fits = rtn_nbytes(shape, bits, group) <= ratio * _fp32_bytes(shape)
+        else:
+            per_weight = bits / 8 + (0.0 if group is None else np.dtype(rtn_scale_dtype(group)).itemsize / group)
+            fits = per_weight <= 4 * ratio
+        if fits:
             return bits, group
     return None
 
@@ -285,9 +293,9 @@ def fit_rtn(weight, bits: int = 8, group_size: int | None = None) -> CompressedW
     scale = max|w| / (2**(bits-1)-1) per row (group_size None) or per group of consecutive
     inputs along the matrix view's columns (the last group may be shorter)."""
     if bits not in RTN_BITS:
-        raise ValueError(f"rtn bits must be one of {RTN_BITS}, got {bits}")
+        raise InputError(f"rtn bits must be one of {RTN_BITS}, got {bits}")
     if group_size is not None and group_size < 1:
-        raise ValueError(f"group_size must be a positive integer or None, got {group_size}")
+        raise InputError(f"group_size must be a positive integer or None, got {group_size}")
     shape = tuple(np.shape(weight))
     M = _matrix(weight)
     n, d, g = _rtn_layout(shape, group_size)
@@ -334,6 +342,27 @@ def _decode_rtn(cw: CompressedWeight, t: dict[str, torch.Tensor]) -> torch.Tenso
     if cw.meta["group_size"] is not None:
         scale = scale.repeat_interleave(g, dim=1)[:, :d]
     return codes * scale
+
+
+# ----------------------------------------------------------------------------- one entry point
+
+def fit_for_ratio(method: str, weight, ratio: float, groups: int = 1, svd_factor_bits: int = 16,
+                  rtn_group_size: int = 128) -> CompressedWeight:
+    """A baseline at `ratio` of the weight's fp32 bytes (what method="svd"/"rtn"/"tucker2" does
+    per layer). RTN takes the most precise setting that fits, so 0.25 gets 4-bit groups: int8
+    per channel needs 1/4 plus its scales."""
+    shape = tuple(np.shape(weight))
+    if method == "svd":
+        return fit_svd(weight, ratio, svd_factor_bits)
+    if method == "tucker2":
+        return fit_tucker2(weight, ratio, groups=groups)
+    if method == "rtn":
+        setting = rtn_settings_for_ratio(ratio, shape, rtn_group_size)
+        if setting is None:
+            raise InputError(f"ratio {ratio} is too small for 2-bit RTN of shape {shape} "
+                             f"({rtn_nbytes(shape, 2, None)} bytes needed); raise the ratio")
+        return fit_rtn(weight, *setting)
+    raise InputError(f"unknown baseline method {method!r}; known: 'svd', 'tucker2', 'rtn'")
 
 
 DECODERS["dense"] = _decode_dense
