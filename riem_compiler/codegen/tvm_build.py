@@ -130,13 +130,17 @@ def _import_torch(result) -> _Imported:
     mod = from_exported_program(ep, keep_params_as_input=True)
     mod, params = relax.frontend.detach_params(mod)
     values = [t.numpy() for t in params.get("main", [])]
-    specs = [s for s in ep.graph_signature.input_specs if s.kind != InputKind.USER_INPUT]
-    names = [str(s.target) for s in specs]
+    # Relax params are named after the export placeholders; unused ones (e.g. BatchNorm's
+    # num_batches_tracked) are dropped by the importer, so map by name, not by position
+    target_of = {s.arg.name: str(s.target) for s in ep.graph_signature.input_specs
+                 if s.kind != InputKind.USER_INPUT}
     num_input = int(mod["main"].attrs["num_input"])
     fparams = mod["main"].params[num_input:]
-    if len(names) != len(fparams) or len(values) != len(names):
-        raise RuntimeError(f"parameter bookkeeping mismatch: {len(names)} export inputs, "
-                           f"{len(fparams)} Relax params, {len(values)} values")
+    unknown = [v.name for v in fparams if v.name not in target_of]
+    if unknown or len(values) != len(fparams):
+        raise RuntimeError(f"parameter bookkeeping mismatch: Relax params {unknown[:5]} have no export "
+                           f"placeholder, or {len(values)} values for {len(fparams)} params")
+    names = [target_of[v.name] for v in fparams]
     for name, var, val in zip(names, fparams, values):
         shape = tuple(int(s) for s in var.ty.shape)
         if shape != tuple(val.shape):

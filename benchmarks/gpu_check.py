@@ -1,0 +1,158 @@
+"""One-shot GPU check for the TVM CUDA path (run it on a machine with an NVIDIA GPU).
+
+Builds the digits CNN and all-MiniLM-L6-v2 (compressed, few fitting steps) for target cuda in
+both modes (decode-once, fused), loads them on the GPU, compares outputs with torch, times
+TVM against torch eager on the same GPU, and writes benchmarks/results/gpu_check.md/.json.
+Budget: a few minutes on one GPU (fitting runs on the GPU when torch sees one).
+
+    python benchmarks/gpu_check.py                 # everything, dlight default schedules
+    python benchmarks/gpu_check.py --quick         # digits CNN only
+    python benchmarks/gpu_check.py --tune-trials 64 --models digits_cnn   # MetaSchedule on the GPU
+
+The library embeds CUDA C; TVM compiles it when loading: with NVRTC when the `cuda-bindings`
+package is importable, else set TVM_CUDA_COMPILE_MODE=nvcc (done here when nvcc is on PATH).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+RESULTS = HERE / "results"
+
+
+def gpu_arch() -> str:
+    major, minor = torch.cuda.get_device_capability(0)
+    return f"sm_{major}{minor}"
+
+
+def cuda_time_ms(fn, runs: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / runs
+
+
+def check_model(name: str, batch: int, args, work: Path, arch: str) -> dict:
+    import models
+
+    import riem_compiler as rc
+    from riem_compiler.codegen.tvm_runtime import load_tvm
+    from riem_compiler.passes.rewrite_torch import materialize
+
+    if name == "digits_cnn":
+        model = models.digits_cnn()
+        x = models.digits_data()[2][:batch]
+        inputs = (x.contiguous(),)
+    else:
+        model, tok = models.load_minilm()
+        inputs = tuple(models.minilm_example_inputs(tok, batch=batch, seq_len=args.seq_len))
+    t0 = time.perf_counter()
+    res = rc.optimize(model, example_inputs=inputs, ratio=0.25, steps=args.fit_steps, time_budget_s=5.0,
+                      quiet=True, device="cuda")
+    row = {"model": name, "batch": batch, "arch": arch, "fit_s": time.perf_counter() - t0,
+           "compressed_layers": len(res.compressed)}
+    dense = materialize(res.model).eval().cuda()
+    gpu_inputs = tuple(t.cuda() for t in inputs)
+    with torch.no_grad():
+        ref = dense(*gpu_inputs)
+        ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float().cpu().numpy()
+        row["torch_gpu_ms"] = cuda_time_ms(lambda: dense(*gpu_inputs))
+    np_inputs = [t.numpy() for t in inputs]
+    for mode in ("decode-once", "fused"):
+        key = mode.replace("-", "_")
+        try:
+            out = work / f"{name}_b{batch}_{mode}"
+            t0 = time.perf_counter()
+            res.build_tvm(out, target="cuda", arch=arch, mode=mode,
+                          tune_trials=args.tune_trials if mode == "decode-once" else 0)
+            row[f"{key}_build_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            m = load_tvm(out, device="cuda")
+            row[f"{key}_load_s"] = time.perf_counter() - t0
+            row[f"{key}_decode_ms"] = 1e3 * m.decode_seconds
+            got = m(*np_inputs)
+            got = got[0] if isinstance(got, tuple) else got
+            row[f"{key}_max_rel_err"] = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-12))
+            row[f"{key}_ok"] = bool(row[f"{key}_max_rel_err"] < 1e-3)
+            row[f"{key}_ms"] = 1e3 * m.time_main(*np_inputs, number=20, repeat=5)
+        except Exception as err:  # record and go on: one run should report everything it can
+            row[f"{key}_error"] = f"{type(err).__name__}: {err}"[:2000]
+            traceback.print_exc()
+    return row
+
+
+def write(rows, meta, name):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [f"# TVM CUDA check ({name})", "", "```", json.dumps(meta), "```", "",
+             "| model | batch | torch GPU ms | decode-once ms | fused ms | decode at load ms | max rel err (d/f) | errors |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def f(k, fmt="{:.3f}"):
+            return fmt.format(r[k]) if k in r else "-"
+        errs = "; ".join(r[k][:80] for k in ("decode_once_error", "fused_error") if k in r) or "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {f('torch_gpu_ms')} | {f('decode_once_ms')} | {f('fused_ms')} | "
+                     f"{f('decode_once_decode_ms', '{:.1f}')} | {f('decode_once_max_rel_err', '{:.1e}')} / "
+                     f"{f('fused_max_rel_err', '{:.1e}')} | {errs} |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="digits CNN only, batch 1")
+    p.add_argument("--models", default="digits_cnn,minilm")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--fit-steps", type=int, default=100)
+    p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials (decode-once build)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.getLogger("tvm").setLevel(logging.WARNING)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False)")
+    if "TVM_CUDA_COMPILE_MODE" not in os.environ and shutil.which("nvcc"):
+        try:
+            import cuda.bindings  # noqa: F401  (NVRTC path)
+        except ImportError:
+            os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
+    import tvm
+
+    arch = gpu_arch()
+    meta = {"gpu": torch.cuda.get_device_name(0), "arch": arch, "tvm": tvm.__version__, "torch": torch.__version__,
+            "tvm_cuda_enabled": bool(tvm.cuda(0).exist), "compile_mode": os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc"),
+            "tune_trials": args.tune_trials, "seq_len": args.seq_len}
+    if args.quick:
+        args.models, args.batches = "digits_cnn", "1"
+    name = "gpu_check_quick" if args.quick else "gpu_check"
+    rows = []
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        for model_name in args.models.split(","):
+            for batch in (int(b) for b in args.batches.split(",")):
+                rows.append(check_model(model_name, batch, args, Path(tmp), arch))
+                meta["elapsed_s"] = time.perf_counter() - t_start
+                write(rows, meta, name)
+
+
+if __name__ == "__main__":
+    main()
