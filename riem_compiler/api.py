@@ -77,8 +77,16 @@ def optimize(graph, example_inputs=None, config: Config | None = None, **options
     return _optimize_torch(graph, example_inputs, cfg)
 
 
-def _skipped_records(skipped: list[tuple[str, str]]) -> list[LayerRecord]:
-    return [LayerRecord(name, "-", (), "-", "skipped", 0, 0, reason=reason) for name, reason in skipped]
+def _skipped_records(skipped: list[tuple[LayerSpec | str, str]]) -> list[LayerRecord]:
+    """Records for what the frontend saw but will not compress (a spec, or just a name)."""
+    records = []
+    for item, reason in skipped:
+        if isinstance(item, LayerSpec):
+            records.append(LayerRecord(item.name, item.kind, item.shape, "-", "skipped", item.fp32_bytes,
+                                       item.fp32_bytes, reason=reason))
+        else:
+            records.append(LayerRecord(item, "-", (), "-", "skipped", 0, 0, reason=reason))
+    return records
 
 
 def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:

@@ -41,6 +41,8 @@ FUNCTIONAL_WEIGHT_ARG = {
     _aten.addmm.default: ("matmul", 2),
     _aten.conv1d.default: ("conv1d", 1),
     _aten.conv2d.default: ("conv2d", 1),
+    _aten.conv1d.padding: ("conv1d", 1),
+    _aten.conv2d.padding: ("conv2d", 1),
     _aten.convolution.default: ("conv", 1),
 }
 # ops that only re-view a weight on its way to a matmul
@@ -53,7 +55,7 @@ class Detection:
     """What the frontend found: layers to compress and (name, reason) for those it will not."""
 
     layers: list[LayerSpec] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[LayerSpec | str, str]] = field(default_factory=list)
     graph_module: torch.fx.GraphModule | None = None  # set when functional weights need graph surgery
 
 
@@ -203,15 +205,15 @@ def _apply_scope(layers: list[LayerSpec], config):
         names = [spec.name] + ([spec.module] if spec.module else [])
         pattern = next((p for p in config.ignore if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
         if pattern is not None:
-            skipped.append((spec.name, f"matches ignore pattern {pattern!r}"))
+            skipped.append((spec, f"matches ignore pattern {pattern!r}"))
         elif spec.kind in config.ignore_types:
-            skipped.append((spec.name, f"layer type {spec.kind!r} is ignored"))
+            skipped.append((spec, f"layer type {spec.kind!r} is ignored"))
         elif spec.weight.size < config.min_weight_size:
-            skipped.append((spec.name, f"{spec.weight.size} weights < min_weight_size {config.min_weight_size}"))
+            skipped.append((spec, f"{spec.weight.size} weights < min_weight_size {config.min_weight_size}"))
         else:
             kept.append(spec)
     if config.keep_first_last and kept:
         ends = {kept[0].name, kept[-1].name}
-        skipped += [(n, "first/last layer kept (keep_first_last)") for n in sorted(ends)]
+        skipped += [(s, "first/last layer kept (keep_first_last)") for s in kept if s.name in ends]
         kept = [s for s in kept if s.name not in ends]
     return kept, skipped

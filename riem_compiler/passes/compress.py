@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from riem_compiler import riem
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.config import Config
+from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LayerSpec
 from riem_compiler.passes.fit import FitSettings, fit_riem
 from riem_compiler.report import LayerRecord
@@ -51,17 +52,14 @@ def fit_layer(spec: LayerSpec, config: Config, index: int = 0) -> tuple[Compress
         return res.weight, res.rel_error, {"q": q, "m": m, "state_bits": config.state_bits, "steps": res.steps}
     from riem_compiler.passes import baselines  # registers their decoders
 
-    if config.method == "svd":
-        cw = baselines.fit_svd(spec.weight, config.ratio)
-    elif config.method == "rtn":
-        bits, group = baselines.rtn_settings_for_ratio(config.ratio)
-        cw = baselines.fit_rtn(spec.weight, bits, group)
-    elif config.method == "tucker2":
-        cw = baselines.fit_tucker2(spec.weight, config.ratio)
-    else:
+    if config.method not in ("svd", "rtn", "tucker2"):
         raise ValueError(f"method {config.method!r} is not a per-layer method")
-    if cw.nbytes > config.ratio * spec.fp32_bytes * 1.0001:
-        raise ValueError(f"{config.method} cannot meet ratio {config.ratio:g} for this shape")
+    try:
+        cw = baselines.fit_for_ratio(config.method, spec.weight, config.ratio, groups=spec.attrs.get("groups", 1))
+    except InputError as exc:
+        raise ValueError(str(exc)) from exc
+    if cw.nbytes > config.ratio * spec.fp32_bytes:
+        raise ValueError(f"{config.method} cannot meet ratio {config.ratio:g} for shape {spec.shape}")
     return cw, rel_error(spec.weight, cw), dict(cw.meta)
 
 

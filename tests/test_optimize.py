@@ -1,0 +1,163 @@
+"""End to end through `riem_compiler.optimize` for PyTorch inputs: rewrite, report, save/load, errors."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import riem_compiler as rc
+from conftest import structured_matrix
+from riem_compiler.passes.rewrite_torch import RieMConv, RieMLinear, RieMWeight
+from zoo import CNN, MLP, Functional
+
+FAST = dict(steps=60, time_budget_s=600, min_weight_size=0)
+
+
+def structured(model, seed=0):
+    """Give every matrix weight compressible structure (as trained weights have), kaiming-scaled."""
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if p.dim() >= 2:
+                rows, cols = p.shape[0], int(np.prod(p.shape[1:]))
+                w = structured_matrix(rows, cols, seed=seed + i)
+                w = w / (w.std() + 1e-8) * (2.0 / cols) ** 0.5
+                p.copy_(torch.from_numpy(w.reshape(p.shape)))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def cnn_result():
+    torch.manual_seed(0)
+    model = structured(CNN())
+    x = torch.randn(4, 3, 8, 8)
+    # the 3x3 convs with few channels are below min_weight_size: kept, and reported as kept
+    return model, x, rc.optimize(model, (x,), ratio=0.5, steps=200, time_budget_s=600, min_weight_size=2048, quiet=True)
+
+
+def with_weights(model, compressed):
+    """The original model with each compressed weight replaced by its decoded value."""
+    import copy
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, cw in compressed.items():
+            out.get_parameter(name).copy_(torch.from_numpy(cw.reconstruct()))
+    return out
+
+
+def test_cnn_end_to_end_outputs_close(cnn_result):
+    model, x, res = cnn_result
+    assert res.model is not model
+    assert isinstance(res.model.dilated, RieMConv) and isinstance(res.model.head, RieMLinear)
+    assert isinstance(res.model.grouped, torch.nn.Conv2d)
+    with torch.no_grad():
+        ref, out = model(x), res.model(x)
+        # the rewrite computes exactly the original graph with the decoded weights
+        torch.testing.assert_close(out, with_weights(model, res.compressed)(x), rtol=1e-5, atol=1e-5)
+    err = float((out - ref).norm() / ref.norm())
+    assert err < 0.25
+    assert res.report.output_error == pytest.approx(err, rel=1e-4)
+    assert isinstance(model.grouped, torch.nn.Conv2d)  # input model untouched
+
+
+def test_report_accounts_bytes_and_errors(cnn_result):
+    model, x, res = cnn_result
+    by_name = {r.name: r for r in res.report}
+    assert by_name["grouped.weight"].status == "skipped"  # 1152 weights < min_weight_size 2048
+    assert "min_weight_size" in by_name["grouped.weight"].reason
+    for rec in res.report.compressed:
+        assert rec.bytes_after == res.compressed[rec.name].nbytes
+        assert rec.bytes_after <= 0.5 * rec.bytes_before
+        assert 0 <= rec.rel_error < 0.3 and rec.settings["q"] >= 1 and rec.fit_seconds > 0
+    assert res.report.ratio < 0.6
+    data = json.loads(res.report.to_json())
+    assert data["totals"]["compressed"] == len(res.report.compressed)
+    text = str(res.report)
+    assert "head.weight" in text and "TOTAL" in text
+
+
+def test_rewritten_model_runs_under_torch_export(cnn_result):
+    model, x, res = cnn_result
+    ep = torch.export.export(res.model, (x,))
+    # the exported program carries the compact buffers, not dense decoded weights
+    consts = {**dict(ep.named_buffers()), **ep.constants}
+    assert any(n.endswith("a_codes") for n in consts)
+    assert not any(tuple(t.shape) == (10, 512) for t in consts.values() if isinstance(t, torch.Tensor))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), res.model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_recompute_mode_matches_cached(cnn_result):
+    model, x, res = cnn_result
+    recomputing = rc.optimize(model, (x,), ratio=0.5, steps=200, time_budget_s=600, min_weight_size=2048, recompute=True, quiet=True)
+    with torch.no_grad():
+        torch.testing.assert_close(recomputing.model(x), res.model(x))
+    assert all(m.recompute for m in recomputing.model.modules() if isinstance(m, RieMWeight))
+
+
+def test_save_load_round_trip(cnn_result, tmp_path):
+    model, x, res = cnn_result
+    out = res.save(tmp_path / "art")
+    assert sorted(p.name for p in out.iterdir()) == ["compressed.safetensors", "manifest.json", "rest.safetensors"]
+    stored = sum(r.bytes_after for r in res.report.compressed)
+    size = (out / "compressed.safetensors").stat().st_size
+    assert stored <= size < stored + 16384  # the compact arrays plus a JSON header
+    loaded = rc.load(out, model=CNN())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), res.model(x))
+    with pytest.raises(rc.InputError, match="fresh instance"):
+        rc.load(out)
+    with pytest.raises(rc.InputError, match="no layers named"):
+        rc.load(out, model=MLP())
+
+
+def test_exported_program_and_functional_weights():
+    model = structured(Functional(), seed=5)
+    x = torch.randn(2, 3, 8, 8)
+    ep = torch.export.export(model, (x,))
+    res = rc.optimize(ep, (x,), ratio=0.25, quiet=True, **FAST)
+    assert set(res.compressed) == {"w_conv", "w_lin", "w_mm"}
+    assert isinstance(res.model, torch.fx.GraphModule)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), with_weights(model, res.compressed)(x), rtol=1e-5, atol=1e-5)
+    ep2 = torch.export.export(res.model, (x,))
+    torch.testing.assert_close(ep2.module()(x), res.model(x), rtol=1e-4, atol=1e-5)
+    # plain nn.Module with functional weights goes through fx tracing
+    res2 = rc.optimize(model, (x,), ratio=0.25, quiet=True, **FAST)
+    assert set(res2.compressed) == {"w_conv", "w_lin", "w_mm"}
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(rc.InputError, match="expected an nn.Module"):
+        rc.optimize(42)
+    with pytest.raises(rc.InputError, match="ratio must be"):
+        rc.optimize(MLP(), ratio=1.5)
+    with pytest.raises(rc.InputError, match="ratio must be"):
+        rc.optimize(MLP(), ratio=0)
+    with pytest.raises(rc.InputError, match="unknown option"):
+        rc.optimize(MLP(), ratoi=0.2)
+    with pytest.raises(rc.InputError, match="state_bits"):
+        rc.optimize(MLP(), state_bits=5)
+
+
+def test_nothing_to_compress_returns_model_unchanged_with_warning(caplog):
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.ReLU())
+    with caplog.at_level(logging.WARNING, logger="riem_compiler"):
+        res = rc.optimize(model, (torch.randn(2, 8),))
+    assert res.model is model and not res.compressed
+    assert "nothing to compress" in caplog.text
+
+
+def test_nan_weight_and_error_ceiling_leave_layers_unchanged():
+    model = structured(MLP())
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = float("nan")
+    res = rc.optimize(model, ratio=0.25, quiet=True, **FAST)
+    by_name = {r.name: r for r in res.report}
+    assert "NaN" in by_name["fc2.weight"].reason and by_name["fc2.weight"].status == "skipped"
+    assert isinstance(res.model.fc2, torch.nn.Linear) and isinstance(res.model.fc1, RieMLinear)
+    strict = rc.optimize(MLP(), ratio=0.25, error_ceiling=1e-4, quiet=True, **FAST)
+    assert not strict.compressed
+    assert all("error_ceiling" in r.reason for r in strict.report)
+    assert strict.model is not None and all(isinstance(m, torch.nn.Linear) for m in (strict.model.fc1, strict.model.fc3))
