@@ -37,6 +37,9 @@ class Config:
     keep_first_last: bool = False
     recompute: bool = False
     quiet: bool = False
+    executor: str = "local"  # "local" (in-process) or "ray"
+    ray_address: str | None = None  # Ray cluster address; None starts/joins a local one
+    cache_dir: str | None = None  # fitted-layer cache (resumable runs); None disables it
 
     def __post_init__(self):
         self.ignore = tuple(self.ignore)
@@ -62,6 +65,8 @@ class Config:
             raise InputError(f"error_ceiling must be positive; got {self.error_ceiling!r}")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise InputError(f"device must be 'cpu' or 'cuda'; got {self.device!r}")
+        if self.executor not in ("local", "ray"):
+            raise InputError(f"executor must be 'local' or 'ray'; got {self.executor!r}")
         bad = [t for t in self.ignore_types if t not in LAYER_KINDS]
         if bad:
             raise InputError(f"ignore_types has unknown kinds {bad}; known: {LAYER_KINDS}")

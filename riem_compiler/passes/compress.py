@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -63,43 +64,67 @@ def fit_layer(spec: LayerSpec, config: Config, index: int = 0) -> tuple[Compress
     return cw, rel_error(spec.weight, cw), dict(cw.meta)
 
 
-def compress_specs(specs: list[LayerSpec], config: Config) -> tuple[dict[str, CompressedWeight], list[LayerRecord]]:
+@dataclass
+class FitOutcome:
+    """What fitting one layer produced; `reason` is non-empty when the layer stays dense."""
+
+    name: str
+    weight: CompressedWeight | None
+    rel_error: float | None
+    settings: dict
+    seconds: float
+    reason: str = ""
+
+
+def fit_job(spec: LayerSpec, config: Config, index: int) -> FitOutcome:
+    """Fit one layer and judge the result. Pure function of its arguments: executors run it
+    in-process or on remote workers."""
+    t0 = time.perf_counter()
+    if not np.all(np.isfinite(spec.weight)):
+        return FitOutcome(spec.name, None, None, {}, 0.0, "weight contains NaN or inf; left unchanged")
+    try:
+        cw, err, settings = fit_layer(spec, config, index)
+    except ValueError as exc:
+        return FitOutcome(spec.name, None, None, {}, time.perf_counter() - t0, f"not compressed: {exc}")
+    seconds = time.perf_counter() - t0
+    if not np.isfinite(err):
+        return FitOutcome(spec.name, None, err, settings, seconds, "fit produced non-finite values; left unchanged")
+    if err > config.error_ceiling:
+        return FitOutcome(spec.name, None, err, settings, seconds,
+                          f"rel. error {err:.3f} above error_ceiling {config.error_ceiling:g}; left unchanged")
+    return FitOutcome(spec.name, cw, err, settings, seconds)
+
+
+def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tuple[dict[str, CompressedWeight], list[LayerRecord]]:
+    """Fit every spec (through `executor`, default in-process) and build the report records."""
     if config.method == "auto":
         from riem_compiler.passes.auto import compress_auto
 
         return compress_auto(specs, config)
-    compressed: dict[str, CompressedWeight] = {}
-    records: list[LayerRecord] = []
+    from riem_compiler.passes.executors import make_executor
+
+    executor = executor or make_executor(config)
+    outcomes: dict[str, FitOutcome] = {}
     total = sum(s.weight.size for s in specs)
+    sizes = {s.name: s.weight.size for s in specs}
     with tqdm(total=total, unit="w", unit_scale=True, desc=f"fitting {config.method}",
               disable=config.quiet or not specs, leave=False) as bar:
-        for index, spec in enumerate(specs):
-            bar.set_postfix_str(spec.name, refresh=False)
-            record = LayerRecord(spec.name, spec.kind, spec.shape, config.method, "skipped",
-                                 spec.fp32_bytes, spec.fp32_bytes)
-            t0 = time.perf_counter()
-            if not np.all(np.isfinite(spec.weight)):
-                record.reason = "weight contains NaN or inf; left unchanged"
-            else:
-                try:
-                    cw, err, settings = fit_layer(spec, config, index)
-                except ValueError as exc:
-                    record.reason = f"not compressed: {exc}"
-                else:
-                    record.fit_seconds = time.perf_counter() - t0
-                    record.rel_error, record.settings = err, settings
-                    if not np.isfinite(err):
-                        record.reason = "fit produced non-finite values; left unchanged"
-                    elif err > config.error_ceiling:
-                        record.reason = f"rel. error {err:.3f} above error_ceiling {config.error_ceiling:g}; left unchanged"
-                    else:
-                        record.status, record.bytes_after = "compressed", cw.nbytes
-                        compressed[spec.name] = cw
-            if record.status != "compressed":
-                log.warning("%s: %s", spec.name, record.reason)
-            else:
-                log.info("%s %s: rel. error %.4f, %d -> %d bytes, %.1f s", spec.name, spec.shape,
-                         record.rel_error, record.bytes_before, record.bytes_after, record.fit_seconds)
-            records.append(record)
-            bar.update(spec.weight.size)
+        for outcome in executor.map(fit_job, [(spec, config, i) for i, spec in enumerate(specs)]):
+            outcomes[outcome.name] = outcome
+            bar.set_postfix_str(outcome.name, refresh=False)
+            bar.update(sizes[outcome.name])
+    compressed: dict[str, CompressedWeight] = {}
+    records: list[LayerRecord] = []
+    for spec in specs:
+        o = outcomes[spec.name]
+        record = LayerRecord(spec.name, spec.kind, spec.shape, config.method, "skipped", spec.fp32_bytes,
+                             spec.fp32_bytes, o.rel_error, o.seconds, o.reason, o.settings)
+        if o.weight is not None:
+            record.status, record.bytes_after = "compressed", o.weight.nbytes
+            compressed[spec.name] = o.weight
+            log.info("%s %s: rel. error %.4f, %d -> %d bytes, %.1f s", spec.name, spec.shape,
+                     o.rel_error, record.bytes_before, record.bytes_after, o.seconds)
+        else:
+            log.warning("%s: %s", spec.name, o.reason)
+        records.append(record)
     return compressed, records
