@@ -100,7 +100,7 @@ class CandidateGrid:
             out.append(baselines.fit_rtn(w, bits, None if group is None else self.rtn_group_size))
         if w.ndim >= 2 and min(w.shape[0], int(np.prod(w.shape[1:]))) > 1:
             ratios = _with(self.svd_ratios, budget_ratio)
-            usv = np.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
+            usv = baselines.matrix_svd(w.reshape(w.shape[0], -1))
             for bits in self.svd_factor_bits:
                 ranks = set()
                 for r in ratios:
