@@ -70,3 +70,6 @@ def _decode_riem(cw: CompressedWeight, t: dict[str, torch.Tensor]) -> torch.Tens
 
 
 DECODERS = {"riem": _decode_riem}
+
+# the baseline methods register their decoders on import
+from riem_compiler.passes import baselines  # noqa: E402,F401

