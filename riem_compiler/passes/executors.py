@@ -1,22 +1,241 @@
 """Where per-layer fits run. An executor maps a job function over argument tuples and yields
-results as they finish (any order); the pass only needs `map`."""
+results as they finish (any order); the pass only needs `map`.
+
+`LocalExecutor` runs jobs in-process, one after another. `RayExecutor` runs each job as a Ray
+task on an existing cluster (or a local one it starts), for models that outgrow one machine.
+
+Both accept `on_error(args, exc) -> result`: a job that raises (after Ray's retries) is turned
+into a result by it, so one bad layer does not sink the run. Without it the error propagates.
+"""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+import copy
+import logging
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from riem_compiler.errors import InputError
 
+log = logging.getLogger("riem_compiler.executors")
+
+OnError = Callable[[tuple, BaseException], Any]
+
+RAY_MISSING = ("executor='ray' needs Ray, which is an optional extra: "
+               "pip install 'riem-compiler[ray]' (or pip install ray)")
+
+
+class Executor(Protocol):
+    def map(self, fn: Callable, jobs: Iterable[tuple], on_error: OnError | None = None) -> Iterator: ...
+
+
+def _set_torch_threads(n: int | None) -> int | None:
+    """Set torch's intra-op threads; returns the previous count (None when n is None)."""
+    if n is None:
+        return None
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    return previous
+
 
 class LocalExecutor:
-    """In-process, one layer after another (the default)."""
+    """In-process, one layer after another (the default).
 
-    def map(self, fn: Callable, jobs: Iterable[tuple]) -> Iterator:
+    num_threads: torch threads while jobs run (restored afterwards); None keeps the current
+    setting. Results are bit-for-bit those of a RayExecutor whose tasks use as many CPUs.
+    """
+
+    def __init__(self, num_threads: int | None = None):
+        self.num_threads = num_threads
+
+    def map(self, fn: Callable, jobs: Iterable[tuple], on_error: OnError | None = None) -> Iterator:
+        previous = _set_torch_threads(self.num_threads)
+        try:
+            for args in jobs:
+                if on_error is None:
+                    yield fn(*args)
+                    continue
+                try:
+                    result = fn(*args)
+                except Exception as exc:  # one failed layer must not sink the run
+                    result = on_error(args, exc)
+                yield result
+        finally:
+            _set_torch_threads(previous)
+
+
+def _is_plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _run_task(fn: Callable, num_threads: int, *args):
+    """Body of every Ray task: pin torch's thread count (results depend on it), then run.
+
+    Arguments arrive resolved from the object store; numpy arrays in them are read-only views
+    of shared memory, which torch warns about although fitting never writes into them.
+    """
+    import warnings
+
+    _set_torch_threads(num_threads)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*non-writable.*")
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return fn(*args)
+
+
+class RayExecutor:
+    """Each job is a Ray task declaring `num_cpus` / `num_gpus`.
+
+    address: Ray cluster address ("auto", "ray://host:10001", ...); None joins the cluster named by
+        RAY_ADDRESS or starts a local one. If Ray is already initialised it is used as is.
+    num_cpus: CPUs per task; the task runs torch with that many threads.
+    num_gpus: GPUs per task (1 when fitting on "cuda"); Ray makes the assigned GPU "cuda".
+    max_retries: extra tries of a task that raised or whose worker died, before `on_error`.
+    max_in_flight: tasks submitted at once (default: twice the task slots of the cluster). Each
+        job's bulky arguments are put in the object store once when it is submitted (shared ones,
+        like the config, once per map) and released when it finishes, so the store holds only
+        the weights of running tasks and the driver keeps only small results.
+    init_kwargs: extra keyword arguments of `ray.init` (e.g. num_cpus for a local cluster).
+
+    Workers must be able to import riem_compiler (installed on the cluster, or a local cluster
+    started from the source checkout).
+    """
+
+    def __init__(self, address: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
+                 max_retries: int = 2, max_in_flight: int | None = None, init_kwargs: dict | None = None):
+        try:
+            import ray  # noqa: F401
+        except ImportError as exc:
+            raise InputError(RAY_MISSING) from exc
+        if num_cpus <= 0 and num_gpus <= 0:
+            raise InputError(f"a Ray task must ask for some CPU or GPU; got num_cpus={num_cpus}, num_gpus={num_gpus}")
+        if max_retries < 0:
+            raise InputError(f"max_retries must be >= 0; got {max_retries}")
+        self.address = address
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.max_retries = max_retries
+        self.max_in_flight = max_in_flight
+        self.init_kwargs = dict(init_kwargs or {})
+        self.started_ray = False
+
+    def _ensure_ray(self):
+        import ray
+
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, **self.init_kwargs}
+            log.info("connecting to Ray (address=%s)", self.address or "local / RAY_ADDRESS")
+            ray.init(address=self.address, **kwargs)
+            self.started_ray = True
+        return ray
+
+    def _slots(self, ray) -> int:
+        resources = ray.cluster_resources()
+        slots = []
+        if self.num_cpus > 0:
+            slots.append(resources.get("CPU", 0) // self.num_cpus)
+        if self.num_gpus > 0:
+            slots.append(resources.get("GPU", 0) // self.num_gpus)
+        n = int(min(slots)) if slots else 0
+        if n < 1:
+            raise InputError(f"the Ray cluster ({resources}) cannot run a task that needs "
+                             f"num_cpus={self.num_cpus}, num_gpus={self.num_gpus}")
+        return n
+
+    def map(self, fn: Callable, jobs: Iterable[tuple], on_error: OnError | None = None) -> Iterator:
+        ray = self._ensure_ray()
+        task = ray.remote(_run_task).options(
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries,
+            retry_exceptions=True)
+        threads = max(1, int(self.num_cpus))
+        window = self.max_in_flight or 2 * self._slots(ray)
+        fn_ref = ray.put(fn)
+        jobs = list(jobs)
+        uses: dict[int, int] = {}  # id(arg) -> jobs not yet finished that take it
         for args in jobs:
-            yield fn(*args)
+            for value in args:
+                if not _is_plain(value):
+                    uses[id(value)] = uses.get(id(value), 0) + 1
+        stored: dict[int, Any] = {}  # id(arg) -> its object ref, while some job still needs it
+        pending: dict[Any, tuple] = {}  # task ref -> job args
+        queue = iter(jobs)
+
+        def put(value):
+            if _is_plain(value):
+                return value
+            if id(value) not in stored:
+                stored[id(value)] = ray.put(value)
+            return stored[id(value)]
+
+        def release(args):
+            for value in args:
+                if not _is_plain(value):
+                    uses[id(value)] -= 1
+                    if uses[id(value)] == 0:
+                        stored.pop(id(value), None)
+
+        def submit() -> bool:
+            args = next(queue, None)
+            if args is None:
+                return False
+            pending[task.remote(fn_ref, threads, *[put(a) for a in args])] = args
+            return True
+
+        try:
+            while len(pending) < window and submit():
+                pass
+            while pending:
+                [done], _ = ray.wait(list(pending), num_returns=1)
+                args = pending.pop(done)
+                try:
+                    # copy out of the object store: results are then ordinary writable arrays
+                    # and the store can drop them at once
+                    result = copy.deepcopy(ray.get(done))
+                except ray.exceptions.RayError as exc:  # raised every try, worker died, object lost
+                    if on_error is None:
+                        raise
+                    cause = exc.as_instanceof_cause() if isinstance(exc, ray.exceptions.RayTaskError) else exc
+                    result = on_error(args, TaskFailed(cause, self.max_retries + 1))
+                del done
+                release(args)
+                submit()
+                yield result
+        finally:
+            for ref in pending:  # interrupted (Ctrl-C, consumer stopped): stop what still runs
+                ray.cancel(ref, force=True)
+            pending.clear()
+            stored.clear()
+
+    def shutdown(self) -> None:
+        """Stop the local Ray instance if this executor started it."""
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
+            self.started_ray = False
 
 
-def make_executor(config) -> LocalExecutor:
+class TaskFailed(RuntimeError):
+    """A Ray task that failed on every try; its message keeps the worker's error short."""
+
+    def __init__(self, cause: BaseException, tries: int):
+        first_line = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        super().__init__(f"failed {tries} time(s) on Ray workers: {first_line}")
+        self.cause = cause
+        self.tries = tries
+
+
+def make_executor(config, **options) -> Executor:
+    """The executor `config.executor` names. `options` go to its constructor
+    (e.g. num_threads for local; num_cpus, max_retries, init_kwargs for ray)."""
     name = getattr(config, "executor", "local")
     if name == "local":
-        return LocalExecutor()
-    raise InputError(f"unknown executor {name!r}; use 'local'")
+        return LocalExecutor(**options)
+    if name == "ray":
+        device = str(getattr(config, "device", "cpu"))
+        if device.startswith("cuda:"):
+            raise InputError(f"with executor='ray' use device='cuda', not {device!r}: "
+                             "Ray gives each task its own GPU")
+        options.setdefault("num_gpus", 1 if device == "cuda" else 0)
+        return RayExecutor(address=getattr(config, "ray_address", None), **options)
+    raise InputError(f"unknown executor {name!r}; use 'local' or 'ray'")
