@@ -20,11 +20,16 @@ Design (decided here, documented for the lead):
     RieMWeight(a_codes, a_scale, a_offset, b_codes, b_scale, b_offset, U, beta, v, c)
         <shape, rows, cols, bits>    bit-packed neuron states (state_bits < 32)
     RieMMatrix(a, b, U, beta, v, c) <shape>   float32 states; also the core of RieMWeight
-    RieMStates(codes, scale, offset) <rows, bits>, UnpackBits(packed, count) <bits>   helpers
+    RieMStates(codes, scale, offset) <rows, bits>, UnpackBits(packed, count) <bits>,
+    RieMBranch(a, bt, U, beta, v_row) <k, branches>   helpers
     SVDWeight / SVDWeightInt8, RTNWeight / RTNWeightGrouped, TuckerWeight   baselines
-  RieMMatrix lays the K branches side by side: A (rows, 1, K*m) + B (1, cols, K*m), one Sigmoid,
-  then a MatMul with v tiled K times (= sum_k sigmoid(A_k + B_k) @ v); the roll of b is a Gather
-  with index (d + s_k) mod q computed in the body.
+  RieMMatrix sums six RieMBranch calls (K = 6 unrolled; other K is refused at export). Each branch
+  builds one (rows, m, cols) tensor: Sigmoid(A_k[:, :, None] + B_k^T[None, :, :]), then a batched
+  (1, m) x (m, cols) MatMul with v; the roll of b is a Gather on U_k's columns (small). An
+  earlier body concatenated the branches into (rows, cols, K*m) and used a MatMul with a 1-D v,
+  which onnxruntime runs slowly: opening a compressed MiniLM took ~20 s (see
+  benchmarks/results/onnx_size_latency.md). UnpackBits reads each code from three gathered bytes
+  (int64 per code, no per-bit matrix).
 - onnxruntime with default options folds each decoder into a constant at session creation
   (steady-state latency = the dense model's); `materialize_onnx` writes plain standard-op ONNX.
 """
@@ -55,22 +60,29 @@ DOMAIN_VERSION = 1
 RIEM = Opset(DOMAIN, DOMAIN_VERSION)
 
 _F = 1  # TensorProto.FLOAT
+RIEM_BRANCHES = 6  # riem.K_BRANCHES; RieMMatrix sums this many RieMBranch calls
 
 
 @script(RIEM)
 def UnpackBits(packed: UINT8, count: INT64, bits: int) -> FLOAT:
-    """`count` codes of `bits` bits from a little-endian bit stream (riem.pack_codes)."""
+    """`count` codes of `bits` (1..16) bits from a little-endian bit stream (riem.pack_codes).
+
+    Code i starts at bit i*bits: it is read from the three bytes from byte (i*bits)//8 on, as
+    (b0 + 256 b1 + 65536 b2) // 2^((i*bits) % 8) mod 2^bits. Every tensor is one int64 per code
+    (no per-bit matrix; MatMul with a 1-D operand is slow in onnxruntime).
+    """
+    pow2 = op.Constant(value=np.array([1 << i for i in range(17)], dtype=np.int64))
     nbits = op.Constant(value_int=bits)
-    shifts = op.Constant(value=np.arange(8, dtype=np.uint8).reshape(1, 8))
-    byte_col = op.Reshape(packed, op.Constant(value_ints=[-1, 1]))
-    bit_matrix = op.BitShift(byte_col, shifts, direction="RIGHT")
-    stream = op.Reshape(op.Mod(bit_matrix, op.Constant(value=np.array(2, dtype=np.uint8))),
-                        op.Constant(value_ints=[-1]))
-    used = op.Slice(stream, op.Constant(value_ints=[0]), op.Mul(count, nbits))
-    per_code = op.Reshape(used, op.Concat(count, op.Reshape(nbits, op.Constant(value_ints=[1])), axis=0))
-    powers = op.Pow(op.Constant(value_float=2.0),
-                    op.Cast(op.Range(op.Constant(value_int=0), nbits, op.Constant(value_int=1)), to=_F))
-    return op.MatMul(op.Cast(per_code, to=_F), powers)
+    eight = op.Constant(value_int=8)
+    start = op.Range(op.Constant(value_int=0), op.Squeeze(count), op.Constant(value_int=1)) * nbits
+    first = op.Div(start, eight)
+    wide = op.Cast(op.Concat(packed, op.Constant(value=np.zeros(2, dtype=np.uint8)), axis=0), to=7)  # int64
+    second = first + op.Constant(value_int=1)
+    third = first + op.Constant(value_int=2)
+    word = (op.Gather(wide, first) + op.Gather(wide, second) * op.Constant(value_int=256)
+            + op.Gather(wide, third) * op.Constant(value_int=65536))
+    code = op.Mod(op.Div(word, op.Gather(pow2, op.Mod(start, eight))), op.Gather(pow2, nbits))
+    return op.Cast(code, to=_F)
 
 
 @script(RIEM)
@@ -83,28 +95,45 @@ def RieMStates(codes: UINT8, scale: FLOAT, offset: FLOAT, rows: int, bits: int) 
 
 
 @script(RIEM)
+def RieMBranch(a: FLOAT, bt: FLOAT, U: FLOAT, beta: FLOAT, v_row: FLOAT, k: int, branches: int) -> FLOAT:
+    """Branch k as (rows, 1, cols): v^T sigmoid(A_k[:, :, None] + B_k^T[None, :, :]) per row.
+
+    a (rows, q), bt (q, cols): states (b transposed); U (K, m, q), beta (K, m) float32; v_row (1, m).
+    The roll of b is moved onto U_k (small): (S^s b) U_k^T = b U'_k^T with U'_k[:, e] = U_k[:, (e-s) mod q].
+    Layout (rows, m, cols): the broadcast Add runs along cols, and the readout is a batched
+    (1, m) x (m, cols) MatMul straight from the Sigmoid output, so the only large tensors are the
+    Add and Sigmoid outputs, (rows, m, cols) each (these dominate onnxruntime's constant folding,
+    which copies every folded tensor).
+    """
+    index = op.Constant(value_int=k)
+    q = op.Gather(op.Shape(bt), op.Constant(value_int=0))
+    shift = op.Div(index * q, op.Constant(value_int=branches))  # s_k = floor(k q / K)
+    rolled = op.Mod(op.Range(op.Constant(value_int=0), q, op.Constant(value_int=1)) - shift + q, q)
+    Uk = op.Gather(U, index, axis=0)  # (m, q)
+    A = op.MatMul(a, op.Transpose(Uk, perm=[1, 0])) + op.Gather(beta, index, axis=0)  # (rows, m)
+    B = op.MatMul(op.Gather(Uk, rolled, axis=1), bt)  # (m, cols)
+    S = op.Sigmoid(op.Unsqueeze(A, op.Constant(value_ints=[2])) + op.Unsqueeze(B, op.Constant(value_ints=[0])))
+    return op.MatMul(v_row, S)
+
+
+@script(RIEM)
 def RieMMatrix(a: FLOAT, b: FLOAT, U, beta, v, c, shape: list[int]) -> FLOAT:
-    """W = c + sum_k sigmoid(a U_k^T + beta_k + (S^{s_k} b) U_k^T) @ v, reshaped to `shape`."""
+    """W = c + sum_k sigmoid(a U_k^T + beta_k + (S^{s_k} b) U_k^T) @ v, reshaped to `shape`.
+
+    The K = 6 branches (riem.K_BRANCHES) are six RieMBranch calls summed, so evaluation (and
+    onnxruntime's constant folding) never holds more than one (rows, m, cols) tensor per branch.
+    """
     Uf = op.Cast(U, to=_F)
-    K = op.Gather(op.Shape(Uf), op.Constant(value_ints=[0]))
-    q = op.Gather(op.Shape(b), op.Constant(value_ints=[1]))
-    zero = op.Constant(value_int=0)
-    one = op.Constant(value_int=1)
-    K0 = op.Squeeze(K)
-    q0 = op.Squeeze(q)
-    shifts = op.Div(op.Range(zero, K0, one) * q0, K0)  # s_k = floor(k q / K)
-    index = op.Mod(op.Unsqueeze(shifts, op.Constant(value_ints=[1]))
-                   + op.Unsqueeze(op.Range(zero, q0, one), op.Constant(value_ints=[0])), q)
-    Ut = op.Transpose(Uf, perm=[0, 2, 1])  # (K, q, m)
-    b_shifted = op.Transpose(op.Gather(b, index, axis=1), perm=[1, 0, 2])  # (K, cols, q)
-    B = op.Transpose(op.MatMul(b_shifted, Ut), perm=[1, 0, 2])  # (cols, K, m)
-    A = op.MatMul(a, Ut) + op.Unsqueeze(op.Cast(beta, to=_F), op.Constant(value_ints=[1]))
-    A = op.Transpose(A, perm=[1, 0, 2])  # (rows, K, m)
-    A2 = op.Unsqueeze(op.Reshape(A, op.Constant(value_ints=[0, -1])), op.Constant(value_ints=[1]))
-    B2 = op.Unsqueeze(op.Reshape(B, op.Constant(value_ints=[0, -1])), op.Constant(value_ints=[0]))
-    readout = op.Tile(op.Cast(v, to=_F), K)
-    W = op.MatMul(op.Sigmoid(A2 + B2), readout) + op.Cast(c, to=_F)
-    return op.Reshape(W, op.Constant(value_ints=shape))
+    betaf = op.Cast(beta, to=_F)
+    v_row = op.Unsqueeze(op.Cast(v, to=_F), op.Constant(value_ints=[0]))
+    bt = op.Transpose(b, perm=[1, 0])
+    W = op.Sum(RieMBranch(a, bt, Uf, betaf, v_row, k=0, branches=6),
+               RieMBranch(a, bt, Uf, betaf, v_row, k=1, branches=6),
+               RieMBranch(a, bt, Uf, betaf, v_row, k=2, branches=6),
+               RieMBranch(a, bt, Uf, betaf, v_row, k=3, branches=6),
+               RieMBranch(a, bt, Uf, betaf, v_row, k=4, branches=6),
+               RieMBranch(a, bt, Uf, betaf, v_row, k=5, branches=6))
+    return op.Reshape(W + op.Cast(c, to=_F), op.Constant(value_ints=shape))
 
 
 @script(RIEM)
@@ -145,16 +174,17 @@ def RTNWeight(codes: UINT8, scale, shape: list[int], rows: int, cols: int, bits:
 @script(RIEM)
 def RTNWeightGrouped(codes: UINT8, scale, shape: list[int], rows: int, cols: int, bits: int,
                      offset: float, group: int) -> FLOAT:
-    """(codes - offset) * scale[row, col // group]; the last group may be shorter."""
+    """(codes - offset) * scale[row, col // group]; the last group may be shorter.
+
+    The per-column scale comes from one Gather of scale's columns (no Expand/Reshape/Slice copies).
+    """
     n = op.Reshape(op.Constant(value_int=rows), op.Constant(value_ints=[1]))
     d = op.Reshape(op.Constant(value_int=cols), op.Constant(value_ints=[1]))
-    g = op.Reshape(op.Constant(value_int=group), op.Constant(value_ints=[1]))
     values = UnpackBits(codes, op.Mul(n, d), bits=bits) - op.Constant(value_float=offset)
     matrix = op.Reshape(values, op.Concat(n, d, axis=0))
-    s = op.Unsqueeze(op.Cast(scale, to=_F), op.Constant(value_ints=[2]))  # (rows, groups, 1)
-    s = op.Expand(s, op.Concat(op.Constant(value_ints=[1, 1]), g, axis=0))  # (rows, groups, group)
-    s = op.Slice(op.Reshape(s, op.Concat(n, op.Constant(value_ints=[-1]), axis=0)),
-                 op.Constant(value_ints=[0]), d, op.Constant(value_ints=[1]))
+    column_group = op.Div(op.Range(op.Constant(value_int=0), op.Constant(value_int=cols), op.Constant(value_int=1)),
+                          op.Constant(value_int=group))
+    s = op.Gather(op.Cast(scale, to=_F), column_group, axis=1)  # (rows, cols)
     return op.Reshape(matrix * s, op.Constant(value_ints=shape))
 
 
@@ -175,8 +205,8 @@ def TuckerWeight(out_factor, core, in_factor, shape: list[int]) -> FLOAT:
 
 # which functions each entry point calls (they must all be in model.functions)
 DEPENDENCIES = {
-    "RieMWeight": ("UnpackBits", "RieMStates", "RieMMatrix", "RieMWeight"),
-    "RieMMatrix": ("RieMMatrix",),
+    "RieMWeight": ("UnpackBits", "RieMStates", "RieMBranch", "RieMMatrix", "RieMWeight"),
+    "RieMMatrix": ("RieMBranch", "RieMMatrix"),
     "SVDWeight": ("SVDWeight",),
     "SVDWeightInt8": ("SVDWeightInt8",),
     "RTNWeight": ("UnpackBits", "RTNWeight"),
@@ -184,7 +214,7 @@ DEPENDENCIES = {
     "TuckerWeight": ("TuckerWeight",),
 }
 
-FUNCTIONS = {f.name: f for f in (UnpackBits, RieMStates, RieMMatrix, RieMWeight, SVDWeight, SVDWeightInt8,
+FUNCTIONS = {f.name: f for f in (UnpackBits, RieMStates, RieMBranch, RieMMatrix, RieMWeight, SVDWeight, SVDWeightInt8,
                                  RTNWeight, RTNWeightGrouped, TuckerWeight)}
 
 
@@ -211,6 +241,11 @@ def _riem_call(cw) -> DecoderCall:
     rows, cols = cw.matrix_shape
     shape = [int(s) for s in cw.shape]
     metric = ["U", "beta", "v", "c"]
+    branches = int(cw.meta.get("k_branches", cw.arrays["U"].shape[0]))
+    if branches != RIEM_BRANCHES or cw.arrays["U"].shape[0] != RIEM_BRANCHES:
+        from riem_compiler.errors import InputError
+        raise InputError(f"ONNX export of RieM weights needs {RIEM_BRANCHES} branches (the RieMMatrix body "
+                         f"unrolls them); this weight has {branches}: refit it with k_branches={RIEM_BRANCHES}")
     if cw.meta["state_bits"] == 32:
         return DecoderCall("RieMMatrix", ["a", "b", *metric], {"shape": shape})
     states = ["a_codes", "a_scale", "a_offset", "b_codes", "b_scale", "b_offset"]
