@@ -97,20 +97,27 @@ def fit_job(spec: LayerSpec, config: Config, index: int) -> FitOutcome:
 
 def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tuple[dict[str, CompressedWeight], list[LayerRecord]]:
     """Fit every spec (through `executor`, default in-process) and build the report records."""
+    from riem_compiler.fit_cache import auto_candidates, open_cache
+
+    cache = open_cache(config)
     if config.method == "auto":
         from riem_compiler.passes.auto import compress_auto
 
-        return compress_auto(specs, config)
+        return compress_auto(specs, config, auto_candidates(config, cache) if cache else None)
     from riem_compiler.passes.executors import make_executor
 
     executor = executor or make_executor(config)
     outcomes: dict[str, FitOutcome] = {}
     total = sum(s.weight.size for s in specs)
     sizes = {s.name: s.weight.size for s in specs}
-    with tqdm(total=total, unit="w", unit_scale=True, desc=f"fitting {config.method}",
-              disable=config.quiet or not specs, leave=False) as bar:
-        for outcome in executor.map(fit_job, [(spec, config, i) for i, spec in enumerate(specs)]):
+    jobs, keys = _cache_lookup(specs, config, cache, outcomes)
+    with tqdm(total=total, initial=sum(sizes[n] for n in outcomes), unit="w", unit_scale=True,
+              desc=f"fitting {config.method}", disable=config.quiet or not specs, leave=False) as bar:
+        for outcome in executor.map(fit_job, jobs):
             outcomes[outcome.name] = outcome
+            if cache is not None and outcome.weight is not None:
+                cache.put(keys[outcome.name], outcome.weight, outcome.rel_error, outcome.settings,
+                          outcome.seconds, outcome.name)
             bar.set_postfix_str(outcome.name, refresh=False)
             bar.update(sizes[outcome.name])
     compressed: dict[str, CompressedWeight] = {}
@@ -128,3 +135,25 @@ def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tup
             log.warning("%s: %s", spec.name, o.reason)
         records.append(record)
     return compressed, records
+
+
+def _cache_lookup(specs, config, cache, outcomes: dict) -> tuple[list[tuple], dict[str, str]]:
+    """Fill `outcomes` with cached fits; return the (spec, config, index) jobs still to run and
+    each spec's cache key."""
+    if cache is None:
+        return [(spec, config, i) for i, spec in enumerate(specs)], {}
+    from riem_compiler.fit_cache import layer_key
+
+    jobs, keys = [], {}
+    for i, spec in enumerate(specs):
+        t0 = time.perf_counter()
+        keys[spec.name] = layer_key(spec, config, i)
+        hit = cache.get(keys[spec.name])
+        if hit is None:
+            jobs.append((spec, config, i))
+            continue
+        outcomes[spec.name] = FitOutcome(spec.name, hit.weight, hit.rel_error, hit.settings,
+                                         time.perf_counter() - t0, f"from fit cache (fitted in {hit.seconds:.1f} s)")
+    if outcomes:
+        log.info("fit cache %s: %d of %d layers found", cache.root, len(outcomes), len(specs))
+    return jobs, keys

@@ -1,0 +1,662 @@
+"""`riem-compile`: compress a model file from the command line and write deployable artifacts.
+
+    riem-compile model.onnx -o out/                      # out/model.onnx, report.json, report.png
+    riem-compile prog.pt2 -o out/ --target tvm-llvm      # torch.export program -> TVM artifact
+    riem-compile w.safetensors --model-ref pkg.mod:build --input-shape 1,3,32,32 -o out/
+
+Everything is written to a hidden staging folder beside OUT first and moved into place only
+after it is complete and verified, so a failed or interrupted run never leaves a half-written
+model. Fitted layers are cached on disk (see fit_cache), so an interrupted run resumes.
+
+Exit codes: 0 done; 1 internal or compile error; 2 bad input or option; 3 output error above
+--max-error (nothing written); 4 cannot write the output; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_VERIFY, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+TARGETS = ("onnx", "tvm-llvm", "tvm-cuda")
+PROG = "riem-compile"
+# files the tool may put into OUT; moved last so a reader never sees a manifest without its data
+LAST_FILES = ("manifest.json", "model.onnx")
+
+log = logging.getLogger("riem_compiler.cli")
+
+
+class OutputError(Exception):
+    """The output location cannot be written."""
+
+
+class VerificationFailed(Exception):
+    """The compressed model misses --max-error (or could not be checked while one was set)."""
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def build_parser() -> argparse.ArgumentParser:
+    from riem_compiler import __version__
+    from riem_compiler.config import METHODS
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Data-free compression of Linear/Conv/MatMul weights (RieM and baselines); "
+                    "writes ONNX or a compiled TVM module.",
+        epilog="Exit codes: 0 ok, 1 compile/internal error, 2 bad input or option, 3 output error above "
+               "--max-error (nothing written), 4 output not writable, 130 interrupted. See docs/CLI.md.")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help=".onnx file, torch.export .pt2 program, or a weights file (.safetensors; .pt/.pth "
+                        "with --allow-pickle) for --model-ref")
+    p.add_argument("-o", "--output", metavar="OUT", help="output directory (created; files in it are replaced)")
+    p.add_argument("--target", choices=TARGETS, default="onnx", help="artifact to write (default: onnx)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+    g = p.add_argument_group("compression")
+    g.add_argument("--ratio", type=float, default=0.25,
+                   help="stored bytes per layer as a fraction of fp32 bytes; for auto the global budget (default 0.25)")
+    g.add_argument("--method", choices=METHODS, default="riem", help="compression method (default: riem)")
+    g.add_argument("--state-bits", type=int, default=8, help="RieM state bit width (default 8)")
+    g.add_argument("--metric-dtype", default="float16", help="RieM metric network dtype: float16|float32")
+    g.add_argument("--metric-units", type=int, default=16, metavar="M", help="RieM metric width m (default 16)")
+    g.add_argument("--steps", type=int, default=1000, help="RieM fitting steps per layer (default 1000)")
+    g.add_argument("--time-budget", type=float, default=60.0, metavar="S",
+                   help="RieM fitting seconds per layer at most (default 60)")
+    g.add_argument("--error-ceiling", type=float, default=1.0,
+                   help="keep a layer dense when its relative weight error is above this (default 1.0)")
+    g.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="leave layers whose name matches this glob dense (repeat the flag for more)")
+    g.add_argument("--ignore-type", action="append", default=[], metavar="KIND",
+                   help="leave layers of this kind dense: linear, matmul, conv1d, conv2d (repeatable)")
+    g.add_argument("--min-weight-size", type=int, default=1024, metavar="N",
+                   help="leave weights with fewer elements dense (default 1024)")
+    g.add_argument("--keep-first-last", action="store_true", help="leave the first and last layer dense")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--device", default="cpu", help="fitting device: cpu or cuda (default cpu)")
+
+    t = p.add_argument_group("PyTorch input")
+    t.add_argument("--model-ref", metavar="MODULE:FUNC",
+                   help="Python callable returning the nn.Module (module path or file.py), e.g. mypkg.models:build")
+    t.add_argument("--weights", metavar="FILE", help="weights for --model-ref (.safetensors; .pt/.pth with --allow-pickle)")
+    t.add_argument("--allow-pickle", action="store_true",
+                   help="allow .pt/.pth checkpoints (read with torch.load(weights_only=True))")
+    t.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
+                   help="example/verification input shape, e.g. 1,3,8,8 or input_ids=1,16:int64 (repeat per input)")
+
+    c = p.add_argument_group("cache")
+    c.add_argument("--cache-dir", metavar="DIR",
+                   help="fitted-layer cache (default $RIEM_CACHE_DIR or ~/.cache/riem_compiler/fits)")
+    c.add_argument("--no-cache", action="store_true", help="neither read nor write the fit cache")
+    c.add_argument("--clear-cache", action="store_true", help="empty the fit cache first (alone: just empty it)")
+
+    v = p.add_argument_group("verification and reports")
+    v.add_argument("--max-error", type=float, metavar="E",
+                   help="fail (exit 3, write nothing) when the output rel. error on generated inputs exceeds E")
+    v.add_argument("--no-verify", action="store_true", help="skip running original vs compressed model")
+    v.add_argument("--report", metavar="FILE", help="report JSON path (default OUT/report.json); the PNG goes beside it")
+    v.add_argument("--no-plot", action="store_true", help="do not draw report.png")
+
+    b = p.add_argument_group("TVM targets")
+    b.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials (0: default schedules)")
+    b.add_argument("--tvm-mode", choices=("decode-once", "fused"), default="decode-once",
+                   help="decode weights once at load (default) or reconstruct inside each call")
+    b.add_argument("--arch", default="sm_80", help="CUDA architecture for tvm-cuda (default sm_80)")
+
+    o = p.add_argument_group("output control")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no table; errors only")
+    o.add_argument("-v", "--verbose", action="store_true", help="log each layer and stage")
+    o.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    return p
+
+
+def _config_from_args(args):
+    from riem_compiler.config import Config
+    from riem_compiler.fit_cache import default_cache_dir
+
+    cache_dir = None if args.no_cache else str(Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir())
+    return Config(ratio=args.ratio, method=args.method, state_bits=args.state_bits, metric_dtype=args.metric_dtype,
+                  m=args.metric_units, steps=args.steps, time_budget_s=args.time_budget,
+                  error_ceiling=args.error_ceiling, seed=args.seed, device=args.device, ignore=tuple(args.ignore),
+                  ignore_types=tuple(args.ignore_type), min_weight_size=args.min_weight_size,
+                  keep_first_last=args.keep_first_last, quiet=args.quiet, cache_dir=cache_dir)
+
+
+# ----------------------------------------------------------------------------- loading
+
+@dataclass
+class Loaded:
+    """The model to compress, how to run the original, and the inputs to check it on."""
+
+    source: str  # "onnx" | "torch"
+    graph: object  # what optimize() gets
+    original: object  # onnx.ModelProto or nn.Module (unmodified)
+    description: str
+    input_bytes: int = 0
+    example_inputs: tuple | None = None  # torch
+    check_inputs: dict = field(default_factory=dict)  # name -> array/tensor (verification)
+
+
+def _input_error(msg: str):
+    from riem_compiler.errors import InputError
+
+    return InputError(msg)
+
+
+def load_model(args) -> Loaded:
+    from riem_compiler.verify import parse_input_shape
+
+    shapes = [parse_input_shape(s) for s in args.input_shape]
+    path = Path(args.model) if args.model else None
+    if path is not None and not path.exists():
+        raise _input_error(f"{path}: no such file")
+    if path is not None and path.is_dir():
+        raise _input_error(f"{path} is a directory; pass a model file (.onnx, .pt2) or a weights file")
+    suffix = path.suffix.lower() if path else ""
+    if args.model_ref:
+        if suffix in (".onnx", ".pt2"):
+            raise _input_error(f"{path} is a complete model ({suffix}); --model-ref is only for weight files")
+        if path is not None and args.weights:
+            raise _input_error("give the weights either as MODEL or with --weights, not both")
+        return _load_model_ref(args, path or (Path(args.weights) if args.weights else None), shapes)
+    if path is None:
+        raise _input_error("no model given: pass MODEL (.onnx or .pt2), or --model-ref MODULE:FUNC")
+    if suffix == ".onnx":
+        return _load_onnx(path, shapes, args.seed)
+    if suffix == ".pt2":
+        return _load_pt2(path, shapes, args.seed)
+    if suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        raise _input_error(f"{path} holds weights only; also pass --model-ref MODULE:FUNC (a callable that "
+                           "builds the nn.Module) and --input-shape")
+    raise _input_error(f"{path}: unknown model format {suffix or '(no suffix)'!r}; use .onnx, a torch.export "
+                       ".pt2 program, or weights (.safetensors) with --model-ref")
+
+
+def _load_onnx(path: Path, shapes, seed: int) -> Loaded:
+    from riem_compiler.frontend.onnx_frontend import load_onnx
+    from riem_compiler.verify import onnx_inputs
+
+    model = load_onnx(path)
+    data = path.with_name(path.name + ".data")
+    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    feeds = onnx_inputs(model, shapes, seed + 1)
+    return Loaded("onnx", model, model, f"ONNX {path.name}", size, None, feeds)
+
+
+def _load_pt2(path: Path, shapes, seed: int) -> Loaded:
+    import torch
+
+    from riem_compiler.verify import torch_inputs, torch_inputs_like
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise _input_error(f"{path}: cannot load as a torch.export program ({_first_line(exc)}); "
+                           "save one with torch.export.save(torch.export.export(model, inputs), path)") from None
+    args, kwargs = program.example_inputs or ((), {})
+    if kwargs:
+        raise _input_error(f"{path}: the program's example inputs use keyword arguments {sorted(kwargs)}; "
+                           "export it with positional inputs")
+    examples = torch_inputs(shapes, seed) if shapes else tuple(args)
+    if not examples:
+        raise _input_error(f"{path}: the program stores no example inputs; pass --input-shape")
+    check = torch_inputs_like(examples, seed + 1)
+    module = program.module()
+    _check_runs(module, examples, path.name)
+    return Loaded("torch", program, module, f"torch.export {path.name}", path.stat().st_size, tuple(examples),
+                  _named(check))
+
+
+def _load_model_ref(args, weights: Path | None, shapes) -> Loaded:
+    import torch
+
+    from riem_compiler.verify import torch_inputs
+
+    build = _resolve_ref(args.model_ref)
+    try:
+        model = build()
+    except Exception as exc:
+        raise _input_error(f"--model-ref {args.model_ref}: calling it failed: {type(exc).__name__}: "
+                           f"{_first_line(exc)}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise _input_error(f"--model-ref {args.model_ref} returned {type(model).__name__}, not a torch.nn.Module")
+    size = 0
+    if weights is not None:
+        state = _read_weights(weights, args.allow_pickle)
+        size = weights.stat().st_size
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise _input_error(f"{weights} does not fit the model from {args.model_ref}: "
+                               f"{' '.join(str(exc).split())[:400]}") from None
+    else:
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        log.warning("no --weights given: compressing the weights %s builds itself", args.model_ref)
+    model.eval()
+    if not shapes:
+        raise _input_error("--model-ref needs --input-shape (one per model input, e.g. --input-shape 1,3,32,32) "
+                           "to trace, export and verify the model")
+    if any(s.name for s in shapes):
+        log.info("input names in --input-shape are ignored for PyTorch models (inputs are positional)")
+    examples = torch_inputs(shapes, args.seed)
+    _check_runs(model, examples, args.model_ref)
+    check = torch_inputs(shapes, args.seed + 1)
+    return Loaded("torch", model, model, f"{args.model_ref}" + (f" + {weights.name}" if weights else ""), size,
+                  examples, _named(check))
+
+
+def _resolve_ref(ref: str):
+    """'pkg.module:function' or 'path/to/file.py:function' -> the callable."""
+    if ":" not in ref:
+        raise _input_error(f"--model-ref {ref!r}: expected MODULE:FUNCTION, e.g. mypkg.models:build")
+    target, _, func = ref.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            file = Path(target)
+            if not file.is_file():
+                raise _input_error(f"--model-ref {ref!r}: {file} not found")
+            spec = importlib.util.spec_from_file_location(f"_riem_model_ref_{file.stem}", file)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())  # like `python -m`: local modules are found
+            module = importlib.import_module(target)
+    except ImportError as exc:
+        raise _input_error(f"--model-ref {ref!r}: cannot import {target!r} ({_first_line(exc)})") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise _input_error(f"--model-ref {ref!r}: {target!r} has no callable {func!r}")
+    return fn
+
+
+def _read_weights(path: Path, allow_pickle: bool) -> dict:
+    import torch
+
+    if not path.is_file():
+        raise _input_error(f"{path}: no such weights file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise _input_error(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+    if suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        if not allow_pickle:
+            raise _input_error(f"{path} is a pickled checkpoint; unpickling can run code. Convert it to "
+                               ".safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)")
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise _input_error(f"{path}: torch.load(weights_only=True) refused or failed: {_first_line(exc)}") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise _input_error(f"{path}: expected a state_dict (name -> tensor), got {type(state).__name__}")
+        return state
+    raise _input_error(f"{path}: unknown weights format {suffix!r}; use .safetensors (or .pt/.pth with --allow-pickle)")
+
+
+def _check_runs(module, inputs, what: str) -> None:
+    """Run the original once so that a wrong --input-shape fails here, with a clear message."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(getattr(x, "shape", ()))) for x in inputs)
+        raise _input_error(f"{what} fails on inputs of shape {shapes}: {type(exc).__name__}: "
+                           f"{_first_line(exc)}; check --input-shape") from None
+
+
+def _named(inputs) -> dict:
+    return {f"input_{i}": x for i, x in enumerate(inputs)}
+
+
+# ----------------------------------------------------------------------------- output
+
+def prepare_output(out: Path) -> Path:
+    """Check OUT can be written (before any fitting) and make the staging folder beside it."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a directory; -o takes a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_dir() and not os.access(out, os.W_OK):
+            raise PermissionError(f"no write permission on {out}")
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        _public_mode(staging, directory=True)
+        return staging
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out}: {exc.strerror or exc}") from None
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move the finished files into OUT: the whole folder at once when OUT is new or empty,
+    else file by file (each an atomic rename), model/manifest last."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+        return
+    for item in sorted(staging.iterdir(), key=lambda p: (p.name in LAST_FILES, p.name)):
+        dest = out / item.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    staging.rmdir()
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_json_safe(data), f, indent=2, default=str)
+            f.write("\n")
+        _public_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+# ----------------------------------------------------------------------------- stages
+
+def write_artifact(res, loaded: Loaded, args, staging: Path, out: Path) -> Path:
+    """Write the target's files into staging; returns the main file/folder (inside staging)."""
+    if args.target == "onnx":
+        return res.export_onnx(staging / "model.onnx")
+    options = {}
+    previous_db = out / "tuning"
+    if (previous_db / "database_tuning_record.json").is_file():
+        options["tuning_db"] = str(previous_db)  # reuse an earlier tuning run of the same OUT
+    return res.build_tvm(staging, target=args.target.split("-", 1)[1], tune_trials=args.tune_trials,
+                         mode=args.tvm_mode, arch=args.arch, **options)
+
+
+def verify_artifact(res, loaded: Loaded, args, staging: Path):
+    """Run original and compressed model on generated inputs; the compressed model is the
+    written artifact itself where this machine can run it."""
+    from riem_compiler.verify import Verification, run_check, verify_onnx
+
+    if not loaded.check_inputs:
+        return Verification("skipped", note="no inputs to generate")
+    if loaded.source == "onnx":
+        return verify_onnx(loaded.original, staging / "model.onnx", loaded.check_inputs, _ort_device(args))
+    if args.target == "onnx":
+        from riem_compiler.codegen.onnx_export import OnnxRuntimeModel
+
+        return run_check(loaded.original, OnnxRuntimeModel(staging / "model.onnx", device=_ort_device(args)),
+                         loaded.check_inputs, "onnx file")
+    if args.target == "tvm-llvm" or _cuda_available():
+        from riem_compiler.codegen.tvm_runtime import load_tvm
+
+        device = "cuda" if args.target == "tvm-cuda" else "cpu"
+        return run_check(loaded.original, load_tvm(staging, device=device), loaded.check_inputs, "tvm artifact")
+    v = run_check(loaded.original, res.model, loaded.check_inputs, "compressed torch model")
+    v.note = "; ".join(filter(None, ["no CUDA device here: checked the compressed torch model, not the CUDA artifact", v.note]))
+    return v
+
+
+def _ort_device(args) -> str:
+    return "cuda" if str(args.device).startswith("cuda") else "cpu"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(args, parser) -> int:
+    from riem_compiler import __version__
+    from riem_compiler.api import optimize
+    from riem_compiler.fit_cache import FitCache
+    from riem_compiler.verify import Verification
+
+    t_start = time.perf_counter()
+    config = _config_from_args(args)
+    if args.clear_cache:
+        if config.cache_dir is None:
+            raise _input_error("--clear-cache with --no-cache: nothing to clear")
+        n = FitCache(config.cache_dir).clear()
+        _say(args, f"cleared {n} cached fits from {config.cache_dir}")
+        if not args.model and not args.model_ref:
+            return EXIT_OK
+    if not args.output:
+        parser.error("the output directory is required: -o OUT")
+    if args.max_error is not None and args.no_verify:
+        raise _input_error("--max-error needs verification; drop --no-verify")
+    if args.max_error is not None and not args.max_error > 0:
+        raise _input_error(f"--max-error must be positive; got {args.max_error}")
+    out = Path(args.output)
+    report_path = Path(args.report) if args.report else None
+    if report_path is not None:
+        if report_path.is_dir():
+            raise OutputError(f"--report {report_path} is a directory; give a file name like report.json")
+        if not os.access(report_path.parent if report_path.parent.exists() else Path("."), os.W_OK):
+            raise OutputError(f"cannot write the report to {report_path}: no write permission")
+
+    loaded = load_model(args)
+    if loaded.source == "onnx" and args.target != "onnx":
+        raise _input_error(f"--target {args.target} needs a PyTorch model (.pt2 or --model-ref); "
+                           "ONNX input supports --target onnx")
+    staging = prepare_output(out)
+    try:
+        timings = {"load": time.perf_counter() - t_start}
+        t0 = time.perf_counter()
+        res = optimize(loaded.graph, loaded.example_inputs, config=config)
+        timings["compress"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            write_artifact(res, loaded, args, staging, out)
+        except OSError as exc:
+            raise OutputError(f"cannot write the artifact ({exc.strerror or exc})") from None
+        timings["write"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if args.no_verify:
+            verification = Verification("skipped", note="--no-verify")
+        else:
+            try:
+                verification = verify_artifact(res, loaded, args, staging)
+            except Exception as exc:
+                if args.debug:
+                    traceback.print_exc()
+                verification = Verification("skipped", note=f"could not run the models: {type(exc).__name__}: "
+                                                            f"{_first_line(exc)}")
+        timings["verify"] = time.perf_counter() - t0
+        if verification.status == "ok":
+            res.report.output_error = verification.rel_error
+        else:
+            log.warning("%s", verification.summary())
+
+        failed = None
+        if args.max_error is not None:
+            if verification.status != "ok":
+                failed = f"--max-error {args.max_error:g} set but the output could not be verified: {verification.note}"
+            elif not verification.rel_error <= args.max_error:
+                failed = (f"output rel. error {verification.rel_error:.4g} exceeds --max-error {args.max_error:g}; "
+                          "nothing written (raise --ratio, --steps or --time-budget, or --ignore sensitive layers)")
+        timings["total"] = time.perf_counter() - t_start
+        data = {"riem_compiler": __version__, "command": [PROG, *args._argv],
+                "input": {"model": args.model, "model_ref": args.model_ref, "weights": args.weights,
+                          "format": loaded.source, "description": loaded.description, "bytes": loaded.input_bytes},
+                "target": args.target, "output": str(out), "config": config.to_dict(),
+                **res.report.to_dict(), "verification": verification.to_dict(),
+                "cache": _cache_stats(res, config), "seconds": {k: round(v, 3) for k, v in timings.items()},
+                "status": "failed" if failed else "ok"}
+        if not args.quiet:
+            print(res.report)
+        if failed:
+            if report_path is not None:
+                _write_reports(data, res, report_path, args, f"{loaded.description} (FAILED --max-error)")
+            raise VerificationFailed(failed)
+        files = {p.name: _size(p) for p in sorted(staging.iterdir())}
+        data["files"] = files
+        json_path = report_path or staging / "report.json"
+        _write_reports(data, res, json_path, args, f"{loaded.description} -> {args.target}")
+        publish(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    if not args.quiet:
+        print(verification.summary())
+        main_file = "model.onnx" if args.target == "onnx" else "model.so + params.safetensors"
+        size = files.get("model.onnx", 0) + files.get("model.onnx.data", 0) if args.target == "onnx" else \
+            files.get("params.safetensors", 0)
+        print(f"wrote {out}/ ({main_file}: {_kib(size)}; input {_kib(loaded.input_bytes)}) "
+              f"in {timings['total']:.1f} s")
+    return EXIT_OK
+
+
+def _write_reports(data: dict, res, json_path: Path, args, title: str) -> None:
+    _write_json(json_path, data)
+    if args.no_plot:
+        return
+    try:
+        from riem_compiler.plots import save_report_png
+    except ImportError:
+        log.warning("matplotlib is not installed: no report.png (pip install matplotlib)")
+        return
+    save_report_png(res.report, json_path.with_suffix(".png"), title)
+
+
+def _cache_stats(res, config) -> dict:
+    cached = sum(1 for r in res.report.layers if r.reason.startswith("from fit cache"))
+    fitted = sum(1 for r in res.report.layers if r.status == "compressed") - cached
+    return {"dir": config.cache_dir, "layers_from_cache": cached, "layers_fitted": fitted}
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _say(args, text: str) -> None:
+    if not args.quiet:
+        print(text)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def _setup_logging(args):
+    """Send the package's log records to stderr at the chosen level; returns an undo function
+    (main() is also called in-process, e.g. by tests, and must leave logging as it found it)."""
+    level = logging.ERROR if args.quiet else logging.DEBUG if args.debug else logging.INFO if args.verbose \
+        else logging.WARNING
+    logger = logging.getLogger("riem_compiler")
+    saved = (logger.level, logger.propagate)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    # torch's exporter logs notes like "torchvision is not installed" at WARNING: only with -v
+    torch_logger = logging.getLogger("torch")
+    torch_saved = torch_logger.level
+    if not (args.verbose or args.debug):
+        torch_logger.setLevel(logging.ERROR)
+
+    def undo():
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        torch_logger.setLevel(torch_saved)
+
+    return undo
+
+
+def _error(code: int, message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    """Console entry point (`riem-compile`, `python -m riem_compiler`); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
+    undo_logging = _setup_logging(args)
+    try:
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.simplefilter("ignore")  # torch/onnx deprecation chatter is not the user's business
+            return _run_reporting_errors(args, parser)
+    finally:
+        undo_logging()
+
+
+def _run_reporting_errors(args, parser) -> int:
+    from riem_compiler.errors import InputError, RiemError
+
+    try:
+        return run(args, parser)
+    except KeyboardInterrupt:
+        where = "" if args.no_cache else " (layers fitted so far are cached: run the same command to resume)"
+        return _error(EXIT_INTERRUPTED, f"interrupted; nothing written{where}")
+    except InputError as exc:
+        return _report_exc(args, EXIT_INPUT, str(exc))
+    except VerificationFailed as exc:
+        return _report_exc(args, EXIT_VERIFY, str(exc))
+    except OutputError as exc:
+        return _report_exc(args, EXIT_OUTPUT, str(exc))
+    except RiemError as exc:
+        return _report_exc(args, EXIT_ERROR, str(exc))
+    except MemoryError:
+        return _report_exc(args, EXIT_ERROR, "out of memory; try a smaller model, --device cpu or --method rtn")
+    except Exception as exc:  # anything else is a bug or an unsupported model: one line unless --debug
+        return _report_exc(args, EXIT_ERROR, f"{type(exc).__name__}: {_first_line(exc)} "
+                                             "(rerun with --debug for the traceback)")
+
+
+def _report_exc(args, code: int, message: str) -> int:
+    if args.debug:
+        traceback.print_exc()
+    return _error(code, message)
+
+
+
+def _public_mode(path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create owner-only entries; give them the usual umask-based mode."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
