@@ -246,3 +246,68 @@ def test_torch_result_exports_same_onnx_form(tmp_path):
     for name, cw in res.compressed.items():
         for key, arr in cw.arrays.items():
             np.testing.assert_array_equal(back[name].arrays[key], arr)
+
+
+def _unpack_model(packed: np.ndarray, count: int, bits: int) -> onnx.ModelProto:
+    from riem_compiler.codegen.onnx_export import function_protos
+
+    node = helper.make_node("UnpackBits", ["packed", "count"], ["codes"], domain=DOMAIN, bits=bits)
+    graph = helper.make_graph([node], "unpack", [], [helper.make_tensor_value_info("codes", TensorProto.FLOAT, [count])],
+                              [numpy_helper.from_array(packed, "packed"),
+                               numpy_helper.from_array(np.array([count], dtype=np.int64), "count")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(DOMAIN, 1)],
+                              ir_version=8, functions=function_protos(["UnpackBits"], 13))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("bits", list(range(1, 17)))
+def test_unpack_bits_matches_numpy(bits):
+    count = 37  # not a multiple of 8: the last code ends inside a byte, and the stream has padding bits
+    codes = np.random.default_rng(bits).integers(0, 2 ** bits, count)
+    codes[:2] = [0, 2 ** bits - 1]
+    packed = riem.pack_codes(codes, bits)
+    model = _unpack_model(packed, count, bits)
+    for opt_off in (False, True):
+        np.testing.assert_array_equal(run(model, {}, opt_off)[0], codes.astype(np.float32))
+
+
+def _largest_output_bytes(model: onnx.ModelProto, feeds: dict) -> int:
+    """Largest tensor any node writes when onnxruntime runs the decoders node by node (profiler)."""
+    import json
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.enable_profiling = True
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess.run(None, feeds)
+    with open(sess.end_profiling()) as f:
+        events = json.load(f)
+    return max(int(e["args"]["output_size"]) for e in events if e.get("cat") == "Node" and "output_size" in e.get("args", {}))
+
+
+def test_riem_decoder_peak_tensor_is_one_branch():
+    """The decoder never holds more than one (rows, m, cols) float32 tensor: the branches are
+    summed one by one (a (rows, cols, 6m) tensor made onnxruntime slow to open big models)."""
+    rows, cols, m = 96, 64, 8
+    node = helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)
+    model = make_model([node], [vi("x", (2, cols))], [vi("y", (2, rows))], {"W": rand((rows, cols))})
+    specs, _ = find_onnx_layers(model, ALL)
+    comp = {"W": random_riem((rows, cols), q=10, m=m)}
+    new = rewrite_onnx(model, specs, comp)
+    feeds = {"x": rand((2, cols), 3)}
+    assert_runs_like_materialised(new, feeds)
+    assert _largest_output_bytes(new, feeds) == rows * m * cols * 4
+
+
+def test_riem_export_needs_six_branches():
+    from riem_compiler.codegen.onnx_export import RIEM_BRANCHES
+
+    assert RIEM_BRANCHES == riem.K_BRANCHES
+    model, _ = gemm_model()
+    specs, _ = find_onnx_layers(model, ALL)
+    cw = random_riem(specs[0].shape)
+    arrays = {**cw.arrays, "U": cw.arrays["U"][:4], "beta": cw.arrays["beta"][:4]}
+    bad = CompressedWeight("riem", cw.shape, {**cw.meta, "k_branches": 4}, arrays)
+    with pytest.raises(rc.InputError, match="needs 6 branches"):
+        rewrite_onnx(model, specs, {specs[0].name: bad})

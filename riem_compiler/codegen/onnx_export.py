@@ -205,6 +205,7 @@ def TuckerWeight(out_factor, core, in_factor, shape: list[int]) -> FLOAT:
 
 # which functions each entry point calls (they must all be in model.functions)
 DEPENDENCIES = {
+    "UnpackBits": ("UnpackBits",),
     "RieMWeight": ("UnpackBits", "RieMStates", "RieMBranch", "RieMMatrix", "RieMWeight"),
     "RieMMatrix": ("RieMBranch", "RieMMatrix"),
     "SVDWeight": ("SVDWeight",),
