@@ -108,7 +108,14 @@ def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
         report.output_error = torch_output_error(model, new_model, example_inputs)
     if not compressed:
         log.warning("no layer was compressed; the model is returned unchanged (see the report)")
-    return Result(new_model, report, compressed, det.layers, cfg, "torch", example_inputs, model)
+    result = Result(new_model, report, compressed, det.layers, cfg, "torch", example_inputs, model)
+    if cfg.refine and compressed:
+        from riem_compiler.passes.refine import RefineSettings, refine_result
+
+        if example_inputs is None:
+            raise InputError("refine=True needs example_inputs (their shapes seed the synthetic inputs)")
+        refine_result(result, RefineSettings(steps=cfg.refine_steps, seed=cfg.seed))
+    return result
 
 
 def torch_output_error(reference, candidate, inputs) -> float:

@@ -40,6 +40,8 @@ class Config:
     executor: str = "local"  # "local" (in-process) or "ray"
     ray_address: str | None = None  # Ray cluster address; None starts/joins a local one
     cache_dir: str | None = None  # fitted-layer cache (resumable runs); None disables it
+    refine: bool = False  # data-free refinement toward the original's outputs (torch, needs example_inputs)
+    refine_steps: int = 200
 
     def __post_init__(self):
         self.ignore = tuple(self.ignore)
@@ -55,7 +57,7 @@ class Config:
             raise InputError(f"state_bits must be one of {riem.STATE_BITS}; got {self.state_bits!r}")
         if self.metric_dtype not in riem.METRIC_DTYPES:
             raise InputError(f"metric_dtype must be one of {riem.METRIC_DTYPES}; got {self.metric_dtype!r}")
-        for name in ("m", "k_branches", "steps"):
+        for name in ("m", "k_branches", "steps", "refine_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer; got {value!r}")

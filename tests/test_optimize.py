@@ -161,3 +161,8 @@ def test_nan_weight_and_error_ceiling_leave_layers_unchanged():
     assert not strict.compressed
     assert all("error_ceiling" in r.reason for r in strict.report)
     assert strict.model is not None and all(isinstance(m, torch.nn.Linear) for m in (strict.model.fc1, strict.model.fc3))
+
+
+def test_refine_option_needs_example_inputs():
+    with pytest.raises(rc.InputError, match="example_inputs"):
+        rc.optimize(structured(MLP()), ratio=0.5, refine=True, quiet=True, **FAST)
