@@ -95,6 +95,13 @@ def fit_job(spec: LayerSpec, config: Config, index: int) -> FitOutcome:
     return FitOutcome(spec.name, cw, err, settings, seconds)
 
 
+def fit_failed(args: tuple, exc: BaseException) -> FitOutcome:
+    """The outcome of a fit_job that raised (on a worker, after its retries): that layer
+    alone stays dense and the report says why."""
+    spec = args[0]
+    return FitOutcome(spec.name, None, None, {}, 0.0, f"fit failed ({type(exc).__name__}: {exc}); left unchanged")
+
+
 def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tuple[dict[str, CompressedWeight], list[LayerRecord]]:
     """Fit every spec (through `executor`, default in-process) and build the report records."""
     from riem_compiler.fit_cache import auto_candidates, open_cache
@@ -113,7 +120,7 @@ def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tup
     jobs, keys = _cache_lookup(specs, config, cache, outcomes)
     with tqdm(total=total, initial=sum(sizes[n] for n in outcomes), unit="w", unit_scale=True,
               desc=f"fitting {config.method}", disable=config.quiet or not specs, leave=False) as bar:
-        for outcome in executor.map(fit_job, jobs):
+        for outcome in executor.map(fit_job, jobs, on_error=fit_failed):
             outcomes[outcome.name] = outcome
             if cache is not None and outcome.weight is not None:
                 cache.put(keys[outcome.name], outcome.weight, outcome.rel_error, outcome.settings,
