@@ -462,8 +462,14 @@ def run(args, parser) -> int:
     if report_path is not None:
         if report_path.is_dir():
             raise OutputError(f"--report {report_path} is a directory; give a file name like report.json")
-        if not os.access(report_path.parent if report_path.parent.exists() else Path("."), os.W_OK):
+        try:
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot write the report to {report_path}: {exc.strerror or exc}") from None
+        if not os.access(report_path.parent, os.W_OK):
             raise OutputError(f"cannot write the report to {report_path}: no write permission")
+    if str(config.device).startswith("cuda") and not _cuda_available():
+        raise _input_error(f"--device {config.device}: no CUDA device is visible here; use --device cpu")
 
     loaded = load_model(args)
     if loaded.source == "onnx" and args.target != "onnx":
