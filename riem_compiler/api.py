@@ -110,10 +110,10 @@ def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
         log.warning("no layer was compressed; the model is returned unchanged (see the report)")
     result = Result(new_model, report, compressed, det.layers, cfg, "torch", example_inputs, model)
     if cfg.refine and compressed:
-        from riem_compiler.passes.refine import RefineSettings, refine_result
-
         if example_inputs is None:
             raise InputError("refine=True needs example_inputs (their shapes seed the synthetic inputs)")
+        from riem_compiler.passes.refine import RefineSettings, refine_result
+
         refine_result(result, RefineSettings(steps=cfg.refine_steps, seed=cfg.seed))
     return result
 
@@ -190,6 +190,9 @@ def _atomic(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: no half-written outputs."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; artifacts are ordinary files
     try:
         write(Path(tmp))
         os.replace(tmp, path)

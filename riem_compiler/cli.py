@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-first-last", action="store_true", help="leave the first and last layer dense")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--device", default="cpu", help="fitting device: cpu or cuda (default cpu)")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="run layer fits in-process (local) or as Ray tasks (needs riem-compiler[ray])")
+    g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
 
     t = p.add_argument_group("PyTorch input")
     t.add_argument("--model-ref", metavar="MODULE:FUNC",
@@ -131,7 +134,8 @@ def _config_from_args(args):
                   m=args.metric_units, steps=args.steps, time_budget_s=args.time_budget,
                   error_ceiling=args.error_ceiling, seed=args.seed, device=args.device, ignore=tuple(args.ignore),
                   ignore_types=tuple(args.ignore_type), min_weight_size=args.min_weight_size,
-                  keep_first_last=args.keep_first_last, quiet=args.quiet, cache_dir=cache_dir)
+                  keep_first_last=args.keep_first_last, quiet=args.quiet, cache_dir=cache_dir,
+                  executor=args.executor, ray_address=args.ray_address)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -236,3 +236,12 @@ def test_tvm_llvm_target_is_verified_on_the_artifact(tmp_path):
     assert report["verification"]["checked"] == "tvm artifact"
     assert report["verification"]["rel_error"] == pytest.approx(report["totals"]["output_error"])
     assert report["totals"]["compressed"] == 2
+
+
+def test_executor_flags_reach_the_config():
+    from riem_compiler.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["m.onnx", "-o", "out", "--executor", "ray", "--ray-address", "auto", "--no-cache"])
+    cfg = _config_from_args(args)
+    assert (cfg.executor, cfg.ray_address) == ("ray", "auto")
+    assert _config_from_args(build_parser().parse_args(["m.onnx", "--no-cache"])).executor == "local"
