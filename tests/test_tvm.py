@@ -212,3 +212,105 @@ def test_metaschedule_tuning_and_database_reuse(small_result, tmp_path):
     again = build_tvm(small_result, tmp_path / "reuse", target="llvm", tuning_db=str(out / "tuning"))
     assert json.loads((again / "manifest.json").read_text())["files"]["tuning"] == "tuning"
     np.testing.assert_allclose(load_tvm(again)(x.numpy()), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# ----------------------------------------------------------------------------- default CPU schedules
+
+def _compile_run(func, arrays, out_shape):
+    lib = tvm.compile(func, target=make_target(TvmBuildOptions(num_cores=1)))
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+    lib["main"](*args, out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("m,k,n", [(32, 48, 64), (5, 24, 40), (1, 16, 12)])
+def test_matmul_schedule_matches_numpy(m, k, n):
+    from tvm import te
+
+    from riem_compiler.codegen import tvm_schedules as ts
+
+    x = te.placeholder((m, k), "float32", name="x")
+    w = te.placeholder((k, n), "float32", name="w")
+    b = te.placeholder((n,), "float32", name="b")
+    r = te.reduce_axis((0, k), name="k")
+    mm = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="matmul")
+    y = te.compute((m, n), lambda i, j: te.max(mm[i, j] + b[j], 0.0), name="bias_relu")
+    func = te.create_prim_func([x, w, b, y])
+    sched = ts.schedule_func(func)
+    assert sched is not None and sched.attrs["tir.is_scheduled"]
+    with pytest.raises(Exception):  # epilogue fused into the accumulator write-back: no own block
+        tvm.s_tir.Schedule(sched).get_sblock("bias_relu")
+    g = np.random.default_rng(0)
+    xs, ws, bs = (g.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,)))
+    got = _compile_run(sched, [xs, ws, bs], (m, n))
+    np.testing.assert_allclose(got, np.maximum(xs @ ws + bs, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin,cout,groups,size", [(3, 8, 1, 9), (8, 8, 8, 8), (16, 32, 4, 4)])
+def test_conv_schedule_matches_torch(cin, cout, groups, size):
+    from tvm import te, topi
+
+    from riem_compiler.codegen import tvm_schedules as ts
+
+    data = te.placeholder((1, cin, size, size), "float32", name="data")
+    kernel = te.placeholder((cout, cin // groups, 3, 3), "float32", name="kernel")
+    if groups == 1:
+        conv = topi.nn.conv2d_nchw(data, kernel, 1, 1, 1)
+    else:
+        conv = topi.nn.group_conv2d_nchw(data, kernel, 1, 1, 1, groups)
+    out = topi.nn.relu(conv)
+    sched = ts.schedule_func(te.create_prim_func([data, kernel, out]))
+    assert sched is not None
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(1, cin, size, size, generator=g)
+    ks = torch.randn(cout, cin // groups, 3, 3, generator=g)
+    ref = torch.relu(torch.nn.functional.conv2d(xs, ks, padding=1, groups=groups)).numpy()
+    got = _compile_run(sched, [xs.numpy(), ks.numpy()], ref.shape)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unrecognised_function_is_left_alone():
+    """A reduction that is neither matmul nor conv gets no schedule from this module."""
+    from tvm import te
+
+    from riem_compiler.codegen import tvm_schedules as ts
+
+    x = te.placeholder((8, 16), "float32", name="x")
+    r = te.reduce_axis((0, 16), name="r")
+    s = te.compute((8,), lambda i: te.sum(x[i, r] * x[i, r], axis=r), name="sumsq")
+    assert ts.schedule_func(te.create_prim_func([x, s])) is None
+
+
+class GeluMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, 96)
+        self.fc2 = torch.nn.Linear(96, 48)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.fc1(x))
+        return torch.softmax(self.fc2(h), dim=-1) + h[..., :48]
+
+
+def test_default_build_lifts_transposes_and_matches_torch(tmp_path):
+    """Default CPU build: polynomial gelu/exp, lifted weight transposes, scheduled kernels."""
+    from riem_compiler.frontend.layers import LayerSpec
+    from riem_compiler.passes.rewrite_torch import apply_compressed
+
+    torch.manual_seed(0)
+    net = GeluMLP().eval()
+    specs = [LayerSpec("fc1.weight", "linear", net.fc1.weight.detach().numpy(), module="fc1")]
+    compressed = {"fc1.weight": random_riem((96, 64), q=8, bits=8, seed=3)}
+    model = apply_compressed(net, specs, compressed).eval()
+    res = _Result(model, compressed, (torch.randn(4, 64),), net)
+    x = res.example_inputs[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    outs = {}
+    for label, opts in (("default", {}), ("stock", {"cpu_schedules": False, "lift_params": False})):
+        out = build_tvm(res, tmp_path / label, target="llvm", **opts)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert (manifest["transform_params"] is not None) == (label == "default")
+        outs[label] = load_tvm(out)(x.numpy())
+        np.testing.assert_allclose(outs[label], ref, rtol=1e-5, atol=2e-5)

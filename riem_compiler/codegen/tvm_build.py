@@ -13,9 +13,14 @@ so every weight is a parameter of `main` and nothing is folded into the library.
   reconstructs W a tile of rows at a time; other compressed weights (conv) are reconstructed
   per call inside `main` into a transient buffer.
 
-Targets are JSON dicts (TVM 0.27). CPU: LLVM, MetaSchedule when tune_trials > 0 (database kept
-under the artifact's tuning/ folder and reused), otherwise default schedules (a hand schedule
-for the RieM kernels, dlight CPU rules where they apply). CUDA: dlight default GPU schedules;
+Targets are JSON dicts (TVM 0.27). CPU: LLVM; before legalization gelu/exp/softmax become their
+polynomial forms; in decode-once mode `LiftTransformParams` moves weight transposes into
+`main_transform_params`, which the runtime runs once at load (so matmuls read W^T in the NN
+layout); then default schedules that are good without tuning (tvm_schedules: register-tiled
+matmul and conv with fused epilogues, vectorised elementwise kernels; the RieM hand schedule;
+dlight CPU rules for the rest). MetaSchedule when tune_trials > 0, optionally on the
+`tune_tasks` heaviest per-call tasks only (database kept under tuning/ and reused); its records
+take precedence over the default schedules. CUDA: dlight default GPU schedules;
 the library embeds CUDA source and compiles on the GPU machine at load.
 """
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.codegen import tvm_kernels as tk
+from riem_compiler.codegen import tvm_schedules as ts
 
 log = logging.getLogger("riem_compiler.tvm_build")
 
@@ -46,6 +52,7 @@ PARAMS_NAME = "params.safetensors"
 MANIFEST_NAME = "manifest.json"
 TUNING_DIR = "tuning"
 CUDA_SOURCE_NAME = "cuda_source.cu"
+LIFTED_NAME = "main_transform_params"  # what relax.transform.LiftTransformParams names it
 
 
 @dataclass
@@ -60,6 +67,9 @@ class TvmBuildOptions:
     num_cores: int | None = None  # llvm: None = os.cpu_count()
     tuning_db: str | None = None  # existing MetaSchedule database dir to reuse
     max_trials_per_task: int | None = None
+    tune_tasks: int | None = None  # tune only the N heaviest tasks (by FLOPs); None = all
+    cpu_schedules: bool = True  # llvm: hand schedules for matmul/elementwise kernels (tvm_schedules)
+    lift_params: bool = True  # decode-once: weight layout changes (transposes) run once at load
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -79,6 +89,7 @@ class BuildInfo:
     seconds_total: float = 0.0
     seconds_tuning: float = 0.0
     tuned_tasks: int = 0
+    tuned_task_names: list[str] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)
 
 
@@ -288,14 +299,19 @@ def _safe(name: str) -> str:
 # ----------------------------------------------------------------------------- compile
 
 def _legalize_and_fuse(mod, target):
-    """LegalizeOps + fusion, without FoldConstant (it would bake reconstructed weights in)."""
+    """LegalizeOps + fusion, without FoldConstant (it would bake reconstructed weights in).
+    On CPU, gelu/exp/erf/softmax first become their polynomial (vectorisable) forms."""
     import tvm
     from tvm import relax
 
+    from riem_compiler.codegen import tvm_schedules as ts
+
+    cpu_math = [ts.fast_gelu, relax.transform.FastMathTransform()] if target.kind.name == "llvm" else []
     with target:
         seq = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
+            *cpu_math,
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FuseOps(),
@@ -306,7 +322,7 @@ def _legalize_and_fuse(mod, target):
 
 
 def _entry_functions(mod) -> list[str]:
-    return [n for n in ("main", "decode") if any(gv.name_hint == n for gv in mod.get_global_vars())]
+    return [n for n in ("main", "decode", LIFTED_NAME) if any(gv.name_hint == n for gv in mod.get_global_vars())]
 
 
 def _builder_fn():
@@ -324,20 +340,41 @@ def _builder_fn():
     return build
 
 
-def _tune(mod, target, db_dir: Path, trials: int, max_per_task: int | None, info: BuildInfo):
+def _tune(mod, target, db_dir: Path, trials: int, max_per_task: int | None, info: BuildInfo,
+          top_tasks: int | None = None):
+    """MetaSchedule over the module's tasks; with `top_tasks`, only the N heaviest ones by
+    estimated FLOPs x call count (each task costs worker start-up plus measurement here, ~40 s,
+    so a whole transformer is out of reach; the rest keep the default schedules)."""
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
 
     db_dir.mkdir(parents=True, exist_ok=True)
     builder = ms.builder.LocalBuilder(f_build=_builder_fn(), timeout_sec=120.0,
                                       max_workers=max(1, (os.cpu_count() or 2) // 2))
     t0 = time.perf_counter()
     tasks = ms.relax_integration.extract_tasks(mod, target)
-    info.tuned_tasks = len(tasks)
-    per_task = max_per_task or max(1, trials // max(1, len(tasks)))
-    log.info("MetaSchedule: %d tasks, %d trials total, %d per task", len(tasks), trials, per_task)
-    ms.relax_integration.tune_relax(
-        mod, params={}, target=target, work_dir=str(db_dir), max_trials_global=trials,
-        max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task), builder=builder, seed=0,
+
+    def cost(task) -> float:
+        try:
+            return float(estimate_tir_flops(task.dispatched[0])) * int(task.weight)
+        except Exception:  # noqa: BLE001 - no estimate: rank last
+            return 0.0
+
+    # the RieM decode kernels run once at load (decode-once): per-call latency comes from the rest
+    per_call = [t for t in tasks if not t.task_name.startswith("riem_decode")] if top_tasks else tasks
+    ranked = sorted(per_call, key=cost, reverse=True)
+    chosen = ranked[:top_tasks] if top_tasks else ranked
+    info.tuned_tasks = len(chosen)
+    info.tuned_task_names = [t.task_name for t in chosen]
+    per_task = max_per_task or max(1, trials // max(1, len(chosen)))
+    log.info("MetaSchedule: %d of %d tasks %s, %d trials total, %d per task", len(chosen), len(tasks),
+             info.tuned_task_names, trials, per_task)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted_tasks=chosen, work_dir=str(db_dir), seed=0)
+    ms.tune.tune_tasks(
+        tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=trials,
+        max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task), builder=builder,
+        runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1)),
     )
     info.seconds_tuning = time.perf_counter() - t0
 
@@ -451,8 +488,15 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
         shutil.copytree(opts.tuning_db, db_dir)
     use_ms = opts.tune_trials > 0 or (db_dir / "database_tuning_record.json").is_file()
 
+    lifted = None
     if opts.mode == "decode-once":
-        mod = _add_decode_function(imp.mod, riem_weights, schedule_cpu=False)
+        mod = imp.mod
+        if opts.lift_params:  # matmul(x, permute_dims(W)): the transpose moves to load time
+            from tvm import relax
+
+            mod = relax.transform.LiftTransformParams()(mod)
+            lifted = LIFTED_NAME if any(gv.name_hint == LIFTED_NAME for gv in mod.get_global_vars()) else None
+        mod = _add_decode_function(mod, riem_weights, schedule_cpu=False)
     else:
         mod = _make_fused_main(imp, riem_weights, "cuda" if tgt.kind.name == "cuda" else "llvm")
     mod = _legalize_and_fuse(mod, tgt)
@@ -462,11 +506,13 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
     if opts.tune_trials > 0:
         if tgt.kind.name == "cuda":
             log.warning("MetaSchedule for cuda needs a GPU to measure; tune on the GPU machine")
-        _tune(mod, tgt, db_dir, opts.tune_trials, opts.max_trials_per_task, info)
+        _tune(mod, tgt, db_dir, opts.tune_trials, opts.max_trials_per_task, info, opts.tune_tasks)
     if use_ms:
         mod = _apply_database(mod, tgt, db_dir)
-    if tgt.kind.name == "llvm":  # RieM kernels without a tuning record: hand schedule
+    if tgt.kind.name == "llvm":  # kernels without a tuning record: hand schedules
         mod = _schedule_decode_calls(mod)
+        if opts.cpu_schedules:
+            mod = ts.default_cpu_schedules(mod)
     mod = _default_schedules(mod, tgt)
     info.kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
     ex = _lower_and_compile(mod, tgt)
@@ -500,6 +546,7 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "mode": opts.mode,
+        "transform_params": lifted,
         "target": json.loads(json.dumps(_target_dict(tgt))),
         "device": "cuda" if tgt.kind.name == "cuda" else "cpu",
         "options": asdict(opts),

@@ -283,3 +283,36 @@ def _bind_fused_cuda(sch, io, b_loop, ii, w_blk, y_blk, threads: int = 128):
     yf = sch.fuse(b_loop, ii)
     _, yt = sch.split(yf, [None, threads])
     sch.bind(yt, "threadIdx.x")
+
+
+def scratch_bytes(func) -> int:
+    """Bytes a scheduled kernel allocates for its intermediates (after TVM compacts each buffer
+    to the region one iteration of its enclosing loop touches): what a call needs on top of its
+    arguments. For the fused kernel this is the per-call weight memory (projections + W tile)."""
+    import tvm
+    from tvm import s_tir
+
+    mod = tvm.IRModule({"main": func})
+    mod = tvm.transform.Sequential([
+        s_tir.transform.LowerInitBlock(),
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(),
+        s_tir.transform.CompactBufferAllocation(),
+    ])(mod)
+    total = 0
+    stack = [mod["main"].body]
+    while stack:  # walk the statement tree (TVM 0.27 has no Python TIR visitor)
+        node = stack.pop()
+        if node is None:
+            continue
+        for buf in getattr(node, "alloc_buffers", None) or []:
+            n = 1
+            for dim in buf.shape:
+                n *= int(dim)
+            total += n * tvm.runtime.DataType(buf.dtype).bits // 8
+        for attr in ("block", "body", "init", "then_case", "else_case"):
+            child = getattr(node, attr, None)
+            if child is not None and not isinstance(child, (int, float)):
+                stack.append(child)
+        stack.extend(getattr(node, "seq", None) or [])
+    return int(total)

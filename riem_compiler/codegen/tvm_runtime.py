@@ -1,7 +1,8 @@
 """Load a TVM artifact written by `build_tvm` as a callable model.
 
-Decode-once artifacts run their `decode` function once here, at load, and keep the dense
-weights on the device; each call then runs only `main`. Fused artifacts keep the compact
+Decode-once artifacts run their `decode` function once here, at load, then the lifted
+`main_transform_params` (weight transposes for the matmul kernels) when the manifest names it,
+and keep the resulting dense weights on the device; each call then runs only `main`. Fused artifacts keep the compact
 arrays and reconstruct inside `main`. Inputs may be numpy arrays or torch tensors; outputs come
 back as the same kind (torch in -> torch out), a single output unwrapped.
 """
@@ -51,6 +52,7 @@ class TvmModel:
         for entry in self.manifest["compressed"]:
             compact.extend(put(tensors[f"riem::{entry['name']}::{n}"]) for n in entry["arrays"])
         self.decode_seconds = 0.0
+        self.transform_seconds = 0.0
         decoded = []
         if self.manifest["mode"] == "decode-once" and self.manifest["compressed"]:
             t0 = time.perf_counter()
@@ -66,6 +68,12 @@ class TvmModel:
                 params.append(decoded[entry["index"]])
         if self.manifest["mode"] == "fused":
             params.extend(compact)
+        lifted = self.manifest.get("transform_params")
+        if lifted:  # weight layout changes (e.g. transposes for matmul), once, at load
+            t0 = time.perf_counter()
+            params = list(self.vm[lifted](params))
+            self.dev.sync()
+            self.transform_seconds = time.perf_counter() - t0
         self.params = params
         self.inputs = self.manifest["inputs"]
         log.info("loaded %s (%s, %s); decode %.1f ms", d, device, self.manifest["mode"], 1e3 * self.decode_seconds)
