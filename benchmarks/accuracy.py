@@ -1,0 +1,507 @@
+"""Task accuracy of compressed models vs stored bytes, for every method, on real models and data.
+
+Models and data (all offline):
+- digits_cnn, digits_resnet8: CNNs trained by benchmarks/models.py on scikit-learn's digits
+  (cached weights); metric: top-1 accuracy on the fixed 360-image test split.
+- minilm: all-MiniLM-L6-v2; metrics: Spearman of cosine similarity vs human scores on WordSim353
+  and SimLex-999, zero-shot polarity accuracy (pang_lee_polarity), and the mean cosine between
+  original and compressed sentence embeddings of the 200 polarity sentences.
+
+Methods at each budget (stored bytes / fp32 bytes of the compressible layers):
+riem (8-bit states), svd (16-bit factors), rtn, tucker2 (Tucker-2 on KxK convs, svd on the other
+layers), auto (method="auto"; its RieM candidates reuse this run's riem fits of the same weight and
+ratio instead of fitting them again; missing ones are fitted with the same settings), and
+X+refine for X in riem, svd, auto: X's model after data-free refinement (passes/refine.py).
+
+Writes benchmarks/results/accuracy.{md,json} and accuracy_<model>.png. Rows of models that were
+not run this time are kept from the previous JSON, so models can be run in separate invocations.
+
+    python benchmarks/accuracy.py --quick                      # what produced the committed numbers
+    python benchmarks/accuracy.py --models digits_cnn --budgets 0.25 0.125
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import riem_compiler as rc  # noqa: E402
+from benchmarks import models as bm  # noqa: E402
+from riem_compiler.api import Result  # noqa: E402
+from riem_compiler.config import Config  # noqa: E402
+from riem_compiler.passes import refine as refine_mod  # noqa: E402
+from riem_compiler.report import Report  # noqa: E402
+
+log = logging.getLogger("riem_compiler.benchmarks.accuracy")
+RESULTS = Path(__file__).resolve().parent / "results"
+BUDGETS = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+MODELS = ("digits_cnn", "digits_resnet8", "minilm")
+METHODS = ("svd", "rtn", "tucker2", "riem", "auto", "riem+refine", "svd+refine", "auto+refine")
+
+
+@dataclass
+class Mode:
+    """Everything that shapes the numbers; written into the results."""
+
+    name: str
+    budgets: dict  # model -> list of budgets
+    riem_steps: dict  # model -> fit steps per layer
+    riem_time_s: dict  # model -> fit time budget per layer
+    auto_riem_half: dict  # model -> whether auto also gets RieM candidates at budget/2
+    refine: dict  # model -> RefineSettings fields (without the sampler)
+
+
+def make_mode(quick: bool, budgets: list[float] | None) -> Mode:
+    digits_refine = dict(steps=100, lr=5e-3, batch_size=64, num_samples=256, holdout=128, inversion_steps=100,
+                         inversion_batch=128)
+    if quick:
+        mode = Mode(
+            "quick",
+            budgets={"digits_cnn": list(BUDGETS), "digits_resnet8": list(BUDGETS), "minilm": [1 / 8]},
+            riem_steps={"digits_cnn": 200, "digits_resnet8": 200, "minilm": 30},
+            riem_time_s={"digits_cnn": 20.0, "digits_resnet8": 20.0, "minilm": 8.0},
+            auto_riem_half={"digits_cnn": True, "digits_resnet8": True, "minilm": False},
+            refine={"digits_cnn": digits_refine, "digits_resnet8": digits_refine,
+                    "minilm": dict(steps=30, lr=5e-3, batch_size=8, num_samples=64, holdout=16,
+                                   layers_per_step=4, time_budget_s=300.0)},
+        )
+    else:
+        mode = Mode(
+            "full",
+            budgets={m: list(BUDGETS) for m in MODELS},
+            riem_steps={m: 1000 for m in MODELS},
+            riem_time_s={m: 60.0 for m in MODELS},
+            auto_riem_half={m: True for m in MODELS},
+            refine={"digits_cnn": {**digits_refine, "steps": 500, "num_samples": 512},
+                    "digits_resnet8": {**digits_refine, "steps": 500, "num_samples": 512},
+                    "minilm": dict(steps=200, lr=5e-3, batch_size=16, num_samples=512, holdout=64,
+                                   layers_per_step=6, time_budget_s=1800.0)},
+        )
+    if budgets:
+        mode.budgets = {m: list(budgets) for m in MODELS}
+    return mode
+
+
+# ----------------------------------------------------------------------------- models and metrics
+
+class Task:
+    """A model, its example inputs, its metrics and its synthetic-input recipe."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.tokenizer = None
+        if name == "minilm":
+            self.model, self.tokenizer = bm.load_minilm()
+            self.example_inputs = bm.minilm_example_inputs(self.tokenizer)
+            self.sentences, _ = bm.read_polarity()
+            self.reference_embeddings = bm.encode(self.model, self.tokenizer, self.sentences)
+        else:
+            self.model = getattr(bm, name)()
+            self.example_inputs = bm.digits_example_inputs()
+        self.model.eval()
+
+    @property
+    def primary(self) -> str:
+        return "ws353" if self.name == "minilm" else "top1"
+
+    def metrics(self, model) -> dict[str, float]:
+        model.eval()
+        if self.name != "minilm":
+            return {"top1": bm.digits_accuracy(model)}
+        emb = bm.encode(model, self.tokenizer, self.sentences)
+        return {"ws353": bm.wordsim_spearman(model, self.tokenizer, "wordsim353"),
+                "simlex": bm.wordsim_spearman(model, self.tokenizer, "simlex999"),
+                "polarity": bm.polarity_accuracy(model, self.tokenizer),
+                "emb_cos": float(np.mean(np.sum(emb * self.reference_embeddings, axis=1)))}
+
+    def refine_settings(self, fields: dict) -> refine_mod.RefineSettings:
+        sampler = random_token_sampler(self.model.config.vocab_size) if self.name == "minilm" else None
+        return refine_mod.RefineSettings(**fields, input_sampler=sampler)
+
+
+def random_token_sampler(vocab_size: int, max_len: int = 24, min_len: int = 3):
+    """Data-free text inputs: [CLS] + uniformly random ordinary word-piece ids + [SEP], random
+    length, padded; ids 999.. are the BERT vocabulary's real tokens (0-998: [PAD], [unused*],
+    [UNK], [CLS], [SEP], [MASK])."""
+
+    def sample(n: int, gen: torch.Generator):
+        ids = torch.zeros(n, max_len, dtype=torch.int64)
+        mask = torch.zeros(n, max_len, dtype=torch.int64)
+        lengths = torch.randint(min_len, max_len + 1, (n,), generator=gen)
+        body = torch.randint(999, vocab_size, (n, max_len), generator=gen)
+        for i, length in enumerate(lengths.tolist()):
+            ids[i, 0], ids[i, 1:length - 1], ids[i, length - 1] = 101, body[i, :length - 2], 102
+            mask[i, :length] = 1
+        return ids, mask
+
+    return sample
+
+
+# ----------------------------------------------------------------------------- one run
+
+def compressible_bytes(res: Result) -> tuple[int, int]:
+    """(fp32 bytes, stored bytes) over the layers the frontend found compressible."""
+    names = {s.name for s in res.specs}
+    recs = [r for r in res.report.layers if r.name in names]
+    return sum(r.bytes_before for r in recs), sum(r.bytes_after for r in recs)
+
+
+def disk_bytes(res: Result) -> dict[str, int]:
+    with tempfile.TemporaryDirectory() as d:
+        out = res.save(Path(d) / "artifact")
+        sizes = {p.name: p.stat().st_size for p in out.iterdir()}
+    return {"artifact": sum(sizes.values()), "compressed_file": sizes.get("compressed.safetensors", 0),
+            "rest_file": sizes.get("rest.safetensors", 0)}
+
+
+def original_disk_bytes(model) -> int:
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+        return path.stat().st_size
+
+
+def weight_key(weight, ratio: float) -> str:
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    return hashlib.sha1(w.tobytes() + str(w.shape).encode()).hexdigest() + f"@{ratio:.8g}"
+
+
+def build_result(task: Task, cfg: Config, method_of) -> Result:
+    """The torch path of `optimize` with a per-layer choice of compress call: `method_of(specs, cfg)`
+    returns (compressed, records) like compress_specs."""
+    from riem_compiler.frontend.torch_frontend import find_torch_layers
+    from riem_compiler.passes.rewrite_torch import apply_compressed
+
+    det = find_torch_layers(task.model, cfg)
+    compressed, records = method_of(det.layers, cfg)
+    model = apply_compressed(task.model, det.layers, compressed, det.graph_module, cfg.recompute)
+    report = Report(records)
+    report.output_error = rc.api.torch_output_error(task.model, model, task.example_inputs)
+    return Result(model, report, compressed, det.layers, cfg, "torch", task.example_inputs, task.model)
+
+
+def tucker2_or_svd(specs, cfg):
+    """Tucker-2 where it applies (ungrouped KxK convs), svd on every other layer."""
+    from dataclasses import replace
+
+    from riem_compiler.passes.compress import compress_specs
+
+    tucker = [s for s in specs if s.kind in ("conv1d", "conv2d") and int(s.attrs.get("groups", 1)) == 1
+              and int(np.prod(s.shape[2:])) > 1]
+    rest = [s for s in specs if s not in tucker]
+    c1, r1 = compress_specs(tucker, replace(cfg, method="tucker2")) if tucker else ({}, [])
+    c2, r2 = compress_specs(rest, replace(cfg, method="svd")) if rest else ({}, [])
+    order = {s.name: i for i, s in enumerate(specs)}
+    return {**c1, **c2}, sorted(r1 + r2, key=lambda r: order[r.name])
+
+
+class DropBroken:
+    """Candidate source wrapper: drop candidates that cannot be decoded (and count them), so one
+    broken baseline candidate does not stop method="auto" (seen: tucker2 ranks above what HOOI
+    can return for small convs at 1/16, 1/32, reported to the baselines' owner)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.dropped: list[str] = []
+
+    def __call__(self, spec, budget_ratio):
+        out = []
+        for cw in self.source(spec, budget_ratio):
+            try:
+                cw.reconstruct()
+            except Exception as exc:  # noqa: BLE001 - any decoding failure disqualifies it
+                self.dropped.append(f"{spec.name}: {cw.method} {cw.meta} ({type(exc).__name__})")
+                continue
+            out.append(cw)
+        return out
+
+
+class RiemReuse:
+    """auto's RieM candidate fitter: this run's riem fits of the same weight/ratio, else a new fit."""
+
+    def __init__(self):
+        self.fits: dict[str, object] = {}
+        self.reused = 0
+        self.fitted = 0
+
+    def remember(self, res: Result, ratio: float) -> None:
+        for spec in res.specs:
+            cw = res.compressed.get(spec.name)
+            if cw is not None and cw.method == "riem":
+                self.fits[weight_key(spec.weight, ratio)] = cw
+
+    def fitter(self, cfg: Config):
+        from riem_compiler.passes.auto import riem_fitter
+        from riem_compiler.passes.compress import fit_settings
+
+        fresh = riem_fitter(fit_settings(cfg), cfg.state_bits, cfg.metric_dtype, cfg.m, cfg.k_branches)
+
+        def fit(weight, ratio):
+            key = weight_key(weight, ratio)
+            if key in self.fits:
+                self.reused += 1
+                return self.fits[key]
+            self.fitted += 1
+            cw = fresh(weight, ratio)
+            self.fits[key] = cw
+            return cw
+
+        return fit
+
+
+def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
+    from riem_compiler.passes.auto import CandidateGrid, compress_auto
+
+    rows = []
+    base = {"model": task.name, "mode": mode.name}
+    t0 = time.perf_counter()
+    orig_metrics = task.metrics(task.model)
+    rows.append({**base, "method": "original", "budget": 1.0, "ratio": 1.0, "metrics": orig_metrics,
+                 "artifact_bytes": original_disk_bytes(task.model), "fit_seconds": 0.0, "eval_seconds":
+                 time.perf_counter() - t0})
+    log.info("%s original: %s", task.name, orig_metrics)
+    reuse = RiemReuse()
+    synthetic = None
+    refine_fields = mode.refine[task.name]
+    budgets = sorted(mode.budgets[task.name], reverse=True)
+    # auto after riem (its RieM candidates reuse the riem fits), refinements after their base method
+    order = [m for m in METHODS if m in methods]
+    done: dict[tuple[str, float], tuple[Result, float]] = {}  # (method, budget) -> (result, fit seconds)
+    for method in order:
+        for budget in budgets:
+            base_method = method.removesuffix("+refine")
+            cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
+                         time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0)
+            row = {**base, "method": method, "budget": budget}
+            extra = {}
+            t_fit = time.perf_counter()
+            try:
+                if method.endswith("+refine"):
+                    if (base_method, budget) not in done:
+                        raise RuntimeError(f"{method} needs the {base_method} run of the same budget")
+                    base_res, base_fit_s = done[(base_method, budget)]
+                    res = copy.copy(base_res)
+                    res.report = Report([copy.copy(r) for r in base_res.report.layers], base_res.report.output_error)
+                    settings = task.refine_settings(refine_fields)
+                    if synthetic is None:
+                        synthetic = refine_mod.make_synthetic(task.model, task.example_inputs, settings)
+                        log.info("%s: synthetic inputs (%s) in %.1f s", task.name, synthetic.mode, synthetic.seconds)
+                    outcome = refine_mod.refine_torch(task.model, res.model, settings, task.example_inputs, synthetic)
+                    if outcome.kept:
+                        res.model = outcome.model
+                        res.compressed = {k: outcome.compressed[k] for k in res.compressed}
+                        res.report.output_error = rc.api.torch_output_error(task.model, res.model, task.example_inputs)
+                    fit_s = base_fit_s + outcome.seconds
+                    extra = {"refine": outcome.to_dict(), "synthetic_seconds": synthetic.seconds,
+                             "synthetic_mode": synthetic.mode}
+                elif method == "auto":
+                    grid = DropBroken(CandidateGrid(riem_fit=reuse.fitter(cfg),
+                                                    riem_ratios=(budget / 2,) if mode.auto_riem_half[task.name] else ()))
+                    before = (reuse.reused, reuse.fitted)
+                    res = build_result(task, cfg, lambda specs, c: compress_auto(specs, c, candidates=grid))
+                    fit_s = time.perf_counter() - t_fit
+                    extra = {"auto_riem_reused": reuse.reused - before[0], "auto_riem_fitted": reuse.fitted - before[1],
+                             "auto_dropped_candidates": grid.dropped, "auto_choices": {}}
+                    for r in res.report.layers:
+                        label = r.reason.split(":")[1].strip() if r.reason.startswith("auto:") else r.method
+                        extra["auto_choices"][label] = extra["auto_choices"].get(label, 0) + 1
+                elif method == "tucker2":
+                    if task.name == "minilm":
+                        continue  # no conv layers: would be plain svd
+                    res = build_result(task, cfg, tucker2_or_svd)
+                    fit_s = time.perf_counter() - t_fit
+                else:
+                    res = rc.optimize(task.model, example_inputs=task.example_inputs, config=cfg)
+                    fit_s = time.perf_counter() - t_fit
+                    if method == "riem":
+                        reuse.remember(res, budget)
+                done[(method, budget)] = (res, fit_s)
+            except Exception as exc:  # record and go on: one failing cell must not lose the table
+                log.exception("%s %s @ %g failed", task.name, method, budget)
+                rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            fp32, stored = compressible_bytes(res)
+            t_eval = time.perf_counter()
+            metrics = task.metrics(res.model)
+            row.update({
+                "ratio": stored / fp32, "compressible_fp32_bytes": fp32, "stored_bytes": stored,
+                "metrics": metrics, "fit_seconds": fit_s, "eval_seconds": time.perf_counter() - t_eval,
+                "output_error": res.report.output_error,
+                "layers": len(res.specs), "layers_compressed": len(res.compressed),
+                "dense_layers": [r.name for r in res.report.layers
+                                 if r.name in {sp.name for sp in res.specs} and r.status != "compressed"],
+                **{f"{k}_bytes": v for k, v in disk_bytes(res).items()}, **extra,
+            })
+            rows.append(row)
+            log.info("%s %-11s @ 1/%g: %s ratio %.4f fit %.1f s", task.name, method, 1 / budget,
+                     {k: round(v, 4) for k, v in metrics.items()}, row["ratio"], fit_s)
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+
+METRIC_NAMES = {"top1": "top-1", "ws353": "WS353 rho", "simlex": "SimLex rho", "polarity": "polarity acc",
+                "emb_cos": "emb. cosine"}
+
+
+def fmt_budget(b: float) -> str:
+    return "1" if b >= 1 else f"1/{round(1 / b)}"
+
+
+def model_settings(mode: Mode, model: str) -> dict:
+    return {"mode": mode.name, "budgets": mode.budgets[model], "riem_steps": mode.riem_steps[model],
+            "riem_time_s": mode.riem_time_s[model], "auto_riem_half": mode.auto_riem_half[model],
+            "refine": mode.refine[model]}
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = ["# Task accuracy vs stored bytes", "",
+             "Generated by `python benchmarks/accuracy.py` (settings per model below; `--quick` for quick ones) "
+             f"on {meta['machine']} ({meta['threads']} torch thread(s), cores shared with other jobs: "
+             "timings are noisy).", "",
+             "- ratio = stored bytes / fp32 bytes of the compressible layers (Linear/Conv weights with "
+             ">= 1024 elements); a layer a method cannot fit at the budget stays dense and counts fully.",
+             "- disk = bytes of the artifact written by `Result.save` (compressed.safetensors + rest.safetensors "
+             "+ manifest.json); for `original`, the fp32 state_dict as safetensors.",
+             "- fit s = wall time of the compression pass (X+refine: X's fit plus refinement; the synthetic "
+             "inputs are made once per model and their time is not included, see the JSON).",
+             "- tucker2 = Tucker-2 on ungrouped KxK convs, svd (16-bit factors) on the other layers.",
+             "- auto = method=\"auto\"; its RieM candidates reuse the riem fits of this run (same weight, "
+             "same ratio, same fit settings).",
+             "- X+refine = X's model refined data-free (riem_compiler/passes/refine.py): synthetic "
+             "inputs only (digits: BatchNorm-statistics inversion; MiniLM: random word-piece ids), "
+             "output+layer matching, kept only if a held-out synthetic set's output error drops. "
+             "Same stored bytes as X.", "",
+             "Settings of this run:", ""]
+    for model in sorted({r["model"] for r in rows}):
+        m = meta["settings"].get(model)
+        if m is None:
+            continue
+        lines.append(f"- {model} ({m['mode']} mode): budgets {', '.join(fmt_budget(b) for b in m['budgets'])}; "
+                     f"RieM fit steps={m['riem_steps']}, time budget {m['riem_time_s']:g} s per layer; auto "
+                     f"RieM candidates at budget{' and budget/2' if m['auto_riem_half'] else ' only'}; "
+                     f"refine {m['refine']}")
+    for model in sorted({r["model"] for r in rows}, key=lambda x: MODELS.index(x) if x in MODELS else 99):
+        mrows = [r for r in rows if r["model"] == model]
+        keys = list(next(r for r in mrows if "metrics" in r)["metrics"])
+        lines += ["", f"## {model}", "",
+                  "| budget | method | " + " | ".join(METRIC_NAMES.get(k, k) for k in keys)
+                  + " | ratio | stored bytes | disk bytes | fit s | notes |",
+                  "|" + "---|" * (len(keys) + 7)]
+        mrows.sort(key=lambda r: (-r["budget"], METHODS.index(r["method"]) if r["method"] in METHODS else -1))
+        for r in mrows:
+            if "error" in r:
+                lines.append(f"| {fmt_budget(r['budget'])} | {r['method']} | " + " | ".join("-" for _ in keys)
+                             + f" | - | - | - | - | failed: {r['error'][:80]} |")
+                continue
+            notes = []
+            if r.get("dense_layers"):
+                notes.append(f"{len(r['dense_layers'])} layer(s) left dense")
+            if "refine" in r:
+                f = r["refine"]
+                notes.append(f"synthetic out. err {f['loss_before']:.3g}->{f['loss_after']:.3g}"
+                             + ("" if f["kept"] else " (not kept)") + f", {f['steps']} steps, {f['seconds']:.0f} s")
+            if r.get("auto_dropped_candidates"):
+                notes.append(f"{len(r['auto_dropped_candidates'])} undecodable candidate(s) dropped")
+            if "auto_choices" in r:
+                notes.append("picks: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["auto_choices"].items())))
+            lines.append(f"| {fmt_budget(r['budget'])} | {r['method']} | "
+                         + " | ".join(f"{r['metrics'][k]:.4f}" for k in keys)
+                         + f" | {r['ratio']:.4f} | {r.get('stored_bytes', '-')} | {r['artifact_bytes']} | "
+                         f"{r['fit_seconds']:.1f} | {'; '.join(notes)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model and "metrics" in r]
+        keys = list(mrows[0]["metrics"])
+        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            orig = [r for r in mrows if r["method"] == "original"]
+            if orig:
+                ax.axhline(orig[0]["metrics"][key], color="k", ls="--", lw=1, label="original (fp32)")
+            for method in METHODS:
+                pts = sorted((r["stored_bytes"], r["metrics"][key]) for r in mrows if r["method"] == method)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("stored bytes of the compressible layers")
+            ax.set_ylabel(METRIC_NAMES.get(key, key))
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{model}: task metric vs stored bytes")
+        fig.tight_layout()
+        path = out_dir / f"accuracy_{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer RieM steps; MiniLM at 1/8 only")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--budgets", nargs="+", type=float, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on shared cores more threads were 10x slower here)")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("riem_compiler").setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
+    logging.getLogger("riem_compiler.refine").setLevel(logging.INFO)
+    torch.set_num_threads(args.threads)
+    mode = make_mode(args.quick, args.budgets)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "accuracy.json"
+    old = json.loads(json_path.read_text()) if json_path.exists() else {}
+    rows = [r for r in old.get("rows", []) if r["model"] not in args.models]
+    settings = {**old.get("meta", {}).get("settings", {}), **{m: model_settings(mode, m) for m in args.models}}
+    meta = {"settings": settings, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+            "threads": args.threads, "torch": torch.__version__}
+    try:
+        import matplotlib
+
+        meta["matplotlib"] = matplotlib.__version__
+    except ImportError:
+        pass
+    for name in args.models:
+        task = Task(name)
+        rows += run_task(task, mode, args.methods)
+        doc = {"meta": meta, "rows": rows}
+        json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        (out_dir / "accuracy.md").write_text(markdown(rows, meta))
+        plot(rows, out_dir)
+        del task
+    print((out_dir / "accuracy.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
