@@ -65,7 +65,7 @@ def run_layer(name: str, w: np.ndarray, budget: float, args) -> list[dict]:
                      "bytes": int(nbytes), "ratio": nbytes / fp32, "rel_error": err,
                      "fit_s": seconds, "setting": setting})
 
-    for bits in (32, 8):
+    for bits in args.riem_bits:
         size = riem.choose_size(n_out, n_in, budget, bits, "float16", args.m)
         if size is None:
             continue
@@ -99,6 +99,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# Fit fidelity at equal bytes", "",
              f"Run: {meta['date']}, {meta['machine']}, torch threads {meta['threads']}, "
              f"RieM steps {meta['steps']}, time budget {meta['time_budget']} s/layer, m={meta['m']}, seed {meta['seed']}.",
+             meta.get("note", ""),
              "Relative error = ||W - W_hat||_F / ||W||_F of the stored form (RieM: after state quantisation and "
              "float16 metric net). `ratio` = stored bytes / fp32 bytes.", ""]
     lines += ["| layer | shape | budget | method | setting | ratio | rel. error | fit s |",
@@ -128,16 +129,25 @@ def main(argv=None):
     p.add_argument("--m", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-digits", action="store_true")
+    p.add_argument("--riem-bits", type=int, nargs="+", default=[32, 8], help="RieM state bit widths to fit")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--kinds", nargs="+", default=MINILM_KINDS, help="MiniLM matrices per layer")
+    p.add_argument("--note", default="", help="free text recorded with the results (e.g. machine load)")
     p.add_argument("--quick", action="store_true", help="2 MiniLM matrices, 200 steps (smoke run)")
     p.add_argument("--out", default=str(RESULTS / "fit_fidelity"))
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
-    kinds = MINILM_KINDS
+    torch.set_num_threads(args.threads)
+    kinds = args.kinds
     if args.quick:
         kinds, args.steps = ["attention.self.query", "intermediate.dense"], 200
     weights = minilm_weights(args.layers, kinds)
     if not args.no_digits:
         weights.update(digits_weights())
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+            "threads": torch.get_num_threads(), "steps": args.steps, "time_budget": args.time_budget,
+            "m": args.m, "seed": args.seed, "note": args.note}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, w in weights.items():
         for budget in args.budgets:
@@ -146,15 +156,10 @@ def main(argv=None):
                 print(f"{r['layer']:40s} 1/{round(1 / budget):<3d} {r['method']:14s} ratio {r['ratio']:.4f} "
                       f"err {r['rel_error']:.4f} {r['fit_s']:6.1f}s  {r['setting']}", flush=True)
             rows += layer_rows
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-            "threads": torch.get_num_threads(), "steps": args.steps, "time_budget": args.time_budget,
-            "m": args.m, "seed": args.seed}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    text = markdown(rows, meta)
-    out.with_suffix(".md").write_text(text)
-    print(text)
+            # written after every layer, so a long run that is stopped keeps what it measured
+            out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+            out.with_suffix(".md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -277,3 +277,14 @@ def test_decoders_export_to_standard_onnx():
         sess = ort.InferenceSession(proto.SerializeToString())
         y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
         np.testing.assert_allclose(y, module(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["energy", "proportional"])
+@pytest.mark.parametrize("ratio", [1 / 16, 1 / 32])
+def test_tucker2_small_budgets_choose_ranks_that_decode(rule, ratio):
+    w = np.random.default_rng(3).normal(size=(32, 32, 3, 3)).astype(np.float32)
+    cw = B.fit_tucker2(w, ratio, rank_rule=rule)
+    r_out, r_in = cw.meta["ranks"]
+    assert r_out <= r_in * 9 and r_in <= r_out * 9
+    assert cw.arrays["out_factor"].shape == (32, r_out) and cw.arrays["in_factor"].shape == (32, r_in)
+    assert cw.reconstruct().shape == w.shape and cw.nbytes <= ratio * w.size * 4

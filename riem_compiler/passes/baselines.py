@@ -170,7 +170,8 @@ def tucker2_ranks_for_ratio(shape, ratio: float) -> tuple[int, int] | None:
     max_out, max_in = min(out_ch, in_ch * kernel), min(in_ch, out_ch * kernel)
     for r_out in range(max_out, 0, -1):
         r_in = max(1, min(max_in, round(r_out * in_ch / out_ch)))
-        if tucker2_nbytes(shape, (r_out, r_in)) <= budget:
+        feasible = r_out <= r_in * kernel and r_in <= r_out * kernel
+        if feasible and tucker2_nbytes(shape, (r_out, r_in)) <= budget:
             return r_out, r_in
     return None
 
@@ -194,7 +195,9 @@ def tucker2_ranks_by_energy(weight, ratio: float) -> tuple[int, int] | None:
     r_in = np.arange(1, len(s_in) + 1)[None, :]
     nbytes = 2 * (out_ch * r_out + in_ch * r_in + r_out * r_in * kernel)
     dropped = tail_out[r_out] + tail_in[r_in]
-    fits = nbytes <= ratio * _fp32_bytes(shape)
+    # HOOI projects one mode onto the other's factor: a rank above r_other * kernel cannot exist
+    feasible = (r_out <= r_in * kernel) & (r_in <= r_out * kernel)
+    fits = (nbytes <= ratio * _fp32_bytes(shape)) & feasible
     if not fits.any():
         return None
     score = np.where(fits, dropped, np.inf)
