@@ -198,7 +198,9 @@ def test_shared_weight_is_one_spec_with_all_consumers():
 def test_config_filters():
     model, _ = gemm_model()
     assert find_onnx_layers(model, Config(ignore=("gem*",), min_weight_size=0))[0] == []
-    assert find_onnx_layers(model, Config(ignore=("W",), min_weight_size=0))[1] == [("W", "matches ignore pattern 'W'")]
+    skipped = find_onnx_layers(model, Config(ignore=("W",), min_weight_size=0))[1]
+    # scope-filtered layers come back with their spec, so the report can show shape and bytes
+    assert [(spec.name, spec.shape, why) for spec, why in skipped] == [("W", (32, 24), "matches ignore pattern 'W'")]
     assert find_onnx_layers(model, Config(ignore_types=("linear",), min_weight_size=0))[0] == []
     specs, skipped = find_onnx_layers(model, Config(min_weight_size=32 * 24 + 1))
     assert specs == [] and "min_weight_size" in skipped[0][1]

@@ -1,6 +1,7 @@
 """`LayerSpec`: what a frontend found, the plain contract between frontends and the pass."""
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,3 +42,26 @@ class LayerSpec:
     @property
     def fp32_bytes(self) -> int:
         return int(self.weight.size) * 4
+
+
+def apply_scope(specs: list[LayerSpec], config) -> tuple[list[LayerSpec], list[tuple[LayerSpec, str]]]:
+    """Ignored names/types, minimum size, keep first/last: (kept, [(spec, reason) skipped]).
+
+    Patterns match the weight name, the owning module/node name or any consumer node name."""
+    kept, skipped = [], []
+    for spec in specs:
+        names = [spec.name, spec.module, *spec.attrs.get("consumers", [])]
+        pattern = next((p for p in config.ignore if any(n and fnmatch.fnmatchcase(n, p) for n in names)), None)
+        if pattern is not None:
+            skipped.append((spec, f"matches ignore pattern {pattern!r}"))
+        elif spec.kind in config.ignore_types:
+            skipped.append((spec, f"layer type {spec.kind!r} is ignored"))
+        elif spec.weight.size < config.min_weight_size:
+            skipped.append((spec, f"{spec.weight.size} weights < min_weight_size {config.min_weight_size}"))
+        else:
+            kept.append(spec)
+    if config.keep_first_last and kept:
+        ends = {kept[0].name, kept[-1].name}
+        skipped += [(s, "first/last layer kept (keep_first_last)") for s in kept if s.name in ends]
+        kept = [s for s in kept if s.name not in ends]
+    return kept, skipped

@@ -12,7 +12,6 @@ stays exactly as it was. Whatever is seen but not taken is returned with a reaso
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from riem_compiler.errors import InputError
-from riem_compiler.frontend.layers import LayerSpec
+from riem_compiler.frontend.layers import LayerSpec, apply_scope
 
 log = logging.getLogger("riem_compiler.onnx_frontend")
 
@@ -224,11 +223,10 @@ def find_onnx_layers(model: onnx.ModelProto, config) -> tuple[list[LayerSpec], l
     skipped: dict[str, str] = {}
     overridable = {i.name for i in model.graph.input}
     _walk(model.graph, "", None, found, skipped, overridable)
-    kept, scope_skipped = _apply_scope(list(found.values()), config)
-    for name, reason in scope_skipped:
-        skipped.setdefault(name, reason)
-    log.info("ONNX: %d compressible weights, %d skipped", len(kept), len(skipped))
-    return kept, sorted(skipped.items())
+    kept, scope_skipped = apply_scope(list(found.values()), config)
+    scope_skipped = [(spec, why) for spec, why in scope_skipped if spec.name not in skipped]
+    log.info("ONNX: %d compressible weights, %d skipped", len(kept), len(skipped) + len(scope_skipped))
+    return kept, sorted(skipped.items()) + scope_skipped
 
 
 def _walk(graph, path, parent, found, skipped, overridable):
@@ -309,25 +307,3 @@ def _reject(node, src: ConstSource, operand: int, overridable: set[str]) -> str 
     return None
 
 
-def _apply_scope(specs: list[LayerSpec], config) -> tuple[list[LayerSpec], list[tuple[str, str]]]:
-    """Ignored names/types, minimum size, keep first/last: (kept, skipped)."""
-    patterns = tuple(getattr(config, "ignore", ()) or ())
-    ignore_types = tuple(getattr(config, "ignore_types", ()) or ())
-    min_size = int(getattr(config, "min_weight_size", 0) or 0)
-    kept, skipped = [], []
-    for spec in specs:
-        names = [spec.name, spec.module, *spec.attrs.get("consumers", [])]
-        pattern = next((p for p in patterns if any(n and fnmatch.fnmatchcase(n, p) for n in names)), None)
-        if pattern is not None:
-            skipped.append((spec.name, f"matches ignore pattern {pattern!r}"))
-        elif spec.kind in ignore_types:
-            skipped.append((spec.name, f"layer type {spec.kind!r} is ignored"))
-        elif spec.weight.size < min_size:
-            skipped.append((spec.name, f"{spec.weight.size} weights < min_weight_size {min_size}"))
-        else:
-            kept.append(spec)
-    if getattr(config, "keep_first_last", False) and kept:
-        ends = {kept[0].name, kept[-1].name}
-        skipped += [(n, "first/last layer kept (keep_first_last)") for n in sorted(ends)]
-        kept = [s for s in kept if s.name not in ends]
-    return kept, skipped

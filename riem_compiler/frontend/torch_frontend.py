@@ -8,7 +8,6 @@ An ExportedProgram is unlifted with `.module()` first, so its parameters are get
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from riem_compiler.errors import InputError
-from riem_compiler.frontend.layers import LayerSpec
+from riem_compiler.frontend.layers import LayerSpec, apply_scope
 
 log = logging.getLogger("riem_compiler.frontend")
 
@@ -110,7 +109,7 @@ def find_torch_layers(model: nn.Module, config) -> Detection:
             det.graph_module = model
         det.layers += graph_layers
         det.skipped += graph_skipped
-    det.layers, filtered = _apply_scope(det.layers, config)
+    det.layers, filtered = apply_scope(det.layers, config)
     det.skipped += filtered
     return det
 
@@ -198,22 +197,3 @@ def _through_transposes(node):
             yield user
 
 
-def _apply_scope(layers: list[LayerSpec], config):
-    """Ignored scope, minimum size, keep first/last; returns (kept, skipped)."""
-    kept, skipped = [], []
-    for spec in layers:
-        names = [spec.name] + ([spec.module] if spec.module else [])
-        pattern = next((p for p in config.ignore if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
-        if pattern is not None:
-            skipped.append((spec, f"matches ignore pattern {pattern!r}"))
-        elif spec.kind in config.ignore_types:
-            skipped.append((spec, f"layer type {spec.kind!r} is ignored"))
-        elif spec.weight.size < config.min_weight_size:
-            skipped.append((spec, f"{spec.weight.size} weights < min_weight_size {config.min_weight_size}"))
-        else:
-            kept.append(spec)
-    if config.keep_first_last and kept:
-        ends = {kept[0].name, kept[-1].name}
-        skipped += [(s, "first/last layer kept (keep_first_last)") for s in kept if s.name in ends]
-        kept = [s for s in kept if s.name not in ends]
-    return kept, skipped
