@@ -121,20 +121,21 @@ def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
 def torch_output_error(reference, candidate, inputs) -> float:
     """||y - y_ref|| / ||y_ref|| over all tensor outputs."""
     with torch.no_grad():
-        ref = _flat_outputs(reference(*inputs))
-        out = _flat_outputs(candidate(*inputs))
+        ref = flat_outputs(reference(*inputs))
+        out = flat_outputs(candidate(*inputs))
     num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(out, ref))
     den = sum(float(r.double().pow(2).sum()) for r in ref)
     return (num / den) ** 0.5 if den > 0 else num ** 0.5
 
 
-def _flat_outputs(out) -> list[torch.Tensor]:
+def flat_outputs(out) -> list[torch.Tensor]:
+    """Every tensor in a model output (tensor, tuple/list, dict), in order."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat_outputs(o)]
+        return [t for o in out for t in flat_outputs(o)]
     return []
 
 

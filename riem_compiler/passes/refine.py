@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from riem_compiler import riem
 from riem_compiler.compressed import DECODERS, CompressedWeight
 from riem_compiler.errors import InputError
+from riem_compiler.api import flat_outputs
 from riem_compiler.passes.rewrite_torch import RieMConv, RieMLinear, RieMWeight
 
 log = logging.getLogger("riem_compiler.refine")
@@ -260,16 +261,6 @@ def _as_tuple(x) -> tuple:
     return x if isinstance(x, tuple) else (x,)
 
 
-def _flat(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
-    return []
-
-
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and m.running_mean is not None and m.running_var is not None]
@@ -331,7 +322,7 @@ def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator,
             targets = None
             for step in range(s.inversion_steps):
                 stats.clear()
-                out = _flat(model(*xs))
+                out = flat_outputs(model(*xs))
                 loss = torch.stack(stats).sum() if stats else xs[0].new_zeros(())
                 for x in xs:
                     loss = loss + s.inversion_tv * _total_variation(x) + s.inversion_l2 * x.pow(2).mean()
@@ -418,7 +409,7 @@ def _output_error(model, original, inputs, batch: int) -> float:
     with torch.no_grad():
         for start in range(0, n, batch):
             xb = tuple(t[start:start + batch] for t in inputs)
-            for o, r in zip(_flat(model(*xb)), _flat(original(*xb))):
+            for o, r in zip(flat_outputs(model(*xb)), flat_outputs(original(*xb))):
                 num += float((o.double() - r.double()).pow(2).sum())
                 den += float(r.double().pow(2).sum())
     return num / max(den, 1e-30)
@@ -545,8 +536,8 @@ def _refine(original, compressed_model, s: RefineSettings, synthetic: SyntheticS
             acts_ref.clear()
             acts.clear()
             with torch.no_grad():
-                ref = _flat(original(*xb))
-            out = _flat(model(*xb))
+                ref = flat_outputs(original(*xb))
+            out = flat_outputs(model(*xb))
             loss = s.output_weight * sum(_nmse(o, r) for o, r in zip(out, ref))
             if acts:
                 layer_terms = [_nmse(acts[k], acts_ref[k].detach()) for k in acts if k in acts_ref]
