@@ -73,7 +73,7 @@ def run_layer(name: str, w: np.ndarray, budget: float, args) -> list[dict]:
         res = fit_riem(w, q, m, bits, "float16",
                        FitSettings(steps=args.steps, time_budget_s=args.time_budget, seed=args.seed))
         add(f"riem-{bits}bit", res.weight.nbytes, res.rel_error, res.seconds, f"q={q} m={m} steps={res.steps}")
-    usv = baselines.matrix_svd(w)
+    usv = baselines.matrix_svd(w.reshape(n_out, n_in))
     for factor_bits in (32, 16, 8):
         t0 = time.perf_counter()
         try:
@@ -122,7 +122,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, nargs="+", default=[0], help="MiniLM encoder layers to use")
+    p.add_argument("--layers", type=int, nargs="*", default=[0], help="MiniLM encoder layers to use (none: skip MiniLM)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--time-budget", type=float, default=60.0, help="seconds per RieM fit")
@@ -133,6 +133,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--kinds", nargs="+", default=MINILM_KINDS, help="MiniLM matrices per layer")
     p.add_argument("--note", default="", help="free text recorded with the results (e.g. machine load)")
+    p.add_argument("--append", action="store_true", help="keep rows of other layers from the previous results JSON")
     p.add_argument("--quick", action="store_true", help="2 MiniLM matrices, 200 steps (smoke run)")
     p.add_argument("--out", default=str(RESULTS / "fit_fidelity"))
     args = p.parse_args(argv)
@@ -149,6 +150,10 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
+    if args.append and out.with_suffix(".json").is_file():
+        previous = json.loads(out.with_suffix(".json").read_text())
+        rows = [r for r in previous["rows"] if r["layer"] not in weights]
+        meta["note"] = " ".join(filter(None, [previous["meta"].get("note", ""), args.note]))
     for name, w in weights.items():
         for budget in args.budgets:
             layer_rows = run_layer(name, w, budget, args)
