@@ -152,7 +152,8 @@ def test_interrupted_run_cancels_tasks_and_resumes_from_cache(ray_local, tmp_pat
     specs = small_specs()
     with pytest.raises(Interrupted):
         compress_specs(specs, config, InterruptAfter(RayExecutor(num_cpus=1), 1))
-    # the tasks still running were cancelled: the cluster's CPUs come back
+    # no task is left holding a CPU (cancelled, or finished before the interrupt: this part
+    # does not prove cancellation, only that nothing leaks); resuming from the cache is the real check
     for _ in range(100):
         if ray.available_resources().get("CPU", 0) == 2:
             break
