@@ -142,19 +142,24 @@ def _readout(ph: dict[str, te.Tensor]) -> tuple[te.Tensor, te.Tensor]:
     return v_f, c_f
 
 
+def _branch_sum(A, B, v, k_br: int, m: int, n_out: int, n_in: int) -> te.Tensor:
+    """W0[i, j] = sum_k sum_r v_r sigmoid(A_k[i, r] + B_k[r, j]): the RieM weight before c."""
+    kk = te.reduce_axis((0, k_br), name="k")
+    rr = te.reduce_axis((0, m), name="r")
+    return te.compute(
+        (n_out, n_in),
+        lambda i, j: te.sum(v[rr] * fast_sigmoid(A[kk, i, rr] + B[kk, rr, j]), axis=[kk, rr]),
+        name="W0",
+    )
+
+
 def decode_te(cw: CompressedWeight) -> tuple[list[te.Tensor], te.Tensor]:
     """Inputs (in `riem_array_names` order) and the float32 weight in its original shape."""
     ph = _placeholders(cw)
     n_out, n_in = cw.matrix_shape
     A, B, k_br, m = _projections(cw, ph)
     v, c = _readout(ph)
-    kk = te.reduce_axis((0, k_br), name="k")
-    rr = te.reduce_axis((0, m), name="r")
-    W0 = te.compute(
-        (n_out, n_in),
-        lambda i, j: te.sum(v[rr] * fast_sigmoid(A[kk, i, rr] + B[kk, rr, j]), axis=[kk, rr]),
-        name="W0",
-    )
+    W0 = _branch_sum(A, B, v, k_br, m, n_out, n_in)
     tail = [int(s) for s in cw.shape[1:]]
     strides = [int(np.prod(tail[t + 1:])) for t in range(len(tail))]
 
@@ -211,13 +216,7 @@ def fused_linear_te(cw: CompressedWeight, rows: int | tirx.Var) -> tuple[list[te
     A, B, k_br, m = _projections(cw, ph)
     v, c = _readout(ph)
     x = te.placeholder((rows, n_in), "float32", name="x")
-    kk = te.reduce_axis((0, k_br), name="k")
-    rr = te.reduce_axis((0, m), name="r")
-    W0 = te.compute(
-        (n_out, n_in),
-        lambda i, j: te.sum(v[rr] * fast_sigmoid(A[kk, i, rr] + B[kk, rr, j]), axis=[kk, rr]),
-        name="W0",
-    )
+    W0 = _branch_sum(A, B, v, k_br, m, n_out, n_in)
     jj = te.reduce_axis((0, n_in), name="j")
     y = te.compute(
         (rows, n_out),
