@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.models import digits_data  # noqa: E402
+from benchmarks.models import digits_data, fit_digits  # noqa: E402
 
 DEFAULT_OUT = ROOT / "riem_compiler" / "examples" / "digits_cnn.onnx"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -55,22 +54,10 @@ def train(epochs: int) -> tuple[nn.Module, float, float]:
     """Adam with cosine decay, batch 64; returns (model, test accuracy, seconds)."""
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
-    x_tr, y_tr, x_te, y_te = digits_data()
+    _, _, x_te, y_te = digits_data()
     model = TinyDigitsCNN()
-    steps = math.ceil(len(x_tr) / 64)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
     t0 = time.perf_counter()
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_tr), generator=gen)
-        for s in range(steps):
-            idx = perm[s * 64:(s + 1) * 64]
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    fit_digits(model, epochs, gen, augment=False)
     model.eval()
     with torch.no_grad():
         acc = float((model(x_te).argmax(1) == y_te).float().mean())
