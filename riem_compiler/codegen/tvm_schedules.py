@@ -109,19 +109,27 @@ def schedule_matmul(sch: s_tir.Schedule, block) -> bool:
     jo, ji = sch.split(lj, [None, tj])
     sch.reorder(*b_loops, jo, io, lk, ii, ji)
     # accumulator tile written back once per (jo, io); epilogue (bias, activation) fused there
-    copy = sch.cache_write(block, 0, "global")
-    sch.reverse_compute_at(copy, io, preserve_unit_loops=True)
-    _inline_consumers(sch, copy)
-    outer = sch.fuse(*b_loops, jo) if b_loops else jo
-    sch.parallel(outer)  # before decompose_reduction, which the check for parallel rejects
-    _vectorize_tail(sch, copy, tj)
-    sch.unroll(ii)
-    if tj >= 4:
-        sch.vectorize(ji)
-    init = sch.decompose_reduction(block, lk)
-    if tj >= 4:
-        sch.vectorize(sch.get_loops(init)[-1])
+    _finish_register_tile(sch, block, io, lambda: sch.fuse(*b_loops, jo) if b_loops else jo,
+                          ii, ji, tj >= 4, lk, tj)
     return True
+
+
+def _finish_register_tile(sch, block, write_at, parallel_loop, unroll_loop, inner_loop, vectorize_inner: bool,
+                          reduce_loop, tail_width: int) -> None:
+    """Shared tail of the matmul and conv schedules: write the accumulator tile back at `write_at`
+    with the elementwise consumers fused, parallelise, unroll/vectorise the tile, then split off
+    the initialisation. `parallel_loop` is a callable because the fuse must follow the write-back."""
+    copy = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(copy, write_at, preserve_unit_loops=True)
+    _inline_consumers(sch, copy)
+    sch.parallel(parallel_loop())  # before decompose_reduction, which the check for parallel rejects
+    _vectorize_tail(sch, copy, tail_width)
+    sch.unroll(unroll_loop)
+    if vectorize_inner:
+        sch.vectorize(inner_loop)
+    init = sch.decompose_reduction(block, reduce_loop)
+    if vectorize_inner:
+        sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _inline_consumers(sch, block) -> None:
@@ -178,17 +186,7 @@ def schedule_conv(sch: s_tir.Schedule, block, acc_limit: int = 256) -> bool:
     fo, fi = sch.split(f, [None, tf])
     yo, yi = sch.split(y, [None, ty])
     sch.reorder(n, fo, yo, rc, ry, rx, fi, yi, x)
-    copy = sch.cache_write(block, 0, "global")
-    sch.reverse_compute_at(copy, yo, preserve_unit_loops=True)
-    _inline_consumers(sch, copy)
-    sch.parallel(sch.fuse(n, fo))
-    _vectorize_tail(sch, copy, VECTOR)
-    sch.unroll(fi)
-    if n_x >= 4:
-        sch.vectorize(x)
-    init = sch.decompose_reduction(block, rc)
-    if n_x >= 4:
-        sch.vectorize(sch.get_loops(init)[-1])
+    _finish_register_tile(sch, block, yo, lambda: sch.fuse(n, fo), fi, x, n_x >= 4, rc, VECTOR)
     return True
 
 
