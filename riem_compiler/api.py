@@ -270,8 +270,7 @@ def _rebuild_torch(path: Path, manifest: dict, compressed: dict[str, CompressedW
                              f"{compressed[s.name].shape} in the artifact")
     rebuilt = apply_compressed(module, specs, compressed, det.graph_module, cfg.recompute)
     rest = {k: torch.from_numpy(v) for k, v in load_file(str(path / "rest.safetensors")).items()}
-    missing_keys, unexpected = rebuilt.load_state_dict(rest, strict=False)
-    unexpected = [k for k in unexpected]
+    _, unexpected = rebuilt.load_state_dict(rest, strict=False)  # RieM buffers came with apply_compressed
     if unexpected:
         raise InputError(f"{path}: artifact has weights {unexpected[:5]} the given model does not have")
     return rebuilt.to(device).eval()
