@@ -16,8 +16,11 @@ X+refine for X in riem, svd, auto: X's model after data-free refinement (passes/
 Writes benchmarks/results/accuracy.{md,json} and accuracy_<model>.png. Rows of models that were
 not run this time are kept from the previous JSON, so models can be run in separate invocations.
 
-    python benchmarks/accuracy.py --quick                      # what produced the committed numbers
-    python benchmarks/accuracy.py --models digits_cnn --budgets 0.25 0.125
+    python benchmarks/accuracy.py --models digits_cnn --threads 1     # the committed numbers, per model
+    python benchmarks/accuracy.py --models digits_resnet8 --threads 2
+    python benchmarks/accuracy.py --models minilm --threads 2         # about 80 min on 2 quiet cores
+    python benchmarks/accuracy.py --quick                             # minutes; MiniLM at 1/8 only
+    python benchmarks/accuracy.py --render-only                       # table and plots from the JSON
 """
 from __future__ import annotations
 
@@ -83,13 +86,16 @@ def make_mode(quick: bool, budgets: list[float] | None) -> Mode:
         mode = Mode(
             "full",
             budgets={m: list(BUDGETS) for m in MODELS},
-            riem_steps={m: 1000 for m in MODELS},
+            # MiniLM: 400 steps, because 1000-step fits of its 36 layers at 5 ratios (the 4 budgets and
+            # auto's budget/2 candidates at 1/64) take about 2.5 h on 2 cores; the shorter fits cost
+            # RieM weight error (the 384x384 query at 1/4: 0.415 at 300 steps, 0.278 at 1000).
+            riem_steps={"digits_cnn": 1000, "digits_resnet8": 1000, "minilm": 400},
             riem_time_s={m: 60.0 for m in MODELS},
             auto_riem_half={m: True for m in MODELS},
             refine={"digits_cnn": {**digits_refine, "steps": 500, "num_samples": 512},
                     "digits_resnet8": {**digits_refine, "steps": 500, "num_samples": 512},
                     "minilm": dict(steps=200, lr=5e-3, batch_size=16, num_samples=512, holdout=64,
-                                   layers_per_step=6, time_budget_s=1800.0)},
+                                   layers_per_step=6, time_budget_s=240.0)},
         )
     if budgets:
         mode.budgets = {m: list(budgets) for m in MODELS}
@@ -158,6 +164,15 @@ def compressible_bytes(res: Result) -> tuple[int, int]:
     names = {s.name for s in res.specs}
     recs = [r for r in res.report.layers if r.name in names]
     return sum(r.bytes_before for r in recs), sum(r.bytes_after for r in recs)
+
+
+def mean_layer_error(res: Result) -> float | None:
+    """Mean relative weight error of the compressed layers, from what is stored now (after any
+    refinement, which moves the weights away from the original on purpose)."""
+    from riem_compiler.passes.compress import rel_error
+
+    errs = [rel_error(spec.weight, res.compressed[spec.name]) for spec in res.specs if spec.name in res.compressed]
+    return float(np.mean(errs)) if errs else None
 
 
 def disk_bytes(res: Result) -> dict[str, int]:
@@ -343,6 +358,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                 "ratio": stored / fp32, "compressible_fp32_bytes": fp32, "stored_bytes": stored,
                 "metrics": metrics, "fit_seconds": fit_s, "eval_seconds": time.perf_counter() - t_eval,
                 "output_error": res.report.output_error,
+                "mean_layer_error": mean_layer_error(res),
                 "layers": len(res.specs), "layers_compressed": len(res.compressed),
                 "dense_layers": [r.name for r in res.report.layers
                                  if r.name in {sp.name for sp in res.specs} and r.status != "compressed"],
@@ -362,6 +378,10 @@ METRIC_NAMES = {"top1": "top-1", "ws353": "WS353 rho", "simlex": "SimLex rho", "
 
 def fmt_budget(b: float) -> str:
     return "1" if b >= 1 else f"1/{round(1 / b)}"
+
+
+def fmt_error(err: float | None) -> str:
+    return "-" if err is None else f"{err:.3f}"
 
 
 def model_settings(mode: Mode, model: str) -> dict:
@@ -396,21 +416,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"- {model} ({m['mode']} mode): budgets {', '.join(fmt_budget(b) for b in m['budgets'])}; "
                      f"RieM fit steps={m['riem_steps']}, time budget {m['riem_time_s']:g} s per layer; auto "
                      f"RieM candidates at budget{' and budget/2' if m['auto_riem_half'] else ' only'}; "
-                     f"refine {m['refine']}")
+                     f"refine {m['refine']}; {m.get('threads', meta['threads'])} torch thread(s)")
     for model in sorted({r["model"] for r in rows}, key=lambda x: MODELS.index(x) if x in MODELS else 99):
         mrows = [r for r in rows if r["model"] == model]
         keys = list(next(r for r in mrows if "metrics" in r)["metrics"])
         lines += ["", f"## {model}", "",
                   "| budget | method | " + " | ".join(METRIC_NAMES.get(k, k) for k in keys)
-                  + " | ratio | stored bytes | disk bytes | fit s | notes |",
-                  "|" + "---|" * (len(keys) + 7)]
+                  + " | ratio | mean layer err | stored bytes | disk bytes | fit s | notes |",
+                  "|" + "---|" * (len(keys) + 8)]
         mrows.sort(key=lambda r: (-r["budget"], METHODS.index(r["method"]) if r["method"] in METHODS else -1))
         for r in mrows:
             if "error" in r:
                 lines.append(f"| {fmt_budget(r['budget'])} | {r['method']} | " + " | ".join("-" for _ in keys)
-                             + f" | - | - | - | - | failed: {r['error'][:80]} |")
+                             + f" | - | - | - | - | - | failed: {r['error'][:80]} |")
                 continue
             notes = []
+            if r["method"] != "original" and r["ratio"] > r["budget"] * 1.001:
+                notes.append("over budget")
             if r.get("dense_layers"):
                 notes.append(f"{len(r['dense_layers'])} layer(s) left dense")
             if "refine" in r:
@@ -423,7 +445,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 notes.append("picks: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["auto_choices"].items())))
             lines.append(f"| {fmt_budget(r['budget'])} | {r['method']} | "
                          + " | ".join(f"{r['metrics'][k]:.4f}" for k in keys)
-                         + f" | {r['ratio']:.4f} | {r.get('stored_bytes', '-')} | {r['artifact_bytes']} | "
+                         + f" | {r['ratio']:.4f} | {fmt_error(r.get('mean_layer_error'))} | "
+                         f"{r.get('stored_bytes', '-')} | {r['artifact_bytes']} | "
                          f"{r['fit_seconds']:.1f} | {'; '.join(notes)} |")
     return "\n".join(lines) + "\n"
 
@@ -470,7 +493,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on shared cores more threads were 10x slower here)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite accuracy.md and the plots from accuracy.json without running anything")
     args = ap.parse_args(argv)
+    if args.render_only:
+        out_dir = Path(args.out)
+        doc = json.loads((out_dir / "accuracy.json").read_text())
+        (out_dir / "accuracy.md").write_text(markdown(doc["rows"], doc["meta"]))
+        plot(doc["rows"], out_dir)
+        print((out_dir / "accuracy.md").read_text())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("riem_compiler").setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
@@ -482,7 +514,8 @@ def main(argv=None) -> int:
     json_path = out_dir / "accuracy.json"
     old = json.loads(json_path.read_text()) if json_path.exists() else {}
     rows = [r for r in old.get("rows", []) if r["model"] not in args.models]
-    settings = {**old.get("meta", {}).get("settings", {}), **{m: model_settings(mode, m) for m in args.models}}
+    settings = {**old.get("meta", {}).get("settings", {}),
+                **{m: {**model_settings(mode, m), "threads": args.threads} for m in args.models}}
     meta = {"settings": settings, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
             "threads": args.threads, "torch": torch.__version__}
     try:

@@ -1,0 +1,35 @@
+"""benchmarks/accuracy.py's table: the notes a reader relies on to read a row right."""
+from benchmarks import accuracy
+
+
+def _row(method, budget, ratio, **extra):
+    return {"model": "digits_cnn", "mode": "quick", "method": method, "budget": budget, "ratio": ratio,
+            "metrics": {"top1": 0.9}, "stored_bytes": 100, "artifact_bytes": 200, "fit_seconds": 1.0, **extra}
+
+
+def _meta():
+    settings = accuracy.model_settings(accuracy.make_mode(True, None), "digits_cnn")
+    return {"machine": "test", "threads": 1, "settings": {"digits_cnn": settings}}
+
+
+def test_rows_over_budget_are_marked_and_layer_error_is_shown():
+    rows = [_row("original", 1.0, 1.0),
+            _row("rtn", 1 / 16, 1.0, dense_layers=["a", "b"]),
+            _row("riem", 1 / 16, 0.0615, mean_layer_error=0.4567)]
+    lines = accuracy.markdown(rows, _meta()).splitlines()
+    rtn = next(line for line in lines if "| rtn |" in line)
+    riem = next(line for line in lines if "| riem |" in line)
+    assert "over budget" in rtn and "2 layer(s) left dense" in rtn
+    assert "over budget" not in riem and "| 0.457 |" in riem
+    assert "over budget" not in next(line for line in lines if "| original |" in line)
+
+
+def test_render_only_rewrites_the_table_from_the_json(tmp_path):
+    import json
+
+    doc = {"meta": _meta(), "rows": [_row("original", 1.0, 1.0), _row("svd", 0.25, 0.247)]}
+    (tmp_path / "accuracy.json").write_text(json.dumps(doc))
+    assert accuracy.main(["--render-only", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "| 1/4 | svd | 0.9000 | 0.2470 |" in md
+    assert (tmp_path / "accuracy_digits_cnn.png").stat().st_size > 1000
