@@ -168,7 +168,8 @@ def bench(name: str, args, tmp: Path) -> dict:
     y_plain = s_plain.run(None, feeds)[0]
     y_raw = s_riem_raw.run(None, feeds)[0]
     out = {
-        "model": name, "layers_compressed": len(res.compressed), "layers_skipped": len(res.specs) - len(res.compressed),
+        "model": name, "fit_steps": args.steps, "fit_time_budget_s": args.time_budget,
+        "layers_compressed": len(res.compressed), "layers_skipped": len(res.specs) - len(res.compressed),
         "fit_seconds": fit_s, "checker_full": checker,
         "file_bytes_before": size_before, "file_bytes_after": size_after, "file_ratio": size_after / size_before,
         "layer_bytes_dense": dense_bytes, "layer_bytes_stored": stored_bytes, "layer_ratio": stored_bytes / dense_bytes,
@@ -190,7 +191,7 @@ def bench(name: str, args, tmp: Path) -> dict:
     return out
 
 
-COLUMNS = [("model", "{}"), ("layers_compressed", "{}"), ("file_bytes_before", "{:,}"), ("file_bytes_after", "{:,}"),
+COLUMNS = [("model", "{}"), ("fit_steps", "{}"), ("layers_compressed", "{}"), ("file_bytes_before", "{:,}"), ("file_bytes_after", "{:,}"),
            ("file_ratio", "{:.3f}"), ("layer_ratio", "{:.3f}"), ("file_overhead_bytes", "{:,}"),
            ("dense_default_s", "{:.3f}"), ("riem_default_s", "{:.3f}"), ("riem_disable_all_s", "{:.3f}"),
            ("ort_folds_decoders", "{}"), ("latency_dense_ms", "{:.3f}"), ("latency_riem_ms", "{:.3f}"),
@@ -222,6 +223,12 @@ def main() -> None:
     args.runs = args.runs or (20 if args.quick else 100)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
+    suffix = "_quick" if args.quick else ""
+    json_path = RESULTS / f"onnx_size_latency{suffix}.json"
+    old = json.loads(json_path.read_text()) if json_path.exists() else {"env": {}, "rows": []}
+    # rows of models not run this time are kept, so models can be measured in separate runs
+    kept = [{"fit_steps": old["env"].get("steps"), "fit_time_budget_s": old["env"].get("time_budget_s"), **r}
+            for r in old["rows"] if r["model"] not in args.models]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -229,20 +236,24 @@ def main() -> None:
             print(json.dumps(rows[-1], indent=1), flush=True)
     env = {"python": platform.python_version(), "onnx": onnx.__version__, "onnxruntime": ort.__version__,
            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "threads": 2,
-           "quick": args.quick, "ratio": args.ratio, "steps": args.steps, "time_budget_s": args.time_budget,
-           "runs": args.runs}
+           "quick": args.quick, "ratio": args.ratio, "runs": args.runs}
+    rows = sorted(kept + rows, key=lambda r: r["model"])
     md = (f"# ONNX size and latency (dense vs RieM decoder functions)\n\n{table(rows)}\n\n"
           "file_ratio: compressed .onnx bytes / dense .onnx bytes (embeddings, LayerNorm, biases stay dense); "
           "layer_ratio: stored bytes / fp32 bytes of the compressed layers (what the report states); "
           "file_overhead_bytes: file bytes minus (dense file - dense layer bytes + stored bytes). "
           "mean_layer_rel_error: mean ||W - W_hat||_F / ||W||_F over compressed layers (fit quality; the "
           "error/accuracy columns mean little when it is near 1). "
-          "Session times are medians; latency is the median per call, onnxruntime CPU, 2 threads, same run.\n\n"
-          f"Environment: `{json.dumps(env)}`\n")
+          "fit_steps: RieM fit steps per layer of that row's run. "
+          "Session times are medians; latency is the median per call, onnxruntime CPU, 2 threads, same run "
+          "(rows of different models may come from different runs: `python benchmarks/onnx_size_latency.py "
+          "--models NAME --steps N`).\n\n"
+          f"Environment: `{json.dumps(env)}`\n\n"
+          "Why session creation is slow for large models and what the decoder body costs: "
+          "`onnx_decoder_body.md`.\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
     (RESULTS / f"onnx_size_latency{suffix}.md").write_text(md)
-    (RESULTS / f"onnx_size_latency{suffix}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    json_path.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     print(table(rows))
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn as nn
 
 from bad_inputs import good_mlp
 from riem_compiler import cli
@@ -95,15 +94,6 @@ def test_repeat_run_is_served_from_the_cache(tmp_path, capsys):
     assert FitCache(tmp_path / "cache").entries() == []
 
 
-class TinyMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 16)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 MODEL_FILE = '''
 import torch
 import torch.nn as nn
@@ -122,6 +112,9 @@ def build():
     torch.manual_seed(123)  # other weights than the file's: the test sees which ones were used
     return TinyMLP()
 '''
+_model_file_namespace: dict = {}
+exec(compile(MODEL_FILE, "tiny_model.py", "exec"), _model_file_namespace)  # the same class the subprocess tests import
+TinyMLP = _model_file_namespace["TinyMLP"]
 
 
 def _trained_like(seed=0):
