@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from riem_compiler import __version__
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.config import Config
 from riem_compiler.errors import InputError
+from riem_compiler.files import atomic_write
 from riem_compiler.frontend.layers import LayerSpec
 from riem_compiler.passes.compress import compress_specs
 from riem_compiler.report import LayerRecord, Report
@@ -160,7 +160,7 @@ def save_artifact(res: Result, directory) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     arrays = {f"{name}::{key}": np.ascontiguousarray(arr)
               for name, cw in res.compressed.items() for key, arr in cw.arrays.items()}
-    _atomic(out / "compressed.safetensors", lambda p: save_file(arrays, str(p)))
+    atomic_write(out / "compressed.safetensors", lambda p: save_file(arrays, str(p)))
     manifest = {
         "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "riem_compiler": __version__,
         "source": res.source, "config": res.config.to_dict(),
@@ -177,30 +177,14 @@ def save_artifact(res: Result, directory) -> Path:
                         if isinstance(mod, RieMWeight) for b, _ in mod.named_buffers(recurse=False)}
         rest = {k: v.detach().cpu().contiguous().numpy() for k, v in res.model.state_dict().items()
                 if k not in riem_buffers}
-        _atomic(out / "rest.safetensors", lambda p: save_file(rest, str(p)))
+        atomic_write(out / "rest.safetensors", lambda p: save_file(rest, str(p)))
     else:
         import onnx
 
-        _atomic(out / "model.onnx", lambda p: onnx.save_model(res.model, str(p)))
-    _atomic(out / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+        atomic_write(out / "model.onnx", lambda p: onnx.save_model(res.model, str(p)))
+    atomic_write(out / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     log.info("saved artifact to %s (%d compressed layers)", out, len(res.compressed))
     return out
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written outputs."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; artifacts are ordinary files
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_artifact(directory) -> tuple[dict, dict[str, CompressedWeight]]:

@@ -29,6 +29,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from riem_compiler.files import atomic_write, public_mode
+
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_VERIFY, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 TARGETS = ("onnx", "tvm-llvm", "tvm-cuda")
 PROG = "riem-compile"
@@ -343,7 +345,7 @@ def prepare_output(out: Path) -> Path:
         if out.is_dir() and not os.access(out, os.W_OK):
             raise PermissionError(f"no write permission on {out}")
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        _public_mode(staging, directory=True)
+        public_mode(staging, directory=True)
         return staging
     except OSError as exc:
         raise OutputError(f"cannot write to {out}: {exc.strerror or exc}") from None
@@ -376,16 +378,7 @@ def _json_safe(value):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(data), f, indent=2, default=str)
-            f.write("\n")
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda p: p.write_text(json.dumps(_json_safe(data), indent=2, default=str) + "\n"))
 
 
 def _kib(n: int) -> str:
@@ -660,12 +653,6 @@ def _report_exc(args, code: int, message: str) -> int:
     return _error(code, message)
 
 
-
-def _public_mode(path, directory: bool = False) -> None:
-    """mkstemp/mkdtemp create owner-only entries; give them the usual umask-based mode."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
 if __name__ == "__main__":  # pragma: no cover

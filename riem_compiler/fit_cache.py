@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from riem_compiler import __version__
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
+from riem_compiler.files import atomic_write
 
 log = logging.getLogger("riem_compiler.fit_cache")
 
@@ -207,15 +207,7 @@ def auto_candidates(config, cache: FitCache):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda p: p.write_bytes(data), suffix=".tmp")
 
 
 def _json_default(value):
@@ -227,9 +219,3 @@ def _json_default(value):
         return list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
-
-def _public_mode(path, directory: bool = False) -> None:
-    """mkstemp/mkdtemp create owner-only entries; give them the usual umask-based mode."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~mask)

@@ -5,12 +5,9 @@ it works headless and does not disturb a notebook that imports riem_compiler.
 """
 from __future__ import annotations
 
-import logging
-import os
-import tempfile
 from pathlib import Path
 
-log = logging.getLogger("riem_compiler.plots")
+from riem_compiler.files import atomic_write
 
 MAX_LAYERS = 80  # beyond this, the largest layers are drawn (labels stay readable)
 
@@ -76,20 +73,6 @@ def save_report_png(report, path, title: str = "", dpi: int = 110) -> Path:
     path = Path(path)
     fig = report_figure(report, title)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, format="png"), suffix=".png")
     return path
 
-
-def _public_mode(path, directory: bool = False) -> None:
-    """mkstemp/mkdtemp create owner-only entries; give them the usual umask-based mode."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~mask)

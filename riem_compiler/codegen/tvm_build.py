@@ -304,8 +304,6 @@ def _legalize_and_fuse(mod, target):
     import tvm
     from tvm import relax
 
-    from riem_compiler.codegen import tvm_schedules as ts
-
     cpu_math = [ts.fast_gelu, relax.transform.FastMathTransform()] if target.kind.name == "llvm" else []
     with target:
         seq = tvm.transform.Sequential([
@@ -495,7 +493,7 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
             from tvm import relax
 
             mod = relax.transform.LiftTransformParams()(mod)
-            lifted = LIFTED_NAME if any(gv.name_hint == LIFTED_NAME for gv in mod.get_global_vars()) else None
+            lifted = LIFTED_NAME if LIFTED_NAME in _entry_functions(mod) else None
         mod = _add_decode_function(mod, riem_weights, schedule_cpu=False)
     else:
         mod = _make_fused_main(imp, riem_weights, "cuda" if tgt.kind.name == "cuda" else "llvm")

@@ -241,10 +241,7 @@ def schedule_func(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
             blk = sch.get_sblock(name)
         except Exception:  # inlined by an earlier step
             continue
-        if _matmul_vars(sch.get(blk)) is not None:
-            done = schedule_matmul(sch, blk) or done
-        elif _conv_loops(sch, blk) is not None:
-            done = schedule_conv(sch, blk) or done
+        done = schedule_matmul(sch, blk) or schedule_conv(sch, blk) or done
     if not done:
         sch = s_tir.Schedule(func)
         done = schedule_elementwise(sch)
