@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from riem_compiler.errors import InputError
 from riem_compiler.files import atomic_write, public_mode
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_VERIFY, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -155,38 +156,32 @@ class Loaded:
     check_inputs: dict = field(default_factory=dict)  # name -> array/tensor (verification)
 
 
-def _input_error(msg: str):
-    from riem_compiler.errors import InputError
-
-    return InputError(msg)
-
-
 def load_model(args) -> Loaded:
     from riem_compiler.verify import parse_input_shape
 
     shapes = [parse_input_shape(s) for s in args.input_shape]
     path = Path(args.model) if args.model else None
     if path is not None and not path.exists():
-        raise _input_error(f"{path}: no such file")
+        raise InputError(f"{path}: no such file")
     if path is not None and path.is_dir():
-        raise _input_error(f"{path} is a directory; pass a model file (.onnx, .pt2) or a weights file")
+        raise InputError(f"{path} is a directory; pass a model file (.onnx, .pt2) or a weights file")
     suffix = path.suffix.lower() if path else ""
     if args.model_ref:
         if suffix in (".onnx", ".pt2"):
-            raise _input_error(f"{path} is a complete model ({suffix}); --model-ref is only for weight files")
+            raise InputError(f"{path} is a complete model ({suffix}); --model-ref is only for weight files")
         if path is not None and args.weights:
-            raise _input_error("give the weights either as MODEL or with --weights, not both")
+            raise InputError("give the weights either as MODEL or with --weights, not both")
         return _load_model_ref(args, path or (Path(args.weights) if args.weights else None), shapes)
     if path is None:
-        raise _input_error("no model given: pass MODEL (.onnx or .pt2), or --model-ref MODULE:FUNC")
+        raise InputError("no model given: pass MODEL (.onnx or .pt2), or --model-ref MODULE:FUNC")
     if suffix == ".onnx":
         return _load_onnx(path, shapes, args.seed)
     if suffix == ".pt2":
         return _load_pt2(path, shapes, args.seed)
     if suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
-        raise _input_error(f"{path} holds weights only; also pass --model-ref MODULE:FUNC (a callable that "
+        raise InputError(f"{path} holds weights only; also pass --model-ref MODULE:FUNC (a callable that "
                            "builds the nn.Module) and --input-shape")
-    raise _input_error(f"{path}: unknown model format {suffix or '(no suffix)'!r}; use .onnx, a torch.export "
+    raise InputError(f"{path}: unknown model format {suffix or '(no suffix)'!r}; use .onnx, a torch.export "
                        ".pt2 program, or weights (.safetensors) with --model-ref")
 
 
@@ -209,15 +204,15 @@ def _load_pt2(path: Path, shapes, seed: int) -> Loaded:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
-        raise _input_error(f"{path}: cannot load as a torch.export program ({_first_line(exc)}); "
+        raise InputError(f"{path}: cannot load as a torch.export program ({_first_line(exc)}); "
                            "save one with torch.export.save(torch.export.export(model, inputs), path)") from None
     args, kwargs = program.example_inputs or ((), {})
     if kwargs:
-        raise _input_error(f"{path}: the program's example inputs use keyword arguments {sorted(kwargs)}; "
+        raise InputError(f"{path}: the program's example inputs use keyword arguments {sorted(kwargs)}; "
                            "export it with positional inputs")
     examples = torch_inputs(shapes, seed) if shapes else tuple(args)
     if not examples:
-        raise _input_error(f"{path}: the program stores no example inputs; pass --input-shape")
+        raise InputError(f"{path}: the program stores no example inputs; pass --input-shape")
     check = torch_inputs_like(examples, seed + 1)
     module = program.module()
     _check_runs(module, examples, path.name)
@@ -234,10 +229,10 @@ def _load_model_ref(args, weights: Path | None, shapes) -> Loaded:
     try:
         model = build()
     except Exception as exc:
-        raise _input_error(f"--model-ref {args.model_ref}: calling it failed: {type(exc).__name__}: "
+        raise InputError(f"--model-ref {args.model_ref}: calling it failed: {type(exc).__name__}: "
                            f"{_first_line(exc)}") from None
     if not isinstance(model, torch.nn.Module):
-        raise _input_error(f"--model-ref {args.model_ref} returned {type(model).__name__}, not a torch.nn.Module")
+        raise InputError(f"--model-ref {args.model_ref} returned {type(model).__name__}, not a torch.nn.Module")
     size = 0
     if weights is not None:
         state = _read_weights(weights, args.allow_pickle)
@@ -245,14 +240,14 @@ def _load_model_ref(args, weights: Path | None, shapes) -> Loaded:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise _input_error(f"{weights} does not fit the model from {args.model_ref}: "
+            raise InputError(f"{weights} does not fit the model from {args.model_ref}: "
                                f"{' '.join(str(exc).split())[:400]}") from None
     else:
         size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         log.warning("no --weights given: compressing the weights %s builds itself", args.model_ref)
     model.eval()
     if not shapes:
-        raise _input_error("--model-ref needs --input-shape (one per model input, e.g. --input-shape 1,3,32,32) "
+        raise InputError("--model-ref needs --input-shape (one per model input, e.g. --input-shape 1,3,32,32) "
                            "to trace, export and verify the model")
     if any(s.name for s in shapes):
         log.info("input names in --input-shape are ignored for PyTorch models (inputs are positional)")
@@ -266,13 +261,13 @@ def _load_model_ref(args, weights: Path | None, shapes) -> Loaded:
 def _resolve_ref(ref: str):
     """'pkg.module:function' or 'path/to/file.py:function' -> the callable."""
     if ":" not in ref:
-        raise _input_error(f"--model-ref {ref!r}: expected MODULE:FUNCTION, e.g. mypkg.models:build")
+        raise InputError(f"--model-ref {ref!r}: expected MODULE:FUNCTION, e.g. mypkg.models:build")
     target, _, func = ref.rpartition(":")
     try:
         if target.endswith(".py"):
             file = Path(target)
             if not file.is_file():
-                raise _input_error(f"--model-ref {ref!r}: {file} not found")
+                raise InputError(f"--model-ref {ref!r}: {file} not found")
             spec = importlib.util.spec_from_file_location(f"_riem_model_ref_{file.stem}", file)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
@@ -281,10 +276,10 @@ def _resolve_ref(ref: str):
                 sys.path.insert(0, os.getcwd())  # like `python -m`: local modules are found
             module = importlib.import_module(target)
     except ImportError as exc:
-        raise _input_error(f"--model-ref {ref!r}: cannot import {target!r} ({_first_line(exc)})") from None
+        raise InputError(f"--model-ref {ref!r}: cannot import {target!r} ({_first_line(exc)})") from None
     fn = getattr(module, func, None)
     if not callable(fn):
-        raise _input_error(f"--model-ref {ref!r}: {target!r} has no callable {func!r}")
+        raise InputError(f"--model-ref {ref!r}: {target!r} has no callable {func!r}")
     return fn
 
 
@@ -292,7 +287,7 @@ def _read_weights(path: Path, allow_pickle: bool) -> dict:
     import torch
 
     if not path.is_file():
-        raise _input_error(f"{path}: no such weights file")
+        raise InputError(f"{path}: no such weights file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -300,21 +295,21 @@ def _read_weights(path: Path, allow_pickle: bool) -> dict:
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise _input_error(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+            raise InputError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         if not allow_pickle:
-            raise _input_error(f"{path} is a pickled checkpoint; unpickling can run code. Convert it to "
+            raise InputError(f"{path} is a pickled checkpoint; unpickling can run code. Convert it to "
                                ".safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)")
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise _input_error(f"{path}: torch.load(weights_only=True) refused or failed: {_first_line(exc)}") from None
+            raise InputError(f"{path}: torch.load(weights_only=True) refused or failed: {_first_line(exc)}") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise _input_error(f"{path}: expected a state_dict (name -> tensor), got {type(state).__name__}")
+            raise InputError(f"{path}: expected a state_dict (name -> tensor), got {type(state).__name__}")
         return state
-    raise _input_error(f"{path}: unknown weights format {suffix!r}; use .safetensors (or .pt/.pth with --allow-pickle)")
+    raise InputError(f"{path}: unknown weights format {suffix!r}; use .safetensors (or .pt/.pth with --allow-pickle)")
 
 
 def _check_runs(module, inputs, what: str) -> None:
@@ -326,7 +321,7 @@ def _check_runs(module, inputs, what: str) -> None:
             module(*inputs)
     except Exception as exc:
         shapes = ", ".join(str(tuple(getattr(x, "shape", ()))) for x in inputs)
-        raise _input_error(f"{what} fails on inputs of shape {shapes}: {type(exc).__name__}: "
+        raise InputError(f"{what} fails on inputs of shape {shapes}: {type(exc).__name__}: "
                            f"{_first_line(exc)}; check --input-shape") from None
 
 
@@ -387,7 +382,7 @@ def _kib(n: int) -> str:
 
 # ----------------------------------------------------------------------------- stages
 
-def write_artifact(res, loaded: Loaded, args, staging: Path, out: Path) -> Path:
+def write_artifact(res, args, staging: Path, out: Path) -> Path:
     """Write the target's files into staging; returns the main file/folder (inside staging)."""
     if args.target == "onnx":
         return res.export_onnx(staging / "model.onnx")
@@ -443,7 +438,7 @@ def run(args, parser) -> int:
     config = _config_from_args(args)
     if args.clear_cache:
         if config.cache_dir is None:
-            raise _input_error("--clear-cache with --no-cache: nothing to clear")
+            raise InputError("--clear-cache with --no-cache: nothing to clear")
         n = FitCache(config.cache_dir).clear()
         _say(args, f"cleared {n} cached fits from {config.cache_dir}")
         if not args.model and not args.model_ref:
@@ -451,9 +446,9 @@ def run(args, parser) -> int:
     if not args.output:
         parser.error("the output directory is required: -o OUT")
     if args.max_error is not None and args.no_verify:
-        raise _input_error("--max-error needs verification; drop --no-verify")
+        raise InputError("--max-error needs verification; drop --no-verify")
     if args.max_error is not None and not args.max_error > 0:
-        raise _input_error(f"--max-error must be positive; got {args.max_error}")
+        raise InputError(f"--max-error must be positive; got {args.max_error}")
     out = Path(args.output)
     report_path = Path(args.report) if args.report else None
     if report_path is not None:
@@ -466,11 +461,11 @@ def run(args, parser) -> int:
         if not os.access(report_path.parent, os.W_OK):
             raise OutputError(f"cannot write the report to {report_path}: no write permission")
     if str(config.device).startswith("cuda") and not _cuda_available():
-        raise _input_error(f"--device {config.device}: no CUDA device is visible here; use --device cpu")
+        raise InputError(f"--device {config.device}: no CUDA device is visible here; use --device cpu")
 
     loaded = load_model(args)
     if loaded.source == "onnx" and args.target != "onnx":
-        raise _input_error(f"--target {args.target} needs a PyTorch model (.pt2 or --model-ref); "
+        raise InputError(f"--target {args.target} needs a PyTorch model (.pt2 or --model-ref); "
                            "ONNX input supports --target onnx")
     staging = prepare_output(out)
     try:
@@ -480,7 +475,7 @@ def run(args, parser) -> int:
         timings["compress"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
-            write_artifact(res, loaded, args, staging, out)
+            write_artifact(res, args, staging, out)
         except OSError as exc:
             raise OutputError(f"cannot write the artifact ({exc.strerror or exc})") from None
         timings["write"] = time.perf_counter() - t0
@@ -555,7 +550,7 @@ def _write_reports(data: dict, res, json_path: Path, args, title: str) -> None:
 
 def _cache_stats(res, config) -> dict:
     cached = sum(1 for r in res.report.layers if r.reason.startswith("from fit cache"))
-    fitted = sum(1 for r in res.report.layers if r.status == "compressed") - cached
+    fitted = len(res.report.compressed) - cached
     return {"dir": config.cache_dir, "layers_from_cache": cached, "layers_fitted": fitted}
 
 
@@ -625,7 +620,7 @@ def main(argv=None) -> int:
 
 
 def _run_reporting_errors(args, parser) -> int:
-    from riem_compiler.errors import InputError, RiemError
+    from riem_compiler.errors import RiemError
 
     try:
         return run(args, parser)

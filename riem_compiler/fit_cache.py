@@ -84,7 +84,6 @@ class FitCache:
         self.root = Path(directory).expanduser()
         self.hits = 0
         self.misses = 0
-        self.stored = 0
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         d = self.root / key[:2]
@@ -140,7 +139,6 @@ class FitCache:
             text = json.dumps(meta, indent=1, default=_json_default) + "\n"
             _atomic_write(arrays_path, blob)
             _atomic_write(meta_path, text.encode())
-            self.stored += 1
         except OSError as exc:
             log.warning("could not write fit cache entry under %s (%s); continuing without it", self.root, exc)
 

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from riem_compiler import riem
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.config import Config
-from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LayerSpec
 from riem_compiler.passes.fit import FitSettings, fit_riem
 from riem_compiler.report import LayerRecord
@@ -55,10 +54,7 @@ def fit_layer(spec: LayerSpec, config: Config, index: int = 0) -> tuple[Compress
 
     if config.method not in ("svd", "rtn", "tucker2"):
         raise ValueError(f"method {config.method!r} is not a per-layer method")
-    try:
-        cw = baselines.fit_for_ratio(config.method, spec.weight, config.ratio, groups=spec.attrs.get("groups", 1))
-    except InputError as exc:
-        raise ValueError(str(exc)) from exc
+    cw = baselines.fit_for_ratio(config.method, spec.weight, config.ratio, groups=spec.attrs.get("groups", 1))
     if cw.nbytes > config.ratio * spec.fp32_bytes:
         raise ValueError(f"{config.method} cannot meet ratio {config.ratio:g} for shape {spec.shape}")
     return cw, rel_error(spec.weight, cw), dict(cw.meta)

@@ -41,7 +41,8 @@ from riem_compiler import riem
 from riem_compiler.compressed import DECODERS, CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.api import flat_outputs
-from riem_compiler.passes.rewrite_torch import RieMConv, RieMLinear, RieMWeight
+from riem_compiler.passes.baselines import relative_error
+from riem_compiler.passes.rewrite_torch import RieMConv, RieMLinear, RieMWeight, _split, compressed_weights
 
 log = logging.getLogger("riem_compiler.refine")
 
@@ -249,7 +250,7 @@ def make_trainable(cw: CompressedWeight, param_name: str = "") -> TrainableWeigh
         return _RieMView(cw, param_name)
     if cw.method == "svd" and cw.meta.get("factor_bits") == 8:
         return _SvdInt8View(cw, param_name)
-    if cw.method in ("svd", "tucker2", "dense", "rtn") and cw.method in DECODERS:
+    if cw.method in ("svd", "tucker2", "dense", "rtn"):
         # rtn: only the float scales are float arrays; packed codes stay fixed buffers
         return _FloatArraysView(cw, param_name)
     return None
@@ -388,11 +389,6 @@ def calibrated_lrs(view: TrainableWeight, target: float, gen: torch.Generator,
     return out
 
 
-def _split(qualified: str) -> tuple[str, str]:
-    parent, _, attr = qualified.rpartition(".")
-    return parent, attr
-
-
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, attr = _split(path)
     setattr(root.get_submodule(parent) if parent else root, attr, module)
@@ -430,13 +426,8 @@ def make_synthetic(original: nn.Module, example_inputs=None, settings: RefineSet
     s = settings or RefineSettings()
     s.validate()
     t0 = time.perf_counter()
-    was_training = original.training
-    original.eval()
-    try:
-        train, mode = synthetic_inputs(original, example_inputs, s.num_samples, s, s.seed)
-        holdout, _ = synthetic_inputs(original, example_inputs, s.holdout, s, s.seed + 7919)
-    finally:
-        original.train(was_training)
+    train, mode = synthetic_inputs(original, example_inputs, s.num_samples, s, s.seed)
+    holdout, _ = synthetic_inputs(original, example_inputs, s.holdout, s, s.seed + 7919)
     return SyntheticSet(train, holdout, mode, time.perf_counter() - t0)
 
 
@@ -485,7 +476,7 @@ def _refine(original, compressed_model, s: RefineSettings, synthetic: SyntheticS
                 biases.append(parent.bias)
     if not views:
         log.warning("refine: no compressed weight with a trainable form; model returned unchanged")
-        return RefineOutcome(compressed_model, _compressed_of(compressed_model), loss_before, loss_before,
+        return RefineOutcome(compressed_model, compressed_weights(compressed_model), loss_before, loss_before,
                              False, 0, time.perf_counter() - t0, mode)
 
     for p in model.parameters():
@@ -574,16 +565,12 @@ def _refine(original, compressed_model, s: RefineSettings, synthetic: SyntheticS
     log.info("refine (%s inputs, %d steps, %.1f s): held-out output error %.4g -> %.4g%s", mode, steps_done,
              seconds, loss_before, loss_after, "" if kept else " (no gain: model left unchanged)")
     if not kept:
-        return RefineOutcome(compressed_model, _compressed_of(compressed_model), loss_before, loss_after, False,
+        return RefineOutcome(compressed_model, compressed_weights(compressed_model), loss_before, loss_after, False,
                              steps_done, seconds, mode, [v.param_name for v in views.values()], history)
-    for name, cw in _compressed_of(compressed_model).items():
+    for name, cw in compressed_weights(compressed_model).items():
         compressed.setdefault(name, cw)
     return RefineOutcome(model, compressed, loss_before, loss_after, True, steps_done, seconds, mode,
                          [v.param_name for v in views.values()], history)
-
-
-def _compressed_of(model: nn.Module) -> dict[str, CompressedWeight]:
-    return {m.param_name: m.compressed() for m in model.modules() if isinstance(m, RieMWeight)}
 
 
 def refine_result(result, settings: RefineSettings | None = None, example_inputs=None):
@@ -603,8 +590,7 @@ def refine_result(result, settings: RefineSettings | None = None, example_inputs
         for rec in result.report.layers:
             cw = result.compressed.get(rec.name)
             if cw is not None and rec.name in weights and rec.status == "compressed":
-                w = np.asarray(weights[rec.name], dtype=np.float64)
-                rec.rel_error = float(np.linalg.norm(w - cw.reconstruct()) / max(np.linalg.norm(w), 1e-30))
+                rec.rel_error = relative_error(weights[rec.name], cw)
         if inputs is not None:
             from riem_compiler.api import torch_output_error
 
