@@ -110,11 +110,12 @@ class CandidateGrid:
                         out.append(baselines.fit_svd(w, r, bits, usv=usv))
         if _tucker_applies(spec, w):
             seen = set()
+            svds = baselines.channel_svds(w)
             for r in _with(self.tucker_ratios, budget_ratio):
-                ranks = baselines.tucker2_ranks_by_energy(w, r)
+                ranks = baselines.tucker2_ranks_by_energy(w, r, svds)
                 if ranks is not None and ranks not in seen:
                     seen.add(ranks)
-                    out.append(baselines.fit_tucker2(w, r, groups=1))
+                    out.append(baselines.fit_tucker2(w, r, groups=1, svds=svds))
         if self.riem_fit is not None:
             for r in _with(self.riem_ratios, budget_ratio):
                 cw = self.riem_fit(w, r)

@@ -180,15 +180,23 @@ def _leading_left_vectors(unfolded: np.ndarray, rank: int) -> np.ndarray:
     return matrix_svd(unfolded)[0][:, :rank]
 
 
-def tucker2_ranks_by_energy(weight, ratio: float) -> tuple[int, int] | None:
+def channel_svds(weight) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(U, S) of the output-channel and of the input-channel unfolding of a conv weight: what
+    the Tucker-2 rank choice and its HOSVD start both need (compute once per weight)."""
+    w = np.asarray(weight, dtype=np.float64)
+    u_out, s_out, _ = matrix_svd(w.reshape(w.shape[0], -1))
+    u_in, s_in, _ = matrix_svd(np.moveaxis(w, 1, 0).reshape(w.shape[1], -1))
+    return (u_out, s_out), (u_in, s_in)
+
+
+def tucker2_ranks_by_energy(weight, ratio: float, svds=None) -> tuple[int, int] | None:
     """Channel ranks that fit ratio * fp32 bytes and discard the least energy: the sum of the
     dropped squared singular values of the two channel unfoldings (an upper bound on the
-    squared error of the truncated HOSVD). Ties go to the smaller pair."""
-    w = np.asarray(weight, dtype=np.float64)
-    shape = w.shape
+    squared error of the truncated HOSVD). Ties go to the smaller pair. `svds`: channel_svds(weight)."""
+    shape = np.shape(weight)
     out_ch, in_ch, kernel = shape[0], shape[1], int(np.prod(shape[2:]))
-    s_out = matrix_svd(w.reshape(out_ch, -1))[1] ** 2
-    s_in = matrix_svd(np.moveaxis(w, 1, 0).reshape(in_ch, -1))[1] ** 2
+    (_, s_out), (_, s_in) = svds or channel_svds(weight)
+    s_out, s_in = s_out ** 2, s_in ** 2
     tail_out = np.concatenate([np.cumsum(s_out[::-1])[::-1], [0.0]])  # tail_out[r] = sum s_out[r:]
     tail_in = np.concatenate([np.cumsum(s_in[::-1])[::-1], [0.0]])
     r_out = np.arange(1, len(s_out) + 1)[:, None]
@@ -207,12 +215,13 @@ def tucker2_ranks_by_energy(weight, ratio: float) -> tuple[int, int] | None:
 
 
 def fit_tucker2(weight, ratio: float, groups: int = 1, iterations: int = 5,
-                rank_rule: str = "energy") -> CompressedWeight:
+                rank_rule: str = "energy", svds=None) -> CompressedWeight:
     """Tucker-2 on the output/input channel modes of a conv weight (HOSVD start, then HOOI).
 
     Only for ungrouped convs with a kernel of more than one tap: a 1x1 or grouped conv is a
     matrix (use "svd") or a set of small matrices. rank_rule "energy" picks the rank pair by
     `tucker2_ranks_by_energy`; "proportional" keeps ranks proportional to the channel counts.
+    `svds`: channel_svds(weight), when the caller already has it.
     """
     w = np.asarray(weight, dtype=np.float64)
     shape = tuple(w.shape)
@@ -221,8 +230,9 @@ def fit_tucker2(weight, ratio: float, groups: int = 1, iterations: int = 5,
                          f"got shape {shape}; use method 'svd' for matrices and 1x1 convs")
     if groups != 1:
         raise InputError(f"tucker2 supports groups == 1 only, got groups={groups}; use 'svd' or 'rtn'")
+    svds = svds or channel_svds(w)
     if rank_rule == "energy":
-        ranks = tucker2_ranks_by_energy(w, ratio)
+        ranks = tucker2_ranks_by_energy(w, ratio, svds)
     elif rank_rule == "proportional":
         ranks = tucker2_ranks_for_ratio(shape, ratio)
     else:
@@ -232,8 +242,8 @@ def fit_tucker2(weight, ratio: float, groups: int = 1, iterations: int = 5,
                          f"({tucker2_nbytes(shape, (1, 1))} bytes needed); raise the ratio")
     r_out, r_in = ranks
     out_ch, in_ch = shape[0], shape[1]
-    out_f = _leading_left_vectors(w.reshape(out_ch, -1), r_out)
-    in_f = _leading_left_vectors(np.moveaxis(w, 1, 0).reshape(in_ch, -1), r_in)
+    (u_out, _), (u_in, _) = svds
+    out_f, in_f = u_out[:, :r_out], u_in[:, :r_in]
     for _ in range(iterations):
         y = np.einsum("oi...,is->os...", w, in_f)
         out_f = _leading_left_vectors(y.reshape(out_ch, -1), r_out)
