@@ -120,10 +120,6 @@ class Task:
             self.example_inputs = bm.digits_example_inputs()
         self.model.eval()
 
-    @property
-    def primary(self) -> str:
-        return "ws353" if self.name == "minilm" else "top1"
-
     def metrics(self, model) -> dict[str, float]:
         model.eval()
         if self.name != "minilm":

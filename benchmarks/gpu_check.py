@@ -52,19 +52,13 @@ def cuda_time_ms(fn, runs: int = 50) -> float:
 
 
 def check_model(name: str, batch: int, args, work: Path, arch: str) -> dict:
-    import models
+    from tvm_latency import make_model  # after main() chose how TVM compiles CUDA
 
     import riem_compiler as rc
     from riem_compiler.codegen.tvm_runtime import load_tvm
     from riem_compiler.passes.rewrite_torch import materialize
 
-    if name == "digits_cnn":
-        model = models.digits_cnn()
-        x = models.digits_data()[2][:batch]
-        inputs = (x.contiguous(),)
-    else:
-        model, tok = models.load_minilm()
-        inputs = tuple(models.minilm_example_inputs(tok, batch=batch, seq_len=args.seq_len))
+    model, inputs = make_model(name, batch, args.seq_len)
     t0 = time.perf_counter()
     res = rc.optimize(model, example_inputs=inputs, ratio=0.25, steps=args.fit_steps, time_budget_s=5.0,
                       quiet=True, device="cuda")
@@ -101,6 +95,8 @@ def check_model(name: str, batch: int, args, work: Path, arch: str) -> dict:
 
 
 def write(rows, meta, name):
+    from tvm_latency import _f
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# TVM CUDA check ({name})", "", "```", json.dumps(meta), "```", "",
@@ -108,7 +104,7 @@ def write(rows, meta, name):
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(k, fmt="{:.3f}"):
-            return fmt.format(r[k]) if k in r else "-"
+            return _f(r, k, fmt)
         errs = "; ".join(r[k][:80] for k in ("decode_once_error", "fused_error") if k in r) or "-"
         lines.append(f"| {r['model']} | {r['batch']} | {f('torch_gpu_ms')} | {f('decode_once_ms')} | {f('fused_ms')} | "
                      f"{f('decode_once_decode_ms', '{:.1f}')} | {f('decode_once_max_rel_err', '{:.1e}')} / "
