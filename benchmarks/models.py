@@ -99,10 +99,13 @@ class BertSelfAttention(nn.Module):
         return ctx.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
 
 
-class BertSelfOutput(nn.Module):
-    def __init__(self, cfg: BertConfig):
+class BertOutput(nn.Module):
+    """dense + residual + LayerNorm: HF's BertSelfOutput (in_features = hidden) and BertOutput
+    (in_features = intermediate) are this with different input sizes."""
+
+    def __init__(self, cfg: BertConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = nn.Linear(in_features, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -114,7 +117,7 @@ class BertAttention(nn.Module):
         super().__init__()
         # The attribute is literally named "self" so that names match "attention.self.query".
         self.self = BertSelfAttention(cfg)
-        self.output = BertSelfOutput(cfg)
+        self.output = BertOutput(cfg, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
         return self.output(self.self(x, additive_mask), x)
@@ -129,22 +132,12 @@ class BertIntermediate(nn.Module):
         return F.gelu(self.dense(x))  # exact (erf) GELU, as HF "gelu"
 
 
-class BertOutput(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(h) + residual)
-
-
 class BertLayer(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.attention = BertAttention(cfg)
         self.intermediate = BertIntermediate(cfg)
-        self.output = BertOutput(cfg)
+        self.output = BertOutput(cfg, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
         a = self.attention(x, additive_mask)
