@@ -213,7 +213,7 @@ def tucker2_or_svd(specs, cfg):
 
     from riem_compiler.passes.compress import compress_specs
 
-    tucker = [s for s in specs if s.kind in ("conv1d", "conv2d") and int(s.attrs.get("groups", 1)) == 1
+    tucker = [s for s in specs if s.kind in ("conv1d", "conv2d") and s.groups == 1
               and int(np.prod(s.shape[2:])) > 1]
     rest = [s for s in specs if s not in tucker]
     c1, r1 = compress_specs(tucker, replace(cfg, method="tucker2")) if tucker else ({}, [])

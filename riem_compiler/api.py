@@ -77,16 +77,66 @@ def optimize(graph, example_inputs=None, config: Config | None = None, **options
     return _optimize_torch(graph, example_inputs, cfg)
 
 
-def _skipped_records(skipped: list[tuple[LayerSpec | str, str]]) -> list[LayerRecord]:
-    """Records for what the frontend saw but will not compress (a spec, or just a name)."""
+def _skipped_records(skipped: list[tuple[LayerSpec | str, str]],
+                     tensors: dict[str, tuple[tuple, int]]) -> list[LayerRecord]:
+    """Records for what the frontend saw but will not compress (a spec, or just a name); a name
+    gets its real shape and bytes from `tensors` (name -> (shape, nbytes)) so totals stay honest."""
     records = []
     for item, reason in skipped:
         if isinstance(item, LayerSpec):
             records.append(LayerRecord(item.name, item.kind, item.shape, "-", "skipped", item.fp32_bytes,
                                        item.fp32_bytes, reason=reason))
         else:
-            records.append(LayerRecord(item, "-", (), "-", "skipped", 0, 0, reason=reason))
+            shape, nbytes = tensors.get(item, ((), 0))
+            records.append(LayerRecord(item, "-", tuple(shape), "-", "skipped", nbytes, nbytes, reason=reason))
     return records
+
+
+def torch_tensors(model: torch.nn.Module) -> dict[str, tuple[tuple, int]]:
+    """name -> (shape, bytes) of every parameter and buffer (tied tensors under each name)."""
+    return {n: (tuple(t.shape), t.numel() * t.element_size())
+            for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+
+
+def torch_model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers, each storage counted once (tied weights are one tensor)."""
+    seen, total = set(), 0
+    for t in model.state_dict(keep_vars=True).values():
+        if isinstance(t, torch.Tensor) and t.numel():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
+def onnx_tensors(model) -> dict[str, tuple[tuple, int]]:
+    """name -> (shape, bytes) of every initializer and Constant-node tensor, subgraphs included."""
+    from onnx import helper
+
+    out: dict[str, tuple[tuple, int]] = {}
+
+    def size(t) -> tuple[tuple, int]:
+        try:
+            item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            item = 0
+        return tuple(t.dims), int(np.prod(t.dims, dtype=np.int64)) * item
+
+    def walk(graph):
+        for t in graph.initializer:
+            out.setdefault(t.name, size(t))
+        for node in graph.node:
+            for a in node.attribute:
+                if node.op_type == "Constant" and a.name == "value" and node.output:
+                    out.setdefault(node.output[0], size(a.t))
+                if a.HasField("g"):
+                    walk(a.g)
+                for g in a.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    return out
 
 
 def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
@@ -97,13 +147,15 @@ def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     det = find_torch_layers(model, cfg)
+    tensors, total = torch_tensors(model), torch_model_bytes(model)
     if not det.layers:
         log.warning("nothing to compress in %s: no Linear/Conv/MatMul weight passed the filters; "
                     "the model is returned unchanged", type(model).__name__)
-        return Result(model, Report(_skipped_records(det.skipped)), {}, [], cfg, "torch", example_inputs, model)
+        return Result(model, Report(_skipped_records(det.skipped, tensors), model_bytes_before=total), {}, [], cfg,
+                      "torch", example_inputs, model)
     compressed, records = compress_specs(det.layers, cfg)
     new_model = apply_compressed(model, det.layers, compressed, det.graph_module, cfg.recompute) if compressed else model
-    report = Report(records + _skipped_records(det.skipped))
+    report = Report(records + _skipped_records(det.skipped, tensors), model_bytes_before=total)
     if example_inputs is not None and compressed:
         report.output_error = torch_output_error(model, new_model, example_inputs)
     if not compressed:
@@ -114,7 +166,8 @@ def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
             raise InputError("refine=True needs example_inputs (their shapes seed the synthetic inputs)")
         from riem_compiler.passes.refine import RefineSettings, refine_result
 
-        refine_result(result, RefineSettings(steps=cfg.refine_steps, seed=cfg.seed))
+        _, outcome = refine_result(result, RefineSettings(steps=cfg.refine_steps, seed=cfg.seed))
+        result.report.refine = outcome.to_dict()
     return result
 
 
@@ -145,12 +198,16 @@ def _optimize_onnx(graph, cfg: Config) -> Result:
 
     model = load_onnx(graph)
     specs, skipped = find_onnx_layers(model, cfg)
+    tensors = onnx_tensors(model)
+    total = sum(nbytes for _, nbytes in tensors.values())
     if not specs:
         log.warning("nothing to compress in the ONNX model; it is returned unchanged")
-        return Result(model, Report(_skipped_records(skipped)), {}, [], cfg, "onnx", None, model)
+        return Result(model, Report(_skipped_records(skipped, tensors), model_bytes_before=total), {}, [], cfg,
+                      "onnx", None, model)
     compressed, records = compress_specs(specs, cfg)
     new_model = rewrite_onnx(model, specs, compressed) if compressed else model
-    return Result(new_model, Report(records + _skipped_records(skipped)), compressed, specs, cfg, "onnx", None, model)
+    return Result(new_model, Report(records + _skipped_records(skipped, tensors), model_bytes_before=total),
+                  compressed, specs, cfg, "onnx", None, model)
 
 
 # ----------------------------------------------------------------------------- artifacts

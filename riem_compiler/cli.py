@@ -8,12 +8,16 @@ Everything is written to a hidden staging folder beside OUT first and moved into
 after it is complete and verified, so a failed or interrupted run never leaves a half-written
 model. Fitted layers are cached on disk (see fit_cache), so an interrupted run resumes.
 
-Exit codes: 0 done; 1 internal or compile error; 2 bad input or option; 3 output error above
---max-error (nothing written); 4 cannot write the output; 130 interrupted.
+Exit codes: 0 done; 1 internal or compile error; 2 bad input or option (including an OUT or
+--report that is, or holds, an input file); 3 output error above --max-error (nothing written);
+4 cannot write the output (OUT a file, a dangling symlink, no permission); 130 interrupted
+(SIGINT/Ctrl-C); 143 terminated (SIGTERM). Interrupted or terminated runs write nothing.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import importlib.util
 import json
@@ -21,8 +25,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -33,6 +39,7 @@ from riem_compiler.errors import InputError
 from riem_compiler.files import atomic_write, public_mode
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_VERIFY, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
 TARGETS = ("onnx", "tvm-llvm", "tvm-cuda")
 PROG = "riem-compile"
 # files the tool may put into OUT; moved last so a reader never sees a manifest without its data
@@ -49,18 +56,43 @@ class VerificationFailed(Exception):
     """The compressed model misses --max-error (or could not be checked while one was set)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived; a KeyboardInterrupt so every cleanup path for Ctrl-C runs for it too."""
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a float that is not nan or +-inf (nan would silently disable checks)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text!r}")
+    return value
+
+
 # ----------------------------------------------------------------------------- arguments
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the tool's one-line error format (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        print(f"{PROG}: error: {' '.join(message.split())} (see {PROG} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from riem_compiler import __version__
     from riem_compiler.config import METHODS
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG,
         description="Data-free compression of Linear/Conv/MatMul weights (RieM and baselines); "
                     "writes ONNX or a compiled TVM module.",
         epilog="Exit codes: 0 ok, 1 compile/internal error, 2 bad input or option, 3 output error above "
-               "--max-error (nothing written), 4 output not writable, 130 interrupted. See docs/CLI.md.")
+               "--max-error (nothing written), 4 output not writable, 130 interrupted, 143 terminated (SIGTERM). "
+               "--model-ref runs your Python code; use .pt2 files only from sources you trust (pickled objects "
+               "and stored code in them are refused unless --allow-pickle). See docs/CLI.md.")
     p.add_argument("model", nargs="?", metavar="MODEL",
                    help=".onnx file, torch.export .pt2 program, or a weights file (.safetensors; .pt/.pth "
                         "with --allow-pickle) for --model-ref")
@@ -69,16 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     g = p.add_argument_group("compression")
-    g.add_argument("--ratio", type=float, default=0.25,
+    g.add_argument("--ratio", type=_finite_float, default=0.25,
                    help="stored bytes per layer as a fraction of fp32 bytes; for auto the global budget (default 0.25)")
     g.add_argument("--method", choices=METHODS, default="riem", help="compression method (default: riem)")
     g.add_argument("--state-bits", type=int, default=8, help="RieM state bit width (default 8)")
     g.add_argument("--metric-dtype", default="float16", help="RieM metric network dtype: float16|float32")
     g.add_argument("--metric-units", type=int, default=16, metavar="M", help="RieM metric width m (default 16)")
     g.add_argument("--steps", type=int, default=1000, help="RieM fitting steps per layer (default 1000)")
-    g.add_argument("--time-budget", type=float, default=60.0, metavar="S",
-                   help="RieM fitting seconds per layer at most (default 60)")
-    g.add_argument("--error-ceiling", type=float, default=1.0,
+    g.add_argument("--time-budget", type=_finite_float, default=None, metavar="S",
+                   help="optional wall-clock cap on each RieM fit, in seconds (default: none, --steps alone decide; "
+                        "a fit the cap stops is worse, depends on machine load, and is flagged in the report)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads per layer fit (Ray: CPUs per task); results are bit-identical for the same "
+                        "seed, settings and thread count (default: torch's current setting locally, 1 on Ray)")
+    g.add_argument("--error-ceiling", type=_finite_float, default=1.0,
                    help="keep a layer dense when its relative weight error is above this (default 1.0)")
     g.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="leave layers whose name matches this glob dense (repeat the flag for more)")
@@ -95,10 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = p.add_argument_group("PyTorch input")
     t.add_argument("--model-ref", metavar="MODULE:FUNC",
-                   help="Python callable returning the nn.Module (module path or file.py), e.g. mypkg.models:build")
+                   help="Python callable returning the nn.Module (module path or file.py), e.g. mypkg.models:build; "
+                        "this imports and runs that code, so use only code you trust")
     t.add_argument("--weights", metavar="FILE", help="weights for --model-ref (.safetensors; .pt/.pth with --allow-pickle)")
     t.add_argument("--allow-pickle", action="store_true",
-                   help="allow .pt/.pth checkpoints (read with torch.load(weights_only=True))")
+                   help="allow .pt/.pth checkpoints (read with torch.load(weights_only=True)); for a .pt2: trust "
+                        "it and load it as torch does, pickled objects and stored code included")
     t.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]DIMS[:DTYPE]",
                    help="example/verification input shape, e.g. 1,3,8,8 or input_ids=1,16:int64 (repeat per input)")
 
@@ -109,9 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clear-cache", action="store_true", help="empty the fit cache first (alone: just empty it)")
 
     v = p.add_argument_group("verification and reports")
-    v.add_argument("--max-error", type=float, metavar="E",
+    v.add_argument("--max-error", type=_finite_float, metavar="E",
                    help="fail (exit 3, write nothing) when the output rel. error on generated inputs exceeds E")
     v.add_argument("--no-verify", action="store_true", help="skip running original vs compressed model")
+    v.add_argument("--verify-draws", type=int, default=8, metavar="N",
+                   help="independent draws of generated inputs the check runs (default 8; at least 2)")
     v.add_argument("--report", metavar="FILE", help="report JSON path (default OUT/report.json); the PNG goes beside it")
     v.add_argument("--no-plot", action="store_true", help="do not draw report.png")
 
@@ -138,7 +178,7 @@ def _config_from_args(args):
                   error_ceiling=args.error_ceiling, seed=args.seed, device=args.device, ignore=tuple(args.ignore),
                   ignore_types=tuple(args.ignore_type), min_weight_size=args.min_weight_size,
                   keep_first_last=args.keep_first_last, quiet=args.quiet, cache_dir=cache_dir,
-                  executor=args.executor, ray_address=args.ray_address)
+                  executor=args.executor, ray_address=args.ray_address, threads=args.threads)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -154,6 +194,7 @@ class Loaded:
     input_bytes: int = 0
     example_inputs: tuple | None = None  # torch
     check_inputs: dict = field(default_factory=dict)  # name -> array/tensor (verification)
+    data_files: tuple = ()  # files read besides MODEL/--weights (ONNX external data), resolved
 
 
 def load_model(args) -> Loaded:
@@ -177,7 +218,7 @@ def load_model(args) -> Loaded:
     if suffix == ".onnx":
         return _load_onnx(path, shapes, args.seed)
     if suffix == ".pt2":
-        return _load_pt2(path, shapes, args.seed)
+        return _load_pt2(path, shapes, args.seed, trusted=getattr(args, "allow_pickle", False))
     if suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
         raise InputError(f"{path} holds weights only; also pass --model-ref MODULE:FUNC (a callable that "
                            "builds the nn.Module) and --input-shape")
@@ -186,23 +227,29 @@ def load_model(args) -> Loaded:
 
 
 def _load_onnx(path: Path, shapes, seed: int) -> Loaded:
-    from riem_compiler.frontend.onnx_frontend import load_onnx
+    from riem_compiler.frontend.onnx_frontend import load_onnx_files
     from riem_compiler.verify import onnx_inputs
 
-    model = load_onnx(path)
-    data = path.with_name(path.name + ".data")
-    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    model, data_files = load_onnx_files(path)
+    size = path.stat().st_size + sum(f.stat().st_size for f in data_files)
     feeds = onnx_inputs(model, shapes, seed + 1)
-    return Loaded("onnx", model, model, f"ONNX {path.name}", size, None, feeds)
+    return Loaded("onnx", model, model, f"ONNX {path.name}", size, None, feeds, tuple(data_files))
 
 
-def _load_pt2(path: Path, shapes, seed: int) -> Loaded:
+def _load_pt2(path: Path, shapes, seed: int, trusted: bool = False) -> Loaded:
+    """Without --allow-pickle (`trusted`) the archive is read in pt2_safety.safe_mode: nothing in
+    it is unpickled beyond tensors, and stored code/expressions are checked before torch runs them."""
     import torch
 
+    from riem_compiler import pt2_safety
     from riem_compiler.verify import torch_inputs, torch_inputs_like
 
     try:
-        program = torch.export.load(str(path))
+        pt2_safety.check_entries(path, trusted)
+        with pt2_safety.safe_mode(trusted):
+            program = torch.export.load(str(path))
+    except pt2_safety.Refused as exc:
+        raise InputError(_pt2_refused(path, exc)) from None
     except Exception as exc:
         raise InputError(f"{path}: cannot load as a torch.export program ({_first_line(exc)}); "
                            "save one with torch.export.save(torch.export.export(model, inputs), path)") from None
@@ -214,10 +261,20 @@ def _load_pt2(path: Path, shapes, seed: int) -> Loaded:
     if not examples:
         raise InputError(f"{path}: the program stores no example inputs; pass --input-shape")
     check = torch_inputs_like(examples, seed + 1)
-    module = program.module()
+    try:
+        with pt2_safety.safe_mode(trusted):  # .module() exec's the program's guard code
+            module = program.module()
+    except pt2_safety.Refused as exc:
+        raise InputError(_pt2_refused(path, exc)) from None
     _check_runs(module, examples, path.name)
     return Loaded("torch", program, module, f"torch.export {path.name}", path.stat().st_size, tuple(examples),
                   _named(check))
+
+
+def _pt2_refused(path: Path, exc) -> str:
+    if not exc.helps:
+        return f"{path}: {exc}; not loaded"
+    return f"{path}: {exc}; not loaded. Pass --allow-pickle to load it anyway, only if you trust this file"
 
 
 def _load_model_ref(args, weights: Path | None, shapes) -> Loaded:
@@ -227,8 +284,11 @@ def _load_model_ref(args, weights: Path | None, shapes) -> Loaded:
 
     build = _resolve_ref(args.model_ref)
     try:
-        model = build()
-    except Exception as exc:
+        with _user_code_path():
+            model = build()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # also SystemExit and the like: the user's code must not end the tool
         raise InputError(f"--model-ref {args.model_ref}: calling it failed: {type(exc).__name__}: "
                            f"{_first_line(exc)}") from None
     if not isinstance(model, torch.nn.Module):
@@ -263,24 +323,49 @@ def _resolve_ref(ref: str):
     if ":" not in ref:
         raise InputError(f"--model-ref {ref!r}: expected MODULE:FUNCTION, e.g. mypkg.models:build")
     target, _, func = ref.rpartition(":")
+    if target.endswith(".py"):
+        file = Path(target)
+        if not file.exists() and not file.is_symlink():
+            raise InputError(f"--model-ref {ref!r}: {file} not found")
+        if not file.is_file() or not os.access(file, os.R_OK):
+            raise InputError(f"--model-ref {ref!r}: {file} is not a readable Python file")
     try:
-        if target.endswith(".py"):
-            file = Path(target)
-            if not file.is_file():
-                raise InputError(f"--model-ref {ref!r}: {file} not found")
-            spec = importlib.util.spec_from_file_location(f"_riem_model_ref_{file.stem}", file)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())  # like `python -m`: local modules are found
-            module = importlib.import_module(target)
+        with _user_code_path():
+            if target.endswith(".py"):
+                spec = importlib.util.spec_from_file_location(f"_riem_model_ref_{file.stem}", file)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(target)
     except ImportError as exc:
         raise InputError(f"--model-ref {ref!r}: cannot import {target!r} ({_first_line(exc)})") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SyntaxError, SystemExit, anything the module's top level raises
+        raise InputError(f"--model-ref {ref}: importing it failed: {type(exc).__name__}: {_first_line(exc)}") from None
     fn = getattr(module, func, None)
     if not callable(fn):
         raise InputError(f"--model-ref {ref!r}: {target!r} has no callable {func!r}")
     return fn
+
+
+@contextlib.contextmanager
+def _user_code_path():
+    """While the --model-ref module is imported and called, the current folder is searched for
+    modules, but after everything else on sys.path: a stray onnxscript.py or numpy.py there must
+    not replace the tool's own dependencies (now or when they are imported later)."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the current folder was deleted
+        cwd = None
+    added = cwd is not None and cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def _read_weights(path: Path, allow_pickle: bool) -> dict:
@@ -319,7 +404,9 @@ def _check_runs(module, inputs, what: str) -> None:
     try:
         with torch.no_grad():
             module(*inputs)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a forward that calls sys.exit() must not end the tool either
         shapes = ", ".join(str(tuple(getattr(x, "shape", ()))) for x in inputs)
         raise InputError(f"{what} fails on inputs of shape {shapes}: {type(exc).__name__}: "
                            f"{_first_line(exc)}; check --input-shape") from None
@@ -331,15 +418,79 @@ def _named(inputs) -> dict:
 
 # ----------------------------------------------------------------------------- output
 
-def prepare_output(out: Path) -> Path:
-    """Check OUT can be written (before any fitting) and make the staging folder beside it."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a directory; -o takes a directory")
+# names the tool may write into OUT besides report.json/report.png; --report must not be one of them
+ARTIFACT_NAMES = ("model.onnx", "model.onnx.data", "model.so", "params.safetensors", "manifest.json",
+                  "cuda_source.cu", "tuning")
+
+
+def output_dir(out: Path) -> Path:
+    """The real directory OUT names (symlinks and `..` resolved). A symlink to a directory is
+    written through (the files go into its target, the link stays); a dangling symlink, a
+    symlink loop or a symlink to a non-directory is refused (OutputError, exit 4)."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.is_dir() and not os.access(out, os.W_OK):
+        if out.is_symlink():
+            try:
+                target = out.resolve(strict=True)
+            except (OSError, RuntimeError):  # dangling, or a loop
+                raise OutputError(f"{out} is a symlink to {os.readlink(out)!r}, which does not exist; create "
+                                  "that directory or pass another -o") from None
+            if not target.is_dir():
+                raise OutputError(f"{out} is a symlink to {target}, which is not a directory; -o takes a directory")
+            return target
+        return out.resolve()
+    except (OSError, RuntimeError) as exc:  # name too long, a loop further up the path, ...
+        raise OutputError(f"cannot write to {out}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def check_inputs_kept(out: Path, report: Path | None, inputs, plot: bool = True) -> None:
+    """Refuse (InputError, exit 2) before any fitting an OUT that is, or holds, an input file
+    (publishing would replace or delete it) and a --report whose JSON or PNG is an input or
+    would be overwritten by an artifact in OUT. Paths are compared with symlinks and `..` resolved."""
+    real_inputs = {}
+    for given in inputs:
+        real = _resolved(given)
+        if real is not None:
+            real_inputs.setdefault(real, Path(given))
+    real_out = _resolved(out)  # None (a symlink loop): prepare_output refuses it
+    for real, given in real_inputs.items():
+        if real_out is not None and (real == real_out or real_out in real.parents):
+            how = "is" if real == real_out else "contains"
+            raise InputError(f"-o {out} {how} the input {given}; writing the output there would replace it. "
+                             "Choose another output directory")
+    if report is None:
+        return
+    png = report.with_suffix(".png")
+    paths = [(report, f"--report {report}")] + [(png, f"the report picture {png} (beside --report)")] * plot
+    for path, what in paths:
+        real = _resolved(path)
+        if real is None:
+            raise OutputError(f"cannot write {what}: symlink loop")
+        if real in real_inputs:
+            raise InputError(f"{what} is the input {real_inputs[real]}; choose another report path")
+        if real.parent == real_out and real.name in ARTIFACT_NAMES:
+            raise InputError(f"{what} would be overwritten by the output's {real.name}; choose another report path")
+
+
+def _resolved(path) -> Path | None:
+    if path is None or str(path) == "":
+        return None
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # symlink loop
+        return None
+
+
+def prepare_output(out: Path) -> Path:
+    """Check OUT can be written (before any fitting) and make the staging folder beside it
+    (beside the target directory when OUT is a symlink, so that publishing is a rename)."""
+    real = output_dir(out)
+    try:
+        if real.exists() and not real.is_dir():
+            raise OutputError(f"{out} exists and is not a directory; -o takes a directory")
+        real.parent.mkdir(parents=True, exist_ok=True)
+        if real.is_dir() and not os.access(real, os.W_OK):
             raise PermissionError(f"no write permission on {out}")
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{real.name}.partial-", dir=real.parent))
         public_mode(staging, directory=True)
         return staging
     except OSError as exc:
@@ -347,19 +498,46 @@ def prepare_output(out: Path) -> Path:
 
 
 def publish(staging: Path, out: Path) -> None:
-    """Move the finished files into OUT: the whole folder at once when OUT is new or empty,
-    else file by file (each an atomic rename), model/manifest last."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-        return
-    for item in sorted(staging.iterdir(), key=lambda p: (p.name in LAST_FILES, p.name)):
-        dest = out / item.name
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-        os.replace(item, dest)
-    staging.rmdir()
+    """Move the finished files into OUT: the whole folder at once (one rename) when OUT is new
+    or an empty directory, else file by file (each an atomic rename), model/manifest last.
+    Safe against another run publishing to the same OUT at the same time: whatever it put
+    there first is replaced, never a crash; both leave a complete output."""
+    real = output_dir(out)
+    try:
+        if real != Path.cwd().resolve():  # never rename over the working directory
+            try:
+                os.replace(staging, real)  # POSIX rename: succeeds for a new path or an empty directory
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+        if not real.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory")
+        replaced = Path(tempfile.mkdtemp(prefix=".replaced-", dir=staging))  # old folders, removed below
+        for item in sorted(staging.iterdir(), key=lambda p: (p.name in LAST_FILES, p.name)):
+            if item != replaced:
+                _move_in(item, real / item.name, replaced)
+        shutil.rmtree(staging)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out}: {exc.strerror or exc}") from None
+
+
+def _move_in(item: Path, dest: Path, replaced: Path) -> None:
+    """Rename item to dest. A directory in the way (or anything in the way of a directory) is
+    first moved aside into `replaced`; retried if a concurrent run puts a new one there."""
+    for attempt in range(20):
+        if (dest.is_dir() and not dest.is_symlink()) or (item.is_dir() and (dest.exists() or dest.is_symlink())):
+            try:
+                os.replace(dest, replaced / f"{attempt}-{dest.name}")
+            except FileNotFoundError:
+                pass  # gone meanwhile (the other run moved it aside)
+        try:
+            os.replace(item, dest)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+    raise OSError(errno.EBUSY, f"{dest} keeps being replaced by another process")
 
 
 def _json_safe(value):
@@ -395,27 +573,47 @@ def write_artifact(res, args, staging: Path, out: Path) -> Path:
 
 
 def verify_artifact(res, loaded: Loaded, args, staging: Path):
-    """Run original and compressed model on generated inputs; the compressed model is the
-    written artifact itself where this machine can run it."""
-    from riem_compiler.verify import Verification, run_check, verify_onnx
+    """Run original and compressed model on several draws of generated inputs; the compressed
+    model is the written artifact itself where this machine can run it."""
+    from riem_compiler.verify import Verification, input_draws, run_check, verify_onnx
 
     if not loaded.check_inputs:
         return Verification("skipped", note="no inputs to generate")
+    draws = input_draws(loaded.check_inputs, args.verify_draws, args.seed + 2)
     if loaded.source == "onnx":
-        return verify_onnx(loaded.original, staging / "model.onnx", loaded.check_inputs, _ort_device(args))
+        return verify_onnx(loaded.original, staging / "model.onnx", draws, _ort_device(args))
     if args.target == "onnx":
         from riem_compiler.codegen.onnx_export import OnnxRuntimeModel
 
         return run_check(loaded.original, OnnxRuntimeModel(staging / "model.onnx", device=_ort_device(args)),
-                         loaded.check_inputs, "onnx file")
+                         draws, "onnx file")
     if args.target == "tvm-llvm" or _cuda_available():
         from riem_compiler.codegen.tvm_runtime import load_tvm
 
         device = "cuda" if args.target == "tvm-cuda" else "cpu"
-        return run_check(loaded.original, load_tvm(staging, device=device), loaded.check_inputs, "tvm artifact")
-    v = run_check(loaded.original, res.model, loaded.check_inputs, "compressed torch model")
+        return run_check(loaded.original, load_tvm(staging, device=device), draws, "tvm artifact")
+    v = run_check(loaded.original, res.model, draws, "compressed torch model")
     v.note = "; ".join(filter(None, ["no CUDA device here: checked the compressed torch model, not the CUDA artifact", v.note]))
     return v
+
+
+def _check_loads(path: Path, loaded: Loaded, args) -> None:
+    """Raise RiemError (exit 1, nothing written) when onnxruntime cannot open the written model
+    although it opens the original (or the original is a torch model)."""
+    from riem_compiler.codegen.onnx_export import OnnxRuntimeModel
+    from riem_compiler.errors import RiemError
+
+    try:
+        OnnxRuntimeModel(path, device="cpu")
+        return
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {_first_line(exc)}"
+    if loaded.source == "onnx":
+        try:
+            OnnxRuntimeModel(loaded.original, device="cpu")
+        except Exception:
+            return  # the original does not load here either: the check cannot judge
+    raise RiemError(f"internal error: onnxruntime cannot load the written model.onnx ({problem}); nothing written")
 
 
 def _ort_device(args) -> str:
@@ -447,12 +645,15 @@ def run(args, parser) -> int:
         parser.error("the output directory is required: -o OUT")
     if args.max_error is not None and args.no_verify:
         raise InputError("--max-error needs verification; drop --no-verify")
+    if args.verify_draws < 2:
+        raise InputError(f"--verify-draws must be at least 2 (the check compares the output's variation across "
+                         f"draws); got {args.verify_draws}")
     if args.max_error is not None and not args.max_error > 0:
         raise InputError(f"--max-error must be positive; got {args.max_error}")
     out = Path(args.output)
     report_path = Path(args.report) if args.report else None
     if report_path is not None:
-        if report_path.is_dir():
+        if os.path.isdir(report_path):  # (no OSError for a name too long)
             raise OutputError(f"--report {report_path} is a directory; give a file name like report.json")
         try:
             report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -460,6 +661,9 @@ def run(args, parser) -> int:
             raise OutputError(f"cannot write the report to {report_path}: {exc.strerror or exc}") from None
         if not os.access(report_path.parent, os.W_OK):
             raise OutputError(f"cannot write the report to {report_path}: no write permission")
+    ref_file = args.model_ref.rpartition(":")[0] if args.model_ref and ":" in args.model_ref else ""
+    inputs = [args.model, args.weights, ref_file if ref_file.endswith(".py") else None]
+    check_inputs_kept(out, report_path, inputs, plot=not args.no_plot)
     if str(config.device).startswith("cuda") and not _cuda_available():
         raise InputError(f"--device {config.device}: no CUDA device is visible here; use --device cpu")
 
@@ -467,6 +671,7 @@ def run(args, parser) -> int:
     if loaded.source == "onnx" and args.target != "onnx":
         raise InputError(f"--target {args.target} needs a PyTorch model (.pt2 or --model-ref); "
                            "ONNX input supports --target onnx")
+    check_inputs_kept(out, report_path, [*inputs, *loaded.data_files], plot=not args.no_plot)  # + external data
     staging = prepare_output(out)
     try:
         timings = {"load": time.perf_counter() - t_start}
@@ -489,6 +694,8 @@ def run(args, parser) -> int:
             except Exception as exc:
                 if args.debug:
                     traceback.print_exc()
+                if args.target == "onnx":
+                    _check_loads(staging / "model.onnx", loaded, args)  # an unloadable model is never a success
                 verification = Verification("skipped", note=f"could not run the models: {type(exc).__name__}: "
                                                             f"{_first_line(exc)}")
         timings["verify"] = time.perf_counter() - t0
@@ -496,14 +703,19 @@ def run(args, parser) -> int:
             res.report.output_error = verification.rel_error
         else:
             log.warning("%s", verification.summary())
+        if res.report.time_capped:
+            log.warning("the --time-budget cap stopped %d layer fit(s) early (%s): their result is worse than a full "
+                        "fit and depends on machine load; drop --time-budget for a reproducible result",
+                        len(res.report.time_capped), ", ".join(r.name for r in res.report.time_capped[:5]))
 
         failed = None
         if args.max_error is not None:
             if verification.status != "ok":
                 failed = f"--max-error {args.max_error:g} set but the output could not be verified: {verification.note}"
             elif not verification.rel_error <= args.max_error:
-                failed = (f"output rel. error {verification.rel_error:.4g} exceeds --max-error {args.max_error:g}; "
-                          "nothing written (raise --ratio, --steps or --time-budget, or --ignore sensitive layers)")
+                failed = (f"output error {verification.rel_error:.4g} (relative to the output's variation over "
+                          f"{verification.draws} draws) exceeds --max-error {args.max_error:g}; nothing written "
+                          "(raise --ratio or --steps, or --ignore sensitive layers)")
         timings["total"] = time.perf_counter() - t_start
         data = {"riem_compiler": __version__, "command": [PROG, *args._argv],
                 "input": {"model": args.model, "model_ref": args.model_ref, "weights": args.weights,
@@ -512,22 +724,23 @@ def run(args, parser) -> int:
                 **res.report.to_dict(), "verification": verification.to_dict(),
                 "cache": _cache_stats(res, config), "seconds": {k: round(v, 3) for k, v in timings.items()},
                 "status": "failed" if failed else "ok"}
-        if not args.quiet:
-            print(res.report)
         if failed:
+            _optional(args, "print the report", lambda: None if args.quiet else print(res.report))
             if report_path is not None:
                 _write_reports(data, res, report_path, args, f"{loaded.description} (FAILED --max-error)")
             raise VerificationFailed(failed)
         files = {p.name: _size(p) for p in sorted(staging.iterdir())}
         data["files"] = files
-        json_path = report_path or staging / "report.json"
-        _write_reports(data, res, json_path, args, f"{loaded.description} -> {args.target}")
-        publish(staging, out)
+        publish(staging, out)  # the model is in place before anything optional runs
+        args._published = out
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    # from here on a failure is reported and never costs the written model
+    _write_reports(data, res, report_path or out / "report.json", args, f"{loaded.description} -> {args.target}")
     if not args.quiet:
-        print(verification.summary())
+        _optional(args, "print the report", lambda: print(res.report))
+        _optional(args, "print the verification", lambda: print(verification.summary()))
         main_file = "model.onnx" if args.target == "onnx" else "model.so + params.safetensors"
         size = files.get("model.onnx", 0) + files.get("model.onnx.data", 0) if args.target == "onnx" else \
             files.get("params.safetensors", 0)
@@ -536,16 +749,31 @@ def run(args, parser) -> int:
     return EXIT_OK
 
 
+def _optional(args, what: str, fn) -> bool:
+    """Run an optional step (report, plot, printing); a failure is one warning line, never an exit."""
+    try:
+        fn()
+        return True
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        log.warning("could not %s (%s: %s); the model itself is written", what, type(exc).__name__, _first_line(exc))
+        return False
+
+
 def _write_reports(data: dict, res, json_path: Path, args, title: str) -> None:
-    _write_json(json_path, data)
-    if args.no_plot:
+    """report.json, then report.png beside it; each is optional (see _optional)."""
+    if not _optional(args, f"write the report {json_path}", lambda: _write_json(json_path, data)) or args.no_plot:
         return
     try:
-        from riem_compiler.plots import save_report_png
+        import matplotlib  # noqa: F401  (an optional extra: riem-compiler[bench] or pip install matplotlib)
     except ImportError:
         log.warning("matplotlib is not installed: no report.png (pip install matplotlib)")
         return
-    save_report_png(res.report, json_path.with_suffix(".png"), title)
+    from riem_compiler.plots import save_report_png
+
+    _optional(args, f"draw {json_path.with_suffix('.png')}",
+              lambda: save_report_png(res.report, json_path.with_suffix(".png"), title))
 
 
 def _cache_stats(res, config) -> dict:
@@ -600,8 +828,32 @@ def _setup_logging(args):
 
 
 def _error(code: int, message: str) -> int:
+    # one line, whatever the message holds (a path given with a newline in it, say)
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
+
+
+def _handle_sigterm():
+    """While main() runs, turn SIGTERM (kill, a job scheduler's stop, `timeout`) into Terminated,
+    a KeyboardInterrupt, so it ends like Ctrl-C: staging removed, nothing written. Returns the
+    undo function. Signal handlers can only be set in the main thread: elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the cleanup finish
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not the main interpreter
+        return lambda: None
+
+    def undo():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+    return undo
 
 
 def main(argv=None) -> int:
@@ -610,12 +862,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)
     undo_logging = _setup_logging(args)
+    undo_sigterm = _handle_sigterm()
     try:
         with warnings.catch_warnings():
             if not args.debug:
                 warnings.simplefilter("ignore")  # torch/onnx deprecation chatter is not the user's business
             return _run_reporting_errors(args, parser)
+    except Terminated:  # arrived after run() ended, while reporting
+        return _error(EXIT_TERMINATED, "terminated (SIGTERM)")
     finally:
+        undo_sigterm()
         undo_logging()
 
 
@@ -624,9 +880,13 @@ def _run_reporting_errors(args, parser) -> int:
 
     try:
         return run(args, parser)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        what, code = ("terminated (SIGTERM)", EXIT_TERMINATED) if isinstance(exc, Terminated) else \
+            ("interrupted", EXIT_INTERRUPTED)
+        if getattr(args, "_published", None):
+            return _error(code, f"{what} after the model was written to {args._published}; the report may be missing")
         where = "" if args.no_cache else " (layers fitted so far are cached: run the same command to resume)"
-        return _error(EXIT_INTERRUPTED, f"interrupted; nothing written{where}")
+        return _error(code, f"{what}; nothing written{where}")
     except InputError as exc:
         return _report_exc(args, EXIT_INPUT, str(exc))
     except VerificationFailed as exc:

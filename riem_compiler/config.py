@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 from riem_compiler import riem
@@ -9,6 +11,8 @@ from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LAYER_KINDS
 
 METHODS = ("riem", "svd", "rtn", "tucker2", "auto")
+FLOAT_FIELDS = ("ratio", "time_budget_s", "lr", "error_ceiling")  # each must be finite
+NONE_ALLOWED = ("time_budget_s",)  # None: no cap
 
 
 @dataclass
@@ -26,7 +30,7 @@ class Config:
     m: int = 16
     k_branches: int = riem.K_BRANCHES
     steps: int = 1000
-    time_budget_s: float = 60.0
+    time_budget_s: float | None = None  # optional per-layer wall-clock cap (a visible guard; None: no cap)
     lr: float = 3e-2
     error_ceiling: float = 1.0
     seed: int = 0
@@ -39,6 +43,7 @@ class Config:
     quiet: bool = False
     executor: str = "local"  # "local" (in-process) or "ray"
     ray_address: str | None = None  # Ray cluster address; None starts/joins a local one
+    threads: int | None = None  # torch threads per fit (Ray: CPUs per task); None: current setting locally, 1 on Ray
     cache_dir: str | None = None  # fitted-layer cache (resumable runs); None disables it
     refine: bool = False  # data-free refinement toward the original's outputs (torch, needs example_inputs)
     refine_steps: int = 200
@@ -49,6 +54,14 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
+        # nan compares false with everything, so a nan would slip past every range check below
+        # (and silently disable the error ceiling): every float option must be a finite number
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if name in NONE_ALLOWED and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number; got {value!r}")
         if not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 1.0:
             raise InputError(f"ratio must be a number in (0, 1), the stored fraction of fp32 bytes; got {self.ratio!r}")
         if self.method not in METHODS:
@@ -61,8 +74,10 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer; got {value!r}")
-        if self.time_budget_s <= 0:
-            raise InputError(f"time_budget_s must be positive; got {self.time_budget_s!r}")
+        if self.time_budget_s is not None and not (isinstance(self.time_budget_s, (int, float))
+                                                   and 0 < self.time_budget_s < float("inf")):
+            raise InputError(f"time_budget_s must be a positive finite number of seconds, or None for no cap; "
+                             f"got {self.time_budget_s!r}")
         if self.error_ceiling <= 0:
             raise InputError(f"error_ceiling must be positive; got {self.error_ceiling!r}")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -72,6 +87,8 @@ class Config:
         bad = [t for t in self.ignore_types if t not in LAYER_KINDS]
         if bad:
             raise InputError(f"ignore_types has unknown kinds {bad}; known: {LAYER_KINDS}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise InputError(f"threads must be a positive integer or None; got {self.threads!r}")
         if self.min_weight_size < 0:
             raise InputError(f"min_weight_size must be >= 0; got {self.min_weight_size!r}")
 

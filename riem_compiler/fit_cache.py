@@ -3,8 +3,9 @@
 One entry per fit: `<dir>/<key[:2]>/<key>.safetensors` (the stored arrays) and `<key>.json`
 (method, shape, meta, error, settings, and the sha256 of the safetensors file). The key is the
 sha256 of the weight's bytes, dtype and shape plus every option that changes the fit (method,
-ratio, bit widths, steps, time budget, seed, device, ...) and the package version, so a hit is
-always the fit this run would have produced (up to timing, when a time budget cut a fit short).
+ratio, bit widths, steps, time budget, seed, device, threads, ...) and the package version, so a
+hit is always the fit this run would have produced. A fit that a time budget cut short depends on
+machine load and is not stored.
 
 Entries are written through temporary files and renamed, arrays first and JSON last: a run
 killed mid-write leaves no entry, never a half one. A damaged entry is reported and ignored.
@@ -33,7 +34,7 @@ CACHE_FORMAT = "riem-fit-cache"
 CACHE_VERSION = 1
 # Config fields that change what a fit produces (or whether it is accepted)
 FIT_FIELDS = ("method", "ratio", "state_bits", "metric_dtype", "m", "k_branches", "steps", "time_budget_s",
-              "lr", "error_ceiling", "seed", "device")
+              "lr", "error_ceiling", "seed", "device", "threads")
 TAG_NAME = "CACHEDIR.TAG"
 TAG_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
             "# This directory is a riem_compiler fit cache (riem-compile --clear-cache empties it).\n")
@@ -65,7 +66,7 @@ def fit_key(weight: np.ndarray, fields: dict) -> str:
 def layer_key(spec, config, index: int) -> str:
     """Key of one per-layer fit in `compress_specs` (the index offsets the seed)."""
     fields = {**fit_fields(config), "purpose": "layer", "kind": spec.kind, "index": int(index),
-              "groups": int(spec.attrs.get("groups", spec.attrs.get("group", 1)) or 1)}
+              "groups": int(spec.groups)}
     return fit_key(spec.weight, fields)
 
 
@@ -188,7 +189,11 @@ def cached_riem_fit(fit, cache: FitCache, config):
         t0 = time.perf_counter()
         cw = fit(weight, ratio)
         if cw is not None:
-            cache.put(key, cw, None, {}, time.perf_counter() - t0)
+            try:
+                cache.put(key, cw, None, {}, time.perf_counter() - t0)
+            except Exception as exc:  # the fit is kept; only the next run pays for it again
+                log.warning("fit cache %s: could not store an auto RieM candidate (%s: %s)",
+                            cache.root, type(exc).__name__, exc)
         return cw
 
     return wrapped

@@ -24,6 +24,26 @@ class LayerRecord:
 class Report:
     layers: list[LayerRecord] = field(default_factory=list)
     output_error: float | None = None  # relative error of model outputs on the example inputs
+    # every parameter, buffer and initializer of the whole model, not just the layers above
+    model_bytes_before: int | None = None
+    refine: dict | None = None  # refinement outcome (held-out errors, steps done / planned), when it ran
+
+    @property
+    def model_bytes_after(self) -> int | None:
+        if self.model_bytes_before is None:
+            return None
+        return self.model_bytes_before - sum(r.bytes_before - r.bytes_after for r in self.compressed)
+
+    @property
+    def model_ratio(self) -> float | None:
+        if not self.model_bytes_before:
+            return None
+        return self.model_bytes_after / self.model_bytes_before
+
+    @property
+    def time_capped(self) -> list[LayerRecord]:
+        """Layers whose fit a time budget stopped early (worse than a full fit, load-dependent)."""
+        return [r for r in self.layers if r.settings.get("time_capped")]
 
     def __iter__(self):
         return iter(self.layers)
@@ -55,10 +75,16 @@ class Report:
         return {"layers": len(self.layers), "compressed": len(self.compressed),
                 "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
                 "ratio": round(self.ratio, 6), "fit_seconds": round(self.fit_seconds, 3),
-                "output_error": self.output_error}
+                "output_error": self.output_error, "model_bytes_before": self.model_bytes_before,
+                "model_bytes_after": self.model_bytes_after,
+                "model_ratio": None if self.model_ratio is None else round(self.model_ratio, 6),
+                "time_capped_layers": len(self.time_capped)}
 
     def to_dict(self) -> dict:
-        return {"layers": [asdict(r) for r in self.layers], "totals": self.totals()}
+        data = {"layers": [asdict(r) for r in self.layers], "totals": self.totals()}
+        if self.refine is not None:
+            data["refine"] = self.refine
+        return data
 
     def to_json(self, path=None, indent: int = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
@@ -70,7 +96,8 @@ class Report:
     @classmethod
     def from_dict(cls, data: dict) -> "Report":
         layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in data["layers"]]
-        return cls(layers, data.get("totals", {}).get("output_error"))
+        totals = data.get("totals", {})
+        return cls(layers, totals.get("output_error"), totals.get("model_bytes_before"), data.get("refine"))
 
     def rows(self) -> list[list[str]]:
         rows = []
@@ -84,6 +111,10 @@ class Report:
         rows.append(["TOTAL", f"{t['compressed']}/{t['layers']} layers", "", f"ratio={t['ratio']:.4f}",
                      _kib(t["bytes_before"]), _kib(t["bytes_after"]), "", f"{t['fit_seconds']:.1f}",
                      "" if self.output_error is None else f"output rel. error {self.output_error:.4f}"])
+        if self.model_bytes_before is not None:
+            rows.append(["WHOLE MODEL", "all tensors", "", f"ratio={self.model_ratio:.4f}",
+                         _kib(self.model_bytes_before), _kib(self.model_bytes_after), "", "",
+                         "weights, biases, norms, embeddings and everything else stored"])
         return rows
 
     HEADER = ["layer", "shape", "method", "settings", "KiB before", "KiB after", "rel.err", "fit s", "note"]

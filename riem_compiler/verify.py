@@ -5,9 +5,18 @@ normal, integer inputs are 0/1 (valid token ids, masks and indices for any vocab
 more), booleans random; all from a seeded generator. Shapes come from the torch example inputs,
 from `--input-shape`, or from the ONNX graph inputs (a dynamic dimension becomes 1 unless given).
 
-The number reported is the relative error over all outputs, ||y - y_ref|| / ||y_ref||, plus the
-largest absolute difference. Positions where the original output is NaN/inf must be NaN/inf in
-the compressed one too (then they are left out); a new NaN/inf makes the error infinite.
+One draw of inputs can mislead (a lucky batch, or one on which the original's output happens to
+be constant), so the check runs several independent draws (`DRAWS`) and reports:
+
+- `rel_error`: ||y - y_ref|| over all draws, relative to the original output's variation across
+  the draws, ||y_ref - mean_draws(y_ref)||. An error that is small only next to a large constant
+  part of the output is not small;
+- its spread per draw (min, median, max), and the error relative to the output's norm;
+- status "degenerate" when the original's output does not vary over the draws: then the check
+  cannot judge the compressed model, says so, and `--max-error` fails.
+
+Positions where the original output is NaN/inf must be NaN/inf in the compressed one too (then
+they are left out); a new NaN/inf makes the error infinite.
 """
 from __future__ import annotations
 
@@ -132,31 +141,73 @@ def onnx_inputs(model, shapes: list[InputShape] | None = None, seed: int = 0) ->
     return feeds
 
 
+DRAWS = 8  # independent draws of generated inputs per check
+DEGENERATE = 1e-10  # output variation below this fraction of its energy: the check cannot judge
+
+
 @dataclass
 class Verification:
     """Outcome of running original and compressed model on the same generated inputs."""
 
-    status: str  # "ok" | "skipped"
-    rel_error: float | None = None
+    status: str  # "ok" | "degenerate" (the original's output does not vary: cannot judge) | "skipped"
+    rel_error: float | None = None  # pooled over draws, relative to the output's variation across draws
     max_abs_error: float | None = None
-    inputs: list[dict] = field(default_factory=list)  # name, shape, dtype
+    inputs: list[dict] = field(default_factory=list)  # name, shape, dtype (of one draw)
     checked: str = ""  # what ran as the compressed model: "onnx file", "tvm artifact", "torch model"
     note: str = ""
+    draws: int = 0
+    spread: dict | None = None  # min / median / max of the per-draw error (same normalisation)
+    rel_to_norm: float | None = None  # ||y - y_ref|| / ||y_ref|| pooled over draws
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("rel_error", "max_abs_error"):  # JSON has no inf/nan
+        for k in ("rel_error", "max_abs_error", "rel_to_norm"):  # JSON has no inf/nan
             if d[k] is not None and not math.isfinite(d[k]):
                 d[k] = str(d[k])
+        if d["spread"]:
+            d["spread"] = {k: v if math.isfinite(v) else str(v) for k, v in d["spread"].items()}
         return d
 
     def summary(self) -> str:
-        if self.status != "ok":
+        if self.status == "skipped":
             return f"verification skipped: {self.note}"
         shapes = ", ".join(f"{i['name']}{tuple(i['shape'])}" for i in self.inputs)
-        text = (f"verification ({self.checked}, generated inputs {shapes}): output rel. error "
-                f"{self.rel_error:.4g}, max abs error {self.max_abs_error:.4g}")
+        where = f"{self.checked}, {self.draws} draws of generated inputs {shapes}"
+        if self.status == "degenerate":
+            return f"verification cannot judge ({where}): {self.note}"
+        sp = self.spread or {}
+        text = (f"verification ({where}): output error {self.rel_error:.4g} of the output's variation "
+                f"(per draw median {sp.get('median', math.nan):.4g}, range {sp.get('min', math.nan):.4g}-"
+                f"{sp.get('max', math.nan):.4g}), {self.rel_to_norm:.4g} of its norm; max abs error "
+                f"{self.max_abs_error:.4g}")
         return f"{text} ({self.note})" if self.note else text
+
+
+def input_draws(first: dict, n: int = DRAWS, seed: int = 0) -> list[dict]:
+    """`first` and n-1 fresh draws with its names, shapes and dtypes (numpy or torch): floats
+    standard normal, integers uniform over the range `first` spans (copied when it spans one
+    value, e.g. an all-ones mask), booleans random."""
+    rng = np.random.default_rng(seed)
+    draws = [dict(first)]
+    for _ in range(n - 1):
+        draw = {}
+        for name, x in first.items():
+            arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+            if arr.dtype.kind == "f":
+                new = rng.standard_normal(arr.shape).astype(arr.dtype)
+            elif arr.dtype.kind == "b":
+                new = rng.integers(0, 2, size=arr.shape).astype(bool)
+            elif arr.dtype.kind in "iu" and arr.size and arr.max() > arr.min():
+                new = rng.integers(int(arr.min()), int(arr.max()) + 1, size=arr.shape).astype(arr.dtype)
+            else:
+                new = arr.copy()
+            if hasattr(x, "detach"):
+                import torch
+
+                new = torch.from_numpy(np.ascontiguousarray(new)).to(x.device)
+            draw[name] = new
+        draws.append(draw)
+    return draws
 
 
 def as_numpy_list(out) -> list[np.ndarray]:
@@ -176,31 +227,6 @@ def as_numpy_list(out) -> list[np.ndarray]:
     return []
 
 
-def compare(reference, candidate) -> tuple[float, float, int]:
-    """(relative L2 error, max abs error, number of NaN/inf reference values left out) of
-    candidate outputs against reference outputs."""
-    ref, out = as_numpy_list(reference), as_numpy_list(candidate)
-    if len(ref) != len(out):
-        raise ValueError(f"the compressed model returns {len(out)} outputs, the original {len(ref)}")
-    num = den = 0.0
-    max_abs = 0.0
-    left_out = 0
-    for r, o in zip(ref, out):
-        if r.shape != o.shape:
-            raise ValueError(f"output shape {o.shape} differs from the original's {r.shape}")
-        fin_r, fin_o = np.isfinite(r), np.isfinite(o)
-        if np.any(fin_r != fin_o):  # a new NaN/inf, or one of the original's that went away
-            return math.inf, math.inf, left_out
-        left_out += int(np.sum(~fin_r))
-        diff = (o - r)[fin_r]
-        num += float(np.sum(diff ** 2))
-        den += float(np.sum(r[fin_r] ** 2))
-        if diff.size:
-            max_abs = max(max_abs, float(np.max(np.abs(diff))))
-    rel = math.sqrt(num / den) if den > 0 else math.sqrt(num)
-    return rel, max_abs, left_out
-
-
 def describe(named_inputs: dict) -> list[dict]:
     out = []
     for name, x in named_inputs.items():
@@ -209,36 +235,77 @@ def describe(named_inputs: dict) -> list[dict]:
     return out
 
 
-def run_check(reference_fn, candidate_fn, named_inputs: dict, checked: str) -> Verification:
-    """Run both callables on the inputs (they take the inputs positionally) and compare."""
+def run_check(reference_fn, candidate_fn, draws: list[dict], checked: str) -> Verification:
+    """Run both callables on each draw of named inputs (passed positionally) and compare."""
     import torch
 
-    args = tuple(named_inputs.values())
+    refs, outs = [], []
     with torch.no_grad():
-        ref = reference_fn(*args)
-        out = candidate_fn(*args)
-    return _verification(ref, out, describe(named_inputs), checked)
+        for named in draws:
+            args = tuple(named.values())
+            refs.append(reference_fn(*args))
+            outs.append(candidate_fn(*args))
+    return judge(refs, outs, describe(draws[0]), checked)
 
 
-def _verification(ref, out, inputs: list[dict], checked: str) -> Verification:
-    rel, max_abs, left_out = compare(ref, out)
-    total = sum(a.size for a in as_numpy_list(ref))
-    note = ""
+def judge(refs: list, outs: list, inputs: list[dict], checked: str) -> Verification:
+    """Verification of candidate outputs `outs` against reference outputs `refs`, one per draw."""
+    ref = [as_numpy_list(r) for r in refs]
+    out = [as_numpy_list(o) for o in outs]
+    n = len(ref)
+    for r_k, o_k in zip(ref, out):
+        if len(r_k) != len(o_k):
+            raise ValueError(f"the compressed model returns {len(o_k)} outputs, the original {len(r_k)}")
+        for r, o in zip(r_k, o_k):
+            if r.shape != o.shape:
+                raise ValueError(f"output shape {o.shape} differs from the original's {r.shape}")
+    total = sum(a.size for r_k in ref for a in r_k)
+    left_out, max_abs = 0, 0.0
+    num = np.zeros(n)
+    energy = np.zeros(n)
+    variation = np.zeros(n)
+    for j in range(len(ref[0]) if ref else 0):
+        r = np.stack([r_k[j] for r_k in ref])  # (draws, *output shape)
+        o = np.stack([o_k[j] for o_k in out])
+        fin_r, fin_o = np.isfinite(r), np.isfinite(o)
+        if np.any(fin_r != fin_o):  # a new NaN/inf, or one of the original's that went away
+            return Verification("ok", math.inf, math.inf, inputs, checked, "the compressed model's outputs have "
+                                "NaN/inf where the original's do not (or the reverse)", n,
+                                {"min": math.inf, "median": math.inf, "max": math.inf}, math.inf)
+        left_out += int(np.sum(~fin_r))
+        everywhere = np.all(fin_r, axis=0)  # positions finite in every draw
+        diff = np.where(fin_r, o - r, 0.0)
+        num += np.sum(diff.reshape(n, -1) ** 2, axis=1)
+        energy += np.sum(np.where(fin_r, r, 0.0).reshape(n, -1) ** 2, axis=1)
+        centred = np.where(everywhere, r - np.where(everywhere, r, 0.0).mean(axis=0), 0.0)
+        variation += np.sum(centred.reshape(n, -1) ** 2, axis=1)
+        if diff.size:
+            max_abs = max(max_abs, float(np.max(np.abs(diff))))
+    notes = []
     if left_out:
-        note = (f"{left_out} of {total} output values of the original model are NaN/inf (so are the compressed "
-                "model's); the error is over the rest")
-        log.warning("verification: %s", note)
-    return Verification("ok", rel, max_abs, inputs, checked, note)
+        notes.append(f"{left_out} of {total} output values of the original model are NaN/inf (so are the "
+                     "compressed model's); the error is over the rest")
+        log.warning("verification: %s", notes[-1])
+    rel_to_norm = math.sqrt(num.sum() / energy.sum()) if energy.sum() > 0 else math.sqrt(num.sum())
+    if n < 2 or not variation.sum() > DEGENERATE * max(energy.sum(), 1e-300):
+        what = "is the same for every draw" if n >= 2 else "was checked on a single draw"
+        notes.append(f"the original model's output {what} of generated inputs, so the check cannot tell a good "
+                     f"compression from a bad one (error relative to the output's norm: {rel_to_norm:.4g}); "
+                     "pass --input-shape / inputs that exercise the model")
+        return Verification("degenerate", None, max_abs, inputs, checked, "; ".join(notes), n, None, rel_to_norm)
+    per_draw = np.sqrt(num / (variation.sum() / n))
+    spread = {"min": float(per_draw.min()), "median": float(np.median(per_draw)), "max": float(per_draw.max())}
+    rel = math.sqrt(num.sum() / variation.sum())
+    return Verification("ok", rel, max_abs, inputs, checked, "; ".join(notes), n, spread, rel_to_norm)
 
 
-def verify_onnx(original, candidate, feeds: dict[str, np.ndarray], device: str = "cpu",
+def verify_onnx(original, candidate, draws: list[dict[str, np.ndarray]], device: str = "cpu",
                 checked: str = "onnx file") -> Verification:
-    """Run two ONNX models (ModelProto or path) with onnxruntime on the same feeds."""
+    """Run two ONNX models (ModelProto or path) with onnxruntime on the same draws of feeds."""
     from riem_compiler.codegen.onnx_export import OnnxRuntimeModel
 
     ref = OnnxRuntimeModel(original, device=device)
     cand = OnnxRuntimeModel(candidate, device=device)
-    with_names = {k: feeds[k] for k in ref.input_names}
-    reference = ref.session.run(None, with_names)
-    compressed = cand.session.run(None, {k: feeds[k] for k in cand.input_names})
-    return _verification(reference, compressed, describe(with_names), checked)
+    refs = [ref.session.run(None, {k: feeds[k] for k in ref.input_names}) for feeds in draws]
+    outs = [cand.session.run(None, {k: feeds[k] for k in cand.input_names}) for feeds in draws]
+    return judge(refs, outs, describe({k: draws[0][k] for k in ref.input_names}), checked)

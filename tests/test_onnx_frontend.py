@@ -150,8 +150,11 @@ def test_matmul_weight_either_side(builder, operand):
 def test_conv_variants_found(kwargs, kind):
     model, _ = conv_model(**kwargs)
     spec = only(find_onnx_layers(model, ALL)[0])
-    assert spec.kind == kind and spec.attrs["group"] == kwargs.get("group", 1)
-    for key in ("dilations", "pads", "auto_pad", "strides"):
+    spatial = 1 if kind == "conv1d" else 2
+    assert spec.kind == kind and spec.groups == kwargs.get("group", 1) and "group" not in spec.attrs
+    assert spec.stride == tuple(kwargs.get("strides", (1,) * spatial))
+    assert spec.dilation == tuple(kwargs.get("dilations", (1,) * spatial))
+    for key in ("pads", "auto_pad"):
         if key in kwargs:
             assert spec.attrs[key] == kwargs[key]
     assert spec.bias is not None and spec.bias.shape == (8,)
@@ -276,3 +279,46 @@ def test_unsupported_opset(tmp_path):
     onnx.save_model(model, str(path))
     _one_line_error(path, str(path), "opset 10")
     _one_line_error(model, "opset 10")
+
+
+def _branch(tag, weight_name, init=None):
+    inits = [] if init is None else [numpy_helper.from_array(init, weight_name)]
+    return helper.make_graph([helper.make_node("MatMul", ["x", weight_name], [f"{tag}_y"], name=f"{tag}_mm")],
+                             tag, [], [vi(f"{tag}_y", (3, 16))], inits)
+
+
+def test_names_defined_in_several_scopes_are_skipped():
+    """Sibling bodies with their own "W", and a Loop body input named like an outer weight: each
+    name stands for several tensors, so none is taken (and no tensor's data is mixed up)."""
+    node = helper.make_node("If", ["flag"], ["y"], then_branch=_branch("then", "W", rand((32, 16), 1)),
+                            else_branch=_branch("else", "W", rand((32, 16), 2)), name="if")
+    model = make_model([node], [vi("x", (3, 32)), vi("flag", (), TensorProto.BOOL)], [vi("y", (3, 16))])
+    specs, skipped = find_onnx_layers(model, ALL)
+    assert specs == [] and skipped == [("W", "name 'W' is defined 2 times in the model (a subgraph shadows it or "
+                                              "is shadowed by it); left as is")]
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["V", "U"], ["h_mm"], name="loop_mm"),  # V: the body's own input
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [vi("iter", (), TensorProto.INT64), vi("cond_in", (), TensorProto.BOOL), vi("V", (16, 16))],
+        [vi("cond_out", (), TensorProto.BOOL), vi("h_mm", (16, 16))])
+    nodes = [helper.make_node("MatMul", ["x", "V"], ["h"], name="outer_mm"),
+             helper.make_node("Loop", ["trips", "", "h"], ["looped"], body=body, name="loop")]
+    model = make_model(nodes, [vi("x", (16, 16))], [vi("looped", (16, 16))],
+                       {"V": rand((16, 16), 3), "U": rand((16, 16), 4), "trips": np.array(2, np.int64)})
+    specs, skipped = find_onnx_layers(model, ALL)
+    assert [s.name for s in specs] == ["U"]  # the body's MatMul weight from the outer scope
+    assert dict(skipped)["V"].startswith("name 'V' is defined 2 times")
+
+
+def test_weight_of_convs_with_different_groups_is_skipped():
+    w = rand((8, 2, 1, 1))
+    nodes = [helper.make_node("Conv", ["x", "W"], ["a"], group=4, name="grouped"),
+             helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["x2"]),
+             helper.make_node("Conv", ["x2", "W"], ["b"], name="plain"),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    model = make_model(nodes, [vi("x", (1, 8, 4, 4))], [vi("y", (1, 8, 4, 4))],
+                       {"W": w, "starts": np.array([0], np.int64), "ends": np.array([2], np.int64),
+                        "axes": np.array([1], np.int64)})
+    specs, skipped = find_onnx_layers(model, ALL)
+    assert specs == [] and skipped == [("W", "used by convolutions with different groups [1, 4]")]
+

@@ -308,7 +308,7 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict) -> onnx.ModelP
     rewrite every name in `compressed` (weights are located by initializer/Constant name).
     """
     from riem_compiler.errors import InputError
-    from riem_compiler.frontend.onnx_frontend import default_opset
+    from riem_compiler.frontend.onnx_frontend import default_opset, definition_counts
 
     wanted = dict(compressed) if specs is None else {s.name: compressed[s.name] for s in specs
                                                        if s.name in compressed}
@@ -320,6 +320,11 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict) -> onnx.ModelP
     out.CopyFrom(model)
     if not wanted:
         return out
+    definitions = definition_counts(out.graph)
+    shadowed = sorted(n for n in wanted if definitions.get(n, 0) > 1)
+    if shadowed:  # the decoder output keeps the weight's name, which must then be unique in every scope
+        raise InputError(f"weights {shadowed[:5]} are defined more than once in the model (a subgraph shadows "
+                         "the name); they cannot be replaced")
     opset = default_opset(out) or 0
     if opset < MIN_FUNCTION_OPSET:
         out = _upgrade_opset(out, opset)
@@ -338,7 +343,59 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict) -> onnx.ModelP
             out.functions.append(proto)
     _write_meta(out, {**_read_meta(out), **state.entries})
     log.info("ONNX: %d weights replaced by decoder functions", len(state.entries))
+    check_rewritten(model, out)
     return out
+
+
+def check_rewritten(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
+    """Raise RiemError when the rewritten model is one that neither onnx.checker nor onnxruntime
+    would accept while the original is: a written model that does not load is never a result.
+
+    onnx.checker runs with full_check (shape inference) where the original passes it; the
+    onnxruntime session is created with graph optimisations off, so the decoders are not folded
+    (graph resolution alone finds broken SSA, unknown names and type errors)."""
+    from riem_compiler.errors import RiemError
+
+    if rewritten.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF or original.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
+        log.info("model over 2 GiB: rewritten model not checked in memory")
+        return
+    for full in (True, False):
+        problem = _checker_problem(rewritten, full)
+        if problem is None:
+            break
+        if _checker_problem(original, full) is None:
+            raise RiemError(f"internal error: the rewritten ONNX model fails onnx.checker (full_check={full}) "
+                            f"while the original passes: {problem}")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        try:
+            ort.InferenceSession(original.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception:
+            log.info("onnxruntime cannot load the original model either: rewritten model not checked with it")
+            return
+        raise RiemError("internal error: onnxruntime cannot load the rewritten ONNX model while it loads the "
+                        f"original: {_one_line(e)}") from None
+
+
+def _checker_problem(model: onnx.ModelProto, full: bool) -> str | None:
+    try:
+        onnx.checker.check_model(model, full_check=full)
+    except Exception as e:  # ValidationError, InferenceError
+        return _one_line(e)
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -383,11 +440,10 @@ def _all_names(model: onnx.ModelProto) -> set:
 
 
 def _subgraphs(node: onnx.NodeProto):
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            yield from a.graphs
+    from riem_compiler.frontend.onnx_frontend import subgraphs
+
+    for _, g in subgraphs(node):
+        yield g
 
 
 def _rewrite_graph(graph: onnx.GraphProto, state: _RewriteState, graph_inputs: set) -> None:
@@ -514,6 +570,7 @@ def materialize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
         if out.opset_import[i].domain == DOMAIN:
             del out.opset_import[i]
     _write_meta(out, {})
+    check_rewritten(model, out)
     return out
 
 
@@ -552,7 +609,9 @@ def save_onnx(model: onnx.ModelProto, path) -> Path:
     external data file "<name>.data" when they exceed EXTERNAL_DATA_THRESHOLD bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensor_bytes = sum(len(t.raw_data) for t in _all_tensors(model))
+    from riem_compiler.frontend.onnx_frontend import all_tensors
+
+    tensor_bytes = sum(len(t.raw_data) for t in all_tensors(model))
     external = tensor_bytes > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -569,17 +628,6 @@ def save_onnx(model: onnx.ModelProto, path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def _all_tensors(model: onnx.ModelProto):
-    from riem_compiler.frontend.onnx_frontend import iter_graphs
-
-    for _, g in iter_graphs(model.graph):
-        yield from g.initializer
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.TENSOR:
-                    yield a.t
 
 
 def export_result_onnx(result, path, materialize: bool = False) -> Path:

@@ -20,8 +20,12 @@ class LayerSpec:
             (out, in/groups, *kernel); a MatMul constant as it stands). Fitting views it as
             (shape[0], prod(shape[1:])).
     bias:   float32 array or None.
-    attrs:  kind-specific attributes (stride, padding, dilation, groups, padding_mode, ...).
+    attrs:  frontend-specific attributes (torch: padding, padding_mode; ONNX: op_type, pads,
+            consumers, ...). Not for anything the pass decides on: read the typed fields below.
     module: torch: qualified name of the owning module ("" for functional use); ONNX: node name.
+    groups, stride, dilation: convolution attributes, written the same way by both frontends
+            (torch `groups`/`stride`/`dilation`, ONNX `group`/`strides`/`dilations`); one int per
+            spatial dimension; groups 1 and empty tuples for Linear/MatMul.
     """
 
     name: str
@@ -30,6 +34,16 @@ class LayerSpec:
     bias: np.ndarray | None = field(default=None, repr=False)
     attrs: dict = field(default_factory=dict)
     module: str = ""
+    groups: int = 1
+    stride: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        self.groups = int(self.groups)
+        self.stride = tuple(int(s) for s in self.stride)
+        self.dilation = tuple(int(d) for d in self.dilation)
+        if self.groups < 1:
+            raise ValueError(f"{self.name}: groups must be >= 1, got {self.groups}")
 
     @property
     def shape(self) -> tuple[int, ...]:

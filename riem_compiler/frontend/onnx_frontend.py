@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import onnx
@@ -39,8 +39,17 @@ def load_onnx(path_or_model) -> onnx.ModelProto:
     """A validated ModelProto from a ModelProto or a .onnx path (external data loaded).
 
     Raises InputError with one line naming the file and the problem: missing or truncated
-    file, missing external data, failed checker, opset older than 11 or newer than onnx knows.
+    file, missing external data, external data entries that point at the model itself, outside
+    the model's folder or past the end of their file, tensors whose stored bytes do not match
+    their dtype and shape, failed checker, opset older than 11 or newer than onnx knows.
     """
+    return load_onnx_files(path_or_model)[0]
+
+
+def load_onnx_files(path_or_model) -> tuple[onnx.ModelProto, list[Path]]:
+    """Like load_onnx, plus the resolved paths of the external data files that were read
+    (empty for a ModelProto or a self-contained file)."""
+    data_files: list[Path] = []
     if isinstance(path_or_model, onnx.ModelProto):
         model, where = path_or_model, "ONNX model"
     elif isinstance(path_or_model, (str, os.PathLike)):
@@ -48,19 +57,20 @@ def load_onnx(path_or_model) -> onnx.ModelProto:
         where = str(path)
         if not path.is_file():
             raise InputError(f"{where}: no such file; pass the path of an existing .onnx file")
-        model = _read_file(path)
+        model, data_files = _read_file(path)
     else:
         raise InputError(f"expected an onnx.ModelProto or a path to a .onnx file, got {type(path_or_model).__name__}")
     _check_external_data_loaded(model, where)
+    _check_tensor_sizes(model, where)
     _check_opset(model, where)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:
         raise InputError(f"{where}: not a valid ONNX model: {_first_line(e)}") from None
-    return model
+    return model, data_files
 
 
-def _read_file(path: Path) -> onnx.ModelProto:
+def _read_file(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf DecodeError and friends
@@ -69,17 +79,111 @@ def _read_file(path: Path) -> onnx.ModelProto:
     if len(model.graph.node) == 0 and len(model.graph.output) == 0:
         raise InputError(f"{path}: parsed as an empty ONNX model (no nodes, no outputs); the file is "
                          "truncated or not an ONNX model")
+    data_files = {}
     for tensor in _external_tensors(model):
-        info = {e.key: e.value for e in tensor.external_data}
-        data = path.parent / info.get("location", "")
-        if not data.is_file():
-            raise InputError(f"{path}: external data file {info.get('location')!r} of tensor "
-                             f"{tensor.name!r} not found next to the model (looked for {data})")
+        data = _check_external_entry(path, tensor)
+        data_files[str(data)] = data
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as e:
         raise InputError(f"{path}: cannot read external data ({_first_line(e)})") from None
-    return model
+    return model, list(data_files.values())
+
+
+def _check_external_entry(path: Path, tensor: onnx.TensorProto) -> Path:
+    """Validate one tensor's external-data entry before anything is read; the resolved data file.
+
+    The location must be a relative path inside the model's folder (no absolute path, no `..`
+    out of it) and not the model file itself; offset and length must lie inside the data file
+    and the bytes they select must be exactly what the tensor's dtype and shape need."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    what = f"external data of tensor {tensor.name!r}"
+    if not location:
+        raise InputError(f"{path}: {what} has no location")
+    if os.path.isabs(location) or PureWindowsPath(location).drive or location.startswith(("/", "\\")):
+        raise InputError(f"{path}: {what} has the absolute location {location!r}; external data must be "
+                         "a relative path inside the model's folder")
+    parts = os.path.normpath(location.replace("\\", "/")).split(os.sep)
+    if parts[0] == "..":
+        raise InputError(f"{path}: {what} has the location {location!r}, outside the model's folder; "
+                         "external data must be a relative path inside it")
+    data = path.parent / location
+    if not data.is_file():
+        raise InputError(f"{path}: external data file {location!r} of tensor "
+                         f"{tensor.name!r} not found next to the model (looked for {data})")
+    resolved = data.resolve()
+    if resolved == path.resolve():
+        raise InputError(f"{path}: {what} has the location {location!r}, which is the model file itself")
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise InputError(f"{path}: {what} has a non-integer offset or length "
+                         f"({info.get('offset')!r}, {info.get('length')!r})") from None
+    size = resolved.stat().st_size
+    if offset < 0 or (length is not None and length < 0):
+        raise InputError(f"{path}: {what} has a negative offset or length ({offset}, {length})")
+    if offset > size or (length is not None and offset + length > size):
+        raise InputError(f"{path}: {what} reads bytes {offset}..{offset + (length or 0)} of {location!r}, "
+                         f"which has only {size} bytes (file truncated?)")
+    stored = size - offset if length is None else length
+    needed = _tensor_nbytes(tensor)
+    if needed is not None and stored != needed:
+        raise InputError(f"{path}: {what} in {location!r} holds {stored} bytes but its dtype and shape "
+                         f"{list(tensor.dims)} need {needed} (file truncated or entry wrong)")
+    return resolved
+
+
+_HALF_BYTE_TYPES = tuple(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
+                         if hasattr(onnx.TensorProto, n))
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of the tensor's raw data for its dtype and dims; None where that has no fixed size
+    (strings) or the dtype is unknown here (the checker judges those)."""
+    if any(d < 0 for d in tensor.dims):
+        return None  # the checker reports negative dims
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    if tensor.data_type in _HALF_BYTE_TYPES:
+        return (count + 1) // 2
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except Exception:
+        return None
+    return count * itemsize
+
+
+def all_tensors(model: onnx.ModelProto):
+    """Every tensor the model stores: initializers and tensor attributes, subgraphs included."""
+    for _, graph in iter_graphs(model.graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    yield from a.tensors
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, where: str) -> None:
+    """Every raw_data must hold exactly dtype * shape bytes (the checker only catches too few)."""
+    for t in all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+            continue
+        needed = _tensor_nbytes(t)
+        if needed is None:
+            if any(d < 0 for d in t.dims):
+                raise InputError(f"{where}: tensor {t.name!r} has a negative dimension {list(t.dims)}")
+            continue
+        stored = len(t.raw_data)
+        if stored != needed:
+            raise InputError(f"{where}: tensor {t.name!r} stores {stored} bytes but its dtype and shape "
+                             f"{list(t.dims)} need {needed}; the file is damaged")
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -132,12 +236,36 @@ def iter_graphs(graph: onnx.GraphProto, path: str = ""):
     """
     yield path, graph
     for i, node in enumerate(graph.node):
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(a.g, f"{path}/{i}:{a.name}")
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for j, g in enumerate(a.graphs):
-                    yield from iter_graphs(g, f"{path}/{i}:{a.name}.{j}")
+        for label, g in subgraphs(node):
+            yield from iter_graphs(g, f"{path}/{i}:{label}")
+
+
+def subgraphs(node: onnx.NodeProto):
+    """(label, graph) for each subgraph attribute of a node: the attribute name ("then_branch"),
+    or "<name>.<j>" for the j-th graph of a GRAPHS attribute. The one place that knows where
+    subgraphs live; every recursion over subgraphs goes through it."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for j, g in enumerate(a.graphs):
+                yield f"{a.name}.{j}", g
+
+
+def definition_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """Name -> how many times it is defined in the graph and all its subgraphs (an initializer,
+    a graph input, a node output; an initializer listed as an input of its own graph counts once).
+
+    A name defined more than once is shadowed: a subgraph redefines a name of an enclosing graph
+    (or two sibling bodies use the same name). Such a weight cannot be replaced by a decoder node
+    of the same name without breaking single static assignment across scopes."""
+    counts: dict[str, int] = {}
+    for _, g in iter_graphs(graph):
+        names = [*({t.name for t in g.initializer} | {i.name for i in g.input}), *(o for n in g.node for o in n.output)]
+        for name in names:
+            if name:
+                counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 @dataclass
@@ -148,6 +276,7 @@ class ConstSource:
     graph: str
     kind: str  # "initializer" or "constant"
     tensor: onnx.TensorProto = field(repr=False)
+    is_input: bool = False  # an initializer also listed as an input of its graph (a default value)
 
 
 @dataclass
@@ -182,8 +311,9 @@ class _Scope:
 
 def _scope_for(graph: onnx.GraphProto, path: str, parent: _Scope | None) -> _Scope:
     consts, producers = {}, {}
+    inputs = {i.name for i in graph.input}
     for t in graph.initializer:
-        consts[t.name] = ConstSource(t.name, path, "initializer", t)
+        consts[t.name] = ConstSource(t.name, path, "initializer", t, t.name in inputs)
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and len(node.output) == 1:
             value = next((a.t for a in node.attribute if a.name == "value"), None)
@@ -193,7 +323,7 @@ def _scope_for(graph: onnx.GraphProto, path: str, parent: _Scope | None) -> _Sco
         for out in node.output:
             if out:
                 producers[out] = node
-    return _Scope(consts, producers, {i.name for i in graph.input}, parent)
+    return _Scope(consts, producers, inputs, parent)
 
 
 def trace_constant(scope: _Scope, name: str) -> tuple[ConstSource, list[str]] | None:
@@ -219,35 +349,40 @@ def find_onnx_layers(model: onnx.ModelProto, config) -> tuple[list[LayerSpec], l
     Respects config.ignore (fnmatch on node or weight name), config.ignore_types (kinds),
     config.min_weight_size (elements) and config.keep_first_last.
     """
-    found: dict[str, LayerSpec] = {}
-    skipped: dict[str, str] = {}
-    overridable = {i.name for i in model.graph.input}
-    _walk(model.graph, "", None, found, skipped, overridable)
+    walk = _Found(definition_counts(model.graph))
+    _walk(model.graph, "", None, walk)
+    found, skipped = walk.specs, walk.skipped
     kept, scope_skipped = apply_scope(list(found.values()), config)
     scope_skipped = [(spec, why) for spec, why in scope_skipped if spec.name not in skipped]
     log.info("ONNX: %d compressible weights, %d skipped", len(kept), len(skipped) + len(scope_skipped))
     return kept, sorted(skipped.items()) + scope_skipped
 
 
-def _walk(graph, path, parent, found, skipped, overridable):
+@dataclass
+class _Found:
+    """What the walk collected: specs by weight name, skip reasons by name."""
+
+    definitions: dict[str, int]  # definition_counts of the model
+    specs: dict[str, LayerSpec] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _walk(graph, path, parent, found: _Found):
     scope = _scope_for(graph, path, parent)
     for i, node in enumerate(graph.node):
         if node.domain in DEFAULT_DOMAINS and node.op_type in ("Gemm", "MatMul", "Conv"):
-            _consider(node, scope, path, found, skipped, overridable)
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _walk(a.g, f"{path}/{i}:{a.name}", scope, found, skipped, overridable)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for j, g in enumerate(a.graphs):
-                    _walk(g, f"{path}/{i}:{a.name}.{j}", scope, found, skipped, overridable)
+            _consider(node, scope, found)
+        for label, g in subgraphs(node):
+            _walk(g, f"{path}/{i}:{label}", scope, found)
 
 
 def _label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}({', '.join(node.input)})"
 
 
-def _consider(node, scope, path, found, skipped, overridable):
+def _consider(node, scope, found: _Found):
     """Add one layer (or a skip reason) for a Gemm/MatMul/Conv node."""
+    skipped = found.skipped
     traced = [trace_constant(scope, n) if n else None for n in node.input]
     if node.op_type == "Conv":
         operand = 1 if len(traced) > 1 and traced[1] is not None else None
@@ -261,25 +396,34 @@ def _consider(node, scope, path, found, skipped, overridable):
         return  # activations only: nothing to compress here
     src, chain = traced[operand]
     name = src.name
-    if name in found:
-        found[name].attrs["consumers"].append(_label(node))
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+    conv = {}
+    if node.op_type == "Conv":
+        spatial = max(len(src.tensor.dims) - 2, 0)
+        conv = {"groups": attrs.pop("group", 1), "stride": tuple(attrs.pop("strides", (1,) * spatial)),
+                "dilation": tuple(attrs.pop("dilations", (1,) * spatial))}
+    if name in found.specs:
+        spec = found.specs[name]
+        if conv and conv["groups"] != spec.groups:
+            del found.specs[name]
+            skipped[name] = f"used by convolutions with different groups {sorted({spec.groups, conv['groups']})}"
+            return
+        spec.attrs["consumers"].append(_label(node))
         return
     if name in skipped:
         return
-    reason = _reject(node, src, operand, overridable)
+    reason = _reject(node, src, found.definitions)
     if reason:
         skipped[name] = reason
         return
     weight = numpy_helper.to_array(src.tensor).astype(np.float32)
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
     bias = None
     bias_index = 2
     if len(traced) > bias_index and traced[bias_index] is not None:
         bias = numpy_helper.to_array(traced[bias_index][0].tensor).astype(np.float32)
     if node.op_type == "Conv":
         kind = "conv1d" if weight.ndim == 3 else "conv2d"
-        attrs.setdefault("group", 1)
     elif node.op_type == "Gemm":
         kind = "linear"
         for key, default in (("transA", 0), ("transB", 0), ("alpha", 1.0), ("beta", 1.0)):
@@ -290,13 +434,16 @@ def _consider(node, scope, path, found, skipped, overridable):
         "op_type": node.op_type, "operand": operand, "chain": chain, "graph": src.graph,
         "source": src.kind, "dtype": int(src.tensor.data_type), "consumers": [_label(node)],
     })
-    found[name] = LayerSpec(name, kind, weight, bias, attrs, node.name)
+    found.specs[name] = LayerSpec(name, kind, weight, bias, attrs, node.name, **conv)
 
 
-def _reject(node, src: ConstSource, operand: int, overridable: set[str]) -> str | None:
+def _reject(node, src: ConstSource, definitions: dict[str, int]) -> str | None:
     """Why this constant cannot be taken, or None."""
-    if src.kind == "initializer" and src.graph == "" and src.name in overridable:
+    if src.kind == "initializer" and src.is_input:
         return "initializer is also a graph input (callers may override it); left as is"
+    if definitions.get(src.name, 1) > 1:
+        return (f"name {src.name!r} is defined {definitions[src.name]} times in the model (a subgraph shadows "
+                "it or is shadowed by it); left as is")
     if src.tensor.data_type not in FLOAT_TYPES:
         return f"weight type {onnx.helper.tensor_dtype_to_np_dtype(src.tensor.data_type)} is not floating point"
     ndim = len(src.tensor.dims)

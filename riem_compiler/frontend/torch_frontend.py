@@ -119,13 +119,14 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _module_spec(mod_name: str, mod: nn.Module, kind: str) -> LayerSpec:
-    attrs = {}
+    attrs, conv = {}, {}
     if kind.startswith("conv"):
-        attrs = {"stride": list(mod.stride), "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
-                 "dilation": list(mod.dilation), "groups": mod.groups, "padding_mode": mod.padding_mode}
+        attrs = {"padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
+                 "padding_mode": mod.padding_mode}
+        conv = {"groups": mod.groups, "stride": tuple(mod.stride), "dilation": tuple(mod.dilation)}
     bias = None if mod.bias is None else mod.bias.detach().cpu().float().numpy()
     return LayerSpec(name=_join(mod_name, "weight"), kind=kind, weight=_numpy(mod.weight), bias=bias,
-                     attrs=attrs, module=mod_name)
+                     attrs=attrs, module=mod_name, **conv)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -148,6 +149,7 @@ def _weight_source(node) -> str | None:
 def _graph_layers(gm: torch.fx.GraphModule, candidates: set[str]):
     """Functional weight uses in a graph; a parameter qualifies only if every use is a weight use."""
     uses: dict[str, list[str | None]] = {}
+    convs: dict[str, list[dict | None]] = {}  # conv attributes of each convolution use
     for node in gm.graph.nodes:
         if node.op != "get_attr" or node.target not in candidates:
             continue
@@ -160,6 +162,8 @@ def _graph_layers(gm: torch.fx.GraphModule, candidates: set[str]):
                 arg = user.args[idx] if len(user.args) > idx else user.kwargs.get("weight")
                 if _weight_source(arg) != node.target:
                     kind = None
+                elif kind.startswith("conv"):
+                    convs.setdefault(node.target, []).append(_conv_call_attrs(user))
             uses[node.target].append(kind)
     layers, skipped = [], []
     for name, kinds in uses.items():
@@ -175,8 +179,47 @@ def _graph_layers(gm: torch.fx.GraphModule, candidates: set[str]):
             if kind is None:
                 skipped.append((name, f"convolution with a {param.dim()}-D weight is not supported"))
                 continue
-        layers.append(LayerSpec(name=name, kind=kind, weight=_numpy(param), attrs={"functional": True}))
+        conv = {}
+        if name in convs:
+            found = convs[name]
+            if any(c is None for c in found):
+                skipped.append((name, "convolution whose groups/stride/dilation are not constants"))
+                continue
+            if len({c["groups"] for c in found}) > 1:
+                skipped.append((name, f"used by convolutions with different groups {sorted({c['groups'] for c in found})}"))
+                continue
+            spatial = param.dim() - 2
+            conv = {k: (v if k == "groups" else _per_dim(v, spatial)) for k, v in found[0].items()}
+        layers.append(LayerSpec(name=name, kind=kind, weight=_numpy(param), attrs={"functional": True}, **conv))
     return layers, skipped
+
+
+# positions of stride, dilation, groups in F.conv*/aten.conv*(input, weight, bias, stride, padding,
+# dilation, groups) and aten.convolution(input, weight, bias, stride, padding, dilation, transposed,
+# output_padding, groups)
+_CONV_ARG_POS = {"stride": 3, "dilation": 5, "groups": 6}
+_CONVOLUTION_ARG_POS = {"stride": 3, "dilation": 5, "groups": 8}
+
+
+def _conv_call_attrs(user) -> dict | None:
+    """groups/stride/dilation of a functional convolution call; None when one is not a constant."""
+    positions = _CONVOLUTION_ARG_POS if user.target is _aten.convolution.default else _CONV_ARG_POS
+    out = {}
+    for key, pos in positions.items():
+        value = user.args[pos] if len(user.args) > pos else user.kwargs.get(key, 1)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            value = tuple(value)
+        elif not isinstance(value, int) or isinstance(value, bool):
+            return None
+        out[key] = value
+    return out if isinstance(out["groups"], int) else None
+
+
+def _per_dim(value, spatial: int) -> tuple[int, ...]:
+    """One int per spatial dimension (torch accepts an int or a 1-tuple for all of them)."""
+    if isinstance(value, int):
+        return (value,) * spatial
+    return tuple(value) * spatial if len(value) == 1 else tuple(value)
 
 
 def _is_parameter(gm: nn.Module, name: str) -> bool:

@@ -92,36 +92,58 @@ class CandidateGrid:
     riem_fit: RiemFit | None = None  # None: no RieM candidates (fitting takes seconds per layer)
     dense: tuple = ("float16", "float32")
 
-    def __call__(self, spec: LayerSpec, budget_ratio: float) -> list[CompressedWeight]:
+    def __call__(self, spec: LayerSpec, budget_ratio: float) -> "CandidateList":
         w = np.asarray(spec.weight, dtype=np.float32)
         shape = tuple(w.shape)
-        out: list[CompressedWeight] = [baselines.fit_dense(w, dt) for dt in self.dense]
+        out = CandidateList()
+        # each fit is attempted on its own: one that raises is dropped (and counted), not the layer
+        for dt in self.dense:
+            out.attempt(spec.name, f"dense {dt}", baselines.fit_dense, w, dt)
         for bits, group in self.rtn:
-            out.append(baselines.fit_rtn(w, bits, None if group is None else self.rtn_group_size))
+            g = None if group is None else self.rtn_group_size
+            out.attempt(spec.name, f"rtn{bits}/{g}", baselines.fit_rtn, w, bits, g)
         if w.ndim >= 2 and min(w.shape[0], int(np.prod(w.shape[1:]))) > 1:
             ratios = _with(self.svd_ratios, budget_ratio)
-            usv = baselines.matrix_svd(w.reshape(w.shape[0], -1))
-            for bits in self.svd_factor_bits:
+            usv = out.attempt(spec.name, "svd (its decomposition)", baselines.matrix_svd,
+                              w.reshape(w.shape[0], -1), keep=False)
+            for bits in self.svd_factor_bits if usv is not None else ():
                 ranks = set()
                 for r in ratios:
                     rank = baselines.svd_rank_for_ratio(shape, r, bits)
                     if rank > 0 and rank not in ranks:
                         ranks.add(rank)
-                        out.append(baselines.fit_svd(w, r, bits, usv=usv))
+                        out.attempt(spec.name, f"svd{bits} r{rank}", baselines.fit_svd, w, r, bits, usv=usv)
         if _tucker_applies(spec, w):
             seen = set()
-            svds = baselines.channel_svds(w)
-            for r in _with(self.tucker_ratios, budget_ratio):
+            svds = out.attempt(spec.name, "tucker2 (channel SVDs)", baselines.channel_svds, w, keep=False)
+            for r in _with(self.tucker_ratios, budget_ratio) if svds is not None else ():
                 ranks = baselines.tucker2_ranks_by_energy(w, r, svds)
                 if ranks is not None and ranks not in seen:
                     seen.add(ranks)
-                    out.append(baselines.fit_tucker2(w, r, groups=1, svds=svds))
+                    out.attempt(spec.name, f"tucker2 r{ranks}", baselines.fit_tucker2, w, r, groups=1, svds=svds)
         if self.riem_fit is not None:
             for r in _with(self.riem_ratios, budget_ratio):
-                cw = self.riem_fit(w, r)
-                if cw is not None:
-                    out.append(cw)
+                out.attempt(spec.name, f"riem at ratio {r:g}", self.riem_fit, w, r)
         return out
+
+
+class CandidateList(list):
+    """A layer's candidates, plus `dropped`: how many candidate fits raised and were left out."""
+
+    dropped: int = 0
+
+    def attempt(self, layer: str, what: str, fit: Callable, *args, keep: bool = True, **kwargs):
+        """fit(*args, **kwargs), appended when keep and not None; on any Exception the candidate
+        is dropped with a debug log and counted, and None is returned."""
+        try:
+            result = fit(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - one failing candidate must never sink the run
+            self.dropped += 1
+            log.debug("%s: candidate %s dropped: %s: %s", layer, what, type(exc).__name__, exc)
+            return None
+        if keep and result is not None:
+            self.append(result)
+        return result
 
 
 def _with(ratios: Iterable[float], extra: float) -> list[float]:
@@ -129,7 +151,7 @@ def _with(ratios: Iterable[float], extra: float) -> list[float]:
 
 
 def _tucker_applies(spec: LayerSpec, w: np.ndarray) -> bool:
-    return (spec.kind in ("conv1d", "conv2d") and int(spec.attrs.get("groups", 1)) == 1
+    return (spec.kind in ("conv1d", "conv2d") and spec.groups == 1
             and w.ndim >= 3 and int(np.prod(w.shape[2:])) > 1)
 
 
@@ -157,6 +179,7 @@ class Choice:
     reason: str
     weight: CompressedWeight = field(repr=False)
     candidates: list[Candidate] = field(default_factory=list, repr=False)
+    dropped: int = 0  # candidates left out: their fit raised or their error is not finite
 
     @property
     def ratio(self) -> float:
@@ -169,6 +192,7 @@ class Choice:
             "rel_error": self.rel_error, "proxy": self.proxy, "reason": self.reason,
             "candidates": [{"label": c.label, "nbytes": c.nbytes, "rel_error": c.rel_error}
                            for c in self.candidates],
+            "dropped": self.dropped,
         }
 
 
@@ -185,10 +209,15 @@ class AutoResult:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.choices)
 
+    @property
+    def dropped(self) -> int:
+        """Candidates left out over all layers (fit raised or non-finite error)."""
+        return sum(c.dropped for c in self.choices)
+
     def to_dict(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "fp32_bytes": self.fp32_bytes, "nbytes": self.nbytes,
                 "proxy": self.proxy, "source": self.source, "single_method": self.single_method,
-                "choices": [c.to_dict() for c in self.choices]}
+                "dropped": self.dropped, "choices": [c.to_dict() for c in self.choices]}
 
     def table(self) -> str:
         return format_choices(self.choices, self)
@@ -265,24 +294,20 @@ def choose_methods_detailed(
     budget = int(math.floor(budget_ratio * total_fp32))
 
     pools: list[list[Candidate]] = []
+    dropped: list[int] = []  # per layer: candidates whose fit raised or whose error is not finite
     bar = tqdm(total=sum(s.weight.size for s in specs), unit="w", unit_scale=True,
                desc="auto: candidates", disable=not progress, leave=False)
     for spec in specs:
         bar.set_postfix_str(spec.name, refresh=False)
-        pool = []
-        for cw in source(spec, budget_ratio):
-            if tuple(cw.shape) != spec.shape:
-                raise InputError(f"candidate {cw.method} for {spec.name} has shape {cw.shape}, "
-                                 f"expected {spec.shape}")
-            pool.append(Candidate(cw, label(cw), family(cw), cw.nbytes,
-                                  baselines.relative_error(spec.weight, cw)))
-        if not pool:
-            raise InputError(f"no candidates for layer {spec.name}")
-        pool.sort(key=lambda c: (c.nbytes, c.rel_error))
+        pool, n_dropped = _evaluate_candidates(spec, source, budget_ratio)
         pools.append(pool)
+        dropped.append(n_dropped)
         bar.update(spec.weight.size)
-        log.debug("%s: %d candidates", spec.name, len(pool))
+        log.debug("%s: %d candidates (%d dropped)", spec.name, len(pool), n_dropped)
     bar.close()
+    if sum(dropped):
+        log.info("auto: %d candidate(s) dropped in %d layer(s) (fit raised or non-finite error)",
+                 sum(dropped), sum(1 for n in dropped if n))
 
     plan = _knapsack(pools, weights, budget, resolution)
     best_cost = _cost(pools, plan, weights) if plan is not None else math.inf
@@ -308,12 +333,54 @@ def choose_methods_detailed(
         choices.append(Choice(
             name=spec.name, method=c.weight.method, label=c.label, settings=dict(c.weight.meta),
             nbytes=c.nbytes, fp32_bytes=spec.fp32_bytes, rel_error=c.rel_error,
-            proxy=float(weights[i] * c.rel_error ** 2), reason=_reason(pool, c, plan_source),
-            weight=c.weight, candidates=pool))
+            proxy=float(weights[i] * c.rel_error ** 2),
+            reason=_reason(pool, c, plan_source) + (
+                f"; {dropped[i]} candidate(s) dropped (fit failed or non-finite error)" if dropped[i] else ""),
+            weight=c.weight, candidates=pool, dropped=dropped[i]))
     result = AutoResult(choices, budget, total_fp32, best_cost, plan_source, singles)
     log.info("auto: %d layers, %d / %d bytes (budget %d), proxy %.4g via %s",
              len(specs), result.nbytes, total_fp32, budget, best_cost, plan_source)
     return result
+
+
+def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: float) -> tuple[list[Candidate], int]:
+    """(the layer's scored candidates sorted by (bytes, error), how many were dropped).
+
+    A candidate is dropped, with a debug log, when the source could not fit it (CandidateGrid
+    counts those), when scoring it raises, or when its error is not finite (e.g. float16
+    factors of a huge weight overflow). A source that raises as a whole leaves the layer only
+    the dense float32 fallback, which is also added whenever nothing else is left."""
+    try:
+        cands = source(spec, budget_ratio)
+        n_dropped = int(getattr(cands, "dropped", 0))
+    except Exception as exc:  # noqa: BLE001 - one layer's candidates must never sink the run
+        log.warning("%s: candidate source failed (%s: %s); only dense float32 is left",
+                    spec.name, type(exc).__name__, exc)
+        cands, n_dropped = [], 1
+    pool = []
+    for cw in cands:
+        if tuple(cw.shape) != spec.shape:
+            raise InputError(f"candidate {cw.method} for {spec.name} has shape {cw.shape}, "
+                             f"expected {spec.shape}")
+        try:
+            err = baselines.relative_error(spec.weight, cw)
+            cand = Candidate(cw, label(cw), family(cw), cw.nbytes, err)
+        except Exception as exc:  # noqa: BLE001
+            n_dropped += 1
+            log.debug("%s: candidate %s dropped: scoring it raised %s: %s", spec.name, cw.method,
+                      type(exc).__name__, exc)
+            continue
+        if not math.isfinite(err):
+            n_dropped += 1
+            log.debug("%s: candidate %s dropped: non-finite error %s", spec.name, cand.label, err)
+            continue
+        pool.append(cand)
+    if not pool:
+        dense = baselines.fit_dense(spec.weight, "float32")
+        pool.append(Candidate(dense, label(dense), family(dense), dense.nbytes,
+                              baselines.relative_error(spec.weight, dense)))
+    pool.sort(key=lambda c: (c.nbytes, c.rel_error))
+    return pool, n_dropped
 
 
 def _cost(pools, plan, weights) -> float:
@@ -399,4 +466,6 @@ def format_choices(choices: list[Choice], result: AutoResult | None = None) -> s
         lines.append(f"budget {result.budget_bytes} bytes; proxy {result.proxy:.4g} via {result.source}")
         for fam, s in sorted(result.single_method.items(), key=lambda kv: kv[1]["proxy"]):
             lines.append(f"  single method {fam}: proxy {s['proxy']:.4g}, {s['nbytes']} bytes")
+        if result.dropped:
+            lines.append(f"{result.dropped} candidate(s) dropped (fit failed or non-finite error)")
     return "\n".join(lines)

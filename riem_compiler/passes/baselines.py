@@ -59,10 +59,12 @@ def matrix_svd(matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def relative_error(weight, cw: CompressedWeight) -> float:
-    """||W - W_hat||_F / ||W||_F of the stored artifact."""
+    """||W - W_hat||_F / ||W||_F of the stored artifact (||W - W_hat||_F when W == 0). No floor
+    on ||W||: a weight of subnormal magnitude would otherwise score any W_hat (even 0) as exact."""
     w = np.asarray(weight, dtype=np.float64)
     diff = np.linalg.norm(w - cw.reconstruct().astype(np.float64))
-    return float(diff / max(np.linalg.norm(w), 1e-30))
+    norm = np.linalg.norm(w)
+    return float(diff / norm) if norm > 0 else float(diff)
 
 
 # ----------------------------------------------------------------------------- dense
@@ -103,6 +105,47 @@ def svd_rank_for_ratio(shape, ratio: float, factor_bits: int = 16) -> int:
     return rank
 
 
+def solve_least_squares(A: np.ndarray, B: np.ndarray, min_pivot: float = 1e-8) -> np.ndarray:
+    """X minimising ||A X - B||_F (float64), through the normal equations A^T A X = A^T B (fast:
+    A is tall with few columns, B is wide), robust to a rank-deficient A.
+
+    When A has no zero column and its column-scaled Gram matrix passes a Cholesky test (every
+    pivot above `min_pivot`; the quantised factors here are near-orthogonal, so that test is
+    tight) this is the plain LU solve, as before. Otherwise (rank-deficient or all-zero weights,
+    factor columns that quantise to zero, dependent columns) the minimum-norm solution: zero
+    rows for zero columns, and a truncated eigen-decomposition (a pseudo-inverse) of the
+    column-scaled Gram matrix of the rest. Never raises on a finite A and B.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    G = A.T @ A
+    rhs = A.T @ B
+    k = G.shape[0]
+    X = np.zeros((k,) + B.shape[1:])
+    d = np.diag(G).copy()
+    eps = np.finfo(np.float64).eps
+    if not (np.isfinite(G).all() and np.isfinite(rhs).all()):
+        return np.full(X.shape, np.nan)  # overflowed: a non-finite fit, which callers report
+    if k == 0 or not d.max(initial=0.0) > 0:  # A == 0: the minimum-norm solution is 0
+        return X
+    live = d > k * eps * d.max()
+    s = 1.0 / np.sqrt(d[live])
+    Gs = G[np.ix_(live, live)] * s[:, None] * s[None, :]  # unit diagonal
+    if live.all():
+        try:
+            pivots = np.diag(np.linalg.cholesky(Gs))
+            if pivots.min() ** 2 > min_pivot:
+                return np.linalg.solve(G, rhs)
+        except np.linalg.LinAlgError:
+            pass
+    w, V = np.linalg.eigh(Gs)
+    keep = w > Gs.shape[0] * eps * w.max()
+    Vk = V[:, keep]
+    col = (-1,) + (1,) * (rhs.ndim - 1)  # broadcast a per-row vector over rhs's other axes
+    X[live] = s.reshape(col) * (Vk @ ((Vk.T @ (s.reshape(col) * rhs[live])) / w[keep].reshape(col)))
+    return X
+
+
 def _quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 codes with one float32 scale per row."""
     scale = (np.abs(x).max(axis=1) / 127.0).astype(np.float32)
@@ -135,7 +178,7 @@ def fit_svd(weight, ratio: float, factor_bits: int = 16, *, usv=None) -> Compres
         left_codes, left_scale = _quantize_rows_int8(left)
         left_q = left_codes.astype(np.float64) * left_scale[:, None]
         M = M.astype(np.float64)
-        right = np.linalg.solve(left_q.T @ left_q, left_q.T @ M)  # least squares, normal equations
+        right = solve_least_squares(left_q, M)
         right_codes, right_scale = _quantize_rows_int8(right)
         arrays = {"left_codes": left_codes, "left_scale": left_scale,
                   "right_codes": right_codes, "right_scale": right_scale}

@@ -49,12 +49,15 @@ def fit_layer(spec: LayerSpec, config: Config, index: int = 0) -> tuple[Compress
         q, m = size
         res = fit_riem(spec.weight, q, m, config.state_bits, config.metric_dtype,
                        fit_settings(config, index), config.k_branches)
-        return res.weight, res.rel_error, {"q": q, "m": m, "state_bits": config.state_bits, "steps": res.steps}
+        settings = {"q": q, "m": m, "state_bits": config.state_bits, "steps": res.steps}
+        if res.time_capped:
+            settings.update(steps_planned=res.steps_planned, time_capped=True)
+        return res.weight, res.rel_error, settings
     from riem_compiler.passes import baselines  # registers their decoders
 
     if config.method not in ("svd", "rtn", "tucker2"):
         raise ValueError(f"method {config.method!r} is not a per-layer method")
-    cw = baselines.fit_for_ratio(config.method, spec.weight, config.ratio, groups=spec.attrs.get("groups", 1))
+    cw = baselines.fit_for_ratio(config.method, spec.weight, config.ratio, groups=spec.groups)
     if cw.nbytes > config.ratio * spec.fp32_bytes:
         raise ValueError(f"{config.method} cannot meet ratio {config.ratio:g} for shape {spec.shape}")
     return cw, rel_error(spec.weight, cw), dict(cw.meta)
@@ -118,9 +121,8 @@ def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tup
               desc=f"fitting {config.method}", disable=config.quiet or not specs, leave=False) as bar:
         for outcome in executor.map(fit_job, jobs, on_error=fit_failed):
             outcomes[outcome.name] = outcome
-            if cache is not None and outcome.weight is not None:
-                cache.put(keys[outcome.name], outcome.weight, outcome.rel_error, outcome.settings,
-                          outcome.seconds, outcome.name)
+            if cache is not None and outcome.weight is not None and not outcome.settings.get("time_capped"):
+                _cache_put(cache, keys[outcome.name], outcome)
             bar.set_postfix_str(outcome.name, refresh=False)
             bar.update(sizes[outcome.name])
     compressed: dict[str, CompressedWeight] = {}
@@ -129,6 +131,9 @@ def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tup
         o = outcomes[spec.name]
         record = LayerRecord(spec.name, spec.kind, spec.shape, config.method, "skipped", spec.fp32_bytes,
                              spec.fp32_bytes, o.rel_error, o.seconds, o.reason, o.settings)
+        if o.settings.get("time_capped"):
+            record.reason = "; ".join(filter(None, [record.reason, f"time cap hit: {o.settings['steps']} of "
+                                                    f"{o.settings['steps_planned']} steps"]))
         if o.weight is not None:
             record.status, record.bytes_after = "compressed", o.weight.nbytes
             compressed[spec.name] = o.weight
@@ -138,6 +143,15 @@ def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tup
             log.warning("%s: %s", spec.name, o.reason)
         records.append(record)
     return compressed, records
+
+
+def _cache_put(cache, key: str, outcome: FitOutcome) -> None:
+    """Store a finished fit; a cache that cannot be written costs the next run time, never this fit."""
+    try:
+        cache.put(key, outcome.weight, outcome.rel_error, outcome.settings, outcome.seconds, outcome.name)
+    except Exception as exc:  # disk full, read-only cache, ...: the fit itself is kept
+        log.warning("fit cache %s: could not store %s (%s: %s); continuing without caching it",
+                    cache.root, outcome.name, type(exc).__name__, exc)
 
 
 def _cache_lookup(specs, config, cache, outcomes: dict) -> tuple[list[tuple], dict[str, str]]:

@@ -229,7 +229,9 @@ def make_executor(config, **options) -> Executor:
     """The executor `config.executor` names. `options` go to its constructor
     (e.g. num_threads for local; num_cpus, max_retries, init_kwargs for ray)."""
     name = getattr(config, "executor", "local")
+    threads = getattr(config, "threads", None)
     if name == "local":
+        options.setdefault("num_threads", threads)
         return LocalExecutor(**options)
     if name == "ray":
         device = str(getattr(config, "device", "cpu"))
@@ -237,5 +239,7 @@ def make_executor(config, **options) -> Executor:
             raise InputError(f"with executor='ray' use device='cuda', not {device!r}: "
                              "Ray gives each task its own GPU")
         options.setdefault("num_gpus", 1 if device == "cuda" else 0)
+        if threads is not None:
+            options.setdefault("num_cpus", threads)
         return RayExecutor(address=getattr(config, "ray_address", None), **options)
     raise InputError(f"unknown executor {name!r}; use 'local' or 'ray'")

@@ -28,7 +28,7 @@ log = logging.getLogger("riem_compiler.fit")
 @dataclass
 class FitSettings:
     steps: int = 1000
-    time_budget_s: float = 60.0
+    time_budget_s: float | None = None  # wall-clock guard; None: the steps alone decide the result
     lr: float = 3e-2
     init_scale: float = 3.0
     block: int = 1024          # rows/cols per step when the matrix is larger
@@ -42,7 +42,9 @@ class FitResult:
     weight: CompressedWeight
     rel_error: float  # ||W - W_hat||_F / ||W||_F of the stored (quantised) artifact
     seconds: float
-    steps: int
+    steps: int  # steps done
+    steps_planned: int = 0
+    time_capped: bool = False  # the time budget stopped the fit before steps_planned
 
 
 def _features(a, b, U, beta):
@@ -66,8 +68,20 @@ def _solve_readout(phi: torch.Tensor, target: torch.Tensor, ridge: float = 1e-6)
     G = Xc.T @ Xc
     rhs = Xc.T @ (target.reshape(-1) - mean_t)
     G = G + ridge * (G.diagonal().mean() + 1e-12) * torch.eye(m, device=G.device, dtype=G.dtype)
-    v = torch.linalg.solve(G, rhs)
+    v = _solve_symmetric(G, rhs)
     return v, mean_t - mean_x @ v
+
+
+def _solve_symmetric(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """G x = rhs for a ridged Gram matrix G: the plain LU solve, or, when that reports a
+    singular G (degenerate features, a ridge lost to rounding), the pseudo-inverse solution.
+    Never raises: a non-finite G gives a non-finite x, which the caller reports."""
+    x, info = torch.linalg.solve_ex(G, rhs)
+    if int(info) == 0 and bool(torch.isfinite(x).all()):
+        return x
+    if not bool(torch.isfinite(G).all() and torch.isfinite(rhs).all()):
+        return torch.full_like(rhs, float("nan"))
+    return torch.linalg.pinv(G, hermitian=True) @ rhs
 
 
 def _solve_readout_chunked(a, b, U, beta, target, rows: int = 256):
@@ -83,7 +97,7 @@ def _solve_readout_chunked(a, b, U, beta, target, rows: int = 256):
             G += X.T @ X
             rhs += X.T @ target[r:r + rows].reshape(-1).double()
     G += 1e-9 * (G.diagonal().mean() + 1e-12) * torch.eye(m + 1, dtype=G.dtype, device=dev)
-    sol = torch.linalg.solve(G, rhs)
+    sol = _solve_symmetric(G, rhs)
     return sol[:m].float(), sol[m].float()
 
 
@@ -116,9 +130,13 @@ def fit_riem(
     full = n_out <= s.block and n_in <= s.block
 
     done = 0
+    capped = False
     for step in range(steps):
-        if time.perf_counter() - t0 > s.time_budget_s:
-            log.debug("time budget reached after %d steps", step)
+        if s.time_budget_s is not None and time.perf_counter() - t0 > s.time_budget_s:
+            log.warning("RieM fit %dx%d: time budget %.0f s reached after %d of %d steps; the result is "
+                        "worse than a full fit and depends on machine load", n_out, n_in, s.time_budget_s,
+                        step, steps)
+            capped = True
             break
         frac = step / steps
         lr = s.lr * (min(1.0, frac / 0.05) if frac < 0.05 else 0.5 * (1 + math.cos(math.pi * (frac - 0.05) / 0.95)))
@@ -158,7 +176,9 @@ def fit_riem(
               "metric_dtype": metric_dtype},
         arrays=arrays,
     )
-    W_hat = torch.from_numpy(cw.reconstruct()).reshape(n_out, n_in)
-    W_cpu = W.cpu()
-    rel = float((W_hat - W_cpu).norm() / W_cpu.norm().clamp_min(1e-30))
-    return FitResult(cw, rel, time.perf_counter() - t0, done)
+    W_hat = torch.from_numpy(cw.reconstruct()).reshape(n_out, n_in).double()
+    W_cpu = W.cpu().double()  # float64: float32 norms underflow for tiny (1e-30, subnormal) weights
+    norm = float(W_cpu.norm())
+    diff = float((W_hat - W_cpu).norm())
+    rel = diff / norm if norm > 0 else diff
+    return FitResult(cw, rel, time.perf_counter() - t0, done, steps, capped)

@@ -75,7 +75,7 @@ class RefineSettings:
     layer_weight: float = 1.0
     train_bias: bool = True
     layers_per_step: int = 0  # >0: train a random subset of this many layers per step (big models)
-    time_budget_s: float = 600.0
+    time_budget_s: float | None = None  # wall-clock guard; None: steps alone decide the result
     seed: int = 0
     input_sampler: InputSampler | None = field(default=None, repr=False)
 
@@ -88,8 +88,8 @@ class RefineSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"RefineSettings.{name} must be a positive integer; got {value!r}")
-        if not self.lr > 0 or not self.time_budget_s > 0:
-            raise InputError("RefineSettings.lr and time_budget_s must be positive")
+        if not self.lr > 0 or not (self.time_budget_s is None or 0 < self.time_budget_s < math.inf):
+            raise InputError("RefineSettings.lr must be positive and time_budget_s positive and finite (or None)")
 
 
 @dataclass
@@ -104,10 +104,12 @@ class RefineOutcome:
     inputs: str  # how the synthetic inputs were made
     trained: list[str]  # weight names whose stored arrays were tuned
     history: list[float] = field(default_factory=list, repr=False)  # training loss every 10 steps
+    steps_planned: int = 0  # steps < steps_planned: the time budget stopped it
 
     def to_dict(self) -> dict:
         return {"loss_before": self.loss_before, "loss_after": self.loss_after, "kept": self.kept,
-                "steps": self.steps, "seconds": round(self.seconds, 3), "inputs": self.inputs,
+                "steps": self.steps, "steps_planned": self.steps_planned, "seconds": round(self.seconds, 3),
+                "inputs": self.inputs,
                 "trained": list(self.trained)}
 
 
@@ -512,8 +514,9 @@ def _refine(original, compressed_model, s: RefineSettings, synthetic: SyntheticS
     steps_done = 0
     try:
         for step in range(s.steps):
-            if time.perf_counter() - t0 > s.time_budget_s:
-                log.info("refine: time budget reached after %d steps", step)
+            if s.time_budget_s is not None and time.perf_counter() - t0 > s.time_budget_s:
+                log.warning("refine: time budget %.0f s reached after %d of %d steps; the result depends on "
+                            "machine load", s.time_budget_s, step, s.steps)
                 break
             scale = 0.5 * (1 + math.cos(math.pi * step / s.steps))
             for g, spec in zip(opt.param_groups, groups):
@@ -566,11 +569,11 @@ def _refine(original, compressed_model, s: RefineSettings, synthetic: SyntheticS
              seconds, loss_before, loss_after, "" if kept else " (no gain: model left unchanged)")
     if not kept:
         return RefineOutcome(compressed_model, compressed_weights(compressed_model), loss_before, loss_after, False,
-                             steps_done, seconds, mode, [v.param_name for v in views.values()], history)
+                             steps_done, seconds, mode, [v.param_name for v in views.values()], history, s.steps)
     for name, cw in compressed_weights(compressed_model).items():
         compressed.setdefault(name, cw)
     return RefineOutcome(model, compressed, loss_before, loss_after, True, steps_done, seconds, mode,
-                         [v.param_name for v in views.values()], history)
+                         [v.param_name for v in views.values()], history, s.steps)
 
 
 def refine_result(result, settings: RefineSettings | None = None, example_inputs=None):
