@@ -44,10 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import riem_compiler as rc  # noqa: E402
 from benchmarks import models as bm  # noqa: E402
+from benchmarks import tasks as bt  # noqa: E402
 from riem_compiler.api import Result  # noqa: E402
 from riem_compiler.config import Config  # noqa: E402
 from riem_compiler.passes import refine as refine_mod  # noqa: E402
 from riem_compiler.report import Report  # noqa: E402
+from riem_compiler.methods import decode  # noqa: E402
 
 log = logging.getLogger("riem_compiler.benchmarks.accuracy")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -113,7 +115,7 @@ class Task:
         if name == "minilm":
             self.model, self.tokenizer = bm.load_minilm()
             self.example_inputs = bm.minilm_example_inputs(self.tokenizer)
-            self.sentences, _ = bm.read_polarity()
+            self.sentences, _ = bt.read_polarity()
             self.reference_embeddings = bm.encode(self.model, self.tokenizer, self.sentences)
         else:
             self.model = getattr(bm, name)()
@@ -125,9 +127,9 @@ class Task:
         if self.name != "minilm":
             return {"top1": bm.digits_accuracy(model)}
         emb = bm.encode(model, self.tokenizer, self.sentences)
-        return {"ws353": bm.wordsim_spearman(model, self.tokenizer, "wordsim353"),
-                "simlex": bm.wordsim_spearman(model, self.tokenizer, "simlex999"),
-                "polarity": bm.polarity_accuracy(model, self.tokenizer),
+        return {"ws353": bt.wordsim_spearman(model, self.tokenizer, "wordsim353"),
+                "simlex": bt.wordsim_spearman(model, self.tokenizer, "simlex999"),
+                "polarity": bt.polarity_accuracy(model, self.tokenizer),
                 "emb_cos": float(np.mean(np.sum(emb * self.reference_embeddings, axis=1)))}
 
     def refine_settings(self, fields: dict) -> refine_mod.RefineSettings:
@@ -165,7 +167,7 @@ def compressible_bytes(res: Result) -> tuple[int, int]:
 def mean_layer_error(res: Result) -> float | None:
     """Mean relative weight error of the compressed layers, from what is stored now (after any
     refinement, which moves the weights away from the original on purpose)."""
-    from riem_compiler.passes.compress import rel_error
+    from riem_compiler.methods import relative_error as rel_error
 
     errs = [rel_error(spec.weight, res.compressed[spec.name]) for spec in res.specs if spec.name in res.compressed]
     return float(np.mean(errs)) if errs else None
@@ -203,7 +205,7 @@ def build_result(task: Task, cfg: Config, method_of) -> Result:
     compressed, records = method_of(det.layers, cfg)
     model = apply_compressed(task.model, det.layers, compressed, det.graph_module, cfg.recompute)
     report = Report(records)
-    report.output_error = rc.api.torch_output_error(task.model, model, task.example_inputs)
+    report.output_error = rc.metrics.model_output_error(task.model, model, task.example_inputs)
     return Result(model, report, compressed, det.layers, cfg, "torch", task.example_inputs, task.model)
 
 
@@ -235,7 +237,7 @@ class DropBroken:
         out = []
         for cw in self.source(spec, budget_ratio):
             try:
-                cw.reconstruct()
+                decode(cw)
             except Exception as exc:  # noqa: BLE001 - any decoding failure disqualifies it
                 self.dropped.append(f"{spec.name}: {cw.method} {cw.meta} ({type(exc).__name__})")
                 continue
@@ -259,9 +261,10 @@ class RiemReuse:
 
     def fitter(self, cfg: Config):
         from riem_compiler.passes.auto import riem_fitter
-        from riem_compiler.passes.compress import fit_settings
+        from riem_compiler import methods
+        from riem_compiler.methods.riem import fit_settings
 
-        fresh = riem_fitter(fit_settings(cfg), cfg.state_bits, cfg.metric_dtype, cfg.m, cfg.k_branches)
+        fresh = riem_fitter(fit_settings(methods.get("riem").settings(cfg)), cfg.state_bits, cfg.metric_dtype, cfg.m, cfg.k_branches)
 
         def fit(weight, ratio):
             key = weight_key(weight, ratio)
@@ -317,7 +320,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     if outcome.kept:
                         res.model = outcome.model
                         res.compressed = {k: outcome.compressed[k] for k in res.compressed}
-                        res.report.output_error = rc.api.torch_output_error(task.model, res.model, task.example_inputs)
+                        res.report.output_error = rc.metrics.model_output_error(task.model, res.model, task.example_inputs)
                     fit_s = base_fit_s + outcome.seconds
                     extra = {"refine": outcome.to_dict(), "synthetic_seconds": synthetic.seconds,
                              "synthetic_mode": synthetic.mode}

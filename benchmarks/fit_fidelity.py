@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from riem_compiler import riem  # noqa: E402
-from riem_compiler.passes import baselines  # noqa: E402
-from riem_compiler.passes.fit import FitSettings, fit_riem  # noqa: E402
+from riem_compiler.methods import rtn, svd  # noqa: E402
+from riem_compiler.methods.riem.fit import FitSettings, fit_riem  # noqa: E402
+from riem_compiler.methods import decode  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MINILM_KINDS = ["attention.self.query", "attention.self.key", "attention.self.value",
@@ -74,24 +75,24 @@ def run_layer(name: str, w: np.ndarray, budget: float, args) -> list[dict]:
         res = fit_riem(w, q, m, bits, "float16",
                        FitSettings(steps=args.steps, time_budget_s=args.time_budget, seed=args.seed))
         add(f"riem-{bits}bit", res.weight.nbytes, res.rel_error, res.seconds, f"q={q} m={m} steps={res.steps}")
-    usv = baselines.matrix_svd(w.reshape(n_out, n_in))
+    usv = svd.matrix_svd(w.reshape(n_out, n_in))
     for factor_bits in (32, 16, 8):
         t0 = time.perf_counter()
         try:
-            cw = baselines.fit_svd(w, budget, factor_bits, usv=usv)
+            cw = svd.fit_svd(w, budget, factor_bits, usv=usv)
         except Exception as exc:  # rank 0 does not fit
             print(f"  svd-{factor_bits}: {exc}")
             continue
-        add(f"svd-fp{factor_bits}" if factor_bits > 8 else "svd-int8", cw.nbytes, rel_err(w, cw.reconstruct()),
+        add(f"svd-fp{factor_bits}" if factor_bits > 8 else "svd-int8", cw.nbytes, rel_err(w, decode(cw)),
             time.perf_counter() - t0, f"rank={cw.meta['rank']}")
     for bits, group in ((8, None), (4, 128), (3, 128), (2, 128)):
-        nbytes = baselines.rtn_nbytes(w.shape, bits, group)
+        nbytes = rtn.rtn_nbytes(w.shape, bits, group)
         # RTN cannot hit an arbitrary budget: show the settings whose size is within 1.1x of it
         if nbytes > budget * fp32 * 1.1 or nbytes < budget * fp32 * 0.45:
             continue
         t0 = time.perf_counter()
-        cw = baselines.fit_rtn(w, bits, group)
-        add(f"rtn-int{bits}" + ("" if group is None else f"-g{group}"), cw.nbytes, rel_err(w, cw.reconstruct()),
+        cw = rtn.fit_rtn(w, bits, group)
+        add(f"rtn-int{bits}" + ("" if group is None else f"-g{group}"), cw.nbytes, rel_err(w, decode(cw)),
             time.perf_counter() - t0, "per channel" if group is None else f"group {group}")
     return rows
 

@@ -74,7 +74,7 @@ def make_model(name: str, batch: int, seq_len: int):
 
 def torch_reconstruction_seconds(result) -> float:
     """Time torch needs to decode every compressed weight (what the TVM decode replaces)."""
-    from riem_compiler.compressed import decode_torch
+    from riem_compiler.methods import decode_torch
 
     tensors = {n: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in cw.arrays.items()}
                for n, cw in result.compressed.items()}
@@ -180,7 +180,7 @@ def bench_one(name: str, batch: int, args, work: Path) -> dict:
 def fused_vs_decode(args, work: Path) -> list[dict]:
     """Where fused pays off: one MiniLM-size Linear layer (384 -> 1536), latency per call of
     decode-once vs fused, and the weight memory each needs (measured from the kernels)."""
-    from riem_compiler.codegen import tvm_kernels as tk
+    from riem_compiler.methods.riem import tvm as tk
 
     rows = []
     n_out, n_in = 1536, 384
@@ -258,7 +258,7 @@ def write_results(rows, fused_rows, args, name: str, notes: str = "") -> None:
                      f"{decode:.1f} | {r['torch_reconstruct_ms']:.1f} | {tuning} |")
     if fused_rows:
         lines += ["", "## decode-once vs fused: one MiniLM-size Linear layer (384 -> 1536), default schedules", "",
-                  "Weight memory in KiB, measured from the kernels' allocations (tvm_kernels.scratch_bytes)."
+                  "Weight memory in KiB, measured from the kernels' allocations (methods/riem/tvm.scratch_bytes)."
                   " resident = kept between calls; peak = resident + transient (decode-once: at load; fused: per call).", "",
                   "| batch | q, m | decode-once ms | fused ms | fused/decode-once | decode-once resident | "
                   "decode-once peak (load) | fused resident | fused peak (per call) | decode at load ms |",

@@ -16,6 +16,7 @@ from riem_compiler.compressed import CompressedWeight
 from riem_compiler.config import Config
 from riem_compiler.errors import InputError
 from riem_compiler.files import atomic_write
+from riem_compiler.metrics import model_output_error
 from riem_compiler.frontend.layers import LayerSpec
 from riem_compiler.passes.compress import compress_specs
 from riem_compiler.report import LayerRecord, Report
@@ -157,7 +158,7 @@ def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
     new_model = apply_compressed(model, det.layers, compressed, det.graph_module, cfg.recompute) if compressed else model
     report = Report(records + _skipped_records(det.skipped, tensors), model_bytes_before=total)
     if example_inputs is not None and compressed:
-        report.output_error = torch_output_error(model, new_model, example_inputs)
+        report.output_error = model_output_error(model, new_model, example_inputs)
     if not compressed:
         log.warning("no layer was compressed; the model is returned unchanged (see the report)")
     result = Result(new_model, report, compressed, det.layers, cfg, "torch", example_inputs, model)
@@ -171,29 +172,8 @@ def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
     return result
 
 
-def torch_output_error(reference, candidate, inputs) -> float:
-    """||y - y_ref|| / ||y_ref|| over all tensor outputs."""
-    with torch.no_grad():
-        ref = flat_outputs(reference(*inputs))
-        out = flat_outputs(candidate(*inputs))
-    num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(out, ref))
-    den = sum(float(r.double().pow(2).sum()) for r in ref)
-    return (num / den) ** 0.5 if den > 0 else num ** 0.5
-
-
-def flat_outputs(out) -> list[torch.Tensor]:
-    """Every tensor in a model output (tensor, tuple/list, dict), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in flat_outputs(o)]
-    return []
-
-
 def _optimize_onnx(graph, cfg: Config) -> Result:
-    from riem_compiler.codegen.onnx_export import rewrite_onnx
+    from riem_compiler.codegen.onnx_rewrite import rewrite_onnx
     from riem_compiler.frontend.onnx_frontend import find_onnx_layers, load_onnx
 
     model = load_onnx(graph)
@@ -271,7 +251,7 @@ def load(path, device: str = "cpu", model=None):
     """
     p = Path(path)
     if p.is_file() and p.suffix == ".onnx":
-        from riem_compiler.codegen.onnx_export import OnnxRuntimeModel
+        from riem_compiler.codegen.ort_runner import OnnxRuntimeModel
 
         return OnnxRuntimeModel(p, device=device)
     manifest_path = p / "manifest.json"
@@ -284,7 +264,7 @@ def load(path, device: str = "cpu", model=None):
         return load_tvm(p, device=device)
     manifest, compressed = read_artifact(p)
     if manifest["source"] == "onnx":
-        from riem_compiler.codegen.onnx_export import OnnxRuntimeModel
+        from riem_compiler.codegen.ort_runner import OnnxRuntimeModel
 
         return OnnxRuntimeModel(p / "model.onnx", device=device)
     if model is None:

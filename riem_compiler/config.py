@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from riem_compiler import riem
+from riem_compiler import methods, riem
 from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LAYER_KINDS
 
-METHODS = ("riem", "svd", "rtn", "tucker2", "auto")
+METHODS = (*methods.SELECTABLE, methods.PLANNER)  # what `method=` takes
 FLOAT_FIELDS = ("ratio", "time_budget_s", "lr", "error_ceiling")  # each must be finite
 NONE_ALLOWED = ("time_budget_s",)  # None: no cap
 
@@ -47,6 +47,9 @@ class Config:
     cache_dir: str | None = None  # fitted-layer cache (resumable runs); None disables it
     refine: bool = False  # data-free refinement toward the original's outputs (torch, needs example_inputs)
     refine_steps: int = 200
+    # per-method settings that are not fields above, e.g. {"svd": {"factor_bits": 8}, "rtn": {"group_size": 64}};
+    # the fields each method takes are those of its Settings dataclass (riem_compiler.methods.<name>)
+    method_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.ignore = tuple(self.ignore)
@@ -89,8 +92,24 @@ class Config:
             raise InputError(f"ignore_types has unknown kinds {bad}; known: {LAYER_KINDS}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InputError(f"threads must be a positive integer or None; got {self.threads!r}")
+        self._validate_method_options()
         if self.min_weight_size < 0:
             raise InputError(f"min_weight_size must be >= 0; got {self.min_weight_size!r}")
+
+    def _validate_method_options(self) -> None:
+        if not isinstance(self.method_options, dict):
+            raise InputError(f"method_options must be a dict of method name -> settings; got {self.method_options!r}")
+        for name, options in self.method_options.items():
+            if name not in methods.MODULES:
+                raise InputError(f"method_options names unknown method {name!r}; known: {sorted(methods.MODULES)}")
+            known = {f.name for f in dataclasses.fields(methods.get(name).Settings)}
+            unknown = sorted(set(options) - known) if isinstance(options, dict) else None
+            if unknown is None or unknown:
+                raise InputError(f"method_options[{name!r}] takes {sorted(known)}; got {options!r}")
+            try:
+                methods.get(name).settings(self)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"method_options[{name!r}]: {exc}") from None
 
     @classmethod
     def from_kwargs(cls, config: "Config | None", **kwargs) -> "Config":

@@ -32,9 +32,8 @@ log = logging.getLogger("riem_compiler.fit_cache")
 
 CACHE_FORMAT = "riem-fit-cache"
 CACHE_VERSION = 1
-# Config fields that change what a fit produces (or whether it is accepted)
-FIT_FIELDS = ("method", "ratio", "state_bits", "metric_dtype", "m", "k_branches", "steps", "time_budget_s",
-              "lr", "error_ceiling", "seed", "device", "threads")
+# Config fields outside the methods' own settings that change a fit (or whether it is accepted)
+FIT_FIELDS = ("method", "ratio", "error_ceiling", "threads")
 TAG_NAME = "CACHEDIR.TAG"
 TAG_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
             "# This directory is a riem_compiler fit cache (riem-compile --clear-cache empties it).\n")
@@ -49,7 +48,14 @@ def default_cache_dir() -> Path:
 
 
 def fit_fields(config) -> dict:
-    return {name: getattr(config, name) for name in FIT_FIELDS}
+    """What decides a fit: FIT_FIELDS plus the hash of the settings of the method that fits
+    (for auto: of every registered method, since auto asks them all for candidates)."""
+    from riem_compiler import methods
+    from riem_compiler.methods.base import settings_key
+
+    names = list(methods.MODULES) if config.method == methods.PLANNER else [config.method]
+    return {**{name: getattr(config, name) for name in FIT_FIELDS},
+            "settings": {n: settings_key(methods.get(n).settings(config)) for n in names}}
 
 
 def fit_key(weight: np.ndarray, fields: dict) -> str:
@@ -197,16 +203,6 @@ def cached_riem_fit(fit, cache: FitCache, config):
         return cw
 
     return wrapped
-
-
-def auto_candidates(config, cache: FitCache):
-    """The default candidate grid of method="auto" (see passes.auto.compress_auto) with its RieM
-    fits going through the cache."""
-    from riem_compiler.passes.auto import CandidateGrid, riem_fitter
-    from riem_compiler.passes.compress import fit_settings
-
-    fitter = riem_fitter(fit_settings(config), config.state_bits, config.metric_dtype, config.m, config.k_branches)
-    return CandidateGrid(riem_fit=cached_riem_fit(fitter, cache, config), riem_ratios=(config.ratio / 2,))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -12,11 +12,12 @@ writes, so the byte count is the sum of their sizes.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from riem_compiler import bitpack
 
 K_BRANCHES = 6
 STATE_BITS = (32, 16, 8, 6, 4)
@@ -99,31 +100,6 @@ def fake_quantize_states(x: torch.Tensor, bits: int) -> torch.Tensor:
     return x + (codes * scale + lo - x).detach()
 
 
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned integer codes (< 2**bits) into a flat uint8 array, little-endian bit order."""
-    flat = np.asarray(codes, dtype=np.uint32).ravel()
-    if bits == 8:
-        return flat.astype(np.uint8)
-    if bits == 16:
-        return flat.astype("<u2").view(np.uint8)
-    bit_matrix = ((flat[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(bit_matrix.ravel(), bitorder="little")
-
-
-def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    packed = np.asarray(packed, dtype=np.uint8).ravel()
-    if bits == 8:
-        return packed[:count].astype(np.int64)
-    if bits == 16:
-        return packed.view("<u2")[:count].astype(np.int64)
-    bit_stream = np.unpackbits(packed, bitorder="little")[: count * bits].reshape(count, bits)
-    return (bit_stream.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(axis=1)
-
-
-def packed_nbytes(count: int, bits: int) -> int:
-    return math.ceil(count * bits / 8)
-
-
 # ----------------------------------------------------------------------------- the layer record
 
 @dataclass
@@ -167,7 +143,7 @@ def store(f: RieMFactors, state_bits: int, metric_dtype: str) -> dict[str, np.nd
             out[name] = x.numpy().astype(np.float32)
             continue
         codes, scale, lo = quantize_states(x, state_bits)
-        out[f"{name}_codes"] = pack_codes(codes.numpy().astype(np.int64), state_bits)
+        out[f"{name}_codes"] = bitpack.pack(codes.numpy().astype(np.int64), state_bits)
         out[f"{name}_scale"] = scale.numpy().astype(np.float32)
         out[f"{name}_offset"] = lo.numpy().astype(np.float32)
     for name in ("U", "beta", "v", "c"):
@@ -185,7 +161,7 @@ def load_stored(
         if state_bits == 32:
             states.append(torch.from_numpy(np.asarray(arrays[name], dtype=np.float32)).reshape(rows, q))
             continue
-        codes = unpack_codes(arrays[f"{name}_codes"], state_bits, rows * q).reshape(rows, q)
+        codes = bitpack.unpack(arrays[f"{name}_codes"], state_bits, rows * q).reshape(rows, q)
         x = codes.astype(np.float32) * arrays[f"{name}_scale"].astype(np.float32) + arrays[
             f"{name}_offset"
         ].astype(np.float32)
@@ -202,7 +178,7 @@ def stored_nbytes(
     if state_bits == 32:
         states = (n_out + n_in) * q * 4
     else:
-        states = packed_nbytes(n_out * q, state_bits) + packed_nbytes(n_in * q, state_bits)
+        states = bitpack.packed_nbytes(n_out * q, state_bits) + bitpack.packed_nbytes(n_in * q, state_bits)
         states += 2 * 2 * q * 4  # scale and offset per dimension, for a and b
     metric = k_branches * m * (q + 1) + m + 1
     return states + metric * np.dtype(metric_dtype).itemsize

@@ -302,7 +302,7 @@ def judge(refs: list, outs: list, inputs: list[dict], checked: str) -> Verificat
 def verify_onnx(original, candidate, draws: list[dict[str, np.ndarray]], device: str = "cpu",
                 checked: str = "onnx file") -> Verification:
     """Run two ONNX models (ModelProto or path) with onnxruntime on the same draws of feeds."""
-    from riem_compiler.codegen.onnx_export import OnnxRuntimeModel
+    from riem_compiler.codegen.ort_runner import OnnxRuntimeModel
 
     ref = OnnxRuntimeModel(original, device=device)
     cand = OnnxRuntimeModel(candidate, device=device)

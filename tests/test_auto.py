@@ -7,8 +7,11 @@ import pytest
 
 from riem_compiler.frontend.layers import LayerSpec
 from riem_compiler.passes import auto
-from riem_compiler.passes import baselines as B
-from riem_compiler.passes.fit import FitSettings
+from riem_compiler import methods
+from riem_compiler.methods import rtn as rtn_m
+from riem_compiler.methods import svd as svd_m
+from riem_compiler.methods.riem.fit import FitSettings
+from riem_compiler.methods import decode
 
 
 def _specs():
@@ -28,18 +31,18 @@ def _specs():
 
 def _proxy(specs, weights, proxy="size_weighted"):
     w = auto.proxy_weights(specs, proxy)
-    return sum(wl * B.relative_error(s.weight, cw) ** 2 for wl, s, cw in zip(w, specs, weights))
+    return sum(wl * methods.relative_error(s.weight, cw) ** 2 for wl, s, cw in zip(w, specs, weights))
 
 
 def _single_method_plans(specs, ratio):
     """Each method alone at `ratio` of every layer's fp32 bytes, fitted directly (not via auto)."""
     plans = {}
     for bits in (32, 16, 8):
-        if all(B.svd_rank_for_ratio(s.shape, ratio, bits) > 0 for s in specs):
-            plans[f"svd{bits}"] = [B.fit_svd(s.weight, ratio, bits) for s in specs]
-    settings = [B.rtn_settings_for_ratio(ratio, s.shape) for s in specs]
+        if all(svd_m.svd_rank_for_ratio(s.shape, ratio, bits) > 0 for s in specs):
+            plans[f"svd{bits}"] = [svd_m.fit_svd(s.weight, ratio, bits) for s in specs]
+    settings = [rtn_m.rtn_settings_for_ratio(ratio, s.shape) for s in specs]
     if all(x is not None for x in settings):
-        plans["rtn"] = [B.fit_rtn(s.weight, *x) for s, x in zip(specs, settings)]
+        plans["rtn"] = [rtn_m.fit_rtn(s.weight, *x) for s, x in zip(specs, settings)]
     return plans
 
 
@@ -67,9 +70,9 @@ def test_choices_are_consistent_and_explained():
     result = auto.choose_methods_detailed(specs, 0.2)
     for spec, c in zip(specs, result.choices):
         assert c.nbytes == c.weight.nbytes and c.fp32_bytes == spec.fp32_bytes
-        assert c.rel_error == pytest.approx(B.relative_error(spec.weight, c.weight))
+        assert c.rel_error == pytest.approx(methods.relative_error(spec.weight, c.weight))
         assert c.method == c.weight.method and c.reason and str(len(c.candidates)) in c.reason
-        assert c.weight.reconstruct().shape == spec.shape
+        assert decode(c.weight).shape == spec.shape
     by_name = {c.name: c for c in result.choices}
     assert by_name["low.weight"].method == "svd"  # rank-4 matrix: SVD is near exact and cheap
     # Tucker-2 is a candidate for the KxK conv only, and the best one when bytes are scarce
@@ -92,11 +95,11 @@ def test_knapsack_matches_brute_force():
     specs = _specs()[:3]
     pools = {}
     for s in specs:
-        cands = [B.fit_rtn(s.weight, b, g) for b, g in ((8, None), (4, 32), (3, 32), (2, None))]
-        cands += [B.fit_svd(s.weight, r, 16) for r in (0.3, 0.15, 0.08)]
+        cands = [rtn_m.fit_rtn(s.weight, b, g) for b, g in ((8, None), (4, 32), (3, 32), (2, None))]
+        cands += [svd_m.fit_svd(s.weight, r, 16) for r in (0.3, 0.15, 0.08)]
         pools[s.name] = cands
     weights = auto.proxy_weights(specs, "size_weighted")
-    errors = {n: [B.relative_error(s.weight, cw) for cw in pools[n]] for n, s in zip(pools, specs)}
+    errors = {n: [methods.relative_error(s.weight, cw) for cw in pools[n]] for n, s in zip(pools, specs)}
     total_fp32 = sum(s.fp32_bytes for s in specs)
     resolution = 2048
     for ratio in (0.08, 0.12, 0.18, 0.25):
@@ -163,7 +166,7 @@ def test_compress_auto_records_and_budget():
         if r.status == "compressed":
             cw = compressed[spec.name]
             assert r.bytes_after == cw.nbytes and r.method == cw.method
-            assert r.rel_error == pytest.approx(B.relative_error(spec.weight, cw))
+            assert r.rel_error == pytest.approx(methods.relative_error(spec.weight, cw))
     assert "nan.weight" not in compressed
 
 

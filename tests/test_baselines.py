@@ -7,9 +7,12 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from riem_compiler import riem
-from riem_compiler.compressed import DECODERS, decode_torch
-from riem_compiler.passes import baselines as B
+from riem_compiler import bitpack, methods
+from riem_compiler.methods import decode, decode_torch
+from riem_compiler.methods import dense as dense_m
+from riem_compiler.methods import rtn as rtn_m
+from riem_compiler.methods import svd as svd_m
+from riem_compiler.methods import tucker2 as tucker2_m
 
 
 def _rng(seed=0):
@@ -37,9 +40,9 @@ def _rel(w, w_hat):
     return np.linalg.norm(w - w_hat) / np.linalg.norm(w)
 
 
-def test_decoders_registered():
+def test_methods_registered():
     for name in ("dense", "svd", "tucker2", "rtn", "riem"):
-        assert name in DECODERS
+        assert methods.get(name).name == name
 
 
 # ----------------------------------------------------------------------------- svd
@@ -47,11 +50,11 @@ def test_decoders_registered():
 @pytest.mark.parametrize("factor_bits", [32, 16, 8])
 def test_svd_numerics(factor_bits):
     w = _lowrank_plus_noise(48, 40, 6)
-    cw = B.fit_svd(w, 0.3, factor_bits)
+    cw = svd_m.fit_svd(w, 0.3, factor_bits)
     rank = cw.meta["rank"]
     U, S, Vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
     optimum = np.sqrt(np.sum(S[rank:] ** 2)) / np.linalg.norm(S)  # Eckart-Young
-    w_hat = cw.reconstruct()
+    w_hat = decode(cw)
     assert w_hat.shape == w.shape and w_hat.dtype == np.float32
     if factor_bits == 8:
         a = cw.arrays
@@ -64,8 +67,8 @@ def test_svd_numerics(factor_bits):
     np.testing.assert_allclose(w_hat, direct, rtol=1e-5, atol=1e-5)
     if factor_bits == 32:  # exactly the truncated SVD
         np.testing.assert_allclose(w_hat, (U[:, :rank] * S[:rank]) @ Vt[:rank], rtol=1e-4, atol=1e-5)
-    assert optimum - 1e-6 <= B.relative_error(w, cw) <= optimum + tol
-    assert B.relative_error(w, cw) == pytest.approx(_rel(w, w_hat), rel=1e-6)
+    assert optimum - 1e-6 <= methods.relative_error(w, cw) <= optimum + tol
+    assert methods.relative_error(w, cw) == pytest.approx(_rel(w, w_hat), rel=1e-6)
 
 
 @pytest.mark.parametrize("factor_bits", [32, 16, 8])
@@ -73,23 +76,23 @@ def test_svd_numerics(factor_bits):
 def test_svd_rank_fits_budget(factor_bits, ratio):
     shape = (64, 3, 4, 4)  # a conv weight, viewed as a 64 x 48 matrix
     w = _rng(1).standard_normal(shape).astype(np.float32)
-    cw = B.fit_svd(w, ratio, factor_bits)
+    cw = svd_m.fit_svd(w, ratio, factor_bits)
     budget = ratio * w.size * 4
-    assert cw.nbytes == B.svd_nbytes(shape, cw.meta["rank"], factor_bits) <= budget
-    assert cw.meta["rank"] == 48 or B.svd_nbytes(shape, cw.meta["rank"] + 1, factor_bits) > budget
-    assert cw.reconstruct().shape == shape
+    assert cw.nbytes == svd_m.svd_nbytes(shape, cw.meta["rank"], factor_bits) <= budget
+    assert cw.meta["rank"] == 48 or svd_m.svd_nbytes(shape, cw.meta["rank"] + 1, factor_bits) > budget
+    assert decode(cw).shape == shape
 
 
 def test_svd_too_small_ratio_raises():
     with pytest.raises(ValueError, match="too small"):
-        B.fit_svd(np.ones((64, 64), np.float32), 0.001)
+        svd_m.fit_svd(np.ones((64, 64), np.float32), 0.001)
     with pytest.raises(ValueError, match="factor_bits"):
-        B.svd_nbytes((4, 4), 1, 4)
+        svd_m.svd_nbytes((4, 4), 1, 4)
 
 
 def test_svd_int8_beats_fp16_at_same_bytes():
     w = _lowrank_plus_noise(96, 80, 40, noise=0.2)
-    assert B.relative_error(w, B.fit_svd(w, 0.25, 8)) < B.relative_error(w, B.fit_svd(w, 0.25, 16))
+    assert methods.relative_error(w, svd_m.fit_svd(w, 0.25, 8)) < methods.relative_error(w, svd_m.fit_svd(w, 0.25, 16))
 
 
 # ----------------------------------------------------------------------------- rtn
@@ -114,11 +117,11 @@ def _rtn_reference(w, bits, group):
 def test_rtn_numerics(bits, group):
     w = _rng(2).standard_normal((24, 300)).astype(np.float32)  # 300 = 128 + 128 + 44: short last group
     w[3] = 0.0  # an all-zero row must not divide by zero
-    cw = B.fit_rtn(w, bits, group)
-    w_hat = cw.reconstruct()
+    cw = rtn_m.fit_rtn(w, bits, group)
+    w_hat = decode(cw)
     np.testing.assert_allclose(w_hat, _rtn_reference(w, bits, group), rtol=1e-6, atol=1e-7)
     assert np.all(w_hat[3] == 0)
-    codes = riem.unpack_codes(cw.arrays["codes"], bits, w.size)
+    codes = bitpack.unpack(cw.arrays["codes"], bits, w.size)
     qmax = 2 ** (bits - 1) - 1
     assert codes.min() >= 2 ** (bits - 1) - qmax and codes.max() <= 2 ** (bits - 1) + qmax
     n_groups = 1 if group is None else -(-300 // group)
@@ -127,14 +130,14 @@ def test_rtn_numerics(bits, group):
 
 def test_rtn_conv_weight_groups_along_flattened_inputs():
     w = _rng(3).standard_normal((8, 4, 3, 3)).astype(np.float32)  # 36 inputs, groups of 16
-    cw = B.fit_rtn(w, 4, 16)
+    cw = rtn_m.fit_rtn(w, 4, 16)
     assert cw.arrays["scale"].shape == (8, 3)
-    np.testing.assert_allclose(cw.reconstruct(), _rtn_reference(w, 4, 16), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(decode(cw), _rtn_reference(w, 4, 16), rtol=1e-6, atol=1e-7)
 
 
 def test_rtn_error_decreases_with_bits():
     w = _rng(4).standard_normal((32, 256)).astype(np.float32)
-    errors = [B.relative_error(w, B.fit_rtn(w, b, 128)) for b in (2, 3, 4, 8)]
+    errors = [methods.relative_error(w, rtn_m.fit_rtn(w, b, 128)) for b in (2, 3, 4, 8)]
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] < 0.01
 
@@ -142,38 +145,46 @@ def test_rtn_error_decreases_with_bits():
 def test_rtn_settings_for_ratio():
     shape = (384, 384)
     # int8 per channel is 1/4 of fp32 plus its scales, so exactly 1/4 falls to 4-bit groups
-    assert B.rtn_settings_for_ratio(shape=shape, ratio=0.25) == (4, 128)
-    assert B.rtn_settings_for_ratio(shape=shape, ratio=0.26) == (8, None)
-    assert B.rtn_settings_for_ratio(shape=shape, ratio=0.125) == (3, 128)
-    assert B.rtn_settings_for_ratio(shape=shape, ratio=0.01) is None
+    assert rtn_m.rtn_settings_for_ratio(shape=shape, ratio=0.25) == (4, 128)
+    assert rtn_m.rtn_settings_for_ratio(shape=shape, ratio=0.26) == (8, None)
+    assert rtn_m.rtn_settings_for_ratio(shape=shape, ratio=0.125) == (3, 128)
+    assert rtn_m.rtn_settings_for_ratio(shape=shape, ratio=0.01) is None
     for ratio in (0.07, 0.1, 0.13, 0.3):
-        bits, group = B.rtn_settings_for_ratio(shape=shape, ratio=ratio)
-        assert B.fit_rtn(np.ones(shape, np.float32), bits, group).nbytes <= ratio * 384 * 384 * 4
+        bits, group = rtn_m.rtn_settings_for_ratio(shape=shape, ratio=ratio)
+        assert rtn_m.fit_rtn(np.ones(shape, np.float32), bits, group).nbytes <= ratio * 384 * 384 * 4
 
 
 def test_rtn_settings_without_shape_use_wide_matrix_bytes():
-    assert B.rtn_settings_for_ratio(0.25) == (8, None)
-    assert B.rtn_settings_for_ratio(0.13) == (4, 128)
-    assert B.rtn_settings_for_ratio(0.125) == (4, None)
-    assert B.rtn_settings_for_ratio(0.01) is None
+    assert rtn_m.rtn_settings_for_ratio(0.25) == (8, None)
+    assert rtn_m.rtn_settings_for_ratio(0.13) == (4, 128)
+    assert rtn_m.rtn_settings_for_ratio(0.125) == (4, None)
+    assert rtn_m.rtn_settings_for_ratio(0.01) is None
 
 
-def test_fit_for_ratio_dispatch_and_budget():
+def test_method_fit_dispatch_and_budget():
+    from riem_compiler.frontend.layers import LayerSpec
+
     w = _rng(10).standard_normal((48, 64)).astype(np.float32)
     conv = _rng(10).standard_normal((16, 8, 3, 3)).astype(np.float32)
+
+    def fit(method, weight, ratio):
+        m = methods.get(method)
+        spec = LayerSpec("w", "conv2d" if weight.ndim == 4 else "linear", weight)
+        return m.fit(spec, ratio, m.Settings()).weight
+
     for method, weight in (("svd", w), ("rtn", w), ("tucker2", conv), ("svd", conv), ("rtn", conv)):
-        cw = B.fit_for_ratio(method, weight, 0.2)
+        cw = fit(method, weight, 0.2)
         assert cw.method == method and cw.nbytes <= 0.2 * weight.size * 4
-    assert B.fit_for_ratio("rtn", w, 0.2).meta["bits"] == 4
-    with pytest.raises(ValueError, match="unknown baseline"):
-        B.fit_for_ratio("lowrank", w, 0.2)
+    assert fit("rtn", w, 0.2).meta["bits"] == 4
+    with pytest.raises(ValueError, match="unknown compression method"):
+        methods.get("lowrank")
     with pytest.raises(ValueError, match="too small"):
-        B.fit_for_ratio("rtn", w, 0.01)
+        fit("rtn", w, 0.01)
 
 
 def test_rtn_bad_bits():
     with pytest.raises(ValueError, match="bits"):
-        B.fit_rtn(np.ones((4, 4), np.float32), 5)
+        rtn_m.fit_rtn(np.ones((4, 4), np.float32), 5)
 
 
 # ----------------------------------------------------------------------------- tucker-2
@@ -188,28 +199,28 @@ def _tucker_tensor(out_ch, in_ch, r_out, r_in, kernel=(3, 3), seed=5):
 
 def test_tucker2_recovers_exact_low_rank():
     w = _tucker_tensor(32, 16, 8, 4)
-    cw = B.fit_tucker2(w, 0.25)
+    cw = tucker2_m.fit_tucker2(w, 0.25)
     r_out, r_in = cw.meta["ranks"]
     assert r_out >= 8 and r_in >= 4
     a = {k: v.astype(np.float64) for k, v in cw.arrays.items()}
     direct = np.einsum("or,rs...,is->oi...", a["out_factor"], a["core"], a["in_factor"])
-    np.testing.assert_allclose(cw.reconstruct(), direct, rtol=1e-5, atol=1e-5)
-    assert B.relative_error(w, cw) < 2e-3  # float16 storage only
-    assert cw.nbytes == B.tucker2_nbytes(w.shape, (r_out, r_in)) <= 0.25 * w.size * 4
+    np.testing.assert_allclose(decode(cw), direct, rtol=1e-5, atol=1e-5)
+    assert methods.relative_error(w, cw) < 2e-3  # float16 storage only
+    assert cw.nbytes == tucker2_m.tucker2_nbytes(w.shape, (r_out, r_in)) <= 0.25 * w.size * 4
 
 
 def test_tucker2_beats_truncated_conv_svd_on_tucker_weight():
     w = _tucker_tensor(32, 16, 8, 4) + 0.005 * _rng(6).standard_normal((32, 16, 3, 3)).astype(np.float32)
     for rule in ("energy", "proportional"):  # both rank rules reach ranks >= (8, 4) at 0.1
-        tucker = B.fit_tucker2(w, 0.1, rank_rule=rule)
-        assert B.relative_error(w, tucker) < 0.05 < B.relative_error(w, B.fit_svd(w, 0.1, 16))
+        tucker = tucker2_m.fit_tucker2(w, 0.1, rank_rule=rule)
+        assert methods.relative_error(w, tucker) < 0.05 < methods.relative_error(w, svd_m.fit_svd(w, 0.1, 16))
 
 
 def test_tucker2_rejects_non_kxk_and_grouped():
     with pytest.raises(ValueError, match="more than one tap"):
-        B.fit_tucker2(np.ones((8, 4, 1, 1), np.float32), 0.5)
+        tucker2_m.fit_tucker2(np.ones((8, 4, 1, 1), np.float32), 0.5)
     with pytest.raises(ValueError, match="groups"):
-        B.fit_tucker2(np.ones((8, 4, 3, 3), np.float32), 0.5, groups=2)
+        tucker2_m.fit_tucker2(np.ones((8, 4, 3, 3), np.float32), 0.5, groups=2)
 
 
 # ----------------------------------------------------------------------------- shared contract
@@ -218,11 +229,11 @@ def _all_methods():
     w = _lowrank_plus_noise(40, 72, 8)
     conv = _tucker_tensor(16, 8, 4, 3)
     return [
-        (w, B.fit_dense(w, "float16")), (w, B.fit_dense(w, "float32")),
-        (w, B.fit_svd(w, 0.25, 32)), (w, B.fit_svd(w, 0.25, 16)), (w, B.fit_svd(w, 0.25, 8)),
-        (conv, B.fit_tucker2(conv, 0.3)),
-        (w, B.fit_rtn(w, 8, None)), (w, B.fit_rtn(w, 4, 32)), (w, B.fit_rtn(w, 3, 32)),
-        (w, B.fit_rtn(w, 2, None)),
+        (w, dense_m.fit_dense(w, "float16")), (w, dense_m.fit_dense(w, "float32")),
+        (w, svd_m.fit_svd(w, 0.25, 32)), (w, svd_m.fit_svd(w, 0.25, 16)), (w, svd_m.fit_svd(w, 0.25, 8)),
+        (conv, tucker2_m.fit_tucker2(conv, 0.3)),
+        (w, rtn_m.fit_rtn(w, 8, None)), (w, rtn_m.fit_rtn(w, 4, 32)), (w, rtn_m.fit_rtn(w, 3, 32)),
+        (w, rtn_m.fit_rtn(w, 2, None)),
     ]
 
 
@@ -230,8 +241,8 @@ def test_nbytes_is_what_safetensors_writes(tmp_path):
     for w, cw in _all_methods():
         assert cw.nbytes == _stored_bytes(cw, tmp_path), cw.method
     w = _rng(7).standard_normal((40, 72)).astype(np.float32)
-    assert B.fit_rtn(w, 3, 32).nbytes == B.rtn_nbytes(w.shape, 3, 32) == -(-40 * 72 * 3 // 8) + 40 * 3 * 2
-    assert B.fit_rtn(w, 8, None).nbytes == 40 * 72 + 40 * 4
+    assert rtn_m.fit_rtn(w, 3, 32).nbytes == rtn_m.rtn_nbytes(w.shape, 3, 32) == -(-40 * 72 * 3 // 8) + 40 * 3 * 2
+    assert rtn_m.fit_rtn(w, 8, None).nbytes == 40 * 72 + 40 * 4
 
 
 def test_deterministic_and_decode_torch_matches_reconstruct():
@@ -241,14 +252,14 @@ def test_deterministic_and_decode_torch_matches_reconstruct():
         for k in a.arrays:
             np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in a.arrays.items()}
-        np.testing.assert_array_equal(decode_torch(a, tensors).numpy(), a.reconstruct())
+        np.testing.assert_array_equal(decode_torch(a, tensors).numpy(), decode(a))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 def test_unpack_codes_exportable_matches_numpy(bits):
     codes = _rng(8).integers(0, 2 ** bits, size=257)
-    packed = torch.from_numpy(riem.pack_codes(codes, bits))
-    np.testing.assert_array_equal(B.unpack_codes_exportable(packed, bits, 257).numpy(), codes)
+    packed = torch.from_numpy(bitpack.pack(codes, bits))
+    np.testing.assert_array_equal(bitpack.unpack_torch(packed, bits, 257).numpy(), codes)
 
 
 class _Decoded(torch.nn.Module):
@@ -269,7 +280,7 @@ def test_decoders_export_to_standard_onnx():
     ort = pytest.importorskip("onnxruntime")
     w = _rng(9).standard_normal((12, 40)).astype(np.float32)
     conv = _rng(9).standard_normal((6, 4, 3, 3)).astype(np.float32)
-    for cw in (B.fit_rtn(w, 3, 16), B.fit_svd(w, 0.3, 8), B.fit_tucker2(conv, 0.5)):
+    for cw in (rtn_m.fit_rtn(w, 3, 16), svd_m.fit_svd(w, 0.3, 8), tucker2_m.fit_tucker2(conv, 0.5)):
         module = _Decoded(cw).eval()
         x = torch.randn(2, int(np.prod(cw.shape[1:])))
         proto = torch.onnx.export(module, (x,), dynamo=True, optimize=False).model_proto
@@ -283,8 +294,8 @@ def test_decoders_export_to_standard_onnx():
 @pytest.mark.parametrize("ratio", [1 / 16, 1 / 32])
 def test_tucker2_small_budgets_choose_ranks_that_decode(rule, ratio):
     w = np.random.default_rng(3).normal(size=(32, 32, 3, 3)).astype(np.float32)
-    cw = B.fit_tucker2(w, ratio, rank_rule=rule)
+    cw = tucker2_m.fit_tucker2(w, ratio, rank_rule=rule)
     r_out, r_in = cw.meta["ranks"]
     assert r_out <= r_in * 9 and r_in <= r_out * 9
     assert cw.arrays["out_factor"].shape == (32, r_out) and cw.arrays["in_factor"].shape == (32, r_in)
-    assert cw.reconstruct().shape == w.shape and cw.nbytes <= ratio * w.size * 4
+    assert decode(cw).shape == w.shape and cw.nbytes <= ratio * w.size * 4

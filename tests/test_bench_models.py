@@ -6,6 +6,7 @@ import torch
 from safetensors import safe_open
 
 from benchmarks import models as bm
+from benchmarks import tasks as bt
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +55,15 @@ def test_encode_paraphrase_sanity(minilm):
 def test_minilm_metrics_match_original_model(minilm):
     # Reference values of the original all-MiniLM-L6-v2 (WS353 0.729, SimLex 0.446 measured independently).
     model, tok = minilm
-    assert bm.wordsim_spearman(model, tok, "wordsim353") == pytest.approx(0.729, abs=0.003)
-    assert bm.wordsim_spearman(model, tok, "simlex999") == pytest.approx(0.446, abs=0.003)
-    assert bm.polarity_accuracy(model, tok) == pytest.approx(0.73, abs=0.011)
+    assert bt.wordsim_spearman(model, tok, "wordsim353") == pytest.approx(0.729, abs=0.003)
+    assert bt.wordsim_spearman(model, tok, "simlex999") == pytest.approx(0.446, abs=0.003)
+    assert bt.polarity_accuracy(model, tok) == pytest.approx(0.73, abs=0.011)
     with pytest.raises(ValueError, match="unknown word-similarity set"):
-        bm.wordsim_spearman(model, tok, "men")
+        bt.wordsim_spearman(model, tok, "men")
 
 
 def test_polarity_file_format():
-    sents, labels = bm.read_polarity()
+    sents, labels = bt.read_polarity()
     assert len(sents) == 200 and labels.sum() == 100
     assert all(s and not s.startswith("__label__") for s in sents)
 

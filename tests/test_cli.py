@@ -232,9 +232,39 @@ def test_tvm_llvm_target_is_verified_on_the_artifact(tmp_path):
 
 
 def test_executor_flags_reach_the_config():
-    from riem_compiler.cli import _config_from_args, build_parser
+    from riem_compiler.cli.arguments import _config_from_args, build_parser
 
     args = build_parser().parse_args(["m.onnx", "-o", "out", "--executor", "ray", "--ray-address", "auto", "--no-cache"])
     cfg = _config_from_args(args)
     assert (cfg.executor, cfg.ray_address) == ("ray", "auto")
     assert _config_from_args(build_parser().parse_args(["m.onnx", "--no-cache"])).executor == "local"
+
+
+def test_every_python_setting_has_a_flag(tmp_path, capsys):
+    """lr, k_branches, recompute, refine(_steps) and each method's own settings are CLI flags."""
+    import dataclasses
+
+    from riem_compiler import methods
+    from riem_compiler.cli.arguments import _config_from_args, build_parser
+    from riem_compiler.config import Config
+
+    args = build_parser().parse_args(["m.onnx", "-o", "o", "--lr", "0.01", "--k-branches", "4", "--recompute",
+                                      "--refine", "--refine-steps", "7", "--svd-factor-bits", "8",
+                                      "--rtn-group-size", "64", "--tucker2-rank-rule", "proportional"])
+    cfg = _config_from_args(args)
+    assert (cfg.lr, cfg.k_branches, cfg.recompute, cfg.refine, cfg.refine_steps) == (0.01, 4, True, True, 7)
+    assert cfg.method_options == {"svd": {"factor_bits": 8}, "rtn": {"group_size": 64},
+                                  "tucker2": {"rank_rule": "proportional"}}
+    assert methods.get("svd").settings(cfg).factor_bits == 8
+    # every method setting is reachable: as a Config field (with its flag) or as --METHOD-FIELD
+    flags = {a.dest for a in build_parser()._actions}
+    config_fields = {f.name for f in dataclasses.fields(Config)}
+    for name in methods.SELECTABLE:
+        for f in dataclasses.fields(methods.get(name).Settings):
+            assert f.name in config_fields or f"method__{name}__{f.name}" in flags, (name, f.name)
+    # a bad value is one clean line, exit 2
+    src = good_mlp(tmp_path)
+    code = cli.main([str(src), "-o", str(tmp_path / "out"), "--method", "svd", "--svd-factor-bits", "7", "--no-cache"])
+    assert code == cli.EXIT_INPUT and "factor_bits must be one of" in capsys.readouterr().err
+    code = cli.main([str(src), "-o", str(tmp_path / "out"), "--refine", "--no-cache"])
+    assert code == cli.EXIT_INPUT and "--refine needs a PyTorch model" in capsys.readouterr().err

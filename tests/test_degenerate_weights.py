@@ -8,7 +8,11 @@ import torch
 from torch import nn
 
 import riem_compiler as rc
-from riem_compiler.passes import baselines as B
+from riem_compiler import methods
+from riem_compiler.methods import dense as dense_m
+from riem_compiler.methods import rtn as rtn_m
+from riem_compiler.methods import svd as svd_m
+from riem_compiler.methods import decode
 
 METHODS = ("riem", "svd", "rtn", "tucker2", "auto")
 RATIOS = (0.5, 0.25)
@@ -82,13 +86,13 @@ def test_degenerate_weights_never_crash(method, ratio):
                 r.bytes_before for r in records.values()), name
         first = "0.weight"
         if name == "zeros" and first in res.compressed:
-            assert np.array_equal(res.compressed[first].reconstruct(), np.zeros_like(w)), (method, ratio)
+            assert np.array_equal(decode(res.compressed[first]), np.zeros_like(w)), (method, ratio)
         for key, cw in res.compressed.items():
-            assert np.isfinite(cw.reconstruct()).all(), (name, key)
+            assert np.isfinite(decode(cw)).all(), (name, key)
         if first in res.compressed:
             # the reported error is the stored artifact's, measured in float64
             assert records[first].rel_error == pytest.approx(
-                B.relative_error(w, res.compressed[first]), rel=1e-3, abs=1e-6), (name, records[first])
+                methods.relative_error(w, res.compressed[first]), rel=1e-3, abs=1e-6), (name, records[first])
 
 
 
@@ -96,10 +100,10 @@ def test_degenerate_weights_never_crash(method, ratio):
 def _old_fit_svd_int8_right(weight, ratio):
     """fit_svd's int8 right-factor solve before the fix (the plain normal equations)."""
     M = np.asarray(weight, np.float64).reshape(weight.shape[0], -1)
-    rank = B.svd_rank_for_ratio(weight.shape, ratio, 8)
-    U, S, Vt = B.matrix_svd(M)
+    rank = svd_m.svd_rank_for_ratio(weight.shape, ratio, 8)
+    U, S, Vt = svd_m.matrix_svd(M)
     left = U[:, :rank] * np.sqrt(S[:rank])
-    codes, scale = B._quantize_rows_int8(left)
+    codes, scale = svd_m._quantize_rows_int8(left)
     left_q = codes.astype(np.float64) * scale[:, None]
     return np.linalg.solve(left_q.T @ left_q, left_q.T @ M)
 
@@ -111,11 +115,11 @@ def test_fit_svd_int8_on_rank_deficient_weight_reproduces_and_fixes_issue_11(nam
     w = WEIGHTS[name]
     with pytest.raises(np.linalg.LinAlgError):
         _old_fit_svd_int8_right(w, 0.5)
-    cw = B.fit_svd(w, 0.5, 8)
+    cw = svd_m.fit_svd(w, 0.5, 8)
     assert cw.meta["rank"] > 3
-    err = B.relative_error(w, cw)
+    err = methods.relative_error(w, cw)
     assert np.isfinite(err) and err < 0.02, err
-    assert np.isfinite(cw.reconstruct()).all()
+    assert np.isfinite(decode(cw)).all()
 
 
 def test_solve_least_squares_matches_lstsq():
@@ -125,12 +129,12 @@ def test_solve_least_squares_matches_lstsq():
     cases = [full, np.c_[full[:, :6], np.zeros((50, 4))], full[:, [0, 1, 2, 2, 3]], np.zeros((50, 5)),
              full[:, :8] * np.logspace(0, -6, 8)]
     for A in cases:
-        x = B.solve_least_squares(A, b)
+        x = svd_m.solve_least_squares(A, b)
         ref = np.linalg.lstsq(A, b, rcond=None)[0]
         assert np.linalg.norm(A @ x - b) == pytest.approx(np.linalg.norm(A @ ref - b), rel=1e-9, abs=1e-12)
         assert np.linalg.norm(x) <= np.linalg.norm(ref) * (1 + 1e-6) + 1e-12  # the minimum-norm one
     # well-conditioned: exactly the plain normal-equations solve (results unchanged)
-    np.testing.assert_array_equal(B.solve_least_squares(full, b), np.linalg.solve(full.T @ full, full.T @ b))
+    np.testing.assert_array_equal(svd_m.solve_least_squares(full, b), np.linalg.solve(full.T @ full, full.T @ b))
 
 
 def test_auto_drops_a_failing_candidate_not_the_run():
@@ -150,8 +154,8 @@ def test_auto_drops_a_failing_candidate_not_the_run():
     assert np.isfinite(result.choices[0].rel_error) and result.nbytes <= 0.25 * spec.fp32_bytes
 
     def source(spec, ratio):  # a non-finite candidate is dropped; a failing source keeps dense32
-        bad = B.fit_dense(np.full(spec.shape, np.inf, np.float32), "float16")
-        return [bad, B.fit_rtn(spec.weight, 4, 32)]
+        bad = dense_m.fit_dense(np.full(spec.shape, np.inf, np.float32), "float16")
+        return [bad, rtn_m.fit_rtn(spec.weight, 4, 32)]
 
     result = auto.choose_methods_detailed([spec], 0.25, source)
     assert result.dropped == 1 and result.choices[0].method == "rtn"
@@ -164,7 +168,7 @@ def test_auto_drops_a_failing_candidate_not_the_run():
 
 
 def test_readout_solve_survives_a_singular_gram_matrix():
-    from riem_compiler.passes.fit import _solve_readout, _solve_symmetric
+    from riem_compiler.methods.riem.fit import _solve_readout, _solve_symmetric
 
     G = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)  # exactly singular
     x = _solve_symmetric(G, torch.tensor([2.0, 2.0], dtype=torch.float64))

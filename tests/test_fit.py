@@ -4,7 +4,8 @@ import pytest
 
 from conftest import structured_matrix
 from riem_compiler import riem
-from riem_compiler.passes.fit import FitSettings, fit_riem
+from riem_compiler.methods.riem.fit import FitSettings, fit_riem
+from riem_compiler.methods import decode
 
 
 def svd_error_at_bytes(W, nbytes, bytes_per_value=4):
@@ -22,7 +23,7 @@ def test_fit_beats_truncated_svd_at_equal_bytes_on_structured_matrix():
     rank, svd_err = svd_error_at_bytes(W, res.weight.nbytes)
     assert rank >= 1
     # the reported error is the error of the stored (8-bit) artifact
-    actual = np.linalg.norm(res.weight.reconstruct() - W) / np.linalg.norm(W)
+    actual = np.linalg.norm(decode(res.weight) - W) / np.linalg.norm(W)
     assert res.rel_error == pytest.approx(actual, rel=1e-4)
     assert res.rel_error < 0.7 * svd_err, (res.rel_error, svd_err, rank)
 
@@ -54,9 +55,9 @@ def test_conv_weight_shape_is_kept():
     W = structured_matrix(16, 36, seed=4).reshape(16, 4, 3, 3)
     res = fit_riem(W, 4, 4, 8, "float16", FitSettings(steps=30))
     assert res.weight.shape == (16, 4, 3, 3)
-    assert res.weight.reconstruct().shape == (16, 4, 3, 3)
+    assert decode(res.weight).shape == (16, 4, 3, 3)
 
 
 def test_zero_matrix_fits_exactly():
     res = fit_riem(np.zeros((20, 10), np.float32), 4, 4, 8, "float16", FitSettings(steps=10))
-    assert np.abs(res.weight.reconstruct()).max() < 1e-6
+    assert np.abs(decode(res.weight)).max() < 1e-6

@@ -15,7 +15,9 @@ from riem_compiler.codegen.onnx_export import (DOMAIN, OnnxRuntimeModel, materia
                                                rewrite_onnx, save_onnx)
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.frontend.onnx_frontend import find_onnx_layers, load_onnx
-from riem_compiler.passes import baselines
+from riem_compiler import bitpack
+from riem_compiler.methods import dense as dense_m, rtn as rtn_m, svd as svd_m, tucker2 as tucker2_m
+from riem_compiler.methods import decode
 from test_onnx_frontend import (ALL, chain_model, control_flow_model, conv_model, gemm_model, make_model,
                                 matmul_left_model, matmul_right_model, rand, vi)
 
@@ -46,13 +48,13 @@ def compress_all(model, bits=8, method="riem"):
         if method == "riem":
             comp[s.name] = random_riem(s.shape, bits=bits, seed=i)
         elif method == "svd":
-            comp[s.name] = baselines.fit_svd(s.weight, 0.5, factor_bits=bits)
+            comp[s.name] = svd_m.fit_svd(s.weight, 0.5, factor_bits=bits)
         elif method == "rtn":
-            comp[s.name] = baselines.fit_rtn(s.weight, bits, group_size=None if bits == 8 else 16)
+            comp[s.name] = rtn_m.fit_rtn(s.weight, bits, group_size=None if bits == 8 else 16)
         elif method == "tucker2":
-            comp[s.name] = baselines.fit_tucker2(s.weight, 0.5)
+            comp[s.name] = tucker2_m.fit_tucker2(s.weight, 0.5)
         else:
-            comp[s.name] = baselines.fit_dense(s.weight, "float16")
+            comp[s.name] = dense_m.fit_dense(s.weight, "float16")
     return specs, comp, rewrite_onnx(model, specs, comp)
 
 
@@ -94,7 +96,7 @@ def test_pattern_numerics(pattern, bits):
     # the materialised model is the original with the decoded weight in place of the original one
     name = specs[0].name
     decoded = next(t for t in mat.graph.initializer if t.name == name)
-    np.testing.assert_allclose(numpy_helper.to_array(decoded).astype(np.float32), comp[name].reconstruct(),
+    np.testing.assert_allclose(numpy_helper.to_array(decoded).astype(np.float32), decode(comp[name]),
                                rtol=1e-3, atol=1e-3)
     assert [i.name for i in new.graph.input] == [i.name for i in model.graph.input]
     assert [o.name for o in new.graph.output] == [o.name for o in model.graph.output]
@@ -103,7 +105,7 @@ def test_pattern_numerics(pattern, bits):
 def test_gemm_matches_numpy_formula():
     model, feeds = gemm_model(1, 1, 0.5, 2.0)
     specs, comp, new = compress_all(model)
-    W = comp["W"].reconstruct()
+    W = decode(comp["W"])
     C = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "C"))
     want = 0.5 * feeds["x"].T @ W.T + 2.0 * C
     np.testing.assert_allclose(run(new, feeds)[0], want, rtol=1e-4, atol=1e-3)
@@ -130,7 +132,7 @@ def test_baseline_methods(method, bits):
     specs, comp, new = compress_all(model, bits, method)
     mat = assert_runs_like_materialised(new, feeds)
     decoded = next(t for t in mat.graph.initializer if t.name == "W")
-    np.testing.assert_allclose(numpy_helper.to_array(decoded), comp["W"].reconstruct(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(numpy_helper.to_array(decoded), decode(comp["W"]), rtol=1e-5, atol=1e-5)
     back = read_compressed_onnx(new)["W"]
     assert back.method == method and back.meta == comp["W"].meta
 
@@ -266,7 +268,7 @@ def test_unpack_bits_matches_numpy(bits):
     count = 37  # not a multiple of 8: the last code ends inside a byte, and the stream has padding bits
     codes = np.random.default_rng(bits).integers(0, 2 ** bits, count)
     codes[:2] = [0, 2 ** bits - 1]
-    packed = riem.pack_codes(codes, bits)
+    packed = bitpack.pack(codes, bits)
     model = _unpack_model(packed, count, bits)
     for opt_off in (False, True):
         np.testing.assert_array_equal(run(model, {}, opt_off)[0], codes.astype(np.float32))
@@ -301,7 +303,7 @@ def test_riem_decoder_peak_tensor_is_one_branch():
 
 
 def test_riem_export_needs_six_branches():
-    from riem_compiler.codegen.onnx_export import RIEM_BRANCHES
+    from riem_compiler.methods.riem import ONNX_BRANCHES as RIEM_BRANCHES
 
     assert RIEM_BRANCHES == riem.K_BRANCHES
     model, _ = gemm_model()

@@ -9,6 +9,7 @@ import torch
 import riem_compiler as rc
 from conftest import structured_matrix
 from riem_compiler.passes.rewrite_torch import RieMConv, RieMLinear, RieMWeight
+from riem_compiler.methods import decode
 from zoo import CNN, MLP, Functional
 
 FAST = dict(steps=60, time_budget_s=600, min_weight_size=0)
@@ -42,7 +43,7 @@ def with_weights(model, compressed):
     out = copy.deepcopy(model)
     with torch.no_grad():
         for name, cw in compressed.items():
-            out.get_parameter(name).copy_(torch.from_numpy(cw.reconstruct()))
+            out.get_parameter(name).copy_(torch.from_numpy(decode(cw)))
     return out
 
 

@@ -186,7 +186,7 @@ def test_defaults_give_ray_the_same_model_as_a_loaded_local_run(ray_local, monke
     """The reported defect: optimize(m, ratio=0.4, seed=1) locally and on Ray differed by 0.14 on a
     loaded machine, because the default time cap stopped fits at load-dependent steps. Now a local
     run under a clock that races (as on a machine under heavy load) equals Ray's."""
-    from riem_compiler.passes import fit as fit_module
+    from riem_compiler.methods.riem import fit as fit_module
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32)).eval()

@@ -10,11 +10,15 @@ from conftest import structured_matrix
 
 import riem_compiler as rc
 from riem_compiler.errors import InputError
-from riem_compiler.passes import baselines
-from riem_compiler.passes.fit import FitSettings, fit_riem
+from riem_compiler.methods.dense import fit_dense
+from riem_compiler.methods.rtn import fit_rtn
+from riem_compiler.methods.svd import fit_svd
+from riem_compiler.methods.tucker2 import fit_tucker2
+from riem_compiler.methods.riem.fit import FitSettings, fit_riem
 from riem_compiler.passes.refine import (RefineSettings, make_synthetic, make_trainable, refine_result,
                                          refine_torch)
 from riem_compiler.passes.rewrite_torch import RieMWeight
+from riem_compiler.methods import decode
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +37,9 @@ def _weights():
     riem32 = fit_riem(w, 6, 8, 32, "float32", FitSettings(steps=20, seed=0)).weight
     return [
         (w, riem8), (w, riem32),
-        (w, baselines.fit_svd(w, 0.25, 16)), (w, baselines.fit_svd(w, 0.25, 8)),
-        (conv, baselines.fit_tucker2(conv, 0.25)), (w, baselines.fit_rtn(w, 4, 16)),
-        (w, baselines.fit_rtn(w, 8, None)), (w, baselines.fit_dense(w, "float16")),
+        (w, fit_svd(w, 0.25, 16)), (w, fit_svd(w, 0.25, 8)),
+        (conv, fit_tucker2(conv, 0.25)), (w, fit_rtn(w, 4, 16)),
+        (w, fit_rtn(w, 8, None)), (w, fit_dense(w, "float16")),
     ]
 
 
@@ -43,12 +47,12 @@ def _weights():
 def test_view_decodes_the_stored_weight_and_stores_it_back(case):
     _, cw = _weights()[case]
     view = make_trainable(cw, "w")
-    ref = cw.reconstruct()
+    ref = decode(cw)
     np.testing.assert_allclose(view().detach().numpy(), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     back = view.to_compressed()
     assert back.method == cw.method and back.meta == cw.meta and back.nbytes == cw.nbytes
     assert {k: (v.dtype, v.shape) for k, v in back.arrays.items()} == {k: (v.dtype, v.shape) for k, v in cw.arrays.items()}
-    np.testing.assert_allclose(back.reconstruct(), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    np.testing.assert_allclose(decode(back), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("case", range(8))
@@ -64,8 +68,8 @@ def test_what_is_trained_is_what_is_stored(case):
     trained = view().detach().numpy()
     stored = view.to_compressed()
     assert stored.nbytes == cw.nbytes
-    assert not np.allclose(trained, cw.reconstruct())
-    np.testing.assert_allclose(stored.reconstruct(), trained, rtol=1e-4, atol=1e-5 * np.abs(trained).max())
+    assert not np.allclose(trained, decode(cw))
+    np.testing.assert_allclose(decode(stored), trained, rtol=1e-4, atol=1e-5 * np.abs(trained).max())
 
 
 def _bn_mlp(seed=0):

@@ -14,8 +14,8 @@ import riem_compiler as rc
 from bad_inputs import good_mlp, mlp_model
 from riem_compiler import cli, verify
 from riem_compiler.fit_cache import FitCache
-from riem_compiler.passes import fit as fit_module
-from riem_compiler.passes.fit import FitSettings, fit_riem
+from riem_compiler.methods.riem import fit as fit_module
+from riem_compiler.methods.riem.fit import FitSettings, fit_riem
 
 FAST = ["--method", "rtn", "--no-cache"]
 
@@ -50,7 +50,7 @@ def test_failing_report_never_loses_the_model(tmp_path, capsys, monkeypatch, bre
     elif breakage == "report_json_raises":
         def boom(*a, **k):
             raise OSError(28, "No space left on device")
-        monkeypatch.setattr(cli, "_write_json", boom)
+        monkeypatch.setattr(cli.output, "_write_json", boom)
     else:
         def boom(self):
             raise UnicodeEncodeError("ascii", "é", 0, 1, "terminal cannot print it")

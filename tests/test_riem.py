@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from riem_compiler import riem
+from riem_compiler import bitpack, riem
 from riem_compiler.compressed import CompressedWeight
+from riem_compiler.methods import decode
 
 
 def random_factors(n_out=7, n_in=5, q=6, m=4, k=riem.K_BRANCHES, seed=0):
@@ -44,9 +45,9 @@ def test_parameter_count():
 @pytest.mark.parametrize("bits", [4, 6, 8, 16])
 def test_pack_unpack_round_trip(bits, rng):
     codes = rng.integers(0, 1 << bits, size=101)
-    packed = riem.pack_codes(codes, bits)
-    assert packed.dtype == np.uint8 and packed.size == riem.packed_nbytes(101, bits)
-    np.testing.assert_array_equal(riem.unpack_codes(packed, bits, 101), codes)
+    packed = bitpack.pack(codes, bits)
+    assert packed.dtype == np.uint8 and packed.size == bitpack.packed_nbytes(101, bits)
+    np.testing.assert_array_equal(bitpack.unpack(packed, bits, 101), codes)
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8, 16])
@@ -86,7 +87,7 @@ def test_store_then_decode_matches_dequantised_factors(bits):
     a = riem.fake_quantize_states(f.a, bits)
     b = riem.fake_quantize_states(f.b, bits)
     expected = riem.reconstruct(a, b, f.U, f.beta, f.v, f.c).numpy()
-    np.testing.assert_allclose(cw.reconstruct(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(decode(cw), expected, rtol=1e-5, atol=1e-5)
     back = riem.load_stored(arrays, (12, 10), 8, bits)
     np.testing.assert_allclose(back.a.numpy(), a.numpy(), rtol=1e-6, atol=1e-6)
 

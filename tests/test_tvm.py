@@ -16,10 +16,11 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from riem_compiler import riem  # noqa: E402
-from riem_compiler.codegen import tvm_kernels as tk  # noqa: E402
+from riem_compiler.methods.riem import tvm as tk  # noqa: E402
 from riem_compiler.codegen.tvm_build import build_tvm, compile_cuda_source, make_target, TvmBuildOptions  # noqa: E402
 from riem_compiler.codegen.tvm_runtime import load_tvm  # noqa: E402
 from riem_compiler.compressed import CompressedWeight  # noqa: E402
+from riem_compiler.methods import decode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,7 @@ def _run_decode(cw: CompressedWeight, schedule: bool) -> np.ndarray:
 def test_decode_kernel_matches_torch(shape, bits, metric, schedule):
     cw = random_riem(shape, bits=bits, metric_dtype=metric, seed=len(shape) + bits)
     got = _run_decode(cw, schedule)
-    ref = cw.reconstruct()
+    ref = decode(cw)
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * max(1.0, np.abs(ref).max()))
 
@@ -143,7 +144,7 @@ def test_no_dense_weight_in_library(small_result, tmp_path):
     """FoldConstant pitfall: grep the library for the bytes of the reconstructed fc1 weight."""
     out = build_tvm(small_result, tmp_path / "a", target="llvm")
     blob = (out / "model.so").read_bytes()
-    w = small_result.compressed["fc1.weight"].reconstruct()
+    w = decode(small_result.compressed["fc1.weight"])
     assert w[0, :16].tobytes() not in blob
 
 

@@ -4,20 +4,20 @@ Decode-once artifacts run their `decode` function once here, at load, then the l
 `main_transform_params` (weight transposes for the matmul kernels) when the manifest names it,
 and keep the resulting dense weights on the device; each call then runs only `main`. Fused artifacts keep the compact
 arrays and reconstruct inside `main`. Inputs may be numpy arrays or torch tensors; outputs come
-back as the same kind (torch in -> torch out), a single output unwrapped.
+back as the same kind (torch in -> torch out), a single output unwrapped. The manifest is read
+through tvm_artifact.py, the format shared with the builder.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("riem_compiler.tvm_runtime")
+from riem_compiler.codegen.tvm_artifact import read_manifest
 
-FORMAT = "riem-tvm"
+log = logging.getLogger("riem_compiler.tvm_runtime")
 
 
 class TvmModel:
@@ -29,12 +29,7 @@ class TvmModel:
         from tvm import relax
 
         d = Path(directory)
-        manifest_path = d / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{d}: no manifest.json; expected a directory written by build_tvm")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r} is not {FORMAT!r}")
+        self.manifest = read_manifest(d)
         built_for = self.manifest["device"]
         if device != built_for:
             raise ValueError(f"{d} was built for {built_for!r}; load it with device={built_for!r} "

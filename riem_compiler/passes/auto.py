@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -25,7 +25,9 @@ from riem_compiler import riem
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LayerSpec
-from riem_compiler.passes import baselines
+from riem_compiler import methods
+from riem_compiler.methods.dense import fit_dense
+from riem_compiler.methods.rtn import LADDER as RTN_LADDER
 
 log = logging.getLogger("riem_compiler.auto")
 
@@ -39,33 +41,18 @@ CandidateSource = Callable[[LayerSpec, float], list[CompressedWeight]]
 
 def family(cw: CompressedWeight) -> str:
     """Method plus the setting that defines a "single method" (svd8 and svd16 are different)."""
-    if cw.method == "svd":
-        return f"svd{cw.meta['factor_bits']}"
-    if cw.method == "dense":
-        return "dense16" if cw.meta["dtype"] == "float16" else "dense32"
-    if cw.method == "riem":
-        return f"riem{cw.meta['state_bits']}"
-    return cw.method
+    return methods.get(cw.method).family(cw)
 
 
 def label(cw: CompressedWeight) -> str:
     """Short human name of a candidate, e.g. rtn4/g128, svd8 r93, tucker2 r(18,9), riem8 q12 m16."""
-    m = cw.meta
-    if cw.method == "rtn":
-        return f"rtn{m['bits']}" + ("" if m["group_size"] is None else f"/g{m['group_size']}")
-    if cw.method == "svd":
-        return f"svd{m['factor_bits']} r{m['rank']}"
-    if cw.method == "tucker2":
-        return f"tucker2 r({m['ranks'][0]},{m['ranks'][1]})"
-    if cw.method == "riem":
-        return f"riem{m['state_bits']} q{m['q']} m{m['m']}"
-    return family(cw)
+    return methods.get(cw.method).label(cw)
 
 
 def riem_fitter(settings=None, state_bits: int = 8, metric_dtype: str = "float16", m: int = 16,
                 k_branches: int = riem.K_BRANCHES) -> RiemFit:
     """A RiemFit that sizes q (and m) with riem.choose_size and fits with fit_riem(settings)."""
-    from riem_compiler.passes.fit import fit_riem
+    from riem_compiler.methods.riem.fit import fit_riem
 
     def fit(weight: np.ndarray, ratio: float) -> CompressedWeight | None:
         n_out, n_in = weight.shape[0], int(np.prod(weight.shape[1:]))
@@ -80,10 +67,12 @@ def riem_fitter(settings=None, state_bits: int = 8, metric_dtype: str = "float16
 
 @dataclass
 class CandidateGrid:
-    """The default candidate source. The budget ratio itself is added to every ratio list, so
-    each single method at the global ratio is one of the candidates."""
+    """The default candidate source: every registered method adds its candidates (in registry
+    order) with its options below; `options` holds those of methods without a field here. The
+    budget ratio itself is added to every ratio list, so each single method at the global ratio
+    is one of the candidates."""
 
-    rtn: tuple = baselines.RTN_LADDER
+    rtn: tuple = RTN_LADDER
     rtn_group_size: int = 128
     svd_ratios: tuple = (0.5, 0.25, 0.125, 0.0625)
     svd_factor_bits: tuple = (16, 8)
@@ -91,39 +80,20 @@ class CandidateGrid:
     riem_ratios: tuple = (0.25, 0.125, 0.0625)
     riem_fit: RiemFit | None = None  # None: no RieM candidates (fitting takes seconds per layer)
     dense: tuple = ("float16", "float32")
+    options: dict = field(default_factory=dict)  # method name -> its candidate options
+
+    def method_options(self) -> dict[str, dict]:
+        return {"dense": {"dtypes": self.dense}, "rtn": {"ladder": self.rtn, "group_size": self.rtn_group_size},
+                "svd": {"ratios": self.svd_ratios, "factor_bits": self.svd_factor_bits},
+                "tucker2": {"ratios": self.tucker_ratios}, "riem": {"ratios": self.riem_ratios, "fit": self.riem_fit},
+                **self.options}
 
     def __call__(self, spec: LayerSpec, budget_ratio: float) -> "CandidateList":
-        w = np.asarray(spec.weight, dtype=np.float32)
-        shape = tuple(w.shape)
         out = CandidateList()
+        options = self.method_options()
         # each fit is attempted on its own: one that raises is dropped (and counted), not the layer
-        for dt in self.dense:
-            out.attempt(spec.name, f"dense {dt}", baselines.fit_dense, w, dt)
-        for bits, group in self.rtn:
-            g = None if group is None else self.rtn_group_size
-            out.attempt(spec.name, f"rtn{bits}/{g}", baselines.fit_rtn, w, bits, g)
-        if w.ndim >= 2 and min(w.shape[0], int(np.prod(w.shape[1:]))) > 1:
-            ratios = _with(self.svd_ratios, budget_ratio)
-            usv = out.attempt(spec.name, "svd (its decomposition)", baselines.matrix_svd,
-                              w.reshape(w.shape[0], -1), keep=False)
-            for bits in self.svd_factor_bits if usv is not None else ():
-                ranks = set()
-                for r in ratios:
-                    rank = baselines.svd_rank_for_ratio(shape, r, bits)
-                    if rank > 0 and rank not in ranks:
-                        ranks.add(rank)
-                        out.attempt(spec.name, f"svd{bits} r{rank}", baselines.fit_svd, w, r, bits, usv=usv)
-        if _tucker_applies(spec, w):
-            seen = set()
-            svds = out.attempt(spec.name, "tucker2 (channel SVDs)", baselines.channel_svds, w, keep=False)
-            for r in _with(self.tucker_ratios, budget_ratio) if svds is not None else ():
-                ranks = baselines.tucker2_ranks_by_energy(w, r, svds)
-                if ranks is not None and ranks not in seen:
-                    seen.add(ranks)
-                    out.attempt(spec.name, f"tucker2 r{ranks}", baselines.fit_tucker2, w, r, groups=1, svds=svds)
-        if self.riem_fit is not None:
-            for r in _with(self.riem_ratios, budget_ratio):
-                out.attempt(spec.name, f"riem at ratio {r:g}", self.riem_fit, w, r)
+        for method in methods.all_methods():
+            method.candidates(spec, budget_ratio, options.get(method.name, {}), out.attempt)
         return out
 
 
@@ -144,15 +114,6 @@ class CandidateList(list):
         if keep and result is not None:
             self.append(result)
         return result
-
-
-def _with(ratios: Iterable[float], extra: float) -> list[float]:
-    return sorted({float(r) for r in ratios} | {float(extra)}, reverse=True)
-
-
-def _tucker_applies(spec: LayerSpec, w: np.ndarray) -> bool:
-    return (spec.kind in ("conv1d", "conv2d") and spec.groups == 1
-            and w.ndim >= 3 and int(np.prod(w.shape[2:])) > 1)
 
 
 @dataclass
@@ -223,6 +184,20 @@ class AutoResult:
         return format_choices(self.choices, self)
 
 
+def default_grid(config, cache=None) -> CandidateGrid:
+    """auto's default candidates: the grid, with RieM fitted at config.ratio / 2 (and the budget)
+    with the config's RieM settings, through the fit cache when one is given."""
+    from riem_compiler.methods.riem import fit_settings
+
+    fitter = riem_fitter(fit_settings(methods.get("riem").settings(config)), config.state_bits, config.metric_dtype,
+                         config.m, config.k_branches)
+    if cache is not None:
+        from riem_compiler.fit_cache import cached_riem_fit
+
+        fitter = cached_riem_fit(fitter, cache, config)
+    return CandidateGrid(riem_fit=fitter, riem_ratios=(config.ratio / 2,))
+
+
 def compress_auto(specs: list[LayerSpec], config, candidates: CandidateSource | None = None):
     """method="auto" inside the compression pass: (dict name -> CompressedWeight, LayerRecords).
 
@@ -230,13 +205,10 @@ def compress_auto(specs: list[LayerSpec], config, candidates: CandidateSource | 
     config's fit settings at config.ratio and half of it (each fit can take up to
     config.time_budget_s). A layer whose best plan is "dense32" is kept as it is.
     """
-    from riem_compiler.passes.compress import fit_settings
     from riem_compiler.report import LayerRecord
 
     if candidates is None:
-        fitter = riem_fitter(fit_settings(config), config.state_bits, config.metric_dtype, config.m,
-                             config.k_branches)
-        candidates = CandidateGrid(riem_fit=fitter, riem_ratios=(config.ratio / 2,))
+        candidates = default_grid(config)
     usable = [s for s in specs if np.all(np.isfinite(s.weight))]
     records: dict[str, LayerRecord] = {}
     for s in specs:
@@ -248,7 +220,7 @@ def compress_auto(specs: list[LayerSpec], config, candidates: CandidateSource | 
         result = choose_methods_detailed(usable, config.ratio, candidates, progress=not config.quiet)
         log.info("auto plan:\n%s", result.table())
         for spec, c in zip(usable, result.choices):
-            kept = c.method == "dense" and c.settings.get("dtype") == "float32"
+            kept = c.nbytes >= spec.fp32_bytes  # the float32 candidate (or worse): keep the layer as it is
             record = LayerRecord(spec.name, spec.kind, spec.shape, c.method, "skipped" if kept else "compressed",
                                  spec.fp32_bytes, spec.fp32_bytes if kept else c.nbytes, rel_error=c.rel_error,
                                  reason=f"auto: {c.label}: {c.reason}", settings=dict(c.settings))
@@ -363,7 +335,7 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
             raise InputError(f"candidate {cw.method} for {spec.name} has shape {cw.shape}, "
                              f"expected {spec.shape}")
         try:
-            err = baselines.relative_error(spec.weight, cw)
+            err = methods.relative_error(spec.weight, cw)
             cand = Candidate(cw, label(cw), family(cw), cw.nbytes, err)
         except Exception as exc:  # noqa: BLE001
             n_dropped += 1
@@ -376,9 +348,9 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
             continue
         pool.append(cand)
     if not pool:
-        dense = baselines.fit_dense(spec.weight, "float32")
+        dense = fit_dense(spec.weight, "float32")
         pool.append(Candidate(dense, label(dense), family(dense), dense.nbytes,
-                              baselines.relative_error(spec.weight, dense)))
+                              methods.relative_error(spec.weight, dense)))
     pool.sort(key=lambda c: (c.nbytes, c.rel_error))
     return pool, n_dropped
 

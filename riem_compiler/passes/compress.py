@@ -13,26 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from riem_compiler import riem
+from riem_compiler import methods
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.config import Config
 from riem_compiler.frontend.layers import LayerSpec
-from riem_compiler.passes.fit import FitSettings, fit_riem
 from riem_compiler.report import LayerRecord
 
 log = logging.getLogger("riem_compiler.compress")
-
-
-def fit_settings(config: Config, seed_offset: int = 0) -> FitSettings:
-    return FitSettings(steps=config.steps, time_budget_s=config.time_budget_s, lr=config.lr,
-                       seed=config.seed + seed_offset, device=config.device)
-
-
-def rel_error(weight: np.ndarray, cw: CompressedWeight) -> float:
-    w = np.asarray(weight, dtype=np.float64)
-    denom = np.linalg.norm(w)
-    diff = np.linalg.norm(w - cw.reconstruct().astype(np.float64))
-    return float(diff / denom) if denom > 0 else float(diff)
 
 
 def fit_layer(spec: LayerSpec, config: Config, index: int = 0) -> tuple[CompressedWeight, float, dict]:
@@ -40,27 +27,11 @@ def fit_layer(spec: LayerSpec, config: Config, index: int = 0) -> tuple[Compress
 
     Raises ValueError with a reason when the layer cannot be represented at this ratio.
     """
-    n_out, n_in = spec.matrix_shape
-    if config.method == "riem":
-        size = riem.choose_size(n_out, n_in, config.ratio, config.state_bits, config.metric_dtype,
-                                config.m, config.k_branches)
-        if size is None:
-            raise ValueError(f"too small: even q=1 needs more than {config.ratio:g} of its fp32 bytes")
-        q, m = size
-        res = fit_riem(spec.weight, q, m, config.state_bits, config.metric_dtype,
-                       fit_settings(config, index), config.k_branches)
-        settings = {"q": q, "m": m, "state_bits": config.state_bits, "steps": res.steps}
-        if res.time_capped:
-            settings.update(steps_planned=res.steps_planned, time_capped=True)
-        return res.weight, res.rel_error, settings
-    from riem_compiler.passes import baselines  # registers their decoders
-
-    if config.method not in ("svd", "rtn", "tucker2"):
+    if config.method not in methods.SELECTABLE:
         raise ValueError(f"method {config.method!r} is not a per-layer method")
-    cw = baselines.fit_for_ratio(config.method, spec.weight, config.ratio, groups=spec.groups)
-    if cw.nbytes > config.ratio * spec.fp32_bytes:
-        raise ValueError(f"{config.method} cannot meet ratio {config.ratio:g} for shape {spec.shape}")
-    return cw, rel_error(spec.weight, cw), dict(cw.meta)
+    method = methods.get(config.method)
+    fitted = method.fit(spec, config.ratio, method.settings(config), index)
+    return fitted.weight, fitted.rel_error, fitted.report
 
 
 @dataclass
@@ -103,13 +74,13 @@ def fit_failed(args: tuple, exc: BaseException) -> FitOutcome:
 
 def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tuple[dict[str, CompressedWeight], list[LayerRecord]]:
     """Fit every spec (through `executor`, default in-process) and build the report records."""
-    from riem_compiler.fit_cache import auto_candidates, open_cache
+    from riem_compiler.fit_cache import open_cache
 
     cache = open_cache(config)
-    if config.method == "auto":
-        from riem_compiler.passes.auto import compress_auto
+    if config.method == methods.PLANNER:
+        from riem_compiler.passes.auto import compress_auto, default_grid
 
-        return compress_auto(specs, config, auto_candidates(config, cache) if cache else None)
+        return compress_auto(specs, config, default_grid(config, cache))
     from riem_compiler.passes.executors import make_executor
 
     executor = executor or make_executor(config)

@@ -3,16 +3,11 @@ outputs (not just its weights), using only synthetic inputs and statistics the m
 
 Why: fitting matches each weight matrix in isolation (||W - W_hat||), but what matters is the
 model's function. Errors in directions the next layers ignore are harmless, others are not;
-only inputs can tell which. Without real data we make inputs:
+only inputs can tell which. Without real data the inputs are made (BatchNorm inversion, Gaussian
+noise or a user sampler): see `passes/synthetic_inputs.py`; the options are `RefineSettings`
+(`passes/refine_settings.py`). This module is the training loop.
 
-- "bn_inversion" (models with BatchNorm and float inputs): start from Gaussian noise and optimise
-  the inputs so that the batch mean/variance of every BatchNorm's input match its running
-  statistics (the "DeepInversion" trick), plus a small total-variation/L2 prior and, for a
-  classifier, a cross-entropy toward evenly spread pseudo-labels so all classes are covered;
-- "gaussian" (float inputs, no BatchNorm): N(input_mean, input_std^2) in the example's shape;
-- `input_sampler` (any model, e.g. token ids): a user function (n, torch.Generator) -> inputs.
-
-Then only the float parts of what is stored are trained, through the exact decoder:
+Only the float parts of what is stored are trained, through the exact decoder:
 RieM a, b (straight-through 8-bit fake quantisation), U, beta, v, c (rounded to the metric
 dtype with a straight-through gradient); SVD/Tucker-2 factors; RTN scales (codes stay fixed);
 dense float16 weights; optionally the biases of compressed layers (stored uncompressed anyway).
@@ -29,67 +24,25 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from riem_compiler import riem
-from riem_compiler.compressed import DECODERS, CompressedWeight
+from riem_compiler import methods
+from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
-from riem_compiler.api import flat_outputs
-from riem_compiler.passes.baselines import relative_error
+from riem_compiler.metrics import flat_outputs, model_output_error, squared_error_terms
+from riem_compiler.methods.trainable import TrainableWeight
+from riem_compiler.passes.refine_settings import INPUT_MODES, InputSampler, RefineSettings
 from riem_compiler.passes.rewrite_torch import RieMConv, RieMLinear, RieMWeight, _split, compressed_weights
+from riem_compiler.passes.synthetic_inputs import SyntheticSet, _as_tuple, bn_inversion, make_synthetic, synthetic_inputs
+
+# Re-exported: callers import these from `riem_compiler.passes.refine`, as before the split.
+__all__ = ["INPUT_MODES", "InputSampler", "RefineOutcome", "RefineSettings", "SyntheticSet", "TrainableWeight",
+           "bn_inversion", "calibrated_lrs", "make_synthetic", "make_trainable", "refine_result", "refine_torch",
+           "synthetic_inputs"]
 
 log = logging.getLogger("riem_compiler.refine")
-
-INPUT_MODES = ("auto", "bn_inversion", "gaussian", "sampler")
-# (n, generator) -> tuple of input tensors with leading batch dimension n
-InputSampler = Callable[[int, torch.Generator], tuple]
-
-
-@dataclass
-class RefineSettings:
-    """Options of data-free refinement. `lr`: each tensor's step size is calibrated so that one step
-    changes its layer's decoded weight by about this fraction (see `calibrated_lrs`); biases move
-    about lr x their RMS per step."""
-
-    steps: int = 200
-    lr: float = 5e-3
-    batch_size: int = 32
-    num_samples: int = 256  # synthetic training pool
-    holdout: int = 64  # separate synthetic samples that judge before/after
-    inputs: str = "auto"  # see INPUT_MODES
-    input_mean: float = 0.0  # "gaussian" inputs and the start of "bn_inversion"
-    input_std: float = 1.0
-    inversion_steps: int = 200
-    inversion_lr: float = 0.05
-    inversion_batch: int = 64  # BatchNorm statistics are matched per batch of this size
-    inversion_tv: float = 1e-4
-    inversion_l2: float = 1e-5
-    inversion_ce: float = 0.1  # pseudo-label term when the output is (N, classes) logits; 0 disables
-    output_weight: float = 1.0
-    layer_weight: float = 1.0
-    train_bias: bool = True
-    layers_per_step: int = 0  # >0: train a random subset of this many layers per step (big models)
-    time_budget_s: float | None = None  # wall-clock guard; None: steps alone decide the result
-    seed: int = 0
-    input_sampler: InputSampler | None = field(default=None, repr=False)
-
-    def validate(self) -> None:
-        if self.inputs not in INPUT_MODES:
-            raise InputError(f"RefineSettings.inputs must be one of {INPUT_MODES}; got {self.inputs!r}")
-        if self.inputs == "sampler" and self.input_sampler is None:
-            raise InputError("RefineSettings.inputs='sampler' needs input_sampler=(n, generator) -> inputs")
-        for name in ("steps", "batch_size", "num_samples", "holdout", "inversion_batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise InputError(f"RefineSettings.{name} must be a positive integer; got {value!r}")
-        if not self.lr > 0 or not (self.time_budget_s is None or 0 < self.time_budget_s < math.inf):
-            raise InputError("RefineSettings.lr must be positive and time_budget_s positive and finite (or None)")
 
 
 @dataclass
@@ -113,251 +66,12 @@ class RefineOutcome:
                 "trained": list(self.trained)}
 
 
-# ----------------------------------------------------------------------------- straight-through rounding
-
-def _round_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Round to the stored float dtype in the forward pass; identity gradient."""
-    if dtype == "float32":
-        return x
-    return x + (x.to(getattr(torch, dtype)).float() - x).detach()
-
-
-def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes (straight-through) and per-row float32 scale, as baselines.fit_svd stores."""
-    scale = (x.detach().abs().amax(dim=1) / 127.0)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scaled = x / scale[:, None]
-    codes = scaled + (torch.clamp(torch.round(scaled), -127, 127) - scaled).detach()
-    return codes, scale
-
-
 # ----------------------------------------------------------------------------- trainable views
 
-class TrainableWeight(nn.Module):
-    """Float shadow parameters of one stored weight. forward() returns the weight the stored
-    arrays would decode to (rounding applied straight-through); `to_compressed()` stores them."""
-
-    def __init__(self, cw: CompressedWeight, param_name: str):
-        super().__init__()
-        self.cw = CompressedWeight(cw.method, tuple(cw.shape), dict(cw.meta), dict(cw.arrays))
-        self.param_name = param_name
-        self.active = True
-        self.exact = False  # True: skip the storage rounding (used to measure sensitivities)
-        self._frozen: torch.Tensor | None = None
-
-    def weight(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def to_compressed(self) -> CompressedWeight:
-        raise NotImplementedError
-
-    def invalidate(self) -> None:
-        self._frozen = None
-
-    def forward(self) -> torch.Tensor:
-        if self.active:
-            return self.weight()
-        if self._frozen is None:
-            with torch.no_grad():
-                self._frozen = self.weight().detach()
-        return self._frozen
-
-
-class _RieMView(TrainableWeight):
-    def __init__(self, cw, param_name):
-        super().__init__(cw, param_name)
-        f = riem.load_stored(cw.arrays, cw.matrix_shape, cw.meta["q"], cw.meta["state_bits"])
-        for name in ("a", "b", "U", "beta", "v", "c"):
-            setattr(self, name, nn.Parameter(getattr(f, name).detach().clone().float()))
-
-    def _parts(self):
-        bits, dt = self.cw.meta["state_bits"], self.cw.meta["metric_dtype"]
-        if self.exact:
-            bits, dt = 32, "float32"
-        a = riem.fake_quantize_states(self.a, bits)
-        b = riem.fake_quantize_states(self.b, bits)
-        return (a, b) + tuple(_round_dtype(getattr(self, n), dt) for n in ("U", "beta", "v", "c"))
-
-    def weight(self):
-        # checkpointed: the (N_out, N_in, m) sigmoid features are recomputed in backward, not kept
-        W = checkpoint(lambda *p: riem.reconstruct(*p, row_chunk=256), *self._parts(), use_reentrant=False)
-        return W.reshape(self.cw.shape)
-
-    def to_compressed(self):
-        f = riem.RieMFactors(*(getattr(self, n).detach().cpu() for n in ("a", "b", "U", "beta", "v")),
-                             self.c.detach().cpu().reshape(()))
-        arrays = riem.store(f, self.cw.meta["state_bits"], self.cw.meta["metric_dtype"])
-        return CompressedWeight("riem", self.cw.shape, dict(self.cw.meta), arrays)
-
-
-class _FloatArraysView(TrainableWeight):
-    """Methods whose stored arrays are float factors (svd16/32, tucker2, dense): every float array
-    trains, rounded to its stored dtype; decoding goes through the method's own decoder."""
-
-    def __init__(self, cw, param_name):
-        super().__init__(cw, param_name)
-        self._names = [n for n, a in cw.arrays.items() if np.issubdtype(a.dtype, np.floating)]
-        self._dtypes = {n: str(cw.arrays[n].dtype) for n in self._names}
-        for n in self._names:
-            self.register_parameter("p_" + n, nn.Parameter(torch.from_numpy(cw.arrays[n].astype(np.float32))))
-        for n, a in cw.arrays.items():
-            if n not in self._names:
-                self.register_buffer("f_" + n, torch.from_numpy(np.ascontiguousarray(a)).clone())
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        t = {n: _round_dtype(getattr(self, "p_" + n), "float32" if self.exact else self._dtypes[n]) for n in self._names}
-        t.update({n: getattr(self, "f_" + n) for n in self.cw.arrays if n not in self._names})
-        return t
-
-    def weight(self):
-        return DECODERS[self.cw.method](self.cw, self._tensors()).reshape(self.cw.shape)
-
-    def to_compressed(self):
-        arrays = dict(self.cw.arrays)
-        for n in self._names:
-            arrays[n] = getattr(self, "p_" + n).detach().cpu().numpy().astype(self._dtypes[n])
-        return CompressedWeight(self.cw.method, self.cw.shape, dict(self.cw.meta), arrays)
-
-
-class _SvdInt8View(TrainableWeight):
-    """svd with int8 factors: float factors, re-quantised per row (straight-through) on every pass."""
-
-    def __init__(self, cw, param_name):
-        super().__init__(cw, param_name)
-        for side in ("left", "right"):
-            x = cw.arrays[f"{side}_codes"].astype(np.float32) * cw.arrays[f"{side}_scale"].astype(np.float32)[:, None]
-            self.register_parameter(side, nn.Parameter(torch.from_numpy(x)))
-
-    def _tensors(self):
-        t = {}
-        for side in ("left", "right"):
-            x = getattr(self, side)
-            t[f"{side}_codes"], t[f"{side}_scale"] = (x, torch.ones(x.shape[0])) if self.exact else _int8_rows(x)
-        return t
-
-    def weight(self):
-        return DECODERS["svd"](self.cw, self._tensors()).reshape(self.cw.shape)
-
-    def to_compressed(self):
-        arrays = {}
-        for k, v in self._tensors().items():
-            v = v.detach().cpu()
-            arrays[k] = torch.round(v).to(torch.int8).numpy() if k.endswith("codes") else v.numpy().astype(np.float32)
-        return CompressedWeight("svd", self.cw.shape, dict(self.cw.meta), arrays)
-
-
 def make_trainable(cw: CompressedWeight, param_name: str = "") -> TrainableWeight | None:
-    """The trainable view of a stored weight, or None for a method we do not refine."""
-    if cw.method == "riem":
-        return _RieMView(cw, param_name)
-    if cw.method == "svd" and cw.meta.get("factor_bits") == 8:
-        return _SvdInt8View(cw, param_name)
-    if cw.method in ("svd", "tucker2", "dense", "rtn"):
-        # rtn: only the float scales are float arrays; packed codes stay fixed buffers
-        return _FloatArraysView(cw, param_name)
-    return None
-
-
-# ----------------------------------------------------------------------------- synthetic inputs
-
-def _as_tuple(x) -> tuple:
-    return x if isinstance(x, tuple) else (x,)
-
-
-def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.running_mean is not None and m.running_var is not None]
-
-
-def _resolve_mode(settings: RefineSettings, original: nn.Module, example_inputs) -> str:
-    if settings.input_sampler is not None and settings.inputs in ("auto", "sampler"):
-        return "sampler"
-    if example_inputs is None:
-        raise InputError("refinement needs example_inputs (their shapes and dtypes shape the synthetic "
-                         "inputs) or RefineSettings(input_sampler=...)")
-    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in example_inputs):
-        raise InputError("example_inputs hold non-float tensors (e.g. token ids): synthetic inputs cannot be "
-                         "drawn for them; pass RefineSettings(input_sampler=(n, generator) -> inputs)")
-    if settings.inputs == "auto":
-        return "bn_inversion" if _batchnorms(original) else "gaussian"
-    if settings.inputs == "bn_inversion" and not _batchnorms(original):
-        raise InputError("inputs='bn_inversion' needs a model with BatchNorm layers (running statistics)")
-    return settings.inputs
-
-
-def _gaussian(example_inputs, n: int, gen: torch.Generator, s: RefineSettings) -> tuple:
-    return tuple(torch.randn((n,) + tuple(t.shape[1:]), generator=gen) * s.input_std + s.input_mean
-                 for t in example_inputs)
-
-
-def _total_variation(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() < 3:
-        return x.new_zeros(())
-    tv = (x[..., 1:] - x[..., :-1]).pow(2).mean()
-    if x.dim() >= 4:
-        tv = tv + (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean()
-    return tv
-
-
-def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator, s: RefineSettings) -> tuple:
-    """DeepInversion-style inputs: noise optimised so each BatchNorm sees its running mean/var."""
-    bns = _batchnorms(model)
-    stats: list[torch.Tensor] = []
-
-    def hook(mod, inputs, _out):
-        x = inputs[0]
-        dims = [0] + list(range(2, x.dim()))
-        mean, var = x.mean(dims), x.var(dims, unbiased=False)
-        stats.append(torch.linalg.vector_norm(mean - mod.running_mean) + torch.linalg.vector_norm(var - mod.running_var))
-
-    handles = [bn.register_forward_hook(hook) for bn in bns]
-    was_training = model.training
-    model.eval()
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    chunks = []
-    try:
-        for start in range(0, n, s.inversion_batch):
-            m = min(s.inversion_batch, n - start)
-            xs = [t.clone().requires_grad_() for t in _gaussian(example_inputs, m, gen, s)]
-            opt = torch.optim.Adam(xs, lr=s.inversion_lr)
-            targets = None
-            for step in range(s.inversion_steps):
-                stats.clear()
-                out = flat_outputs(model(*xs))
-                loss = torch.stack(stats).sum() if stats else xs[0].new_zeros(())
-                for x in xs:
-                    loss = loss + s.inversion_tv * _total_variation(x) + s.inversion_l2 * x.pow(2).mean()
-                if s.inversion_ce > 0 and out and out[0].dim() == 2 and out[0].shape[1] > 1:
-                    if targets is None:
-                        targets = (torch.arange(m) + start) % out[0].shape[1]
-                    loss = loss + s.inversion_ce * F.cross_entropy(out[0], targets)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            log.debug("bn inversion chunk %d: final loss %.4g", start // s.inversion_batch, loss.item())
-            chunks.append([x.detach() for x in xs])
-    finally:
-        for h in handles:
-            h.remove()
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
-        model.train(was_training)
-    return tuple(torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
-
-
-def synthetic_inputs(original: nn.Module, example_inputs, n: int, settings: RefineSettings,
-                     seed: int) -> tuple[tuple, str]:
-    """n synthetic inputs for `original` and the mode that made them (deterministic given seed)."""
-    example_inputs = None if example_inputs is None else _as_tuple(example_inputs)
-    mode = _resolve_mode(settings, original, example_inputs)
-    gen = torch.Generator().manual_seed(seed)
-    if mode == "sampler":
-        return _as_tuple(settings.input_sampler(n, gen)), mode
-    if mode == "gaussian":
-        return _gaussian(example_inputs, n, gen, settings), mode
-    return bn_inversion(original, example_inputs, n, gen, settings), mode
+    """The trainable view of a stored weight (its method's `trainable`), or None for a method
+    we do not refine."""
+    return methods.get(cw.method).trainable(cw, param_name)
 
 
 # ----------------------------------------------------------------------------- refinement
@@ -407,30 +121,10 @@ def _output_error(model, original, inputs, batch: int) -> float:
     with torch.no_grad():
         for start in range(0, n, batch):
             xb = tuple(t[start:start + batch] for t in inputs)
-            for o, r in zip(flat_outputs(model(*xb)), flat_outputs(original(*xb))):
-                num += float((o.double() - r.double()).pow(2).sum())
-                den += float(r.double().pow(2).sum())
+            n_b, d_b = squared_error_terms(original(*xb), model(*xb))
+            num += n_b
+            den += d_b
     return num / max(den, 1e-30)
-
-
-@dataclass
-class SyntheticSet:
-    """Training and held-out synthetic inputs; make once, reuse across refinements of one model."""
-
-    train: tuple
-    holdout: tuple
-    mode: str
-    seconds: float
-
-
-def make_synthetic(original: nn.Module, example_inputs=None, settings: RefineSettings | None = None) -> SyntheticSet:
-    """settings.num_samples training and settings.holdout held-out inputs (held-out seed differs)."""
-    s = settings or RefineSettings()
-    s.validate()
-    t0 = time.perf_counter()
-    train, mode = synthetic_inputs(original, example_inputs, s.num_samples, s, s.seed)
-    holdout, _ = synthetic_inputs(original, example_inputs, s.holdout, s, s.seed + 7919)
-    return SyntheticSet(train, holdout, mode, time.perf_counter() - t0)
 
 
 def refine_torch(original: nn.Module, compressed_model: nn.Module, settings: RefineSettings | None = None,
@@ -593,9 +287,7 @@ def refine_result(result, settings: RefineSettings | None = None, example_inputs
         for rec in result.report.layers:
             cw = result.compressed.get(rec.name)
             if cw is not None and rec.name in weights and rec.status == "compressed":
-                rec.rel_error = relative_error(weights[rec.name], cw)
+                rec.rel_error = methods.relative_error(weights[rec.name], cw)
         if inputs is not None:
-            from riem_compiler.api import torch_output_error
-
-            result.report.output_error = torch_output_error(result.original, result.model, _as_tuple(inputs))
+            result.report.output_error = model_output_error(result.original, result.model, _as_tuple(inputs))
     return result, outcome

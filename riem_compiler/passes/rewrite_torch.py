@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from riem_compiler.compressed import CompressedWeight, decode_torch
+from riem_compiler.compressed import CompressedWeight
+from riem_compiler.methods import decode_torch
 
 log = logging.getLogger("riem_compiler.rewrite")
 

@@ -21,6 +21,8 @@ import torch
 
 from riem_compiler import riem
 from riem_compiler.compressed import CompressedWeight
+from riem_compiler.methods import decode
+from riem_compiler.metrics import relative_error
 
 log = logging.getLogger("riem_compiler.fit")
 
@@ -176,9 +178,5 @@ def fit_riem(
               "metric_dtype": metric_dtype},
         arrays=arrays,
     )
-    W_hat = torch.from_numpy(cw.reconstruct()).reshape(n_out, n_in).double()
-    W_cpu = W.cpu().double()  # float64: float32 norms underflow for tiny (1e-30, subnormal) weights
-    norm = float(W_cpu.norm())
-    diff = float((W_hat - W_cpu).norm())
-    rel = diff / norm if norm > 0 else diff
+    rel = relative_error(W.cpu().numpy(), decode(cw))  # float64: float32 norms underflow for tiny weights
     return FitResult(cw, rel, time.perf_counter() - t0, done, steps, capped)

@@ -1,0 +1,394 @@
+"""The ONNX graph rewrite: compressed weights become calls of decoder functions, and back.
+
+`rewrite_onnx` replaces each compressed weight's initializer (or Constant) by a call of its
+method's decoder function and records the compact arrays in the model's metadata;
+`read_compressed_onnx` and `materialize_onnx` read that record back. This module owns the
+format of a compressed ONNX model; writing files, the torch export and running the model live
+beside it (onnx_export.py, torch_to_onnx.py, ort_runner.py).
+
+Design:
+- A compressed weight stays one tensor. Its initializer (or Constant node) is replaced by one call
+  of a decoder function in the custom domain "riem_compiler" (e.g. `RieMWeight`) whose output has
+  the weight's original name, dtype and shape. Every consumer (Gemm/MatMul/Conv, and any
+  Identity/Cast/Transpose between) is left exactly as it was, so all patterns, shared weights and
+  control-flow bodies are handled the same way; a runtime that wants a fused kernel pattern-matches
+  decoder -> consumer.
+- Compact arrays are initializers at their stored precision (uint8 packed codes, float32
+  scale/offset, float16/float32 metric network); the model's metadata_props entry
+  "riem_compiler.compressed" (JSON) maps each weight to its method, shape, meta and array
+  initializer names, so `read_compressed_onnx` recovers every `CompressedWeight` from the file.
+- Opset: function bodies use the model's own default-domain opset (so they are checked against
+  the same operator versions); they need >= 13, so a model at opset 11/12 is upgraded to 13 with
+  onnx.version_converter (the only change made to the rest of the graph). IR version >= 8.
+- Each method owns its decoder (`Method.onnx_call` names the node, `Method.onnx_functions` gives
+  the onnxscript bodies, in riem_compiler/methods/<name>/onnx.py); this module only rewrites.
+- Decoder functions (inputs = the stored arrays of one CompressedWeight, shape info as attributes):
+    RieMWeight(a_codes, a_scale, a_offset, b_codes, b_scale, b_offset, U, beta, v, c)
+        <shape, rows, cols, bits>    bit-packed neuron states (state_bits < 32)
+    RieMMatrix(a, b, U, beta, v, c) <shape>   float32 states; also the core of RieMWeight
+    RieMStates(codes, scale, offset) <rows, bits>, UnpackBits(packed, count) <bits>,
+    RieMBranch(a, bt, U, beta, v_row) <k, branches>   helpers
+    SVDWeight / SVDWeightInt8, RTNWeight / RTNWeightGrouped, TuckerWeight   baselines
+  RieMMatrix sums six RieMBranch calls (K = 6 unrolled; other K is refused at export). Each branch
+  builds one (rows, m, cols) tensor: Sigmoid(A_k[:, :, None] + B_k^T[None, :, :]), then a batched
+  (1, m) x (m, cols) MatMul with v; the roll of b is a Gather on U_k's columns (small). An
+  earlier body concatenated the branches into (rows, cols, K*m) and used a MatMul with a 1-D v,
+  which onnxruntime runs slowly: opening a compressed MiniLM took ~20 s (see
+  benchmarks/results/onnx_size_latency.md). UnpackBits reads each code from three gathered bytes
+  (int64 per code, no per-bit matrix).
+- onnxruntime with default options folds each decoder into a constant at session creation
+  (steady-state latency = the dense model's); `materialize_onnx` writes plain standard-op ONNX.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from riem_compiler import methods
+from riem_compiler.methods.onnx_common import DOMAIN, DOMAIN_VERSION
+from riem_compiler.methods.onnx_common import FUNCTIONS as COMMON_FUNCTIONS
+
+
+def decoder_functions() -> dict:
+    """name -> (onnxscript function, names it calls) over every registered method."""
+    table = dict(COMMON_FUNCTIONS)
+    for method in methods.all_methods():
+        table.update(method.onnx_functions())
+    return table
+
+
+log = logging.getLogger("riem_compiler.onnx_export")  # the ONNX codegen's logger, as before the split
+
+META_KEY = "riem_compiler.compressed"
+MIN_FUNCTION_OPSET = 13
+
+
+def function_protos(op_types, opset: int) -> list[onnx.FunctionProto]:
+    """FunctionProtos for these decoder entry points (and what they call), at the model's opset."""
+    table = decoder_functions()
+    names = []
+
+    def add(name):  # what a function calls comes before it
+        for dep in table[name][1]:
+            add(dep)
+        if name not in names:
+            names.append(name)
+
+    for op_type in op_types:
+        if op_type in table:
+            add(op_type)
+    out = []
+    for name in names:
+        proto = table[name][0].to_function_proto()
+        del proto.opset_import[:]
+        proto.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+        out.append(proto)
+    return out
+
+
+# ----------------------------------------------------------------------------- rewrite
+
+def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict) -> onnx.ModelProto:
+    """A copy of `model` where each weight in `compressed` is produced by its decoder function.
+
+    specs: the LayerSpecs the frontend found (only those names are rewritten), or None to
+    rewrite every name in `compressed` (weights are located by initializer/Constant name).
+    """
+    from riem_compiler.errors import InputError
+    from riem_compiler.frontend.onnx_frontend import default_opset, definition_counts
+
+    wanted = dict(compressed) if specs is None else {s.name: compressed[s.name] for s in specs
+                                                       if s.name in compressed}
+    for name, cw in wanted.items():
+        if cw.method not in methods.MODULES:
+            raise InputError(f"no ONNX decoder for method {cw.method!r} (weight {name!r}); "
+                             f"known: {sorted(methods.MODULES)}")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if not wanted:
+        return out
+    definitions = definition_counts(out.graph)
+    shadowed = sorted(n for n in wanted if definitions.get(n, 0) > 1)
+    if shadowed:  # the decoder output keeps the weight's name, which must then be unique in every scope
+        raise InputError(f"weights {shadowed[:5]} are defined more than once in the model (a subgraph shadows "
+                         "the name); they cannot be replaced")
+    opset = default_opset(out) or 0
+    if opset < MIN_FUNCTION_OPSET:
+        out = _upgrade_opset(out, opset)
+        opset = MIN_FUNCTION_OPSET
+    state = _RewriteState(wanted, _all_names(out))
+    _rewrite_graph(out.graph, state, {i.name for i in out.graph.input})
+    missing = sorted(set(wanted) - set(state.entries))
+    if missing:
+        raise InputError(f"weights {missing[:5]} are not initializers or Constant outputs of this model")
+    out.ir_version = max(out.ir_version, 8)
+    if not any(o.domain == DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    present = {(f.domain, f.name) for f in out.functions}
+    for proto in function_protos(sorted(state.op_types), opset):
+        if (proto.domain, proto.name) not in present:
+            out.functions.append(proto)
+    _write_meta(out, {**_read_meta(out), **state.entries})
+    log.info("ONNX: %d weights replaced by decoder functions", len(state.entries))
+    check_rewritten(model, out)
+    return out
+
+
+def check_rewritten(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
+    """Raise RiemError when the rewritten model is one that neither onnx.checker nor onnxruntime
+    would accept while the original is: a written model that does not load is never a result.
+
+    onnx.checker runs with full_check (shape inference) where the original passes it; the
+    onnxruntime session is created with graph optimisations off, so the decoders are not folded
+    (graph resolution alone finds broken SSA, unknown names and type errors)."""
+    from riem_compiler.errors import RiemError
+
+    if rewritten.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF or original.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
+        log.info("model over 2 GiB: rewritten model not checked in memory")
+        return
+    for full in (True, False):
+        problem = _checker_problem(rewritten, full)
+        if problem is None:
+            break
+        if _checker_problem(original, full) is None:
+            raise RiemError(f"internal error: the rewritten ONNX model fails onnx.checker (full_check={full}) "
+                            f"while the original passes: {problem}")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        try:
+            ort.InferenceSession(original.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception:
+            log.info("onnxruntime cannot load the original model either: rewritten model not checked with it")
+            return
+        raise RiemError("internal error: onnxruntime cannot load the rewritten ONNX model while it loads the "
+                        f"original: {_one_line(e)}") from None
+
+
+def _checker_problem(model: onnx.ModelProto, full: bool) -> str | None:
+    try:
+        onnx.checker.check_model(model, full_check=full)
+    except Exception as e:  # ValidationError, InferenceError
+        return _one_line(e)
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    from riem_compiler.errors import RiemError
+    from onnx import version_converter
+
+    log.info("upgrading model from opset %d to %d for the decoder functions", opset, MIN_FUNCTION_OPSET)
+    try:
+        return version_converter.convert_version(model, MIN_FUNCTION_OPSET)
+    except Exception as e:
+        raise RiemError(f"the decoder functions need opset >= {MIN_FUNCTION_OPSET} and onnx could not upgrade "
+                        f"this opset-{opset} model ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        "re-export the model at opset 13 or newer") from None
+
+
+@dataclass
+class _RewriteState:
+    wanted: dict
+    taken: set
+    entries: dict = field(default_factory=dict)
+    op_types: set = field(default_factory=set)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+def _all_names(model: onnx.ModelProto) -> set:
+    from riem_compiler.frontend.onnx_frontend import iter_graphs
+
+    names = set()
+    for _, g in iter_graphs(model.graph):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in (*g.input, *g.output, *g.value_info))
+        for n in g.node:
+            names.update(n.output)
+            names.add(n.name)
+    return names
+
+
+def _subgraphs(node: onnx.NodeProto):
+    from riem_compiler.frontend.onnx_frontend import subgraphs
+
+    for _, g in subgraphs(node):
+        yield g
+
+
+def _rewrite_graph(graph: onnx.GraphProto, state: _RewriteState, graph_inputs: set) -> None:
+    """Bottom-up: subgraphs first (edited in place), then this graph's node list is rebuilt."""
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            _rewrite_graph(sub, state, {i.name for i in sub.input})
+    front, new_inits, drop = [], [], []
+    for i, t in enumerate(graph.initializer):
+        if t.name in state.wanted and t.name not in state.entries:
+            if t.name in graph_inputs:
+                from riem_compiler.errors import InputError
+                raise InputError(f"weight {t.name!r} is also a graph input; it cannot be replaced")
+            nodes, inits = _decoder(t.name, t, state)
+            front += nodes
+            new_inits += inits
+            drop.append(i)
+    body, changed = [], bool(front)
+    for node in graph.node:
+        out = node.output[0] if len(node.output) == 1 else None
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and out in state.wanted
+                and out not in state.entries):
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                nodes, inits = _decoder(out, value, state)
+                body += nodes
+                new_inits += inits
+                changed = True
+                continue
+        body.append(node)
+    for i in reversed(drop):
+        del graph.initializer[i]
+    graph.initializer.extend(new_inits)
+    if changed:
+        rebuilt = []
+        for n in front + body:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            rebuilt.append(copy)
+        del graph.node[:]
+        graph.node.extend(rebuilt)
+
+
+def _decoder(name: str, tensor: onnx.TensorProto, state: _RewriteState):
+    """(nodes, initializers) producing tensor `name` from its CompressedWeight."""
+    from riem_compiler.errors import InputError
+
+    cw = state.wanted[name]
+    if tuple(tensor.dims) != tuple(cw.shape):
+        raise InputError(f"weight {name!r} has shape {tuple(tensor.dims)} in the model but the compressed "
+                         f"weight has shape {tuple(cw.shape)}")
+    call = methods.get(cw.method).onnx_call(cw)
+    arrays = {}
+    inits = []
+    for key in call.inputs:
+        init_name = state.fresh(f"{name}.{cw.method}.{key}")
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(cw.arrays[key]), init_name))
+        arrays[key] = init_name
+    dtype = int(tensor.data_type)
+    decoded = name if dtype == onnx.TensorProto.FLOAT else state.fresh(f"{name}.decoded")
+    nodes = [helper.make_node(call.op_type, [arrays[k] for k in call.inputs], [decoded],
+                              name=state.fresh(f"{name}.decode"), domain=call.domain, **call.attrs)]
+    if decoded != name:
+        nodes.append(helper.make_node("Cast", [decoded], [name], name=state.fresh(f"{name}.cast"), to=dtype))
+    if call.domain == DOMAIN:
+        state.op_types.add(call.op_type)
+    state.entries[name] = {"method": cw.method, "shape": [int(s) for s in cw.shape], "meta": cw.meta,
+                           "dtype": dtype, "arrays": arrays, "nodes": [n.output[0] for n in nodes]}
+    return nodes, inits
+
+
+def _read_meta(model: onnx.ModelProto) -> dict:
+    for p in model.metadata_props:
+        if p.key == META_KEY:
+            return json.loads(p.value)
+    return {}
+
+
+def _write_meta(model: onnx.ModelProto, entries: dict) -> None:
+    for i in reversed(range(len(model.metadata_props))):
+        if model.metadata_props[i].key == META_KEY:
+            del model.metadata_props[i]
+    if entries:
+        model.metadata_props.append(onnx.StringStringEntryProto(key=META_KEY, value=json.dumps(entries, sort_keys=True)))
+
+
+# ----------------------------------------------------------------------------- round trip
+
+def read_compressed_onnx(model) -> dict:
+    """Weight name -> CompressedWeight stored in a rewritten ONNX model (ModelProto or path)."""
+    from riem_compiler.compressed import CompressedWeight
+    from riem_compiler.errors import InputError
+    from riem_compiler.frontend.onnx_frontend import iter_graphs, load_onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = load_onnx(model)
+    entries = _read_meta(model)
+    tensors = {t.name: t for _, g in iter_graphs(model.graph) for t in g.initializer}
+    out = {}
+    for name, e in entries.items():
+        missing = [n for n in e["arrays"].values() if n not in tensors]
+        if missing:
+            raise InputError(f"compressed weight {name!r}: initializers {missing[:3]} named in the "
+                             f"{META_KEY} metadata are missing from the model")
+        arrays = {k: np.array(numpy_helper.to_array(tensors[n])) for k, n in e["arrays"].items()}
+        out[name] = CompressedWeight(e["method"], tuple(e["shape"]), e["meta"], arrays)
+    return out
+
+
+def materialize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Plain ONNX: every decoder replaced by an initializer with the decoded weight (original name
+    and dtype), compact arrays, functions and the custom domain removed. Runs anywhere."""
+    entries = _read_meta(model)
+    compressed = read_compressed_onnx(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    by_node = {n: w for w, e in entries.items() for n in e["nodes"]}
+    arrays = {n for e in entries.values() for n in e["arrays"].values()}
+    _materialize_graph(out.graph, entries, compressed, by_node, arrays)
+    funcs = [f for f in out.functions if f.domain != DOMAIN]
+    del out.functions[:]
+    out.functions.extend(funcs)
+    for i in reversed(range(len(out.opset_import))):
+        if out.opset_import[i].domain == DOMAIN:
+            del out.opset_import[i]
+    _write_meta(out, {})
+    check_rewritten(model, out)
+    return out
+
+
+def _materialize_graph(graph, entries, compressed, by_node, arrays) -> None:
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            _materialize_graph(sub, entries, compressed, by_node, arrays)
+    keep, decoded = [], []
+    for node in graph.node:
+        weight = by_node.get(node.output[0]) if len(node.output) == 1 else None
+        if weight is None:
+            keep.append(node)
+            continue
+        if node.output[0] == weight:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(entries[weight]["dtype"])
+            decoded.append(numpy_helper.from_array(methods.decode(compressed[weight]).astype(dtype), weight))
+    if len(keep) == len(graph.node):
+        return
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name in arrays:
+            del graph.initializer[i]
+    graph.initializer.extend(decoded)
+    rebuilt = []
+    for n in keep:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        rebuilt.append(copy)
+    del graph.node[:]
+    graph.node.extend(rebuilt)

@@ -1,0 +1,53 @@
+"""The method registry: name -> the module that owns everything about that method.
+
+Adding a method is one module (see README "Adding a method") plus one line in `MODULES`.
+Modules are imported on first use, so `import riem_compiler` stays light.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+MODULES = {  # in this order `auto` asks them for candidates
+    "dense": "riem_compiler.methods.dense",
+    "rtn": "riem_compiler.methods.rtn",
+    "svd": "riem_compiler.methods.svd",
+    "tucker2": "riem_compiler.methods.tucker2",
+    "riem": "riem_compiler.methods.riem",
+}
+# methods a user can pick for every layer (dense is auto's "keep it" candidate), plus the planner
+SELECTABLE = ("riem", "svd", "rtn", "tucker2")
+PLANNER = "auto"
+
+
+def get(name: str):
+    """The `Method` registered as `name`."""
+    if name not in MODULES:
+        raise ValueError(f"unknown compression method {name!r}; known: {sorted(MODULES)}")
+    return importlib.import_module(MODULES[name]).METHOD
+
+
+def all_methods() -> list:
+    return [get(name) for name in MODULES]
+
+
+def decode_torch(cw, tensors: dict):
+    """The float32 weight, in cw's shape, from its stored arrays given as torch tensors."""
+    return get(cw.method).decode_torch(cw, tensors).reshape(cw.shape)
+
+
+def decode(cw) -> np.ndarray:
+    """The float32 weight, in cw's shape (numpy)."""
+    import torch
+
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in cw.arrays.items()}
+    with torch.no_grad():
+        return decode_torch(cw, tensors).numpy()
+
+
+def relative_error(weight, cw) -> float:
+    """`metrics.relative_error` of what `cw` stores."""
+    from riem_compiler.metrics import relative_error as rel
+
+    return rel(weight, decode(cw))

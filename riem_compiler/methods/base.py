@@ -1,0 +1,128 @@
+"""The method protocol: what every compression method provides, in one place per method.
+
+A method module defines one `Method` subclass instance named `METHOD` and is listed once in
+`methods/__init__.py`. Everything else (the pass, `auto`, refinement, ONNX and TVM codegen, the
+fit cache, the CLI) asks the registry, never a method name.
+
+Heavy backends stay out of method modules: a method's ONNX decoder bodies (onnxscript) live in
+`<method>/onnx.py` and its TVM kernel, if any, is reached through `tvm_kernel()`, both imported
+only when an artifact is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from riem_compiler.compressed import CompressedWeight
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """For a method without options of its own."""
+
+
+@dataclass
+class Fitted:
+    """One fitted layer: the stored weight, its relative error, and what the report shows."""
+
+    weight: CompressedWeight
+    rel_error: float
+    report: dict = field(default_factory=dict)
+
+
+@dataclass
+class DecoderCall:
+    """One ONNX node that decodes a CompressedWeight: op type, array keys in input order,
+    attributes, domain (the project's function domain, or "" for a standard op)."""
+
+    op_type: str
+    inputs: list[str]
+    attrs: dict = field(default_factory=dict)
+    domain: str = "riem_compiler"
+
+
+def settings_key(settings) -> str:
+    """sha256 of a settings dataclass (its type name and every field): the fit-cache key part."""
+    data = {"type": type(settings).__name__, **dataclasses.asdict(settings)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Method:
+    """Base class; a method overrides what it has. Class attributes:
+
+    name: the registry key and `CompressedWeight.method`.
+    Settings: its typed settings dataclass; `settings(config)` builds it from `rc.Config` (fields
+        of the same name), and the CLI derives one flag per field from it.
+    per_layer: False for a method that cannot fit a layer alone (none today; `auto` is a planner).
+    tvm_dense_reason: None when `tvm_kernel()` exists; otherwise why TVM artifacts store it dense.
+    """
+
+    name: str = ""
+    Settings: type = NoSettings
+    tvm_dense_reason: str | None = "no TVM decode kernel: the TVM artifact stores the decoded weight dense"
+
+    # ------------------------------------------------------------------ settings and fitting
+    def settings(self, config) -> object:
+        """This method's settings: Config fields of the same name, then config.method_options[name]."""
+        fields = {f.name for f in dataclasses.fields(self.Settings)}
+        values = {k: getattr(config, k) for k in fields if hasattr(config, k)}
+        values.update(getattr(config, "method_options", {}).get(self.name, {}))
+        return self.Settings(**values)
+
+    def fit(self, spec, ratio: float, settings, index: int = 0) -> Fitted:
+        """Fit `spec.weight` within ratio * its fp32 bytes; raise ValueError(reason) when the
+        method cannot meet that ratio for this layer. `index` offsets seeds (one per layer)."""
+        raise NotImplementedError(f"method {self.name!r} does not fit layers on its own")
+
+    def candidates(self, spec, budget_ratio: float, options: dict, attempt) -> None:
+        """Add this method's candidates for `auto` to a CandidateList with
+        attempt(layer, label, fit_fn, *args, **kwargs). `options` are its grid options."""
+
+    # ------------------------------------------------------------------ decoding
+    def decode_torch(self, cw: CompressedWeight, tensors: dict):
+        """The float32 weight (any shape with cw's element count) from the stored arrays as torch
+        tensors, with torch ops that trace under torch.export and export to ONNX."""
+        raise NotImplementedError
+
+    def family(self, cw: CompressedWeight) -> str:
+        """Method plus the setting that defines a "single method" plan in `auto`."""
+        return cw.method
+
+    def label(self, cw: CompressedWeight) -> str:
+        """Short human name of one fitted weight, e.g. rtn4/g128."""
+        return self.family(cw)
+
+    # ------------------------------------------------------------------ refinement
+    def trainable(self, cw: CompressedWeight, param_name: str = ""):
+        """A `methods.trainable.TrainableWeight` view for data-free refinement, or None."""
+        return None
+
+    # ------------------------------------------------------------------ backends
+    def onnx_call(self, cw: CompressedWeight) -> DecoderCall:
+        raise NotImplementedError
+
+    def onnx_functions(self) -> dict:
+        """name -> onnxscript function for the decoders `onnx_call` may name (with what they call)."""
+        return {}
+
+    def tvm_kernel(self):
+        """The TVM decode-once kernel builder, or None (then see tvm_dense_reason)."""
+        return None
+
+
+def matrix(weight) -> np.ndarray:
+    """The (shape[0], prod(shape[1:])) float32 view every method fits."""
+    from riem_compiler.errors import InputError
+
+    w = np.asarray(weight, dtype=np.float32)
+    if w.ndim < 2:
+        raise InputError(f"expected a weight with at least 2 dimensions, got shape {w.shape}")
+    return w.reshape(w.shape[0], -1)
+
+
+def fp32_bytes(shape) -> int:
+    return int(np.prod(shape)) * 4

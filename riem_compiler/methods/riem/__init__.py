@@ -1,0 +1,123 @@
+"""riem: the Riemannian-metric neural representation (ICML 2024) of a weight matrix.
+
+The formula, quantisation and storage live in riem_compiler/riem.py; fitting in `fit.py`; the
+refinement view in `trainable.py`; ONNX decoders in `onnx.py`; the TVM (TE/TIR) decode kernels
+in `tvm.py` (reached through `tvm_kernel`, imported only when a TVM artifact is built).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from riem_compiler import riem
+from riem_compiler.methods.base import DecoderCall, Fitted, Method
+
+ONNX_BRANCHES = 6  # riem.K_BRANCHES; the RieMMatrix ONNX body sums this many RieMBranch calls
+
+
+@dataclass(frozen=True)
+class RieMSettings:
+    """Sizing (state_bits, metric_dtype, m, k_branches) and fitting (steps, lr, time cap, seed,
+    device) of a RieM fit; q is the largest that fits the ratio (riem.choose_size)."""
+
+    state_bits: int = 8
+    metric_dtype: str = "float16"
+    m: int = 16
+    k_branches: int = riem.K_BRANCHES
+    steps: int = 1000
+    lr: float = 3e-2
+    time_budget_s: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+
+def fit_settings(settings: RieMSettings, index: int = 0):
+    from riem_compiler.methods.riem.fit import FitSettings
+
+    return FitSettings(steps=settings.steps, time_budget_s=settings.time_budget_s, lr=settings.lr,
+                       seed=settings.seed + index, device=settings.device)
+
+
+class RieM(Method):
+    name = "riem"
+    Settings = RieMSettings
+    tvm_dense_reason = None
+
+    def fit(self, spec, ratio, settings, index=0):
+        from riem_compiler.methods.riem.fit import fit_riem
+
+        n_out, n_in = spec.matrix_shape
+        size = riem.choose_size(n_out, n_in, ratio, settings.state_bits, settings.metric_dtype, settings.m,
+                                settings.k_branches)
+        if size is None:
+            raise ValueError(f"too small: even q=1 needs more than {ratio:g} of its fp32 bytes")
+        q, m = size
+        res = fit_riem(spec.weight, q, m, settings.state_bits, settings.metric_dtype, fit_settings(settings, index),
+                       settings.k_branches)
+        report = {"q": q, "m": m, "state_bits": settings.state_bits, "steps": res.steps}
+        if res.time_capped:
+            report.update(steps_planned=res.steps_planned, time_capped=True)
+        return Fitted(res.weight, res.rel_error, report)
+
+    def candidates(self, spec, budget_ratio, options, attempt):
+        fit = options.get("fit")  # (weight, ratio) -> CompressedWeight | None; None: no RieM candidates
+        if fit is None:
+            return
+        for r in sorted({float(r) for r in options.get("ratios", ())} | {float(budget_ratio)}, reverse=True):
+            attempt(spec.name, f"riem at ratio {r:g}", fit, spec.weight, r)
+
+    def decode_torch(self, cw, t):
+        from riem_compiler import bitpack
+
+        n_out, n_in = cw.matrix_shape
+        q, bits = cw.meta["q"], cw.meta["state_bits"]
+        states = []
+        for name, rows in (("a", n_out), ("b", n_in)):
+            if bits == 32:
+                states.append(t[name].float().reshape(rows, q))
+            else:
+                codes = bitpack.unpack_torch(t[f"{name}_codes"], bits, rows * q).reshape(rows, q)
+                states.append(codes * t[f"{name}_scale"].float() + t[f"{name}_offset"].float())
+        U, beta, v, c = (t[n].float() for n in ("U", "beta", "v", "c"))
+        return riem.reconstruct(states[0], states[1], U, beta, v, c.reshape(()), row_chunk=256)
+
+    def family(self, cw):
+        return f"riem{cw.meta['state_bits']}"
+
+    def label(self, cw):
+        m = cw.meta
+        return f"riem{m['state_bits']} q{m['q']} m{m['m']}"
+
+    def trainable(self, cw, param_name=""):
+        from riem_compiler.methods.riem.trainable import RieMView
+
+        return RieMView(cw, param_name)
+
+    def onnx_call(self, cw):
+        rows, cols = cw.matrix_shape
+        shape = [int(s) for s in cw.shape]
+        metric = ["U", "beta", "v", "c"]
+        branches = int(cw.meta.get("k_branches", cw.arrays["U"].shape[0]))
+        if branches != ONNX_BRANCHES or cw.arrays["U"].shape[0] != ONNX_BRANCHES:
+            from riem_compiler.errors import InputError
+            raise InputError(f"ONNX export of RieM weights needs {ONNX_BRANCHES} branches (the RieMMatrix body "
+                             f"unrolls them); this weight has {branches}: refit it with k_branches={ONNX_BRANCHES}")
+        if cw.meta["state_bits"] == 32:
+            return DecoderCall("RieMMatrix", ["a", "b", *metric], {"shape": shape})
+        states = ["a_codes", "a_scale", "a_offset", "b_codes", "b_scale", "b_offset"]
+        return DecoderCall("RieMWeight", states + metric,
+                           {"shape": shape, "rows": rows, "cols": cols, "bits": int(cw.meta["state_bits"])})
+
+    def onnx_functions(self):
+        from riem_compiler.methods.riem import onnx as o
+
+        return {"RieMWeight": (o.RieMWeight, ("UnpackBits", "RieMStates", "RieMBranch", "RieMMatrix")),
+                "RieMMatrix": (o.RieMMatrix, ("RieMBranch",)),
+                "RieMStates": (o.RieMStates, ("UnpackBits",)), "RieMBranch": (o.RieMBranch, ())}
+
+    def tvm_kernel(self):
+        from riem_compiler.methods.riem import tvm
+
+        return tvm
+
+
+METHOD = RieM()

@@ -1,0 +1,207 @@
+"""svd: truncated SVD of the matrix view, W ~ left @ right with the singular values split evenly
+between the two factors; factors stored as float32, float16, or int8 with a float32 scale per row."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from riem_compiler.compressed import CompressedWeight
+from riem_compiler.errors import InputError
+from riem_compiler.methods.base import DecoderCall, Fitted, Method, fp32_bytes, matrix
+
+FACTOR_BITS = (32, 16, 8)
+
+
+@dataclass(frozen=True)
+class SVDSettings:
+    factor_bits: int = 16
+
+    def __post_init__(self):
+        if self.factor_bits not in FACTOR_BITS:
+            raise InputError(f"svd factor_bits must be one of {FACTOR_BITS}; got {self.factor_bits!r}")
+
+
+def matrix_svd(matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD (U, S, Vt) in float64 (torch's LAPACK call: several times faster here than
+    numpy's float32 one, and as deterministic)."""
+    m = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float64))
+    U, S, Vt = torch.linalg.svd(m, full_matrices=False)
+    return U.numpy(), S.numpy(), Vt.numpy()
+
+
+def svd_nbytes(shape, rank: int, factor_bits: int = 16) -> int:
+    """Stored bytes of a rank-`rank` SVD of the matrix view of `shape`."""
+    n, d = shape[0], int(np.prod(shape[1:]))
+    if factor_bits == 8:  # int8 codes + one float32 scale per row of each factor
+        return rank * (n + d) + 4 * (n + rank)
+    if factor_bits in (16, 32):
+        return rank * (n + d) * factor_bits // 8
+    raise InputError(f"factor_bits must be one of {FACTOR_BITS}, got {factor_bits}")
+
+
+def svd_rank_for_ratio(shape, ratio: float, factor_bits: int = 16) -> int:
+    """Largest rank whose stored bytes fit ratio * fp32 bytes (0 when not even rank 1 fits)."""
+    budget = ratio * fp32_bytes(shape)
+    full = min(shape[0], int(np.prod(shape[1:])))
+    rank = 0
+    for r in range(1, full + 1):  # bytes grow linearly in r; a scan is exact and cheap
+        if svd_nbytes(shape, r, factor_bits) > budget:
+            break
+        rank = r
+    return rank
+
+
+def solve_least_squares(A: np.ndarray, B: np.ndarray, min_pivot: float = 1e-8) -> np.ndarray:
+    """X minimising ||A X - B||_F (float64), through the normal equations A^T A X = A^T B (fast:
+    A is tall with few columns, B is wide), robust to a rank-deficient A.
+
+    When A has no zero column and its column-scaled Gram matrix passes a Cholesky test (every
+    pivot above `min_pivot`; the quantised factors here are near-orthogonal, so that test is
+    tight) this is the plain LU solve, as before. Otherwise (rank-deficient or all-zero weights,
+    factor columns that quantise to zero, dependent columns) the minimum-norm solution: zero
+    rows for zero columns, and a truncated eigen-decomposition (a pseudo-inverse) of the
+    column-scaled Gram matrix of the rest. Never raises on a finite A and B.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    G = A.T @ A
+    rhs = A.T @ B
+    k = G.shape[0]
+    X = np.zeros((k,) + B.shape[1:])
+    d = np.diag(G).copy()
+    eps = np.finfo(np.float64).eps
+    if not (np.isfinite(G).all() and np.isfinite(rhs).all()):
+        return np.full(X.shape, np.nan)  # overflowed: a non-finite fit, which callers report
+    if k == 0 or not d.max(initial=0.0) > 0:  # A == 0: the minimum-norm solution is 0
+        return X
+    live = d > k * eps * d.max()
+    s = 1.0 / np.sqrt(d[live])
+    Gs = G[np.ix_(live, live)] * s[:, None] * s[None, :]  # unit diagonal
+    if live.all():
+        try:
+            pivots = np.diag(np.linalg.cholesky(Gs))
+            if pivots.min() ** 2 > min_pivot:
+                return np.linalg.solve(G, rhs)
+        except np.linalg.LinAlgError:
+            pass
+    w, V = np.linalg.eigh(Gs)
+    keep = w > Gs.shape[0] * eps * w.max()
+    Vk = V[:, keep]
+    col = (-1,) + (1,) * (rhs.ndim - 1)  # broadcast a per-row vector over rhs's other axes
+    X[live] = s.reshape(col) * (Vk @ ((Vk.T @ (s.reshape(col) * rhs[live])) / w[keep].reshape(col)))
+    return X
+
+
+def _quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes with one float32 scale per row."""
+    scale = (np.abs(x).max(axis=1) / 127.0).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    codes = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def fit_svd(weight, ratio: float, factor_bits: int = 16, *, usv=None) -> CompressedWeight:
+    """Truncated SVD of the matrix view at the largest rank that fits ratio * fp32 bytes.
+
+    usv: an already computed `matrix_svd(matrix)` to reuse across ratios.
+    With int8 factors the right factor is re-solved by least squares against the quantised left
+    factor before it is quantised itself, so part of the left factor's rounding is absorbed.
+    """
+    shape = tuple(np.shape(weight))
+    M = matrix(weight)
+    rank = svd_rank_for_ratio(shape, ratio, factor_bits)
+    if rank == 0:
+        raise InputError(
+            f"ratio {ratio} is too small for a rank-1 SVD of a {M.shape} matrix with "
+            f"{factor_bits}-bit factors ({svd_nbytes(shape, 1, factor_bits)} bytes needed, "
+            f"{ratio * fp32_bytes(shape):.0f} allowed); raise the ratio or use another method")
+    U, S, Vt = usv if usv is not None else matrix_svd(M)
+    root = np.sqrt(S[:rank])
+    left = U[:, :rank] * root
+    right = root[:, None] * Vt[:rank]
+    meta = {"rank": rank, "factor_bits": factor_bits}
+    if factor_bits == 8:
+        left_codes, left_scale = _quantize_rows_int8(left)
+        left_q = left_codes.astype(np.float64) * left_scale[:, None]
+        M = M.astype(np.float64)
+        right = solve_least_squares(left_q, M)
+        right_codes, right_scale = _quantize_rows_int8(right)
+        arrays = {"left_codes": left_codes, "left_scale": left_scale,
+                  "right_codes": right_codes, "right_scale": right_scale}
+    else:
+        dtype = np.float32 if factor_bits == 32 else np.float16
+        arrays = {"left": left.astype(dtype), "right": right.astype(dtype)}
+    return CompressedWeight("svd", shape, meta, arrays)
+
+
+def decode_svd(cw: CompressedWeight, t: dict) -> torch.Tensor:
+    if cw.meta["factor_bits"] == 8:
+        left = t["left_codes"].to(torch.float32) * t["left_scale"].to(torch.float32)[:, None]
+        right = t["right_codes"].to(torch.float32) * t["right_scale"].to(torch.float32)[:, None]
+    else:
+        left, right = t["left"].to(torch.float32), t["right"].to(torch.float32)
+    return left @ right
+
+
+class SVD(Method):
+    name = "svd"
+    Settings = SVDSettings
+
+    def fit(self, spec, ratio, settings, index=0):
+        from riem_compiler.methods import relative_error
+
+        cw = fit_svd(spec.weight, ratio, settings.factor_bits)  # InputError (a ValueError) when rank 1 does not fit
+        if cw.nbytes > ratio * spec.fp32_bytes:
+            raise ValueError(f"svd cannot meet ratio {ratio:g} for shape {spec.shape}")
+        return Fitted(cw, relative_error(spec.weight, cw), dict(cw.meta))
+
+    def candidates(self, spec, budget_ratio, options, attempt):
+        w = np.asarray(spec.weight, dtype=np.float32)
+        if w.ndim < 2 or min(w.shape[0], int(np.prod(w.shape[1:]))) <= 1:
+            return
+        ratios = sorted({float(r) for r in options.get("ratios", ())} | {float(budget_ratio)}, reverse=True)
+        usv = attempt(spec.name, "svd (matrix SVD)", matrix_svd, w.reshape(w.shape[0], -1), keep=False)
+        if usv is None:
+            return
+        for bits in options.get("factor_bits", (16, 8)):
+            ranks = set()
+            for r in ratios:
+                rank = svd_rank_for_ratio(w.shape, r, bits)
+                if rank > 0 and rank not in ranks:
+                    ranks.add(rank)
+                    attempt(spec.name, f"svd{bits} r{rank}", fit_svd, w, r, bits, usv=usv)
+
+    def decode_torch(self, cw, tensors):
+        return decode_svd(cw, tensors)
+
+    def family(self, cw):
+        return f"svd{cw.meta['factor_bits']}"
+
+    def label(self, cw):
+        return f"svd{cw.meta['factor_bits']} r{cw.meta['rank']}"
+
+    def trainable(self, cw, param_name=""):
+        if cw.meta.get("factor_bits") == 8:
+            from riem_compiler.methods.svd.trainable import SvdInt8View
+
+            return SvdInt8View(cw, param_name)
+        from riem_compiler.methods.trainable import FloatArraysView
+
+        return FloatArraysView(cw, param_name)
+
+    def onnx_call(self, cw):
+        shape = [int(s) for s in cw.shape]
+        if cw.meta["factor_bits"] == 8:
+            return DecoderCall("SVDWeightInt8", ["left_codes", "left_scale", "right_codes", "right_scale"],
+                               {"shape": shape})
+        return DecoderCall("SVDWeight", ["left", "right"], {"shape": shape})
+
+    def onnx_functions(self):
+        from riem_compiler.methods.svd import onnx as o
+
+        return {"SVDWeight": (o.SVDWeight, ()), "SVDWeightInt8": (o.SVDWeightInt8, ())}
+
+
+METHOD = SVD()
