@@ -45,10 +45,12 @@ class Result:
         ONNX) and manifest.json; no pickle."""
         return save_artifact(self, directory)
 
-    def export_onnx(self, path, materialize: bool = False) -> Path:
+    def export_onnx(self, path, materialize: bool = False, onnx_format: str | None = None) -> Path:
+        """onnx_format: None takes config.onnx_format; the report's layer settings then say which
+        form each layer got ("onnx_form", and "onnx_note" for one that kept the function form)."""
         from riem_compiler.codegen.onnx_export import export_result_onnx
 
-        return Path(export_result_onnx(self, path, materialize=materialize))
+        return Path(export_result_onnx(self, path, materialize=materialize, onnx_format=onnx_format))
 
     def build_tvm(self, directory, target: str = "llvm", tune_trials: int = 0, **kwargs) -> Path:
         from riem_compiler.codegen.tvm_build import build_tvm
@@ -185,7 +187,11 @@ def _optimize_onnx(graph, cfg: Config) -> Result:
         return Result(model, Report(_skipped_records(skipped, tensors), model_bytes_before=total), {}, [], cfg,
                       "onnx", None, model)
     compressed, records = compress_specs(specs, cfg)
-    new_model = rewrite_onnx(model, specs, compressed) if compressed else model
+    new_model = rewrite_onnx(model, specs, compressed, cfg.onnx_format) if compressed else model
+    if compressed and cfg.onnx_format != "functions":
+        from riem_compiler.codegen.onnx_export import record_onnx_forms
+
+        record_onnx_forms(Report(records), new_model)
     return Result(new_model, Report(records + _skipped_records(skipped, tensors), model_bytes_before=total),
                   compressed, specs, cfg, "onnx", None, model)
 

@@ -13,6 +13,7 @@ from riem_compiler.frontend.layers import LAYER_KINDS
 METHODS = (*methods.SELECTABLE, methods.PLANNER)  # what `method=` takes
 FLOAT_FIELDS = ("ratio", "time_budget_s", "lr", "error_ceiling")  # each must be finite
 NONE_ALLOWED = ("time_budget_s",)  # None: no cap
+ONNX_FORMATS = ("functions", "standard")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 
 @dataclass
@@ -47,6 +48,9 @@ class Config:
     cache_dir: str | None = None  # fitted-layer cache (resumable runs); None disables it
     refine: bool = False  # data-free refinement toward the original's outputs (torch, needs example_inputs)
     refine_steps: int = 200
+    # ONNX form of compressed weights: "functions" (decoder functions in domain riem_compiler) or
+    # "standard" (standard ops where the method maps, e.g. rtn 8/4-bit -> DequantizeLinear)
+    onnx_format: str = "functions"
     # per-method settings that are not fields above, e.g. {"svd": {"factor_bits": 8}, "rtn": {"group_size": 64}};
     # the fields each method takes are those of its Settings dataclass (riem_compiler.methods.<name>)
     method_options: dict = field(default_factory=dict)
@@ -85,6 +89,8 @@ class Config:
             raise InputError(f"error_ceiling must be positive; got {self.error_ceiling!r}")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise InputError(f"device must be 'cpu' or 'cuda'; got {self.device!r}")
+        if self.onnx_format not in ONNX_FORMATS:
+            raise InputError(f"onnx_format must be one of {ONNX_FORMATS}; got {self.onnx_format!r}")
         if self.executor not in ("local", "ray"):
             raise InputError(f"executor must be 'local' or 'ray'; got {self.executor!r}")
         bad = [t for t in self.ignore_types if t not in LAYER_KINDS]

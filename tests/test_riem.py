@@ -1,5 +1,4 @@
 """RieM operator: formula, quantisation, storage and byte accounting."""
-import io
 import json
 import struct
 

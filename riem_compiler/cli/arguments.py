@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --allow-pickle) for --model-ref")
     p.add_argument("-o", "--output", metavar="OUT", help="output directory (created; files in it are replaced)")
     p.add_argument("--target", choices=TARGETS, default="onnx", help="artifact to write (default: onnx)")
+    p.add_argument("--onnx-format", choices=("functions", "standard"), default="functions",
+                   help="ONNX form of compressed weights: decoder functions (default), or standard opset-21 "
+                        "DequantizeLinear where a layout maps (8/4-bit RTN); the report says which form each layer got")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     g = p.add_argument_group("compression")
@@ -171,5 +174,6 @@ def _config_from_args(args):
                   keep_first_last=args.keep_first_last, quiet=args.quiet, cache_dir=cache_dir,
                   executor=args.executor, ray_address=args.ray_address, threads=args.threads, lr=args.lr,
                   k_branches=args.k_branches, recompute=args.recompute, refine=args.refine,
-                  refine_steps=args.refine_steps, method_options=_method_options(args))
+                  refine_steps=args.refine_steps, method_options=_method_options(args),
+                  onnx_format=args.onnx_format)
 

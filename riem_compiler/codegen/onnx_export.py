@@ -13,13 +13,15 @@ from pathlib import Path
 
 import onnx
 
-from riem_compiler.codegen.onnx_rewrite import (DOMAIN, META_KEY, check_rewritten, function_protos, materialize_onnx,
-                                                read_compressed_onnx, rewrite_onnx)
+from riem_compiler.codegen.onnx_rewrite import (DOMAIN, META_KEY, ONNX_FORMATS, check_rewritten, convert_onnx_format,
+                                                function_protos, materialize_onnx, onnx_forms, read_compressed_onnx,
+                                                rewrite_onnx)
 from riem_compiler.codegen.ort_runner import OnnxRuntimeModel
 from riem_compiler.codegen.torch_to_onnx import torch_result_to_onnx
 
-__all__ = ["DOMAIN", "EXTERNAL_DATA_THRESHOLD", "META_KEY", "OnnxRuntimeModel", "check_rewritten", "export_result_onnx",
-           "function_protos", "materialize_onnx", "read_compressed_onnx", "rewrite_onnx", "save_onnx"]
+__all__ = ["DOMAIN", "EXTERNAL_DATA_THRESHOLD", "META_KEY", "ONNX_FORMATS", "OnnxRuntimeModel", "check_rewritten",
+           "convert_onnx_format", "export_result_onnx", "function_protos", "materialize_onnx", "onnx_forms",
+           "read_compressed_onnx", "record_onnx_forms", "result_onnx", "rewrite_onnx", "save_onnx"]
 
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000  # bytes of tensors above which the file gets external data
 
@@ -50,13 +52,40 @@ def save_onnx(model: onnx.ModelProto, path) -> Path:
     return path
 
 
-def export_result_onnx(result, path, materialize: bool = False) -> Path:
-    """`Result.export_onnx`: the compressed model as ONNX (decoder functions), or plain ONNX with
-    decoded weights when `materialize` is set."""
+def result_onnx(result, materialize: bool = False, onnx_format: str | None = None) -> onnx.ModelProto:
+    """The compressed model of a Result as ONNX in `onnx_format` (None: the result's
+    `config.onnx_format`), or plain ONNX with decoded weights when `materialize` is set."""
+    fmt = onnx_format or getattr(result.config, "onnx_format", "functions")
+    if fmt not in ONNX_FORMATS:
+        from riem_compiler.errors import InputError
+
+        raise InputError(f"onnx_format must be one of {ONNX_FORMATS}; got {fmt!r}")
     if result.source == "onnx":
         model = result.model
     else:
         model = torch_result_to_onnx(result)
     if materialize:
-        model = materialize_onnx(model)
+        return materialize_onnx(model)
+    return convert_onnx_format(model, fmt)
+
+
+def record_onnx_forms(report, model: onnx.ModelProto) -> dict:
+    """Put each weight's ONNX form (and why, for a weight that kept the function form) into its
+    report record's settings ("onnx_form", "onnx_note"); returns name -> form info."""
+    forms = onnx_forms(model)
+    for record in getattr(report, "layers", ()):
+        record.settings.pop("onnx_form", None)
+        record.settings.pop("onnx_note", None)
+        if record.name in forms:
+            record.settings.update(forms[record.name])
+    return forms
+
+
+def export_result_onnx(result, path, materialize: bool = False, onnx_format: str | None = None) -> Path:
+    """`Result.export_onnx`: the compressed model as ONNX (decoder functions, or standard ops where
+    they map with onnx_format="standard"; see `result_onnx`), or plain ONNX with decoded weights
+    when `materialize` is set. The report records which form each layer got."""
+    model = result_onnx(result, materialize, onnx_format)
+    if not materialize:
+        record_onnx_forms(result.report, model)
     return save_onnx(model, path)

@@ -36,6 +36,13 @@ Design:
   which onnxruntime runs slowly: opening a compressed MiniLM took ~20 s (see
   benchmarks/results/onnx_size_latency.md). UnpackBits reads each code from three gathered bytes
   (int64 per code, no per-bit matrix).
+- onnx_format="standard" (`Config.onnx_format`): a weight whose method has a standard-op form
+  (`Method.onnx_native`; rtn 8/4-bit -> one DequantizeLinear on signed int8/int4 codes, no zero
+  point, so the initializers hold exactly the CompressedWeight's bytes) gets that instead of the
+  function call, upgrading the model to the opset it needs (21) when onnx.version_converter does
+  so cleanly. Its metadata entry says "onnx_form": "standard" and its "encoding", and
+  `read_compressed_onnx` converts the initializers back (`Method.onnx_native_arrays`); a weight
+  that keeps the function form has "onnx_form": "functions" and an "onnx_note" saying why.
 - onnxruntime with default options folds each decoder into a constant at session creation
   (steady-state latency = the dense model's); `materialize_onnx` writes plain standard-op ONNX.
 """
@@ -50,6 +57,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from riem_compiler import methods
+from riem_compiler.config import ONNX_FORMATS
 from riem_compiler.methods.onnx_common import DOMAIN, DOMAIN_VERSION
 from riem_compiler.methods.onnx_common import FUNCTIONS as COMMON_FUNCTIONS
 
@@ -66,6 +74,11 @@ log = logging.getLogger("riem_compiler.onnx_export")  # the ONNX codegen's logge
 
 META_KEY = "riem_compiler.compressed"
 MIN_FUNCTION_OPSET = 13
+# "functions": every weight is a decoder-function call; "standard": weights whose method has a
+# standard-op form (`Method.onnx_native`, e.g. rtn 8/4-bit -> DequantizeLinear) get it, the
+# others keep the function form (the metadata entry and the report say which, and why)
+# (ONNX_FORMATS is defined with the option, in riem_compiler.config)
+NATIVE_OPSET = 21
 
 
 def function_protos(op_types, opset: int) -> list[onnx.FunctionProto]:
@@ -93,15 +106,21 @@ def function_protos(op_types, opset: int) -> list[onnx.FunctionProto]:
 
 # ----------------------------------------------------------------------------- rewrite
 
-def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict) -> onnx.ModelProto:
-    """A copy of `model` where each weight in `compressed` is produced by its decoder function.
+def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict, onnx_format: str = "functions") -> onnx.ModelProto:
+    """A copy of `model` where each weight in `compressed` is produced by its decoder function
+    (or, with onnx_format="standard", by standard ops where its method has such a form).
 
     specs: the LayerSpecs the frontend found (only those names are rewritten), or None to
     rewrite every name in `compressed` (weights are located by initializer/Constant name).
+    A standard form that needs a newer opset than the model's upgrades the model with
+    onnx.version_converter when the upgraded model passes the checker and loads in onnxruntime;
+    otherwise those weights keep the function form with a note ("onnx_note" in the metadata).
     """
     from riem_compiler.errors import InputError
     from riem_compiler.frontend.onnx_frontend import default_opset, definition_counts
 
+    if onnx_format not in ONNX_FORMATS:
+        raise InputError(f"onnx_format must be one of {ONNX_FORMATS}; got {onnx_format!r}")
     wanted = dict(compressed) if specs is None else {s.name: compressed[s.name] for s in specs
                                                        if s.name in compressed}
     for name, cw in wanted.items():
@@ -118,23 +137,34 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict) -> onnx.ModelP
         raise InputError(f"weights {shadowed[:5]} are defined more than once in the model (a subgraph shadows "
                          "the name); they cannot be replaced")
     opset = default_opset(out) or 0
+    native, notes = _native_forms(wanted, onnx_format)
+    need = max((d.opset for d in native.values()), default=0)
+    if need > opset:
+        target = need
+        upgraded, problem = _try_upgrade(out, opset, target)
+        if upgraded is not None:
+            out, opset = upgraded, target
+        for name in [n for n, d in native.items() if d.opset > opset]:
+            notes[name] = (f"its standard form needs opset {native.pop(name).opset}; the opset-{opset} model "
+                           f"could not be upgraded ({problem})")
     if opset < MIN_FUNCTION_OPSET:
         out = _upgrade_opset(out, opset)
         opset = MIN_FUNCTION_OPSET
-    state = _RewriteState(wanted, _all_names(out))
+    state = _RewriteState(wanted, _all_names(out), native=native, notes=notes)
     _rewrite_graph(out.graph, state, {i.name for i in out.graph.input})
     missing = sorted(set(wanted) - set(state.entries))
     if missing:
         raise InputError(f"weights {missing[:5]} are not initializers or Constant outputs of this model")
-    out.ir_version = max(out.ir_version, 8)
-    if not any(o.domain == DOMAIN for o in out.opset_import):
+    out.ir_version = max(out.ir_version, 10 if state.native and opset >= NATIVE_OPSET else 8)
+    if (onnx_format == "functions" or state.op_types) and not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     present = {(f.domain, f.name) for f in out.functions}
     for proto in function_protos(sorted(state.op_types), opset):
         if (proto.domain, proto.name) not in present:
             out.functions.append(proto)
     _write_meta(out, {**_read_meta(out), **state.entries})
-    log.info("ONNX: %d weights replaced by decoder functions", len(state.entries))
+    log.info("ONNX: %d weights replaced by decoder functions, %d by standard ops",
+             len(state.entries) - len(state.native), len(state.native))
     check_rewritten(model, out)
     return out
 
@@ -190,6 +220,45 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _native_forms(wanted: dict, onnx_format: str) -> tuple[dict, dict]:
+    """(name -> NativeDecoder, name -> why it keeps the function form) for this format."""
+    native, notes = {}, {}
+    if onnx_format == "functions":
+        return native, notes
+    for name, cw in wanted.items():
+        got = methods.get(cw.method).onnx_native(cw, onnx_format)
+        if isinstance(got, str):
+            notes[name] = got
+        else:
+            native[name] = got
+    return native, notes
+
+
+def _try_upgrade(model: onnx.ModelProto, opset: int, target: int):
+    """(upgraded model, None) when onnx.version_converter lifts `model` to `target` cleanly (it
+    passes the checker and loads in onnxruntime whenever the original does), else (None, why)."""
+    from onnx import version_converter
+
+    from riem_compiler.errors import RiemError
+
+    try:
+        upgraded = version_converter.convert_version(model, target)
+    except Exception as e:
+        return None, f"onnx.version_converter to opset {target}: {_one_line(e)}"
+    # the converter runs shape inference, which fills in the graph's value infos: keep the model's own
+    if [v.name for v in upgraded.graph.input] == [v.name for v in model.graph.input] and \
+            [v.name for v in upgraded.graph.output] == [v.name for v in model.graph.output]:
+        for part in ("input", "output", "value_info"):
+            del getattr(upgraded.graph, part)[:]
+            getattr(upgraded.graph, part).extend(getattr(model.graph, part))
+    try:
+        check_rewritten(model, upgraded)
+    except RiemError as e:
+        return None, f"the opset-{target} conversion is not valid: {_one_line(e)}"
+    log.info("upgraded model from opset %d to %d for standard-op decoders", opset, target)
+    return upgraded, None
+
+
 def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     from riem_compiler.errors import RiemError
     from onnx import version_converter
@@ -209,6 +278,8 @@ class _RewriteState:
     taken: set
     entries: dict = field(default_factory=dict)
     op_types: set = field(default_factory=set)
+    native: dict = field(default_factory=dict)  # name -> NativeDecoder (onnx_format "standard")
+    notes: dict = field(default_factory=dict)  # name -> why it keeps the function form
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -287,6 +358,8 @@ def _decoder(name: str, tensor: onnx.TensorProto, state: _RewriteState):
     if tuple(tensor.dims) != tuple(cw.shape):
         raise InputError(f"weight {name!r} has shape {tuple(tensor.dims)} in the model but the compressed "
                          f"weight has shape {tuple(cw.shape)}")
+    if name in state.native:
+        return _native_decoder(name, tensor, cw, state.native[name], state)
     call = methods.get(cw.method).onnx_call(cw)
     arrays = {}
     inits = []
@@ -304,7 +377,58 @@ def _decoder(name: str, tensor: onnx.TensorProto, state: _RewriteState):
         state.op_types.add(call.op_type)
     state.entries[name] = {"method": cw.method, "shape": [int(s) for s in cw.shape], "meta": cw.meta,
                            "dtype": dtype, "arrays": arrays, "nodes": [n.output[0] for n in nodes]}
+    if name in state.notes:
+        state.entries[name].update(onnx_form="functions", onnx_note=state.notes[name])
     return nodes, inits
+
+
+def _native_decoder(name: str, tensor: onnx.TensorProto, cw, native, state: _RewriteState):
+    """(nodes, initializers) of a NativeDecoder: its tensors as initializers (exactly cw's bytes),
+    its constants as Constant nodes, its chain of standard ops, a Cast to the weight's dtype."""
+    names, inits, nodes = {}, [], []
+    for key, arr in native.tensors.items():
+        init_name = state.fresh(f"{name}.{cw.method}.{key}")
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), init_name))
+        names[key] = init_name
+    for key, arr in native.constants.items():
+        const = state.fresh(f"{name}.{key}")
+        nodes.append(helper.make_node("Constant", [], [const], name=state.fresh(f"{name}.{key}.const"),
+                                      value=numpy_helper.from_array(np.ascontiguousarray(arr), const)))
+        names[key] = const
+    dtype = int(tensor.data_type)
+    same = helper.np_dtype_to_tensor_dtype(np.dtype(native.output_dtype)) == dtype
+    prev = None
+    for i, (op_type, inputs, attrs) in enumerate(native.nodes):
+        last = i == len(native.nodes) - 1
+        output = name if last and same else state.fresh(f"{name}.decoded")
+        nodes.append(helper.make_node(op_type, [prev if k is None else names[k] for k in inputs], [output],
+                                      name=state.fresh(f"{name}.{op_type.lower()}"), **attrs))
+        prev = output
+    if prev != name:
+        nodes.append(helper.make_node("Cast", [prev], [name], name=state.fresh(f"{name}.cast"), to=dtype))
+    state.entries[name] = {"method": cw.method, "shape": [int(s) for s in cw.shape], "meta": cw.meta,
+                           "dtype": dtype, "arrays": {k: names[k] for k in native.tensors},
+                           "nodes": [n.output[0] for n in nodes], "onnx_form": "standard",
+                           "encoding": native.encoding}
+    return nodes, inits
+
+
+def onnx_forms(model: onnx.ModelProto) -> dict:
+    """Weight name -> {"onnx_form": "standard" | "functions", "onnx_note": why (functions only)}
+    for the weights of a model rewritten with onnx_format other than "functions"."""
+    return {name: {k: e[k] for k in ("onnx_form", "onnx_note") if k in e}
+            for name, e in _read_meta(model).items() if "onnx_form" in e}
+
+
+def convert_onnx_format(model: onnx.ModelProto, onnx_format: str) -> onnx.ModelProto:
+    """A rewritten model in another onnx_format (its compressed weights read back, decoded in
+    place, and rewritten); the model itself when it already has that form."""
+    entries = _read_meta(model)
+    current = "standard" if any(e.get("onnx_form") for e in entries.values()) else "functions"
+    if not entries or current == onnx_format:
+        return model
+    compressed = read_compressed_onnx(model)
+    return rewrite_onnx(materialize_onnx(model), None, compressed, onnx_format)
 
 
 def _read_meta(model: onnx.ModelProto) -> dict:
@@ -341,6 +465,8 @@ def read_compressed_onnx(model) -> dict:
             raise InputError(f"compressed weight {name!r}: initializers {missing[:3]} named in the "
                              f"{META_KEY} metadata are missing from the model")
         arrays = {k: np.array(numpy_helper.to_array(tensors[n])) for k, n in e["arrays"].items()}
+        if e.get("onnx_form") == "standard":
+            arrays = methods.get(e["method"]).onnx_native_arrays(e["meta"], tuple(e["shape"]), e["encoding"], arrays)
         out[name] = CompressedWeight(e["method"], tuple(e["shape"]), e["meta"], arrays)
     return out
 

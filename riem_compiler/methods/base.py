@@ -45,6 +45,26 @@ class DecoderCall:
     domain: str = "riem_compiler"
 
 
+@dataclass
+class NativeDecoder:
+    """A standard-op ONNX form of one CompressedWeight (`Method.onnx_native`), used instead of the
+    decoder function when `Config.onnx_format` asks for it.
+
+    opset: the default-domain opset the nodes need. tensors: key -> numpy array (ml_dtypes int4
+    allowed) stored as initializers; together exactly the CompressedWeight's bytes. nodes: a chain
+    of (op_type, inputs, attrs); an input is a key of `tensors` or `constants`, or None for the
+    previous node's output; the last node's output (dtype `output_dtype`) is the weight.
+    encoding: the tag `Method.onnx_native_arrays` reads back. constants: small int64 operands
+    (shapes) written as Constant nodes, not counted as weight bytes."""
+
+    opset: int
+    tensors: dict
+    nodes: list
+    output_dtype: str
+    encoding: str
+    constants: dict = field(default_factory=dict)
+
+
 def settings_key(settings) -> str:
     """sha256 of a settings dataclass (its type name and every field): the fit-cache key part."""
     data = {"type": type(settings).__name__, **dataclasses.asdict(settings)}
@@ -108,6 +128,15 @@ class Method:
     def onnx_functions(self) -> dict:
         """name -> onnxscript function for the decoders `onnx_call` may name (with what they call)."""
         return {}
+
+    def onnx_native(self, cw: CompressedWeight, onnx_format: str):
+        """A `NativeDecoder` in standard ONNX ops for onnx_format ("standard"), or a str saying why
+        this weight keeps the decoder-function form (the default: no native form)."""
+        return f"method {self.name!r} has no {onnx_format} ONNX form"
+
+    def onnx_native_arrays(self, meta: dict, shape, encoding: str, tensors: dict) -> dict:
+        """Inverse of `onnx_native`: the CompressedWeight's arrays from its native initializers."""
+        raise NotImplementedError(f"method {self.name!r} has no native ONNX form")
 
     def tvm_kernel(self):
         """The TVM decode-once kernel builder, or None (then see tvm_dense_reason)."""

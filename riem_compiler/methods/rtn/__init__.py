@@ -153,6 +153,16 @@ class RTN(Method):
             return DecoderCall("RTNWeight", ["codes", "scale"], attrs)
         return DecoderCall("RTNWeightGrouped", ["codes", "scale"], {**attrs, "group": int(cw.meta["group_size"])})
 
+    def onnx_native(self, cw, onnx_format):
+        from riem_compiler.methods.rtn.native import native_rtn
+
+        return native_rtn(cw, onnx_format)
+
+    def onnx_native_arrays(self, meta, shape, encoding, tensors):
+        from riem_compiler.methods.rtn.native import rtn_arrays_from_native
+
+        return rtn_arrays_from_native(meta, shape, encoding, tensors)
+
     def onnx_functions(self):
         from riem_compiler.methods.rtn import onnx as o
 
