@@ -61,7 +61,7 @@ def report_figure(report, title: str = ""):
     head = (f"{t['compressed']}/{t['layers']} layers compressed: {t['bytes_before'] / 1024:.1f} -> "
             f"{t['bytes_after'] / 1024:.1f} KiB (ratio {t['ratio']:.3f})")
     if report.output_error is not None:
-        head += f"\noutput rel. error on generated inputs {report.output_error:.4f}"
+        head += f"\noutput error on generated inputs {report.output_error:.4f}"
     fig.suptitle(f"{title}\n{head}" if title else head, fontsize=10)
     return fig
 

@@ -110,7 +110,7 @@ class Report:
         t = self.totals()
         rows.append(["TOTAL", f"{t['compressed']}/{t['layers']} layers", "", f"ratio={t['ratio']:.4f}",
                      _kib(t["bytes_before"]), _kib(t["bytes_after"]), "", f"{t['fit_seconds']:.1f}",
-                     "" if self.output_error is None else f"output rel. error {self.output_error:.4f}"])
+                     "" if self.output_error is None else f"output error {self.output_error:.4f}"])
         if self.model_bytes_before is not None:
             rows.append(["WHOLE MODEL", "all tensors", "", f"ratio={self.model_ratio:.4f}",
                          _kib(self.model_bytes_before), _kib(self.model_bytes_after), "", "",

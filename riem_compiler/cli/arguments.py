@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = p.add_argument_group("verification and reports")
     v.add_argument("--max-error", type=_finite_float, metavar="E",
-                   help="fail (exit 3, write nothing) when the output rel. error on generated inputs exceeds E")
+                   help="fail (exit 3, write nothing) when the output error on generated inputs (relative to the "
+                        "output's variation over the draws) exceeds E")
     v.add_argument("--no-verify", action="store_true", help="skip running original vs compressed model")
     v.add_argument("--verify-draws", type=int, default=8, metavar="N",
                    help="independent draws of generated inputs the check runs (default 8; at least 2)")
