@@ -78,7 +78,6 @@ def _timed(fn) -> float:
 
 
 def mlp4096(tmp: Path):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     g = np.random.default_rng(0)
