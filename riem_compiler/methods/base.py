@@ -77,7 +77,6 @@ class Method:
     name: the registry key and `CompressedWeight.method`.
     Settings: its typed settings dataclass; `settings(config)` builds it from `rc.Config` (fields
         of the same name), and the CLI derives one flag per field from it.
-    per_layer: False for a method that cannot fit a layer alone (none today; `auto` is a planner).
     tvm_dense_reason: None when `tvm_kernel()` exists; otherwise why TVM artifacts store it dense.
     """
 
