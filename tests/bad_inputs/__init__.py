@@ -353,26 +353,27 @@ def _edit_json(record: str, change):
     return edit
 
 
-def pt2_pickled_constant(d: Path, marker: Path) -> Path:
-    """The constant is flagged use_pickle; its record is a torch.save'd RunsCode (torch.load(weights_only=False))."""
+def _pt2_pickled_record(d: Path, marker: Path, stem: str, config: str, flag, record: str) -> Path:
+    """A program whose `record` is flagged use_pickle (by `flag` on the JSON `config`) and holds
+    a torch.save'd RunsCode, which torch.load(weights_only=False) would run."""
     d = Path(d)
-    base = pt2_program(d, "base_pc")
-    json_edit = _edit_json("data/constants/model_constants_config.json",
-                           lambda doc: doc["config"]["offset"].update(use_pickle=True))
+    base = pt2_program(d, f"base_{stem}")
+    json_edit = _edit_json(config, flag)
     payload = _torch_bytes(RunsCode(marker))
-    return _rewrite_pt2(base, d / "pickled_constant.pt2",
-                        lambda name, data: payload if name == "data/constants/tensor_0" else json_edit(name, data))
+    return _rewrite_pt2(base, d / f"{stem}.pt2", lambda name, data: payload if name == record else json_edit(name, data))
+
+
+def pt2_pickled_constant(d: Path, marker: Path) -> Path:
+    """The constant is flagged use_pickle; its record is a torch.save'd RunsCode."""
+    return _pt2_pickled_record(d, marker, "pickled_constant", "data/constants/model_constants_config.json",
+                               lambda doc: doc["config"]["offset"].update(use_pickle=True), "data/constants/tensor_0")
 
 
 def pt2_pickled_weight(d: Path, marker: Path) -> Path:
     """A weight flagged use_pickle whose record is a torch.save'd RunsCode."""
-    d = Path(d)
-    base = pt2_program(d, "base_pw")
-    json_edit = _edit_json("data/weights/model_weights_config.json",
-                           lambda doc: doc["config"]["fc.weight"].update(use_pickle=True, path_name="weight_0"))
-    payload = _torch_bytes(RunsCode(marker))
-    return _rewrite_pt2(base, d / "pickled_weight.pt2",
-                        lambda name, data: payload if name == "data/weights/weight_0" else json_edit(name, data))
+    return _pt2_pickled_record(d, marker, "pickled_weight", "data/weights/model_weights_config.json",
+                               lambda doc: doc["config"]["fc.weight"].update(use_pickle=True, path_name="weight_0"),
+                               "data/weights/weight_0")
 
 
 def pt2_opaque_constant(d: Path, marker: Path) -> Path:
