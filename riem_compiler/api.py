@@ -113,35 +113,6 @@ def torch_model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def onnx_tensors(model) -> dict[str, tuple[tuple, int]]:
-    """name -> (shape, bytes) of every initializer and Constant-node tensor, subgraphs included."""
-    from onnx import helper
-
-    out: dict[str, tuple[tuple, int]] = {}
-
-    def size(t) -> tuple[tuple, int]:
-        try:
-            item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        except (KeyError, TypeError, ValueError):
-            item = 0
-        return tuple(t.dims), int(np.prod(t.dims, dtype=np.int64)) * item
-
-    def walk(graph):
-        for t in graph.initializer:
-            out.setdefault(t.name, size(t))
-        for node in graph.node:
-            for a in node.attribute:
-                if node.op_type == "Constant" and a.name == "value" and node.output:
-                    out.setdefault(node.output[0], size(a.t))
-                if a.HasField("g"):
-                    walk(a.g)
-                for g in a.graphs:
-                    walk(g)
-
-    walk(model.graph)
-    return out
-
-
 def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
     from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
     from riem_compiler.passes.rewrite_torch import apply_compressed
@@ -176,11 +147,11 @@ def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
 
 def _optimize_onnx(graph, cfg: Config) -> Result:
     from riem_compiler.codegen.onnx_rewrite import rewrite_onnx
-    from riem_compiler.frontend.onnx_frontend import find_onnx_layers, load_onnx
+    from riem_compiler.frontend.onnx_frontend import find_onnx_layers, load_onnx, tensor_sizes
 
     model = load_onnx(graph)
     specs, skipped = find_onnx_layers(model, cfg)
-    tensors = onnx_tensors(model)
+    tensors = tensor_sizes(model)
     total = sum(nbytes for _, nbytes in tensors.values())
     if not specs:
         log.warning("nothing to compress in the ONNX model; it is returned unchanged")
@@ -188,12 +159,12 @@ def _optimize_onnx(graph, cfg: Config) -> Result:
                       "onnx", None, model)
     compressed, records = compress_specs(specs, cfg)
     new_model = rewrite_onnx(model, specs, compressed, cfg.onnx_format) if compressed else model
+    report = Report(records + _skipped_records(skipped, tensors), model_bytes_before=total)
     if compressed and cfg.onnx_format != "functions":
         from riem_compiler.codegen.onnx_export import record_onnx_forms
 
-        record_onnx_forms(Report(records), new_model)
-    return Result(new_model, Report(records + _skipped_records(skipped, tensors), model_bytes_before=total),
-                  compressed, specs, cfg, "onnx", None, model)
+        record_onnx_forms(report, new_model)
+    return Result(new_model, report, compressed, specs, cfg, "onnx", None, model)
 
 
 # ----------------------------------------------------------------------------- artifacts

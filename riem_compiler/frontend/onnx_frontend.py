@@ -128,7 +128,7 @@ def _check_external_entry(path: Path, tensor: onnx.TensorProto) -> Path:
         raise InputError(f"{path}: {what} reads bytes {offset}..{offset + (length or 0)} of {location!r}, "
                          f"which has only {size} bytes (file truncated?)")
     stored = size - offset if length is None else length
-    needed = _tensor_nbytes(tensor)
+    needed = tensor_nbytes(tensor)
     if needed is not None and stored != needed:
         raise InputError(f"{path}: {what} in {location!r} holds {stored} bytes but its dtype and shape "
                          f"{list(tensor.dims)} need {needed} (file truncated or entry wrong)")
@@ -139,7 +139,7 @@ _HALF_BYTE_TYPES = tuple(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4",
                          if hasattr(onnx.TensorProto, n))
 
 
-def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+def tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
     """Bytes of the tensor's raw data for its dtype and dims; None where that has no fixed size
     (strings) or the dtype is unknown here (the checker judges those)."""
     if any(d < 0 for d in tensor.dims):
@@ -170,12 +170,25 @@ def all_tensors(model: onnx.ModelProto):
                     yield from a.tensors
 
 
+def tensor_sizes(model: onnx.ModelProto) -> dict[str, tuple[tuple, int]]:
+    """Name -> (dims, bytes) of every initializer and Constant-node value, subgraphs included
+    (the first definition of a name wins; a tensor of no fixed size counts 0 bytes)."""
+    out: dict[str, tuple[tuple, int]] = {}
+    for _, graph in iter_graphs(model.graph):
+        named = [(t.name, t) for t in graph.initializer]
+        named += [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant" and n.output
+                  for a in n.attribute if a.name == "value"]
+        for name, t in named:
+            out.setdefault(name, (tuple(t.dims), tensor_nbytes(t) or 0))
+    return out
+
+
 def _check_tensor_sizes(model: onnx.ModelProto, where: str) -> None:
     """Every raw_data must hold exactly dtype * shape bytes (the checker only catches too few)."""
     for t in all_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
             continue
-        needed = _tensor_nbytes(t)
+        needed = tensor_nbytes(t)
         if needed is None:
             if any(d < 0 for d in t.dims):
                 raise InputError(f"{where}: tensor {t.name!r} has a negative dimension {list(t.dims)}")
