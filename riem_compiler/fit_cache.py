@@ -129,8 +129,8 @@ class FitCache:
 
     def put(self, key: str, weight: CompressedWeight, rel_error: float | None, settings: dict,
             seconds: float, name: str = "") -> None:
-        """Store one fit. A failure to write (full disk, read-only cache) is logged, not raised:
-        the cache only ever saves time."""
+        """Store one fit. A failure to write (full disk, read-only cache, anything else) is logged,
+        not raised: the cache only ever saves time, and a finished fit is never lost to it."""
         from safetensors.numpy import save
 
         arrays_path, meta_path = self._paths(key)
@@ -146,8 +146,9 @@ class FitCache:
             text = json.dumps(meta, indent=1, default=_json_default) + "\n"
             _atomic_write(arrays_path, blob)
             _atomic_write(meta_path, text.encode())
-        except OSError as exc:
-            log.warning("could not write fit cache entry under %s (%s); continuing without it", self.root, exc)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("could not write fit cache entry under %s (%s: %s); continuing without it", self.root,
+                        type(exc).__name__, exc)
 
     def _ensure_root(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -195,11 +196,7 @@ def cached_riem_fit(fit, cache: FitCache, config):
         t0 = time.perf_counter()
         cw = fit(weight, ratio)
         if cw is not None:
-            try:
-                cache.put(key, cw, None, {}, time.perf_counter() - t0)
-            except Exception as exc:  # the fit is kept; only the next run pays for it again
-                log.warning("fit cache %s: could not store an auto RieM candidate (%s: %s)",
-                            cache.root, type(exc).__name__, exc)
+            cache.put(key, cw, None, {}, time.perf_counter() - t0)
         return cw
 
     return wrapped

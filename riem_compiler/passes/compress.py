@@ -93,7 +93,8 @@ def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tup
         for outcome in executor.map(fit_job, jobs, on_error=fit_failed):
             outcomes[outcome.name] = outcome
             if cache is not None and outcome.weight is not None and not outcome.settings.get("time_capped"):
-                _cache_put(cache, keys[outcome.name], outcome)
+                cache.put(keys[outcome.name], outcome.weight, outcome.rel_error, outcome.settings,
+                          outcome.seconds, outcome.name)
             bar.set_postfix_str(outcome.name, refresh=False)
             bar.update(sizes[outcome.name])
     compressed: dict[str, CompressedWeight] = {}
@@ -114,15 +115,6 @@ def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tup
             log.warning("%s: %s", spec.name, o.reason)
         records.append(record)
     return compressed, records
-
-
-def _cache_put(cache, key: str, outcome: FitOutcome) -> None:
-    """Store a finished fit; a cache that cannot be written costs the next run time, never this fit."""
-    try:
-        cache.put(key, outcome.weight, outcome.rel_error, outcome.settings, outcome.seconds, outcome.name)
-    except Exception as exc:  # disk full, read-only cache, ...: the fit itself is kept
-        log.warning("fit cache %s: could not store %s (%s: %s); continuing without caching it",
-                    cache.root, outcome.name, type(exc).__name__, exc)
 
 
 def _cache_lookup(specs, config, cache, outcomes: dict) -> tuple[list[tuple], dict[str, str]]:
