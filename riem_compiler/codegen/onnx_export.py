@@ -13,9 +13,9 @@ from pathlib import Path
 
 import onnx
 
-from riem_compiler.codegen.onnx_rewrite import (DOMAIN, META_KEY, ONNX_FORMATS, check_rewritten, convert_onnx_format,
-                                                function_protos, materialize_onnx, onnx_forms, read_compressed_onnx,
-                                                rewrite_onnx)
+from riem_compiler.codegen.onnx_rewrite import (DOMAIN, META_KEY, ONNX_FORMATS, check_onnx_format, check_rewritten,
+                                                convert_onnx_format, function_protos, materialize_onnx, onnx_forms,
+                                                read_compressed_onnx, rewrite_onnx)
 from riem_compiler.codegen.ort_runner import OnnxRuntimeModel
 from riem_compiler.codegen.torch_to_onnx import torch_result_to_onnx
 
@@ -56,10 +56,7 @@ def result_onnx(result, materialize: bool = False, onnx_format: str | None = Non
     """The compressed model of a Result as ONNX in `onnx_format` (None: the result's
     `config.onnx_format`), or plain ONNX with decoded weights when `materialize` is set."""
     fmt = onnx_format or getattr(result.config, "onnx_format", "functions")
-    if fmt not in ONNX_FORMATS:
-        from riem_compiler.errors import InputError
-
-        raise InputError(f"onnx_format must be one of {ONNX_FORMATS}; got {fmt!r}")
+    check_onnx_format(fmt)  # before a torch export or materialising: a bad option fails at once
     if result.source == "onnx":
         model = result.model
     else:

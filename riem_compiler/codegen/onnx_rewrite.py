@@ -74,11 +74,18 @@ log = logging.getLogger("riem_compiler.onnx_export")  # the ONNX codegen's logge
 
 META_KEY = "riem_compiler.compressed"
 MIN_FUNCTION_OPSET = 13
-# "functions": every weight is a decoder-function call; "standard": weights whose method has a
-# standard-op form (`Method.onnx_native`, e.g. rtn 8/4-bit -> DequantizeLinear) get it, the
-# others keep the function form (the metadata entry and the report say which, and why)
-# (ONNX_FORMATS is defined with the option, in riem_compiler.config)
 NATIVE_OPSET = 21
+
+
+def check_onnx_format(onnx_format: str) -> None:
+    """ONNX_FORMATS (defined with the option, in riem_compiler.config): "functions", every weight
+    a decoder-function call; "standard", weights whose method has a standard-op form
+    (`Method.onnx_native`, e.g. rtn 8/4-bit -> DequantizeLinear) get it, the others keep the
+    function form (the metadata entry and the report say which, and why)."""
+    if onnx_format not in ONNX_FORMATS:
+        from riem_compiler.errors import InputError
+
+        raise InputError(f"onnx_format must be one of {ONNX_FORMATS}; got {onnx_format!r}")
 
 
 def function_protos(op_types, opset: int) -> list[onnx.FunctionProto]:
@@ -119,8 +126,7 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict, onnx_format: s
     from riem_compiler.errors import InputError
     from riem_compiler.frontend.onnx_frontend import default_opset, definition_counts
 
-    if onnx_format not in ONNX_FORMATS:
-        raise InputError(f"onnx_format must be one of {ONNX_FORMATS}; got {onnx_format!r}")
+    check_onnx_format(onnx_format)
     wanted = dict(compressed) if specs is None else {s.name: compressed[s.name] for s in specs
                                                        if s.name in compressed}
     for name, cw in wanted.items():
@@ -423,6 +429,7 @@ def onnx_forms(model: onnx.ModelProto) -> dict:
 def convert_onnx_format(model: onnx.ModelProto, onnx_format: str) -> onnx.ModelProto:
     """A rewritten model in another onnx_format (its compressed weights read back, decoded in
     place, and rewritten); the model itself when it already has that form."""
+    check_onnx_format(onnx_format)
     entries = _read_meta(model)
     current = "standard" if any(e.get("onnx_form") for e in entries.values()) else "functions"
     if not entries or current == onnx_format:
