@@ -142,6 +142,22 @@ class Method:
         return None
 
 
+def within_ratio(spec, ratio: float, cw: CompressedWeight) -> Fitted:
+    """A method's fit of `spec` as the pass takes it: its relative error and meta, or ValueError
+    when the stored bytes exceed ratio * the layer's fp32 bytes."""
+    from riem_compiler.methods import relative_error
+
+    if cw.nbytes > ratio * spec.fp32_bytes:
+        raise ValueError(f"{cw.method} cannot meet ratio {ratio:g} for shape {spec.shape}")
+    return Fitted(cw, relative_error(spec.weight, cw), dict(cw.meta))
+
+
+def ratios_with(ratios, budget_ratio: float) -> list[float]:
+    """A candidate ratio list plus the budget itself, largest first (auto's single-method plans
+    then have a candidate at the budget)."""
+    return sorted({float(r) for r in ratios} | {float(budget_ratio)}, reverse=True)
+
+
 def matrix(weight) -> np.ndarray:
     """The (shape[0], prod(shape[1:])) float32 view every method fits."""
     from riem_compiler.errors import InputError

@@ -12,7 +12,7 @@ import numpy as np
 
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
-from riem_compiler.methods.base import DecoderCall, Fitted, Method
+from riem_compiler.methods.base import DecoderCall, Method, within_ratio
 
 DTYPES = ("float32", "float16")
 
@@ -40,12 +40,7 @@ class Dense(Method):
     tvm_dense_reason = "dense: the TVM artifact stores the weight itself"
 
     def fit(self, spec, ratio, settings, index=0):
-        cw = fit_dense(spec.weight, settings.dtype)
-        if cw.nbytes > ratio * spec.fp32_bytes:
-            raise ValueError(f"{settings.dtype} needs {cw.nbytes / spec.fp32_bytes:.2f} of the fp32 bytes")
-        from riem_compiler.methods import relative_error
-
-        return Fitted(cw, relative_error(spec.weight, cw), dict(cw.meta))
+        return within_ratio(spec, ratio, fit_dense(spec.weight, settings.dtype))
 
     def candidates(self, spec, budget_ratio, options, attempt):
         for dtype in options.get("dtypes", ("float16", "float32")):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from riem_compiler import riem
-from riem_compiler.methods.base import DecoderCall, Fitted, Method
+from riem_compiler.methods.base import DecoderCall, Fitted, Method, ratios_with
 
 ONNX_BRANCHES = 6  # riem.K_BRANCHES; the RieMMatrix ONNX body sums this many RieMBranch calls
 
@@ -62,7 +62,7 @@ class RieM(Method):
         fit = options.get("fit")  # (weight, ratio) -> CompressedWeight | None; None: no RieM candidates
         if fit is None:
             return
-        for r in sorted({float(r) for r in options.get("ratios", ())} | {float(budget_ratio)}, reverse=True):
+        for r in ratios_with(options.get("ratios", ()), budget_ratio):
             attempt(spec.name, f"riem at ratio {r:g}", fit, spec.weight, r)
 
     def decode_torch(self, cw, t):

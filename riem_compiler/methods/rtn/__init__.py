@@ -12,7 +12,7 @@ import torch
 from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
-from riem_compiler.methods.base import DecoderCall, Fitted, Method, fp32_bytes, matrix
+from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
 
 BITS = (8, 4, 3, 2)
 # (bits, group_size) from most to fewest bytes; `rtn_settings_for_ratio` takes the first that fits.
@@ -114,17 +114,12 @@ class RTN(Method):
     Settings = RTNSettings
 
     def fit(self, spec, ratio, settings, index=0):
-        from riem_compiler.methods import relative_error
-
         shape = spec.shape
         setting = rtn_settings_for_ratio(ratio, shape, settings.group_size)
         if setting is None:
             raise InputError(f"ratio {ratio} is too small for 2-bit RTN of shape {shape} "
                              f"({rtn_nbytes(shape, 2, None)} bytes needed); raise the ratio")
-        cw = fit_rtn(spec.weight, *setting)
-        if cw.nbytes > ratio * spec.fp32_bytes:
-            raise ValueError(f"rtn cannot meet ratio {ratio:g} for shape {shape}")
-        return Fitted(cw, relative_error(spec.weight, cw), dict(cw.meta))
+        return within_ratio(spec, ratio, fit_rtn(spec.weight, *setting))
 
     def candidates(self, spec, budget_ratio, options, attempt):
         group_size = options.get("group_size", 128)

@@ -9,7 +9,7 @@ import torch
 
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
-from riem_compiler.methods.base import DecoderCall, Fitted, Method, fp32_bytes, matrix
+from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, ratios_with, within_ratio
 
 FACTOR_BITS = (32, 16, 8)
 
@@ -150,18 +150,14 @@ class SVD(Method):
     Settings = SVDSettings
 
     def fit(self, spec, ratio, settings, index=0):
-        from riem_compiler.methods import relative_error
-
-        cw = fit_svd(spec.weight, ratio, settings.factor_bits)  # InputError (a ValueError) when rank 1 does not fit
-        if cw.nbytes > ratio * spec.fp32_bytes:
-            raise ValueError(f"svd cannot meet ratio {ratio:g} for shape {spec.shape}")
-        return Fitted(cw, relative_error(spec.weight, cw), dict(cw.meta))
+        # InputError (a ValueError) when not even rank 1 fits
+        return within_ratio(spec, ratio, fit_svd(spec.weight, ratio, settings.factor_bits))
 
     def candidates(self, spec, budget_ratio, options, attempt):
         w = np.asarray(spec.weight, dtype=np.float32)
         if w.ndim < 2 or min(w.shape[0], int(np.prod(w.shape[1:]))) <= 1:
             return
-        ratios = sorted({float(r) for r in options.get("ratios", ())} | {float(budget_ratio)}, reverse=True)
+        ratios = ratios_with(options.get("ratios", ()), budget_ratio)
         usv = attempt(spec.name, "svd (matrix SVD)", matrix_svd, w.reshape(w.shape[0], -1), keep=False)
         if usv is None:
             return

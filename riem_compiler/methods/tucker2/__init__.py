@@ -9,7 +9,7 @@ import torch
 
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
-from riem_compiler.methods.base import DecoderCall, Fitted, Method, fp32_bytes
+from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, ratios_with, within_ratio
 from riem_compiler.methods.svd import matrix_svd
 
 
@@ -150,13 +150,9 @@ class Tucker2(Method):
     Settings = Tucker2Settings
 
     def fit(self, spec, ratio, settings, index=0):
-        from riem_compiler.methods import relative_error
-
         cw = fit_tucker2(spec.weight, ratio, groups=spec.groups, iterations=settings.iterations,
                          rank_rule=settings.rank_rule)  # InputError (a ValueError) when it cannot apply
-        if cw.nbytes > ratio * spec.fp32_bytes:
-            raise ValueError(f"tucker2 cannot meet ratio {ratio:g} for shape {spec.shape}")
-        return Fitted(cw, relative_error(spec.weight, cw), dict(cw.meta))
+        return within_ratio(spec, ratio, cw)
 
     def candidates(self, spec, budget_ratio, options, attempt):
         if not applies(spec):
@@ -166,7 +162,7 @@ class Tucker2(Method):
         if svds is None:
             return
         seen = set()
-        for r in sorted({float(r) for r in options.get("ratios", ())} | {float(budget_ratio)}, reverse=True):
+        for r in ratios_with(options.get("ratios", ()), budget_ratio):
             ranks = tucker2_ranks_by_energy(w, r, svds)
             if ranks is not None and ranks not in seen:
                 seen.add(ranks)
