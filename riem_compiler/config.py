@@ -81,9 +81,8 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer; got {value!r}")
-        if self.time_budget_s is not None and not (isinstance(self.time_budget_s, (int, float))
-                                                   and 0 < self.time_budget_s < float("inf")):
-            raise InputError(f"time_budget_s must be a positive finite number of seconds, or None for no cap; "
+        if self.time_budget_s is not None and not self.time_budget_s > 0:  # finite: checked above
+            raise InputError(f"time_budget_s must be a positive number of seconds, or None for no cap; "
                              f"got {self.time_budget_s!r}")
         if self.error_ceiling <= 0:
             raise InputError(f"error_ceiling must be positive; got {self.error_ceiling!r}")

@@ -193,10 +193,8 @@ def input_draws(first: dict, n: int = DRAWS, seed: int = 0) -> list[dict]:
         draw = {}
         for name, x in first.items():
             arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-            if arr.dtype.kind == "f":
-                new = rng.standard_normal(arr.shape).astype(arr.dtype)
-            elif arr.dtype.kind == "b":
-                new = rng.integers(0, 2, size=arr.shape).astype(bool)
+            if arr.dtype.kind in "fb":
+                new = generate(arr.shape, arr.dtype.name, rng)
             elif arr.dtype.kind in "iu" and arr.size and arr.max() > arr.min():
                 new = rng.integers(int(arr.min()), int(arr.max()) + 1, size=arr.shape).astype(arr.dtype)
             else:
