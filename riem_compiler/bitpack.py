@@ -1,7 +1,7 @@
 """The one bit-packing layout of stored integer codes, in numpy (write and read) and torch (read).
 
 Layout (every backend reads exactly this; the ONNX form is `methods/onnx_common.UnpackBits`,
-the TVM form `methods/riem/tvm._code`):
+the TVM form `methods/tvm_common.unpack_code`):
 - codes are unsigned integers < 2**bits, in the array's flat (row-major) order;
 - bits == 8: one byte per code; bits == 16: one little-endian uint16 per code;
 - other widths (1..7): one little-endian bit stream: bit i of code j is stream bit j*bits + i,

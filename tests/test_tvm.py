@@ -136,7 +136,7 @@ def test_build_matches_torch(small_result, tmp_path, mode):
     assert not any(k in stored for k in ("param::conv.weight", "param::fc1.weight"))
     assert "param::fc2.weight" in stored
     compact = sum(cw.nbytes for cw in small_result.compressed.values())
-    assert sum(v.nbytes for k, v in stored.items() if k.startswith("riem::")) == compact
+    assert sum(v.nbytes for k, v in stored.items() if k.startswith("compact::")) == compact
     assert manifest["bytes"]["dense_weights_replaced"] == 4 * (8 * 9 + 32 * 512)
 
 
@@ -315,3 +315,257 @@ def test_default_build_lifts_transposes_and_matches_torch(tmp_path):
         assert (manifest["transform_params"] is not None) == (label == "default")
         outs[label] = load_tvm(out)(x.numpy())
         np.testing.assert_allclose(outs[label], ref, rtol=1e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- every method's kernel
+
+def _method_kernel_decode(cw: CompressedWeight, schedule: bool) -> np.ndarray:
+    from riem_compiler import methods
+
+    kernel = methods.get(cw.method).tvm_kernel()
+    func = kernel.decode_primfunc(cw, "decode_w")
+    if schedule:
+        func = kernel.schedule_decode_cpu(func)
+    lib = tvm.compile(func, target=make_target(TvmBuildOptions(num_cores=1)))
+    out = tvm.runtime.tensor(np.zeros(cw.shape, np.float32))
+    lib["decode_w"](*[tvm.runtime.tensor(np.ascontiguousarray(cw.arrays[n])) for n in kernel.array_names(cw)], out)
+    return out.numpy()
+
+
+def _weight(shape, seed=0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) / 4).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("shape,group", [((24, 40), None), ((24, 40), 16), ((7, 33), 16),  # last group shorter
+                                         ((16, 8, 3, 3), None), ((16, 8, 3, 3), 32)])
+def test_rtn_kernel_equals_torch_decode(shape, group, bits):
+    """Codes unpacked from the bit stream (3-bit codes straddle bytes) times the row or group
+    scale: the same float32 operations as decode_rtn, so bit-equal."""
+    from riem_compiler.methods.rtn import fit_rtn
+
+    cw = fit_rtn(_weight(shape, bits), bits, group)
+    ref = decode(cw)
+    np.testing.assert_array_equal(_method_kernel_decode(cw, schedule=True), ref)
+    if shape == (7, 33):  # the unscheduled kernel too (what CUDA builds start from)
+        np.testing.assert_array_equal(_method_kernel_decode(cw, schedule=False), ref)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (16, 8, 3, 3)])
+@pytest.mark.parametrize("factor_bits", [32, 16, 8])
+def test_svd_kernel_matches_torch_decode(shape, factor_bits):
+    from riem_compiler.methods.svd import fit_svd
+
+    cw = fit_svd(_weight(shape, factor_bits), 0.5, factor_bits)
+    ref = decode(cw)
+    for schedule in (True, False):
+        np.testing.assert_allclose(_method_kernel_decode(cw, schedule), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (12, 6, 5), (8, 5, 3, 2)])
+def test_tucker2_kernel_matches_torch_decode(shape):
+    from riem_compiler.methods.tucker2 import fit_tucker2
+
+    cw = fit_tucker2(_weight(shape, len(shape)), 0.5)
+    ref = decode(cw)
+    for schedule in (True, False):
+        np.testing.assert_allclose(_method_kernel_decode(cw, schedule), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+def test_rtn_kernel_refuses_transposed_codes():
+    from riem_compiler.methods.rtn import fit_rtn
+    from riem_compiler.methods.rtn import tvm as rtn_tvm
+
+    cw = fit_rtn(_weight((8, 16)), 8, None)
+    cw = CompressedWeight(cw.method, cw.shape, {**cw.meta, "transposed": True}, cw.arrays)
+    with pytest.raises(ValueError, match="transposed"):
+        rtn_tvm.decode_primfunc(cw, "d")
+
+
+def test_dense_method_says_why_it_stays_dense():
+    from riem_compiler import methods
+
+    dense = methods.get("dense")
+    assert dense.tvm_kernel() is None and "by choice" in dense.tvm_dense_reason
+    for name in ("riem", "rtn", "svd", "tucker2"):
+        assert methods.get(name).tvm_kernel() is not None and methods.get(name).tvm_dense_reason is None
+
+
+# ----------------------------------------------------------------------------- compact artifacts for every method
+
+class MixNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc1 = torch.nn.Linear(16 * 8 * 8, 64)
+        self.fc2 = torch.nn.Linear(64, 48)
+        self.fc3 = torch.nn.Linear(48, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x)))).flatten(1)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(h)))))
+
+
+MIX_KINDS = {"conv1": "conv2d", "conv2": "conv2d", "fc1": "linear", "fc2": "linear", "fc3": "linear"}
+
+
+def _plan(name: str, weights: dict) -> dict:
+    """name -> CompressedWeight per layer: one method with several settings, or a per-layer mix as
+    `auto` makes it (with a layer `auto` kept dense)."""
+    from riem_compiler.methods.dense import fit_dense
+    from riem_compiler.methods.rtn import fit_rtn
+    from riem_compiler.methods.svd import fit_svd
+    from riem_compiler.methods.tucker2 import fit_tucker2
+
+    w = {k.split(".")[0]: v for k, v in weights.items()}
+    plans = {
+        "rtn": lambda: {"conv1": fit_rtn(w["conv1"], 8, None), "conv2": fit_rtn(w["conv2"], 3, 32),  # 144 cols: 32*4 + 16
+                        "fc1": fit_rtn(w["fc1"], 4, 128), "fc2": fit_rtn(w["fc2"], 2, None),
+                        "fc3": fit_rtn(w["fc3"], 3, 20)},
+        "svd": lambda: {"conv2": fit_svd(w["conv2"], 0.3, 16), "fc1": fit_svd(w["fc1"], 0.2, 8),
+                        "fc2": fit_svd(w["fc2"], 0.5, 32)},
+        "tucker2": lambda: {"conv1": fit_tucker2(w["conv1"], 0.5), "conv2": fit_tucker2(w["conv2"], 0.3)},
+        "auto": lambda: {"conv1": fit_dense(w["conv1"], "float16"), "conv2": fit_tucker2(w["conv2"], 0.3),
+                         "fc1": fit_rtn(w["fc1"], 4, 128), "fc2": fit_svd(w["fc2"], 0.3, 8),
+                         "fc3": random_riem((10, 48), q=4, bits=6, seed=5)},
+        "cuda": lambda: {"conv1": fit_rtn(w["conv1"], 3, 16), "conv2": fit_tucker2(w["conv2"], 0.3),
+                         "fc1": fit_rtn(w["fc1"], 8, None), "fc2": fit_svd(w["fc2"], 0.3, 8),
+                         "fc3": fit_svd(w["fc3"], 0.5, 16)},
+    }
+    return {f"{k}.weight": cw for k, cw in plans[name]().items()}
+
+
+def _mixed_result(plan: str) -> _Result:
+    from riem_compiler.frontend.layers import LayerSpec
+    from riem_compiler.passes.rewrite_torch import apply_compressed
+
+    torch.manual_seed(0)
+    net = MixNet().eval()
+    specs = [LayerSpec(f"{m}.weight", kind, getattr(net, m).weight.detach().numpy(), module=m)
+             for m, kind in MIX_KINDS.items()]
+    compressed = _plan(plan, {s.name: s.weight for s in specs})
+    model = apply_compressed(net, specs, compressed).eval()
+    return _Result(model, compressed, (torch.randn(2, 3, 8, 8),), net)
+
+
+def _safetensors_data_bytes(path: Path) -> int:
+    """Bytes of a safetensors file after its header: exactly the tensors' bytes."""
+    import struct
+
+    raw = path.read_bytes()
+    return len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
+
+
+def _check_compact_artifact(res: _Result, out: Path, decode: str) -> None:
+    """(a) params.safetensors holds exactly the compact arrays plus the other parameters, (c) the
+    manifest says per layer compact or dense and why."""
+    from safetensors.numpy import load_file
+
+    compact = {n: cw for n, cw in res.compressed.items() if cw.method != "dense"}
+    dense_by_choice = {n for n, cw in res.compressed.items() if cw.method == "dense"}
+    params = res.original.state_dict()
+    stored = load_file(str(out / "params.safetensors"))
+    for name, cw in compact.items():
+        keys = {k.split("::")[2] for k in stored if k.startswith(f"compact::{name}::")}
+        assert keys == set(cw.arrays) and f"param::{name}" not in stored
+        for key, arr in cw.arrays.items():
+            np.testing.assert_array_equal(stored[f"compact::{name}::{key}"], arr)
+            assert stored[f"compact::{name}::{key}"].dtype == arr.dtype
+    rest_bytes = sum(4 * p.numel() for n, p in params.items() if n not in compact)
+    expected = sum(cw.nbytes for cw in compact.values()) + rest_bytes
+    assert _safetensors_data_bytes(out / "params.safetensors") == expected
+    size = (out / "params.safetensors").stat().st_size
+    dense_size = sum(4 * p.numel() for p in params.values())
+    assert size < expected + 4096 and size < dense_size
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["bytes"]["compact_arrays"] == sum(cw.nbytes for cw in compact.values())
+    layers = {row["name"]: row for row in manifest["layers"]}
+    assert set(layers) == set(res.compressed)
+    for name, row in layers.items():
+        cw = res.compressed[name]
+        assert row["method"] == cw.method and row["stored_bytes"] == cw.nbytes
+        assert row["dense_bytes"] == 4 * int(np.prod(cw.shape))
+        if name in compact:
+            assert row["storage"] == "compact" and row["reason"] is None and row["artifact_bytes"] == cw.nbytes
+            assert row["decode"] == decode or (decode == "per call" and row["decode"] == "fused into the matmul")
+        else:
+            assert row["storage"] == "dense" and "by choice" in row["reason"] and row["decode"] is None
+            assert row["artifact_bytes"] == row["dense_bytes"]
+    assert set(manifest["stored_dense"]) == dense_by_choice
+    assert [c["name"] for c in manifest["compressed"]] == [n for n in params if n in compact]
+
+
+@pytest.mark.parametrize("plan", ["rtn", "svd", "tucker2", "auto"])
+def test_every_method_builds_a_compact_artifact(plan, tmp_path):
+    """build_tvm of an rtn / svd / tucker2 / mixed (auto-like) result stores the compact arrays,
+    decodes them once at load, and matches the compressed torch model."""
+    res = _mixed_result(plan)
+    out = build_tvm(res, tmp_path / plan, target="llvm", num_cores=2)
+    _check_compact_artifact(res, out, "once at load")
+    x = res.example_inputs[0]
+    with torch.no_grad():
+        ref = res.model(x).numpy()
+    got = load_tvm(out)(x.numpy())
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_fused_mode_decodes_other_methods_per_call(tmp_path):
+    """Fused mode keeps every compact weight compact: the 2-D riem weight gets the fused
+    matmul kernel, rtn / svd / tucker2 are decoded per call; outputs match torch."""
+    res = _mixed_result("auto")
+    out = build_tvm(res, tmp_path / "fused", target="llvm", mode="fused", num_cores=2)
+    _check_compact_artifact(res, out, "per call")
+    layers = {row["name"]: row["decode"] for row in json.loads((out / "manifest.json").read_text())["layers"]}
+    assert layers == {"conv1.weight": None, "conv2.weight": "per call", "fc1.weight": "per call",
+                      "fc2.weight": "per call", "fc3.weight": "fused into the matmul"}
+    x = res.example_inputs[0]
+    with torch.no_grad():
+        ref = res.model(x).numpy()
+    np.testing.assert_allclose(load_tvm(out)(x.numpy()), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_cuda_build_compiles_every_method_kernel(tmp_path):
+    res = _mixed_result("cuda")
+    out = build_tvm(res, tmp_path / "cuda", target="cuda", arch="sm_80")
+    src = (out / "cuda_source.cu").read_text()
+    for kernel in ("rtn_decode", "svd_decode", "tucker2_decode"):
+        assert kernel in src
+    _check_compact_artifact(res, out, "once at load")
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: CUDA source generated but not compiled")
+    assert len(compile_cuda_source(out / "cuda_source.cu", arch="sm_80")) > 0
+
+
+def test_format_1_artifact_still_loads(small_result, tmp_path):
+    """Artifacts written before other methods had kernels keyed the compact arrays riem::..."""
+    from safetensors.numpy import load_file, save_file
+
+    out = build_tvm(small_result, tmp_path / "art", target="llvm")
+    tensors = load_file(str(out / "params.safetensors"))
+    save_file({k.replace("compact::", "riem::", 1): v for k, v in tensors.items()}, str(out / "params.safetensors"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    x = small_result.example_inputs[0]
+    with torch.no_grad():
+        ref = small_result.model(x).numpy()
+    np.testing.assert_allclose(load_tvm(out)(x.numpy()), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.slow
+def test_auto_result_from_optimize_builds_compact(tmp_path):
+    """A real method="auto" result (rtn and svd layers at this budget) end to end."""
+    import riem_compiler as rc
+
+    torch.manual_seed(0)
+    net = MixNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    res = rc.optimize(net, (x,), method="auto", ratio=0.05, steps=5, min_weight_size=0, quiet=True)
+    assert len({cw.method for cw in res.compressed.values()}) > 1
+    out = res.build_tvm(tmp_path / "auto", target="llvm")
+    _check_compact_artifact(res, out, "once at load")
+    with torch.no_grad():
+        ref = res.model(x).numpy()
+    np.testing.assert_allclose(load_tvm(out)(x.numpy()), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 
 FORMAT = "riem-tvm"
-FORMAT_VERSION = 1
+# 2: compact arrays of every method with a TVM kernel, keyed compact::<weight>::<array>, and a
+# per-layer "layers" list; 1 (RieM only) keyed them riem::<weight>::<array>
+FORMAT_VERSION = 2
 LIB_NAME = "model.so"
 PARAMS_NAME = "params.safetensors"
 MANIFEST_NAME = "manifest.json"
@@ -36,6 +38,12 @@ def read_manifest(directory) -> dict:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{manifest_path}: format {manifest.get('format')!r} is not {FORMAT!r}")
     return manifest
+
+
+def compact_key(weight: str, array: str, format_version: int = FORMAT_VERSION) -> str:
+    """params.safetensors key of one compact array of a decoded weight."""
+    prefix = "riem" if int(format_version) < 2 else "compact"
+    return f"{prefix}::{weight}::{array}"
 
 
 def _target_dict(tgt) -> dict:

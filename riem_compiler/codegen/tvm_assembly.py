@@ -1,25 +1,54 @@
-"""Assembly of the Relax module for the two build modes: the RieM kernels go in here.
+"""Assembly of the Relax module for the two build modes: the methods' decode kernels go in here.
 
-- decode-once (default): a Relax function `decode` maps the compact arrays of every RieM
-  weight to its dense weight through one `call_tir` kernel each (methods/riem/tvm.py); the runtime
-  calls it once at load and feeds the results to `main` as ordinary parameters, so inference
-  runs plain dense/conv kernels. Reconstruction costs K*m sigmoids per weight element (~100x a
-  multiply-add), so recomputing it per call only pays where memory is the constraint.
-- fused: `main` takes the compact arrays; each linear layer's matmul becomes one kernel that
-  reconstructs W a tile of rows at a time; other compressed weights (conv) are reconstructed
-  per call inside `main` into a transient buffer.
+Every compressed weight whose method has a TVM kernel module (`Method.tvm_kernel()`, e.g.
+methods/rtn/tvm.py; see base.py for its interface) is stored compact and decoded by that
+module's kernel, one `call_tir` per weight, named `<method>_decode_<index>`.
+
+- decode-once (default): a Relax function `decode` maps the compact arrays of every such
+  weight to its dense weight; the runtime calls it once at load and feeds the results to
+  `main` as ordinary parameters, so inference runs plain dense/conv kernels. (RieM
+  reconstruction costs K*m sigmoids per weight element, ~100x a multiply-add, so recomputing it
+  per call only pays where memory is the constraint.)
+- fused: `main` takes the compact arrays, so no dense copy of those weights stays resident.
+  A 2-D weight whose kernel module has `fused_linear_primfunc` (riem) has its matmul replaced
+  by one kernel that reconstructs W a tile of rows at a time; every other compact weight (rtn,
+  svd, tucker2, riem conv) is decoded per call inside `main` into a transient buffer.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from riem_compiler.methods.riem import tvm as tk
+from riem_compiler import methods
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.codegen.tvm_import import _Imported
 
+OPAQUE_PATTERN = 8  # relay/relax OpPatternKind kOpaque: never fused with other operators
 
-def _kernel_name(index: int, prefix: str) -> str:
-    return f"{prefix}_{index}"
+
+def kernel_module(cw: CompressedWeight):
+    """The TVM kernel module of cw's method; ValueError when the method has none."""
+    module = methods.get(cw.method).tvm_kernel()
+    if module is None:
+        raise ValueError(f"method {cw.method!r} has no TVM decode kernel")
+    return module
+
+
+def decode_kernel_name(index: int, cw: CompressedWeight) -> str:
+    """Name of the decode kernel of the index-th compact weight (riem: riem_decode_<index>)."""
+    return f"{cw.method}_decode_{index}"
+
+
+def _decode_primfunc(cw: CompressedWeight, name: str):
+    """cw's decode kernel, marked opaque to operator fusion: FuseOps would otherwise merge an
+    elementwise decode (rtn) with the transpose after it, and FuseTIR rejects the merge (the
+    TE kernels have int32 shapes, legalized ops int64); a decode stays one kernel of its own."""
+    return kernel_module(cw).decode_primfunc(cw, name).with_attr("op_pattern", OPAQUE_PATTERN)
+
+
+def decode_kernel_schedules(kernel_weights: dict[str, CompressedWeight]) -> dict:
+    """Decode kernel name -> its method's CPU schedule function."""
+    return {decode_kernel_name(i, cw): kernel_module(cw).schedule_decode_cpu
+            for i, cw in enumerate(kernel_weights.values())}
 
 
 def _tensor_sinfo(shape, dtype):
@@ -32,34 +61,36 @@ def _compact_vars(cw: CompressedWeight, tag: str):
     from tvm import relax
 
     return [relax.Var(f"{tag}__{n}", _tensor_sinfo(cw.arrays[n].shape, cw.arrays[n].dtype))
-            for n in tk.riem_array_names(cw)]
+            for n in kernel_module(cw).array_names(cw)]
 
 
-def _add_decode_function(mod, riem_weights: dict[str, CompressedWeight], schedule_cpu: bool):
-    """decode(compact arrays of every RieM weight, in manifest order) -> tuple of dense weights."""
+def _add_decode_function(mod, kernel_weights: dict[str, CompressedWeight], schedule_cpu: bool):
+    """decode(compact arrays of every kernel weight, in manifest order) -> tuple of dense weights."""
     from tvm import relax
 
     bb = relax.BlockBuilder(mod)
     all_vars, gvars = [], []
-    for idx, (name, cw) in enumerate(riem_weights.items()):
-        func = tk.decode_primfunc(cw, _kernel_name(idx, "riem_decode"))
+    for idx, (name, cw) in enumerate(kernel_weights.items()):
+        kname = decode_kernel_name(idx, cw)
+        func = _decode_primfunc(cw, kname)
         if schedule_cpu:
-            func = tk.schedule_decode_cpu(func)
-        gvars.append(bb.add_func(func, _kernel_name(idx, "riem_decode")))
+            func = kernel_module(cw).schedule_decode_cpu(func)
+        gvars.append(bb.add_func(func, kname))
         all_vars.append(_compact_vars(cw, f"w{idx}"))
     with bb.function("decode", params=[v for vs in all_vars for v in vs]):
         with bb.dataflow():
             outs = []
-            for gv, vs, cw in zip(gvars, all_vars, riem_weights.values()):
+            for gv, vs, cw in zip(gvars, all_vars, kernel_weights.values()):
                 outs.append(bb.emit(relax.call_tir(gv, vs, _tensor_sinfo(cw.shape, "float32"))))
             gv_out = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(gv_out)
     return bb.get()
 
 
-def _make_fused_main(imp: _Imported, riem_weights: dict[str, CompressedWeight], target_kind: str):
-    """main(inputs, dense params that stay, compact arrays): RieM weights rebuilt inside main;
-    linear layers through the fused reconstruct-and-multiply kernel."""
+def _make_fused_main(imp: _Imported, kernel_weights: dict[str, CompressedWeight], target_kind: str):
+    """main(inputs, dense params that stay, compact arrays): compact weights decoded inside main;
+    2-D weights of a method with a fused linear kernel go through that reconstruct-and-multiply
+    kernel. Returns (module, names of the weights that got a fused kernel)."""
     from tvm import relax
     from tvm.relax.dpl import is_op, wildcard
 
@@ -74,19 +105,19 @@ def _make_fused_main(imp: _Imported, riem_weights: dict[str, CompressedWeight], 
               for i, p in enumerate(old.params[: imp.num_input])]
     kept, compact, decode_gvs = [], {}, {}
     for name, p in zip(imp.param_names, old.params[imp.num_input:]):
-        if name not in riem_weights:
+        if name not in kernel_weights:
             kept.append(relax.Var(_safe(name), p.ty))
-    for idx, (name, cw) in enumerate(riem_weights.items()):
+    for idx, (name, cw) in enumerate(kernel_weights.items()):
         compact[name] = _compact_vars(cw, f"w{idx}")
-        decode_gvs[name] = bb.add_func(tk.decode_primfunc(cw, _kernel_name(idx, "riem_decode")),
-                                       _kernel_name(idx, "riem_decode"))
+        kname = decode_kernel_name(idx, cw)
+        decode_gvs[name] = bb.add_func(_decode_primfunc(cw, kname), kname)
     with bb.function("main", params=inputs + kept + [v for vs in compact.values() for v in vs]):
         with bb.dataflow():
             args = list(inputs)
             kept_iter = iter(kept)
             for name in imp.param_names:
-                if name in riem_weights:
-                    cw = riem_weights[name]
+                if name in kernel_weights:
+                    cw = kernel_weights[name]
                     args.append(bb.emit(relax.call_tir(decode_gvs[name], compact[name],
                                                        _tensor_sinfo(cw.shape, "float32"))))
                 else:
@@ -99,8 +130,8 @@ def _make_fused_main(imp: _Imported, riem_weights: dict[str, CompressedWeight], 
     mod = relax.transform.InlinePrivateFunctions()(mod)
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     mod = relax.transform.Normalize()(mod)
-    # matmul(x, permute_dims(decode(...))) -> fused kernel, for 2-D RieM weights
-    by_gv = {decode_gvs[n].name_hint: (idx, n) for idx, n in enumerate(riem_weights)}
+    # matmul(x, permute_dims(decode(...))) -> fused kernel, for 2-D weights whose method has one
+    by_gv = {decode_gvs[n].name_hint: (idx, n) for idx, n in enumerate(kernel_weights)}
     w_pat = wildcard()
     mm_pat = is_op("relax.matmul")(wildcard(), is_op("relax.permute_dims")(w_pat))
     x_pat = mm_pat.args[0] if hasattr(mm_pat, "args") else None
@@ -118,16 +149,16 @@ def _make_fused_main(imp: _Imported, riem_weights: dict[str, CompressedWeight], 
         if gv.name_hint not in by_gv:
             return expr
         idx, name = by_gv[gv.name_hint]
-        cw = riem_weights[name]
-        if len(cw.shape) != 2:
+        cw = kernel_weights[name]
+        fused_kernel = getattr(kernel_module(cw), "fused_linear_primfunc", None)
+        if len(cw.shape) != 2 or fused_kernel is None:
             return expr
         xshape = [int(s) for s in x.ty.shape]
         rows = int(np.prod(xshape[:-1]))
         key = (name, rows)
         if key not in fused_cache:
-            fname = f"riem_fused_linear_{idx}_{rows}"
-            fused_cache[key] = bb2.add_func(
-                tk.fused_linear_primfunc(cw, rows, fname, target_kind=target_kind), fname)
+            fname = f"{cw.method}_fused_linear_{idx}_{rows}"
+            fused_cache[key] = bb2.add_func(fused_kernel(cw, rows, fname, target_kind=target_kind), fname)
         x2 = relax.op.reshape(x, [rows, xshape[-1]])
         y = relax.call_tir(fused_cache[key], [x2] + list(w.args[1].fields), _tensor_sinfo([rows, cw.shape[0]], "float32"))
         return relax.op.reshape(y, xshape[:-1] + [cw.shape[0]])
@@ -140,7 +171,7 @@ def _make_fused_main(imp: _Imported, riem_weights: dict[str, CompressedWeight], 
     mod["main"] = new_main
     mod = relax.transform.Normalize()(mod)
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
-    return mod
+    return mod, sorted({name for name, _ in fused_cache})
 
 
 def _safe(name: str) -> str:

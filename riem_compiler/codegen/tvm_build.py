@@ -1,7 +1,7 @@
 """The TVM codegen's entry point: `build_tvm` compiles an `optimize` Result to an artifact directory.
 
 It runs the steps, each in its own module: import through torch.export (tvm_import.py),
-decode-once or fused assembly with the RieM kernels (tvm_assembly.py), legalization, schedules,
+decode-once or fused assembly with each method's decode kernel (tvm_assembly.py), legalization, schedules,
 tuning and compile (tvm_pipeline.py), and the artifact's files and manifest (tvm_artifact.py,
 shared with tvm_runtime.py). `TvmBuildOptions`, `make_target` and `compile_cuda_source` are
 re-exported here (`__all__`).
@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from riem_compiler import methods
-from riem_compiler.methods.riem import tvm as tk
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.codegen import tvm_schedules as ts
 from riem_compiler.codegen.tvm_artifact import (CUDA_SOURCE_NAME, FORMAT, FORMAT_VERSION, LIB_NAME, PARAMS_NAME,
-                                                TUNING_DIR, _target_dict, _versions, source_hash, write_manifest)
-from riem_compiler.codegen.tvm_assembly import _add_decode_function, _make_fused_main
+                                                TUNING_DIR, _target_dict, _versions, compact_key, source_hash,
+                                                write_manifest)
+from riem_compiler.codegen.tvm_assembly import (_add_decode_function, _make_fused_main, decode_kernel_schedules,
+                                                kernel_module)
 from riem_compiler.codegen.tvm_import import _import_torch
 from riem_compiler.codegen.tvm_pipeline import (LIFTED_NAME, BuildInfo, TvmBuildOptions, _apply_database,
                                                 _default_schedules, _entry_functions, _legalize_and_fuse,
@@ -38,8 +39,18 @@ log = logging.getLogger("riem_compiler.tvm_build")
 def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode: str = "decode-once",
               arch: str = "sm_80", **options) -> Path:
     """Compile `result` (an `optimize` Result from a torch model) to a TVM artifact directory:
-    model.so (export_library), params.safetensors (compact RieM arrays + other parameters),
-    manifest.json, and tuning/ (the MetaSchedule database when tuned)."""
+    model.so (export_library), params.safetensors, manifest.json, and tuning/ (the MetaSchedule
+    database when tuned).
+
+    Every compressed weight whose method has a TVM kernel (riem, rtn, svd, tucker2; any mix,
+    as `auto` makes) is stored as exactly its CompressedWeight arrays and decoded by that
+    kernel; a weight without one (method "dense", kept dense by choice) is stored as its float32
+    parameter. The manifest's "layers" lists per weight: compact or dense (and why), where it
+    is decoded, and its bytes. mode="decode-once" (default) decodes every compact weight once
+    at load; mode="fused" keeps them compact in memory: 2-D riem weights get the fused
+    reconstruct-and-multiply kernel, every other compact weight (rtn, svd, tucker2, riem conv)
+    is decoded per call into a transient buffer, a plain dequantise for rtn but a full
+    reconstruction per call for the others, so fused only pays where memory is the limit."""
     import tvm
     from safetensors.numpy import save_file
 
@@ -55,7 +66,7 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
     tgt = make_target(opts)
     imp = _import_torch(result)
 
-    riem_weights: dict[str, CompressedWeight] = {}  # the weights a TVM kernel decodes
+    kernel_weights: dict[str, CompressedWeight] = {}  # the weights a TVM kernel decodes
     stored_dense: dict[str, str] = {}  # weight -> why the artifact holds it dense (its method says)
     for name in imp.param_names:
         cw = result.compressed.get(name)
@@ -64,14 +75,15 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
         method = methods.get(cw.method)
         if method.tvm_kernel() is None:
             stored_dense[name] = method.tvm_dense_reason
-            log.warning("%s: method %r: %s", name, cw.method, method.tvm_dense_reason)
+            log.info("%s: method %r: %s", name, cw.method, method.tvm_dense_reason)
             continue
         if tuple(cw.shape) != tuple(imp.param_values[name].shape):
             raise ValueError(f"{name}: compressed shape {cw.shape} != model parameter shape "
                              f"{imp.param_values[name].shape}")
-        riem_weights[name] = cw
+        kernel_module(cw).array_names(cw)  # a weight its kernel cannot decode fails here, by name
+        kernel_weights[name] = cw
     missing = sorted(n for n, c in result.compressed.items()
-                     if methods.get(c.method).tvm_kernel() is not None and n not in riem_weights)
+                     if methods.get(c.method).tvm_kernel() is not None and n not in kernel_weights)
     if missing:
         raise ValueError(f"compressed weights {missing[:5]} are not parameters of the exported model")
 
@@ -90,21 +102,24 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
 
             mod = relax.transform.LiftTransformParams()(mod)
             lifted = LIFTED_NAME if LIFTED_NAME in _entry_functions(mod) else None
-        mod = _add_decode_function(mod, riem_weights, schedule_cpu=False)
+        mod = _add_decode_function(mod, kernel_weights, schedule_cpu=False)
+        fused = []
     else:
-        mod = _make_fused_main(imp, riem_weights, "cuda" if tgt.kind.name == "cuda" else "llvm")
+        mod, fused = _make_fused_main(imp, kernel_weights, "cuda" if tgt.kind.name == "cuda" else "llvm")
     mod = _legalize_and_fuse(mod, tgt)
-    baked = dense_constants(mod, [cw.shape for cw in riem_weights.values()])
+    decode_schedules = decode_kernel_schedules(kernel_weights)  # kernel name -> its method's CPU schedule
+    baked = dense_constants(mod, [cw.shape for cw in kernel_weights.values()])
     if baked:
         raise RuntimeError(f"dense weights of shapes {baked} were folded into the module")
     if opts.tune_trials > 0:
         if tgt.kind.name == "cuda":
             log.warning("MetaSchedule for cuda needs a GPU to measure; tune on the GPU machine")
-        _tune(mod, tgt, db_dir, opts.tune_trials, opts.max_trials_per_task, info, opts.tune_tasks)
+        _tune(mod, tgt, db_dir, opts.tune_trials, opts.max_trials_per_task, info, opts.tune_tasks,
+              decode_kernels=set(decode_schedules))
     if use_ms:
         mod = _apply_database(mod, tgt, db_dir)
     if tgt.kind.name == "llvm":  # kernels without a tuning record: hand schedules
-        mod = _schedule_decode_calls(mod)
+        mod = _schedule_decode_calls(mod, decode_schedules)
         if opts.cpu_schedules:
             mod = ts.default_cpu_schedules(mod)
     mod = _default_schedules(mod, tgt)
@@ -122,19 +137,21 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
     arrays: dict[str, np.ndarray] = {}
     params_manifest = []
     for name in imp.param_names:
-        if name in riem_weights:
+        if name in kernel_weights:
             params_manifest.append({"name": name, "source": "decoded",
-                                    "index": list(riem_weights).index(name)})
+                                    "index": list(kernel_weights).index(name)})
         else:
             arrays[f"param::{name}"] = np.ascontiguousarray(imp.param_values[name])
             params_manifest.append({"name": name, "source": "stored"})
     compressed_manifest = []
-    for name, cw in riem_weights.items():
-        names = tk.riem_array_names(cw)
+    for name, cw in kernel_weights.items():
+        names = kernel_module(cw).array_names(cw)
         for n in names:
-            arrays[f"riem::{name}::{n}"] = np.ascontiguousarray(cw.arrays[n])
-        compressed_manifest.append({"name": name, "shape": list(cw.shape), "meta": cw.meta, "arrays": names})
+            arrays[compact_key(name, n)] = np.ascontiguousarray(cw.arrays[n])
+        compressed_manifest.append({"name": name, "method": cw.method, "shape": list(cw.shape), "meta": cw.meta,
+                                    "arrays": names})
     save_file(arrays, str(out / PARAMS_NAME))
+    layers = _layer_storage(result, imp, kernel_weights, stored_dense, opts.mode, fused)
 
     info.seconds_total = time.perf_counter() - t_start
     manifest = {
@@ -148,16 +165,43 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
         "params": params_manifest,
         "compressed": compressed_manifest,
         "stored_dense": stored_dense,
+        "layers": layers,
         "files": {"library": LIB_NAME, "params": PARAMS_NAME, "cuda_source": cuda_file,
                   "tuning": TUNING_DIR if (db_dir / "database_tuning_record.json").is_file() else None},
         "bytes": {"params_file": (out / PARAMS_NAME).stat().st_size, "library": lib_path.stat().st_size,
-                  "dense_weights_replaced": int(sum(4 * int(np.prod(c.shape)) for c in riem_weights.values())),
-                  "compact_arrays": int(sum(c.nbytes for c in riem_weights.values()))},
+                  "dense_weights_replaced": int(sum(4 * int(np.prod(c.shape)) for c in kernel_weights.values())),
+                  "compact_arrays": int(sum(c.nbytes for c in kernel_weights.values())),
+                  "stored_dense_weights": int(sum(imp.param_values[n].nbytes for n in stored_dense))},
         "build": asdict(info),
         "versions": _versions(),
         "source_hash": source_hash(result),
     }
     write_manifest(out, manifest)
-    log.info("TVM artifact %s: %s, %s, %d RieM weights, %.1fs", out, tgt.kind.name, opts.mode,
-             len(riem_weights), info.seconds_total)
+    log.info("TVM artifact %s: %s, %s, %d weights compact, %d dense, %.1fs", out, tgt.kind.name, opts.mode,
+             len(kernel_weights), len(stored_dense), info.seconds_total)
     return out
+
+
+def _layer_storage(result, imp, kernel_weights: dict, stored_dense: dict, mode: str, fused) -> list[dict]:
+    """Per compressed weight (in parameter order): how the artifact stores it and why, where it
+    is decoded, and its bytes: stored (the CompressedWeight), in the artifact, dense float32."""
+    rows = []
+    for name in imp.param_names:
+        cw = result.compressed.get(name)
+        if cw is None:
+            continue
+        compact = name in kernel_weights
+        if not compact:
+            decode = None
+        elif mode == "decode-once":
+            decode = "once at load"
+        else:
+            decode = "fused into the matmul" if name in fused else "per call"
+        rows.append({
+            "name": name, "method": cw.method, "label": methods.get(cw.method).label(cw),
+            "storage": "compact" if compact else "dense", "reason": stored_dense.get(name), "decode": decode,
+            "stored_bytes": cw.nbytes,
+            "artifact_bytes": cw.nbytes if compact else int(imp.param_values[name].nbytes),
+            "dense_bytes": 4 * int(np.prod(cw.shape)),
+        })
+    return rows

@@ -4,7 +4,7 @@ Targets are JSON dicts (TVM 0.27). CPU: LLVM; before legalization gelu/exp/softm
 polynomial forms; in decode-once mode `LiftTransformParams` moves weight transposes into
 `main_transform_params`, which the runtime runs once at load (so matmuls read W^T in the NN
 layout); then default schedules that are good without tuning (tvm_schedules: register-tiled
-matmul and conv with fused epilogues, vectorised elementwise kernels; the RieM hand schedule;
+matmul and conv with fused epilogues, vectorised elementwise kernels; each method's decode schedule;
 dlight CPU rules for the rest). MetaSchedule when tune_trials > 0, optionally on the
 `tune_tasks` heaviest per-call tasks only (database kept under tuning/ and reused); its records
 take precedence over the default schedules. CUDA: dlight default GPU schedules;
@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from riem_compiler.methods.riem import tvm as tk
 from riem_compiler.codegen import tvm_schedules as ts
 
 log = logging.getLogger("riem_compiler.tvm_build")  # the TVM build's logger, as before the split
@@ -129,10 +128,11 @@ def _builder_fn():
 
 
 def _tune(mod, target, db_dir: Path, trials: int, max_per_task: int | None, info: BuildInfo,
-          top_tasks: int | None = None):
+          top_tasks: int | None = None, decode_kernels=()):
     """MetaSchedule over the module's tasks; with `top_tasks`, only the N heaviest ones by
     estimated FLOPs x call count (each task costs worker start-up plus measurement here, ~40 s,
-    so a whole transformer is out of reach; the rest keep the default schedules)."""
+    so a whole transformer is out of reach; the rest keep the default schedules). That ranking
+    leaves out `decode_kernels` (the weight decode kernels' names: they run once at load)."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
@@ -148,8 +148,9 @@ def _tune(mod, target, db_dir: Path, trials: int, max_per_task: int | None, info
         except Exception:  # noqa: BLE001 - no estimate: rank last
             return 0.0
 
-    # the RieM decode kernels run once at load (decode-once): per-call latency comes from the rest
-    per_call = [t for t in tasks if not t.task_name.startswith("riem_decode")] if top_tasks else tasks
+    # the decode kernels run once at load (decode-once): per-call latency comes from the rest
+    skip = set(decode_kernels)
+    per_call = [t for t in tasks if t.task_name not in skip] if top_tasks else tasks
     ranked = sorted(per_call, key=cost, reverse=True)
     chosen = ranked[:top_tasks] if top_tasks else ranked
     info.tuned_tasks = len(chosen)
@@ -231,15 +232,17 @@ def dense_constants(mod, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]
     return found
 
 
-def _schedule_decode_calls(mod):
-    """Fused mode on CPU without tuning: hand schedule for the per-call RieM decode kernels."""
+def _schedule_decode_calls(mod, schedules: dict):
+    """CPU without tuning records: each weight decode kernel (name -> its method's
+    schedule_decode_cpu in `schedules`) gets its method's schedule, at load or per call."""
     import tvm
 
     for gv, func in list(mod.functions.items()):
-        if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith("riem_decode") \
+        schedule = schedules.get(gv.name_hint)
+        if isinstance(func, tvm.tirx.PrimFunc) and schedule is not None \
                 and not func.attrs.get("tir.is_scheduled", False):
             try:
-                mod[gv] = tk.schedule_decode_cpu(func)
+                mod[gv] = schedule(func)
             except Exception as err:  # fused by FuseTIR into another shape: leave it to defaults
                 log.debug("no hand schedule for %s: %s", gv.name_hint, err)
     return mod

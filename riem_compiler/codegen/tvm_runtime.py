@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from riem_compiler.codegen.tvm_artifact import read_manifest
+from riem_compiler.codegen.tvm_artifact import compact_key, read_manifest
 
 log = logging.getLogger("riem_compiler.tvm_runtime")
 
@@ -44,8 +44,9 @@ class TvmModel:
             return tvm.runtime.tensor(np.ascontiguousarray(arr), device=self.dev)
 
         compact = []
+        version = self.manifest.get("format_version", 1)
         for entry in self.manifest["compressed"]:
-            compact.extend(put(tensors[f"riem::{entry['name']}::{n}"]) for n in entry["arrays"])
+            compact.extend(put(tensors[compact_key(entry["name"], n, version)]) for n in entry["arrays"])
         self.decode_seconds = 0.0
         self.transform_seconds = 0.0
         decoded = []

@@ -23,6 +23,7 @@ import numpy as np
 from tvm import te, tirx
 
 from riem_compiler.compressed import CompressedWeight
+from riem_compiler.methods.tvm_common import unpack_code
 from riem_compiler.riem import K_BRANCHES
 
 STATE_NAMES_FLOAT = ("a", "b")
@@ -78,24 +79,6 @@ def _placeholders(cw: CompressedWeight) -> dict[str, te.Tensor]:
     return out
 
 
-def _code(packed: te.Tensor, n, bits: int):
-    """Integer code number n (little-endian bit order, as riem.pack_codes writes)."""
-    if bits == 8:
-        return packed[n].astype("int32")
-    if bits == 16:
-        return packed[n * 2].astype("int32") + packed[n * 2 + 1].astype("int32") * 256
-    # Read two bytes; when the second would run past the end it is never needed (the code
-    # fits in the first), so clamping the index keeps the read in bounds without a branch.
-    last = int(packed.shape[0]) - 1
-    pos = n * bits
-    byte = tirx.floordiv(pos, 8)
-    shift = tirx.floormod(pos, 8)
-    lo = packed[byte].astype("int32")
-    hi = packed[tirx.min(byte + 1, last)].astype("int32")
-    word = lo + hi * 256
-    return tirx.bitwise_and(tirx.shift_right(word, shift.astype("int32")), (1 << bits) - 1)
-
-
 def _states(ph: dict[str, te.Tensor], prefix: str, rows: int, q: int, bits: int) -> te.Tensor:
     if bits == 32:
         x = ph[prefix]
@@ -103,7 +86,7 @@ def _states(ph: dict[str, te.Tensor], prefix: str, rows: int, q: int, bits: int)
     packed, scale, offset = ph[f"{prefix}_codes"], ph[f"{prefix}_scale"], ph[f"{prefix}_offset"]
     return te.compute(
         (rows, q),
-        lambda i, d: _code(packed, i * q + d, bits).astype("float32") * scale[d] + offset[d],
+        lambda i, d: unpack_code(packed, i * q + d, bits).astype("float32") * scale[d] + offset[d],
         name=f"{prefix}_f",
     )
 

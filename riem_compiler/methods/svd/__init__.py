@@ -148,6 +148,7 @@ def decode_svd(cw: CompressedWeight, t: dict) -> torch.Tensor:
 class SVD(Method):
     name = "svd"
     Settings = SVDSettings
+    tvm_dense_reason = None
 
     def fit(self, spec, ratio, settings, index=0):
         # InputError (a ValueError) when not even rank 1 fits
@@ -198,6 +199,11 @@ class SVD(Method):
         from riem_compiler.methods.svd import onnx as o
 
         return {"SVDWeight": (o.SVDWeight, ()), "SVDWeightInt8": (o.SVDWeightInt8, ())}
+
+    def tvm_kernel(self):
+        from riem_compiler.methods.svd import tvm
+
+        return tvm
 
 
 METHOD = SVD()

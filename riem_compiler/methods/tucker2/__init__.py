@@ -148,6 +148,7 @@ def applies(spec) -> bool:
 class Tucker2(Method):
     name = "tucker2"
     Settings = Tucker2Settings
+    tvm_dense_reason = None
 
     def fit(self, spec, ratio, settings, index=0):
         cw = fit_tucker2(spec.weight, ratio, groups=spec.groups, iterations=settings.iterations,
@@ -186,6 +187,11 @@ class Tucker2(Method):
         from riem_compiler.methods.tucker2 import onnx as o
 
         return {"TuckerWeight": (o.TuckerWeight, ())}
+
+    def tvm_kernel(self):
+        from riem_compiler.methods.tucker2 import tvm
+
+        return tvm
 
 
 METHOD = Tucker2()
