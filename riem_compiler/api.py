@@ -218,19 +218,22 @@ def read_artifact(directory) -> tuple[dict, dict[str, CompressedWeight]]:
     return manifest, compressed
 
 
-def load(path, device: str = "cpu", model=None):
+def load(path, device: str = "cpu", model=None, fast_start: bool = True):
     """Load an artifact as a callable model.
 
     - a directory from `Result.save` of a torch model: pass `model=` a fresh instance of the
       original architecture (the artifact holds weights, not code); returns the compressed nn.Module.
     - a directory from `Result.save` of an ONNX model, or a .onnx file: an onnxruntime callable.
+      fast_start (default): weights stored as decoder functions are decoded here and given to
+      onnxruntime as plain initializers, which opens much faster and in far less memory than
+      letting onnxruntime fold the decoders; fast_start=False runs the file's own decoders.
     - a directory from `Result.build_tvm`: the TVM module (decoded once at load).
     """
     p = Path(path)
     if p.is_file() and p.suffix == ".onnx":
         from riem_compiler.codegen.ort_runner import OnnxRuntimeModel
 
-        return OnnxRuntimeModel(p, device=device)
+        return OnnxRuntimeModel(p, device=device, fast_start=fast_start)
     manifest_path = p / "manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{p}: not a riem_compiler artifact (no manifest.json) and not a .onnx file")
@@ -243,7 +246,7 @@ def load(path, device: str = "cpu", model=None):
     if manifest["source"] == "onnx":
         from riem_compiler.codegen.ort_runner import OnnxRuntimeModel
 
-        return OnnxRuntimeModel(p / "model.onnx", device=device)
+        return OnnxRuntimeModel(p / "model.onnx", device=device, fast_start=fast_start)
     if model is None:
         raise InputError(f"{p} holds the weights of a PyTorch model, not its code: call "
                          "riem_compiler.load(path, model=<fresh instance of the original model>)")

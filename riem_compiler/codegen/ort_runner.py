@@ -14,16 +14,31 @@ class OnnxRuntimeModel:
 
     Takes numpy arrays or torch tensors (positional in graph-input order, or by name) and
     returns the same kind; a single output is returned bare.
+
+    fast_start: decode the function-form compressed weights here (torch) and give onnxruntime
+    plain initializers, instead of letting it constant-fold the decoder functions at session
+    creation (slow, and ~10x the memory; codegen/onnx_fast_load.py). Other models open as usual.
+    Off by default here: verification and the decoder tests must run the file's own decoders.
+    `decoded` lists the weights decoded at load (empty when onnxruntime ran the decoders).
     """
 
-    def __init__(self, path_or_model, device: str = "cpu", session_options=None):
+    def __init__(self, path_or_model, device: str = "cpu", session_options=None, fast_start: bool = False):
         import onnxruntime as ort
 
         providers = ["CPUExecutionProvider"]
         if str(device).startswith("cuda"):
             providers.insert(0, "CUDAExecutionProvider")
-        source = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
-        self.session = ort.InferenceSession(source, sess_options=session_options, providers=providers)
+        self.session, self.decoded = None, []
+        if fast_start:
+            from riem_compiler.codegen.onnx_fast_load import fast_start_session
+
+            started = fast_start_session(path_or_model, providers, session_options)
+            if started is not None:
+                self.session, self.decoded = started
+        if self.session is None:
+            source = (path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto)
+                      else str(path_or_model))
+            self.session = ort.InferenceSession(source, sess_options=session_options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
