@@ -13,7 +13,7 @@ from riem_compiler.frontend.layers import LAYER_KINDS
 METHODS = (*methods.SELECTABLE, methods.PLANNER)  # what `method=` takes
 FLOAT_FIELDS = ("ratio", "time_budget_s", "lr", "error_ceiling")  # each must be finite
 NONE_ALLOWED = ("time_budget_s",)  # None: no cap
-ONNX_FORMATS = ("functions", "standard")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
+ONNX_FORMATS = ("functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 
 @dataclass

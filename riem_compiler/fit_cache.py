@@ -72,7 +72,7 @@ def fit_key(weight: np.ndarray, fields: dict) -> str:
 def layer_key(spec, config, index: int) -> str:
     """Key of one per-layer fit in `compress_specs` (the index offsets the seed)."""
     fields = {**fit_fields(config), "purpose": "layer", "kind": spec.kind, "index": int(index),
-              "groups": int(spec.groups)}
+              "groups": int(spec.groups), "in_axis": int(spec.in_axis)}
     return fit_key(spec.weight, fields)
 
 

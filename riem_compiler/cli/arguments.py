@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from riem_compiler import __version__
-    from riem_compiler.config import METHODS
+    from riem_compiler.config import METHODS, ONNX_FORMATS
 
     p = _Parser(
         prog=PROG,
@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --allow-pickle) for --model-ref")
     p.add_argument("-o", "--output", metavar="OUT", help="output directory (created; files in it are replaced)")
     p.add_argument("--target", choices=TARGETS, default="onnx", help="artifact to write (default: onnx)")
-    p.add_argument("--onnx-format", choices=("functions", "standard"), default="functions",
-                   help="ONNX form of compressed weights: decoder functions (default), or standard opset-21 "
-                        "DequantizeLinear where a layout maps (8/4-bit RTN); the report says which form each layer got")
+    p.add_argument("--onnx-format", choices=ONNX_FORMATS, default="functions",
+                   help="ONNX form of compressed weights: decoder functions (default); standard: opset-21 "
+                        "DequantizeLinear where a layout maps (8/4-bit RTN); ort: onnxruntime MatMulNBits for "
+                        "2/4/8-bit RTN matmul weights, else standard; the report says which form each layer got")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     g = p.add_argument_group("compression")

@@ -38,11 +38,17 @@ Design:
   (int64 per code, no per-bit matrix).
 - onnx_format="standard" (`Config.onnx_format`): a weight whose method has a standard-op form
   (`Method.onnx_native`; rtn 8/4-bit -> one DequantizeLinear on signed int8/int4 codes, no zero
-  point, so the initializers hold exactly the CompressedWeight's bytes) gets that instead of the
+  point, so the initializers hold exactly the CompressedWeight's bytes, input-major for 2-D
+  weights so onnxruntime fuses it with the MatMul into MatMulNBits) gets that instead of the
   function call, upgrading the model to the opset it needs (21) when onnx.version_converter does
   so cleanly. Its metadata entry says "onnx_form": "standard" and its "encoding", and
   `read_compressed_onnx` converts the initializers back (`Method.onnx_native_arrays`); a weight
   that keeps the function form has "onnx_form": "functions" and an "onnx_note" saying why.
+- onnx_format="ort": a weight whose every use is a MatMul/Gemm (onnx_matmulnbits.py says which
+  patterns) and whose method has a MatMulNBits layout (`Method.onnx_matmul`; rtn 2/4/8-bit)
+  has those consumers replaced by com.microsoft MatMulNBits nodes ("onnx_form": "ort"; the
+  replaced nodes are kept in the metadata for `materialize_onnx`); the others get the standard
+  form where they have one, else the function form, with an "onnx_note".
 - onnxruntime with default options folds each decoder into a constant at session creation
   (steady-state latency = the dense model's); `materialize_onnx` writes plain standard-op ONNX.
 """
@@ -57,6 +63,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from riem_compiler import methods
+from riem_compiler.codegen import onnx_matmulnbits as mm
+from riem_compiler.codegen.onnx_matmulnbits import MS_DOMAIN
 from riem_compiler.config import ONNX_FORMATS
 from riem_compiler.methods.onnx_common import DOMAIN, DOMAIN_VERSION
 from riem_compiler.methods.onnx_common import FUNCTIONS as COMMON_FUNCTIONS
@@ -115,7 +123,8 @@ def function_protos(op_types, opset: int) -> list[onnx.FunctionProto]:
 
 def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict, onnx_format: str = "functions") -> onnx.ModelProto:
     """A copy of `model` where each weight in `compressed` is produced by its decoder function
-    (or, with onnx_format="standard", by standard ops where its method has such a form).
+    (or, with onnx_format="standard", by standard ops where its method has such a form; with
+    "ort", consumed by MatMulNBits nodes where it can be, else as with "standard").
 
     specs: the LayerSpecs the frontend found (only those names are rewritten), or None to
     rewrite every name in `compressed` (weights are located by initializer/Constant name).
@@ -143,7 +152,11 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict, onnx_format: s
         raise InputError(f"weights {shadowed[:5]} are defined more than once in the model (a subgraph shadows "
                          "the name); they cannot be replaced")
     opset = default_opset(out) or 0
-    native, notes = _native_forms(wanted, onnx_format)
+    ort_forms, notes = _matmul_forms(out, wanted) if onnx_format == "ort" else ({}, {})
+    rest = {n: cw for n, cw in wanted.items() if n not in ort_forms}
+    native, standard_notes = _native_forms(rest, "standard" if onnx_format == "ort" else onnx_format)
+    for name, why in standard_notes.items():
+        notes[name] = f"{notes[name]}; {why}" if name in notes else why
     need = max((d.opset for d in native.values()), default=0)
     if need > opset:
         target = need
@@ -156,7 +169,7 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict, onnx_format: s
     if opset < MIN_FUNCTION_OPSET:
         out = _upgrade_opset(out, opset)
         opset = MIN_FUNCTION_OPSET
-    state = _RewriteState(wanted, _all_names(out), native=native, notes=notes)
+    state = _RewriteState(wanted, _all_names(out), native=native, notes=notes, ort=ort_forms)
     _rewrite_graph(out.graph, state, {i.name for i in out.graph.input})
     missing = sorted(set(wanted) - set(state.entries))
     if missing:
@@ -164,13 +177,15 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict, onnx_format: s
     out.ir_version = max(out.ir_version, 10 if state.native and opset >= NATIVE_OPSET else 8)
     if (onnx_format == "functions" or state.op_types) and not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    if state.ort and not any(o.domain == MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     present = {(f.domain, f.name) for f in out.functions}
     for proto in function_protos(sorted(state.op_types), opset):
         if (proto.domain, proto.name) not in present:
             out.functions.append(proto)
     _write_meta(out, {**_read_meta(out), **state.entries})
-    log.info("ONNX: %d weights replaced by decoder functions, %d by standard ops",
-             len(state.entries) - len(state.native), len(state.native))
+    log.info("ONNX: %d weights replaced by decoder functions, %d by standard ops, %d by MatMulNBits",
+             len(state.entries) - len(state.native) - len(state.ort), len(state.native), len(state.ort))
     check_rewritten(model, out)
     return out
 
@@ -240,6 +255,30 @@ def _native_forms(wanted: dict, onnx_format: str) -> tuple[dict, dict]:
     return native, notes
 
 
+def _matmul_forms(model: onnx.ModelProto, wanted: dict) -> tuple[dict, dict]:
+    """onnx_format "ort": (name -> NativeMatMul for weights whose uses all map to MatMulNBits,
+    name -> why the others do not). The consumer plan itself is made again in `_rewrite_graph`
+    (the model may be upgraded in between)."""
+    from riem_compiler.frontend.onnx_frontend import iter_graphs
+
+    forms, notes = {}, {}
+    for _, graph in iter_graphs(model.graph):
+        defined = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node
+                                                         if n.op_type == "Constant" and n.output}
+        here = [n for n in wanted if n in defined and n not in forms and n not in notes]
+        if not here:
+            continue
+        captured, inits = mm.captured_names(graph), {t.name: t for t in graph.initializer}
+        for name in here:
+            plan = mm.plan_uses(graph, name, captured, inits)
+            got = plan if isinstance(plan, str) else methods.get(wanted[name].method).onnx_matmul(wanted[name], plan.in_out)
+            if isinstance(got, str):
+                notes[name] = f"no MatMulNBits form ({got})"
+            else:
+                forms[name] = got
+    return forms, notes
+
+
 def _try_upgrade(model: onnx.ModelProto, opset: int, target: int):
     """(upgraded model, None) when onnx.version_converter lifts `model` to `target` cleanly (it
     passes the checker and loads in onnxruntime whenever the original does), else (None, why)."""
@@ -286,6 +325,7 @@ class _RewriteState:
     op_types: set = field(default_factory=set)
     native: dict = field(default_factory=dict)  # name -> NativeDecoder (onnx_format "standard")
     notes: dict = field(default_factory=dict)  # name -> why it keeps the function form
+    ort: dict = field(default_factory=dict)  # name -> NativeMatMul (onnx_format "ort")
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -321,23 +361,31 @@ def _rewrite_graph(graph: onnx.GraphProto, state: _RewriteState, graph_inputs: s
         for sub in _subgraphs(node):
             _rewrite_graph(sub, state, {i.name for i in sub.input})
     front, new_inits, drop = [], [], []
+    swap: dict[int, onnx.NodeProto | None] = {}  # node index -> its MatMulNBits replacement, None: dropped
     for i, t in enumerate(graph.initializer):
         if t.name in state.wanted and t.name not in state.entries:
             if t.name in graph_inputs:
                 from riem_compiler.errors import InputError
                 raise InputError(f"weight {t.name!r} is also a graph input; it cannot be replaced")
-            nodes, inits = _decoder(t.name, t, state)
+            nodes, inits = (_matmul_decoder(t.name, t, graph, state, swap) if t.name in state.ort
+                            else _decoder(t.name, t, state))
             front += nodes
             new_inits += inits
             drop.append(i)
     body, changed = [], bool(front)
-    for node in graph.node:
+    for index, node in enumerate(graph.node):
+        if index in swap:
+            if swap[index] is not None:
+                body.append(swap[index])
+            changed = True
+            continue
         out = node.output[0] if len(node.output) == 1 else None
         if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and out in state.wanted
                 and out not in state.entries):
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             if value is not None:
-                nodes, inits = _decoder(out, value, state)
+                nodes, inits = (_matmul_decoder(out, value, graph, state, swap) if out in state.ort
+                                else _decoder(out, value, state))
                 body += nodes
                 new_inits += inits
                 changed = True
@@ -416,6 +464,43 @@ def _native_decoder(name: str, tensor: onnx.TensorProto, cw, native, state: _Rew
                            "dtype": dtype, "arrays": {k: names[k] for k in native.tensors},
                            "nodes": [n.output[0] for n in nodes], "onnx_form": "standard",
                            "encoding": native.encoding}
+    if name in state.notes:  # onnx_format "ort": why not MatMulNBits
+        state.entries[name]["onnx_note"] = state.notes[name]
+    return nodes, inits
+
+
+def _matmul_decoder(name: str, tensor: onnx.TensorProto, graph, state: _RewriteState, swap: dict):
+    """(nodes, initializers) for a weight whose consumers become MatMulNBits: B and the scales
+    as initializers (plus a Cast of float16 scales); the consumers are recorded in `swap`."""
+    from riem_compiler.errors import RiemError
+
+    cw, form = state.wanted[name], state.ort[name]
+    if tuple(tensor.dims) != tuple(cw.shape):
+        return _decoder(name, tensor, state)  # the shape error is _decoder's
+    plan = mm.plan_uses(graph, name, mm.captured_names(graph), {t.name: t for t in graph.initializer})
+    if isinstance(plan, str):
+        raise RiemError(f"internal error: weight {name!r} lost its MatMulNBits plan ({plan})")
+    names, inits, nodes = {}, [], []
+    for key, arr in form.tensors.items():
+        names[key] = state.fresh(f"{name}.{cw.method}.{key}")
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), names[key]))
+    scales = names["scales"]
+    if form.cast_scales:
+        scales = state.fresh(f"{name}.scales_f32")
+        nodes.append(helper.make_node("Cast", [names["scales"]], [scales], name=state.fresh(f"{name}.cast"),
+                                      to=onnx.TensorProto.FLOAT))
+    originals = []
+    for index, node, bias in plan.consumers:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        originals.append(copy)
+        swap[index] = mm.replacement(node, bias, names["B"], scales, form)
+    for index, _ in plan.transposes:
+        swap[index] = None
+    state.entries[name] = {"method": cw.method, "shape": [int(s) for s in cw.shape], "meta": cw.meta,
+                           "dtype": int(tensor.data_type), "arrays": {k: names[k] for k in form.tensors},
+                           "nodes": [n.output[0] for n in nodes], "onnx_form": "ort", "encoding": form.encoding,
+                           "replaced": mm.serialise(originals), "transposes": mm.serialise([t for _, t in plan.transposes])}
     return nodes, inits
 
 
@@ -431,7 +516,8 @@ def convert_onnx_format(model: onnx.ModelProto, onnx_format: str) -> onnx.ModelP
     place, and rewritten); the model itself when it already has that form."""
     check_onnx_format(onnx_format)
     entries = _read_meta(model)
-    current = "standard" if any(e.get("onnx_form") for e in entries.values()) else "functions"
+    forms = {e.get("onnx_form") for e in entries.values()}
+    current = "ort" if "ort" in forms else "standard" if "standard" in forms else "functions"
     if not entries or current == onnx_format:
         return model
     compressed = read_compressed_onnx(model)
@@ -472,7 +558,7 @@ def read_compressed_onnx(model) -> dict:
             raise InputError(f"compressed weight {name!r}: initializers {missing[:3]} named in the "
                              f"{META_KEY} metadata are missing from the model")
         arrays = {k: np.array(numpy_helper.to_array(tensors[n])) for k, n in e["arrays"].items()}
-        if e.get("onnx_form") == "standard":
+        if e.get("onnx_form") in ("standard", "ort"):
             arrays = methods.get(e["method"]).onnx_native_arrays(e["meta"], tuple(e["shape"]), e["encoding"], arrays)
         out[name] = CompressedWeight(e["method"], tuple(e["shape"]), e["meta"], arrays)
     return out
@@ -487,7 +573,14 @@ def materialize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     by_node = {n: w for w, e in entries.items() for n in e["nodes"]}
     arrays = {n for e in entries.values() for n in e["arrays"].values()}
-    _materialize_graph(out.graph, entries, compressed, by_node, arrays)
+    restore = _ort_restore(entries)
+    from riem_compiler.frontend.onnx_frontend import iter_graphs
+
+    _materialize_graph(out.graph, entries, compressed, by_node, arrays, restore)
+    if restore and not any(n.domain == MS_DOMAIN for _, g in iter_graphs(out.graph) for n in g.node):
+        for i in reversed(range(len(out.opset_import))):
+            if out.opset_import[i].domain == MS_DOMAIN:
+                del out.opset_import[i]
     funcs = [f for f in out.functions if f.domain != DOMAIN]
     del out.functions[:]
     out.functions.extend(funcs)
@@ -499,12 +592,35 @@ def materialize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _materialize_graph(graph, entries, compressed, by_node, arrays) -> None:
+def _ort_restore(entries: dict) -> dict:
+    """MatMulNBits output -> (weight, original consumer node, Transposes it needs first)."""
+    restore = {}
+    for weight, e in entries.items():
+        if e.get("onnx_form") != "ort":
+            continue
+        transposes = mm.deserialise(e.get("transposes", []))
+        for node in mm.deserialise(e.get("replaced", [])):
+            needs = [t for t in transposes if t.output[0] in node.input]
+            restore[node.output[0]] = (weight, node, needs)
+    return restore
+
+
+def _materialize_graph(graph, entries, compressed, by_node, arrays, restore) -> None:
     for node in graph.node:
         for sub in _subgraphs(node):
-            _materialize_graph(sub, entries, compressed, by_node, arrays)
-    keep, decoded = [], []
+            _materialize_graph(sub, entries, compressed, by_node, arrays, restore)
+    keep, decoded, placed = [], [], set()
     for node in graph.node:
+        if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits" and node.output[0] in restore:
+            weight, original, transposes = restore[node.output[0]]
+            keep += [t for t in transposes if t.output[0] not in placed]
+            placed.update(t.output[0] for t in transposes)
+            keep.append(original)
+            if weight not in placed:
+                placed.add(weight)
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(entries[weight]["dtype"])
+                decoded.append(numpy_helper.from_array(methods.decode(compressed[weight]).astype(dtype), weight))
+            continue
         weight = by_node.get(node.output[0]) if len(node.output) == 1 else None
         if weight is None:
             keep.append(node)
@@ -512,7 +628,7 @@ def _materialize_graph(graph, entries, compressed, by_node, arrays) -> None:
         if node.output[0] == weight:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(entries[weight]["dtype"])
             decoded.append(numpy_helper.from_array(methods.decode(compressed[weight]).astype(dtype), weight))
-    if len(keep) == len(graph.node):
+    if len(keep) == len(graph.node) and not placed:
         return
     for i in reversed(range(len(graph.initializer))):
         if graph.initializer[i].name in arrays:

@@ -26,6 +26,12 @@ class LayerSpec:
     groups, stride, dilation: convolution attributes, written the same way by both frontends
             (torch `groups`/`stride`/`dilation`, ONNX `group`/`strides`/`dilations`); one int per
             spatial dimension; groups 1 and empty tuples for Linear/MatMul.
+    in_axis: the weight axis that is summed against the layer's input: 1 for Linear/Conv
+            (out, in, ...), a Gemm with transB=1 and the left operand of a MatMul; 0 for the right
+            operand of a MatMul or a Gemm with transB=0 ((in, out), x @ W). Grouped quantisers
+            group along it (the runtimes' fused low-bit kernels block the reduction axis). The
+            torch frontend writes 1 for functional matmul weights too (transposes on the way
+            are not tracked).
     """
 
     name: str
@@ -37,6 +43,7 @@ class LayerSpec:
     groups: int = 1
     stride: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
+    in_axis: int = 1
 
     def __post_init__(self):
         self.groups = int(self.groups)
@@ -44,6 +51,9 @@ class LayerSpec:
         self.dilation = tuple(int(d) for d in self.dilation)
         if self.groups < 1:
             raise ValueError(f"{self.name}: groups must be >= 1, got {self.groups}")
+        self.in_axis = int(self.in_axis)
+        if self.in_axis not in (0, 1) or (self.in_axis == 0 and self.weight.ndim != 2):
+            raise ValueError(f"{self.name}: in_axis must be 1, or 0 for a 2-D weight; got {self.in_axis}")
 
     @property
     def shape(self) -> tuple[int, ...]:

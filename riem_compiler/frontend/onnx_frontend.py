@@ -435,19 +435,24 @@ def _consider(node, scope, found: _Found):
     bias_index = 2
     if len(traced) > bias_index and traced[bias_index] is not None:
         bias = numpy_helper.to_array(traced[bias_index][0].tensor).astype(np.float32)
+    in_axis = 1
     if node.op_type == "Conv":
         kind = "conv1d" if weight.ndim == 3 else "conv2d"
     elif node.op_type == "Gemm":
         kind = "linear"
         for key, default in (("transA", 0), ("transB", 0), ("alpha", 1.0), ("beta", 1.0)):
             attrs.setdefault(key, default)
+        in_axis = int(bool(attrs["transB"])) if operand == 1 else 1 - int(bool(attrs["transA"]))
     else:
         kind = "matmul"
+        in_axis = 0 if operand == 1 else 1
+    if weight.ndim == 2 and chain.count("Transpose") % 2:  # the op sees W.T (a 2-D Transpose swaps the axes)
+        in_axis = 1 - in_axis
     attrs.update({
         "op_type": node.op_type, "operand": operand, "chain": chain, "graph": src.graph,
         "source": src.kind, "dtype": int(src.tensor.data_type), "consumers": [_label(node)],
     })
-    found.specs[name] = LayerSpec(name, kind, weight, bias, attrs, node.name, **conv)
+    found.specs[name] = LayerSpec(name, kind, weight, bias, attrs, node.name, in_axis=in_axis, **conv)
 
 
 def _reject(node, src: ConstSource, definitions: dict[str, int]) -> str | None:

@@ -65,6 +65,24 @@ class NativeDecoder:
     constants: dict = field(default_factory=dict)
 
 
+@dataclass
+class NativeMatMul:
+    """An onnxruntime `MatMulNBits` form of one CompressedWeight (`Method.onnx_matmul`, for
+    onnx_format "ort"): the consuming MatMul / Gemm becomes
+    MatMulNBits(A, B, scales[, zero_points][, g_idx][, bias]) (com.microsoft domain), so the weight
+    is never a float tensor in the graph.
+
+    tensors: "B" (uint8 (N, blocks, block bytes)), "scales" and optionally "zero_points", as
+    numpy arrays stored as initializers; `cast_scales` when the scales are stored float16 and a
+    Cast to float32 precedes the node. attrs: K, N, bits, block_size, accuracy_level.
+    encoding: the tag `Method.onnx_native_arrays` reads back."""
+
+    tensors: dict
+    attrs: dict
+    encoding: str
+    cast_scales: bool = False
+
+
 def settings_key(settings) -> str:
     """sha256 of a settings dataclass (its type name and every field): the fit-cache key part."""
     data = {"type": type(settings).__name__, **dataclasses.asdict(settings)}
@@ -77,7 +95,7 @@ class Method:
     name: the registry key and `CompressedWeight.method`.
     Settings: its typed settings dataclass; `settings(config)` builds it from `rc.Config` (fields
         of the same name), and the CLI derives one flag per field from it.
-    tvm_dense_reason: None when `tvm_kernel()` exists; otherwise why TVM artifacts store it dense.
+    tvm_dense_reason: None when `tvm_kernel()` returns a module; otherwise why TVM artifacts store it dense.
     """
 
     name: str = ""
@@ -133,12 +151,26 @@ class Method:
         this weight keeps the decoder-function form (the default: no native form)."""
         return f"method {self.name!r} has no {onnx_format} ONNX form"
 
+    def onnx_matmul(self, cw: CompressedWeight, in_out: bool):
+        """A `NativeMatMul` for a weight consumed by MatMul/Gemm, or a str saying why not.
+        in_out: the weight is used as an (in, out) matrix (x @ W); else as (out, in) (x @ W.T)."""
+        return f"method {self.name!r} has no onnxruntime MatMulNBits form"
+
     def onnx_native_arrays(self, meta: dict, shape, encoding: str, tensors: dict) -> dict:
         """Inverse of `onnx_native`: the CompressedWeight's arrays from its native initializers."""
         raise NotImplementedError(f"method {self.name!r} has no native ONNX form")
 
     def tvm_kernel(self):
-        """The TVM decode-once kernel builder, or None (then see tvm_dense_reason)."""
+        """This method's TVM kernel module (`<method>/tvm.py`, imported here so TVM loads only
+        when an artifact is built), or None: then TVM artifacts store the weight dense, see
+        tvm_dense_reason. Codegen asks the module for:
+
+        array_names(cw) -> keys of cw.arrays in the kernel's argument order;
+        decode_primfunc(cw, name) -> PrimFunc(those arrays..., W float32 in cw.shape);
+        schedule_decode_cpu(func) -> the scheduled PrimFunc (LLVM target, no tuning record);
+        fused_linear_primfunc(cw, rows, name, target_kind) -> y = x W^T with W rebuilt inside
+            the kernel (optional: fused mode uses it for 2-D weights; riem has one).
+        """
         return None
 
 

@@ -1,6 +1,11 @@
 """rtn: round-to-nearest symmetric integer codes, a scale per output row (per channel) or per
 group of `group_size` consecutive inputs; codes bit-packed (riem_compiler/bitpack.py) with an
-offset of 2**(bits-1) (the ONNX DequantizeLinear zero point for unsigned codes)."""
+offset of 2**(bits-1) (the ONNX DequantizeLinear zero point for unsigned codes).
+
+Groups run along the layer's input axis (`LayerSpec.in_axis`), as the runtimes' fused low-bit
+matmuls (onnxruntime MatMulNBits) need. For a weight stored (in, out), e.g. the right operand of
+an ONNX MatMul, the quantised matrix is its transpose: meta "transposed" is True and the codes
+and scales describe W.T, rows = outputs."""
 from __future__ import annotations
 
 import math
@@ -13,6 +18,7 @@ from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
+from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape
 
 BITS = (8, 4, 3, 2)
 # (bits, group_size) from most to fewest bytes; `rtn_settings_for_ratio` takes the first that fits.
@@ -30,9 +36,9 @@ class RTNSettings:
             raise InputError(f"rtn group_size must be a positive integer; got {self.group_size!r}")
 
 
-def _rtn_layout(shape, group_size: int | None) -> tuple[int, int, int]:
-    """(rows, cols, group) of the matrix view; per-channel means one group of all columns."""
-    n, d = shape[0], int(np.prod(shape[1:]))
+def _rtn_layout(shape, group_size: int | None, transposed: bool = False) -> tuple[int, int, int]:
+    """(rows, cols, group) of the quantised matrix; per-channel means one group of all columns."""
+    n, d = quantised_shape(shape, transposed)
     return n, d, (d if group_size is None else int(group_size))
 
 
@@ -41,13 +47,14 @@ def rtn_scale_dtype(group_size: int | None) -> str:
     return "float32" if group_size is None else "float16"
 
 
-def rtn_nbytes(shape, bits: int, group_size: int | None = 128) -> int:
-    n, d, g = _rtn_layout(shape, group_size)
+def rtn_nbytes(shape, bits: int, group_size: int | None = 128, transposed: bool = False) -> int:
+    n, d, g = _rtn_layout(shape, group_size, transposed)
     groups = math.ceil(d / g)
     return bitpack.packed_nbytes(n * d, bits) + n * groups * np.dtype(rtn_scale_dtype(group_size)).itemsize
 
 
-def rtn_settings_for_ratio(ratio: float, shape=None, group_size: int = 128) -> tuple[int, int | None] | None:
+def rtn_settings_for_ratio(ratio: float, shape=None, group_size: int = 128,
+                          transposed: bool = False) -> tuple[int, int | None] | None:
     """Most precise (bits, group_size) from LADDER whose stored bytes fit ratio * fp32 bytes.
 
     With `shape` the exact bytes of that weight are used: 4-bit codes plus float16 group scales
@@ -62,7 +69,7 @@ def rtn_settings_for_ratio(ratio: float, shape=None, group_size: int = 128) -> t
     for bits, group in LADDER:
         group = None if group is None else group_size
         if shape is not None:
-            fits = rtn_nbytes(shape, bits, group) <= ratio * fp32_bytes(shape)
+            fits = rtn_nbytes(shape, bits, group, transposed) <= ratio * fp32_bytes(shape)
         else:
             per_weight = bits / 8 + (0.0 if group is None else np.dtype(rtn_scale_dtype(group)).itemsize / group)
             fits = per_weight <= 4 * ratio
@@ -71,17 +78,20 @@ def rtn_settings_for_ratio(ratio: float, shape=None, group_size: int = 128) -> t
     return None
 
 
-def fit_rtn(weight, bits: int = 8, group_size: int | None = None) -> CompressedWeight:
+def fit_rtn(weight, bits: int = 8, group_size: int | None = None, in_axis: int = 1) -> CompressedWeight:
     """Round-to-nearest symmetric quantisation: codes in [-(2**(bits-1)-1), 2**(bits-1)-1],
-    scale = max|w| / (2**(bits-1)-1) per row (group_size None) or per group of consecutive
-    inputs along the matrix view's columns (the last group may be shorter)."""
+    scale = max|w| / (2**(bits-1)-1) per output (group_size None) or per group of consecutive
+    inputs (the last group may be shorter). in_axis 0 (a 2-D (in, out) weight) quantises W.T."""
     if bits not in BITS:
         raise InputError(f"rtn bits must be one of {BITS}, got {bits}")
     if group_size is not None and group_size < 1:
         raise InputError(f"group_size must be a positive integer or None, got {group_size}")
     shape = tuple(np.shape(weight))
-    M = matrix(weight)
-    n, d, g = _rtn_layout(shape, group_size)
+    transposed = in_axis == 0
+    if transposed and len(shape) != 2:
+        raise InputError(f"rtn in_axis 0 needs a 2-D weight, got shape {shape}")
+    M = np.ascontiguousarray(matrix(weight).T) if transposed else matrix(weight)
+    n, d, g = _rtn_layout(shape, group_size, transposed)
     groups = math.ceil(d / g)
     qmax = (1 << (bits - 1)) - 1
     offset = 1 << (bits - 1)
@@ -96,36 +106,43 @@ def fit_rtn(weight, bits: int = 8, group_size: int | None = None) -> CompressedW
     arrays = {"codes": bitpack.pack(codes, bits),
               "scale": scale.reshape(n) if group_size is None else scale}
     meta = {"bits": bits, "group_size": group_size, "offset": offset, "scale_dtype": sdtype}
+    if transposed:
+        meta["transposed"] = True
     return CompressedWeight("rtn", shape, meta, arrays)
 
 
 def decode_rtn(cw: CompressedWeight, t: dict) -> torch.Tensor:
-    n, d, g = _rtn_layout(cw.shape, cw.meta["group_size"])
+    """The quantised matrix, as the weight's (rows, cols) matrix view."""
+    transposed = is_transposed(cw)
+    n, d, g = _rtn_layout(cw.shape, cw.meta["group_size"], transposed)
     bits = cw.meta["bits"]
     codes = bitpack.unpack_torch(t["codes"], bits, n * d).reshape(n, d) - float(cw.meta["offset"])
     scale = t["scale"].to(torch.float32).reshape(n, -1)
     if cw.meta["group_size"] is not None:
         scale = scale.repeat_interleave(g, dim=1)[:, :d]
-    return codes * scale
+    W = codes * scale
+    return W.T.contiguous() if transposed else W
 
 
 class RTN(Method):
     name = "rtn"
     Settings = RTNSettings
+    tvm_dense_reason = None
 
     def fit(self, spec, ratio, settings, index=0):
         shape = spec.shape
-        setting = rtn_settings_for_ratio(ratio, shape, settings.group_size)
+        setting = rtn_settings_for_ratio(ratio, shape, settings.group_size, spec.in_axis == 0)
         if setting is None:
             raise InputError(f"ratio {ratio} is too small for 2-bit RTN of shape {shape} "
-                             f"({rtn_nbytes(shape, 2, None)} bytes needed); raise the ratio")
-        return within_ratio(spec, ratio, fit_rtn(spec.weight, *setting))
+                             f"({rtn_nbytes(shape, 2, None, spec.in_axis == 0)} bytes needed); raise the ratio")
+        return within_ratio(spec, ratio, fit_rtn(spec.weight, *setting, in_axis=spec.in_axis))
 
     def candidates(self, spec, budget_ratio, options, attempt):
         group_size = options.get("group_size", 128)
         for bits, group in options.get("ladder", LADDER):
             group = None if group is None else group_size
-            attempt(spec.name, f"rtn{bits}" + ("" if group is None else f"/g{group}"), fit_rtn, spec.weight, bits, group)
+            attempt(spec.name, f"rtn{bits}" + ("" if group is None else f"/g{group}"), fit_rtn, spec.weight, bits,
+                    group, spec.in_axis)
 
     def decode_torch(self, cw, tensors):
         return decode_rtn(cw, tensors)
@@ -141,17 +158,25 @@ class RTN(Method):
         return FloatArraysView(cw, param_name)
 
     def onnx_call(self, cw):
-        rows, cols = cw.matrix_shape
-        attrs = {"shape": [int(s) for s in cw.shape], "rows": rows, "cols": cols, "bits": int(cw.meta["bits"]),
-                 "offset": float(cw.meta["offset"])}
+        transposed = is_transposed(cw)
+        rows, cols = quantised_shape(cw.shape, transposed)
+        attrs = {"rows": rows, "cols": cols, "bits": int(cw.meta["bits"]), "offset": float(cw.meta["offset"])}
+        if not transposed:
+            attrs["shape"] = [int(s) for s in cw.shape]
+        suffix = "T" if transposed else ""  # the T decoders end with a Transpose of the (rows, cols) matrix
         if cw.meta.get("group_size") is None:
-            return DecoderCall("RTNWeight", ["codes", "scale"], attrs)
-        return DecoderCall("RTNWeightGrouped", ["codes", "scale"], {**attrs, "group": int(cw.meta["group_size"])})
+            return DecoderCall("RTNWeight" + suffix, ["codes", "scale"], attrs)
+        return DecoderCall("RTNWeightGrouped" + suffix, ["codes", "scale"], {**attrs, "group": int(cw.meta["group_size"])})
 
     def onnx_native(self, cw, onnx_format):
         from riem_compiler.methods.rtn.native import native_rtn
 
         return native_rtn(cw, onnx_format)
+
+    def onnx_matmul(self, cw, in_out):
+        from riem_compiler.methods.rtn.native import matmulnbits_rtn
+
+        return matmulnbits_rtn(cw, in_out)
 
     def onnx_native_arrays(self, meta, shape, encoding, tensors):
         from riem_compiler.methods.rtn.native import rtn_arrays_from_native
@@ -161,7 +186,13 @@ class RTN(Method):
     def onnx_functions(self):
         from riem_compiler.methods.rtn import onnx as o
 
-        return {"RTNWeight": (o.RTNWeight, ("UnpackBits",)), "RTNWeightGrouped": (o.RTNWeightGrouped, ("UnpackBits",))}
+        return {name: (getattr(o, name), ("UnpackBits",))
+                for name in ("RTNWeight", "RTNWeightGrouped", "RTNWeightT", "RTNWeightGroupedT")}
+
+    def tvm_kernel(self):
+        from riem_compiler.methods.rtn import tvm
+
+        return tvm
 
 
 METHOD = RTN()
