@@ -68,13 +68,15 @@ def run_layer(name: str, w: np.ndarray, budget: float, args) -> list[dict]:
                      "fit_s": seconds, "setting": setting})
 
     for bits in args.riem_bits:
-        size = riem.choose_size(n_out, n_in, budget, bits, "float16", args.m)
-        if size is None:
-            continue
-        q, m = size
-        res = fit_riem(w, q, m, bits, "float16",
-                       FitSettings(steps=args.steps, time_budget_s=args.time_budget, seed=args.seed))
-        add(f"riem-{bits}bit", res.weight.nbytes, res.rel_error, res.seconds, f"q={q} m={m} steps={res.steps}")
+        for sizing in args.riem_sizing:
+            size = riem.choose_size(n_out, n_in, budget, bits, "float16", args.m, sizing=sizing)
+            if size is None:
+                continue
+            q, m = size
+            res = fit_riem(w, q, m, bits, "float16",
+                           FitSettings(steps=args.steps, time_budget_s=args.time_budget, seed=args.seed))
+            label = f"riem-{bits}bit" + ("" if sizing == "max_q" else f"-{sizing}")
+            add(label, res.weight.nbytes, res.rel_error, res.seconds, f"q={q} m={m} steps={res.steps}")
     usv = svd.matrix_svd(w.reshape(n_out, n_in))
     for factor_bits in (32, 16, 8):
         t0 = time.perf_counter()
@@ -131,6 +133,8 @@ def main(argv=None):
     p.add_argument("--time-budget", type=float, default=None,
                    help="optional wall-clock cap per RieM fit in seconds (default none: the steps decide)")
     p.add_argument("--m", type=int, default=16)
+    p.add_argument("--riem-sizing", nargs="+", default=["max_q"], choices=riem.SIZINGS,
+                   help="RieM sizing rules to fit side by side (riem.choose_size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-digits", action="store_true")
     p.add_argument("--riem-bits", type=int, nargs="+", default=[32, 8], help="RieM state bit widths to fit")

@@ -184,12 +184,40 @@ def stored_nbytes(
     return states + metric * np.dtype(metric_dtype).itemsize
 
 
+SIZINGS = ("max_q", "balanced")
+MAX_M = 32  # the widest metric net "balanced" sizing grows to (step cost grows with m)
+
+
 def choose_size(
     n_out: int, n_in: int, ratio: float, state_bits: int, metric_dtype: str, m: int,
-    k_branches: int = K_BRANCHES,
+    k_branches: int = K_BRANCHES, sizing: str = "max_q",
 ) -> tuple[int, int] | None:
-    """Largest q (with m shrunk if the metric net alone is too big) whose stored bytes fit
-    ratio * fp32 bytes; None when not even q=1 fits."""
+    """(q, m) whose stored bytes fit ratio * fp32 bytes; None when not even q=1 fits.
+
+    "max_q": the largest q at metric width m (m shrunk if the metric net alone is too big).
+    "balanced": W_hat depends on a state only through the k_branches * m numbers U_k a_i (and
+    U_k S^s b_j), so state dimensions beyond k_branches * m carry nothing: m grows from the given
+    width (up to MAX_M) until the largest q that fits is no more than k_branches * m, trading the
+    dead state dimensions for a wider metric net. Measured on the MiniLM layer-0 query at 1/4
+    (benchmarks/results/fit_fidelity.md): q150/m16 0.279 vs q128/m22 0.188 relative error."""
+    if sizing not in SIZINGS:
+        raise ValueError(f"sizing must be one of {SIZINGS}, got {sizing!r}")
+    size = _max_q(n_out, n_in, ratio, state_bits, metric_dtype, m, k_branches)
+    if sizing == "max_q" or size is None:
+        return size
+    for m_try in range(size[1], MAX_M + 1):
+        grown = _max_q(n_out, n_in, ratio, state_bits, metric_dtype, m_try, k_branches)
+        if grown is None or grown[1] != m_try:
+            break
+        size = grown
+        if grown[0] <= k_branches * m_try:
+            break
+    return size
+
+
+def _max_q(n_out: int, n_in: int, ratio: float, state_bits: int, metric_dtype: str, m: int,
+           k_branches: int) -> tuple[int, int] | None:
+    """Largest q (with m shrunk if the metric net alone is too big) within ratio * fp32 bytes."""
     budget = ratio * n_out * n_in * 4
     for m_try in sorted({m, max(1, m // 2), max(1, m // 4), 1}, reverse=True):
         if stored_nbytes(n_out, n_in, 1, m_try, state_bits, metric_dtype, k_branches) > budget:

@@ -101,3 +101,39 @@ def test_choose_size_meets_the_ratio_and_is_maximal(ratio, bits):
 
 def test_choose_size_returns_none_when_nothing_fits():
     assert riem.choose_size(2, 2, 0.01, 8, "float16", 16) is None
+
+
+@pytest.mark.parametrize("shape", [(384, 384), (1536, 384), (64, 200), (10, 128)])
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.125, 0.03])
+def test_balanced_sizing_has_no_dead_state_dimensions(shape, ratio):
+    """"balanced" never leaves q above K*m while the metric net can still grow, stays within the
+    budget, and only ever widens m from the default; "max_q" is the old rule."""
+    from riem_compiler import riem as R
+
+    old = R.choose_size(*shape, ratio, 8, "float16", 16)
+    new = R.choose_size(*shape, ratio, 8, "float16", 16, sizing="balanced")
+    if old is None:
+        assert new is None
+        return
+    q, m = new
+    assert R.stored_nbytes(*shape, q, m, 8, "float16") <= ratio * shape[0] * shape[1] * 4
+    assert m >= old[1] and q <= old[0]
+    assert q <= R.K_BRANCHES * m or m == R.MAX_M or R.choose_size(*shape, ratio, 8, "float16", m + 1)[1] != m + 1
+    if old[0] <= R.K_BRANCHES * old[1]:
+        assert new == old
+
+
+def test_sizing_setting_reaches_the_fit():
+    import riem_compiler as rc
+    from riem_compiler.errors import InputError
+
+    with pytest.raises(InputError, match="sizing"):
+        rc.methods.get("riem").settings(rc.Config(method_options={"riem": {"sizing": "biggest"}}))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(96, 96))
+    res = rc.optimize(net, example_inputs=(torch.randn(2, 96),), method="riem", ratio=0.3, steps=5,
+                      min_weight_size=0, quiet=True, method_options={"riem": {"sizing": "balanced"}})
+    (record,) = res.report.compressed
+    q, m = record.settings["q"], record.settings["m"]
+    assert (q, m) == rc.riem.choose_size(96, 96, 0.3, 8, "float16", 16, sizing="balanced")
+    assert q <= 6 * m

@@ -50,13 +50,13 @@ def label(cw: CompressedWeight) -> str:
 
 
 def riem_fitter(settings=None, state_bits: int = 8, metric_dtype: str = "float16", m: int = 16,
-                k_branches: int = riem.K_BRANCHES) -> RiemFit:
+                k_branches: int = riem.K_BRANCHES, sizing: str = "max_q") -> RiemFit:
     """A RiemFit that sizes q (and m) with riem.choose_size and fits with fit_riem(settings)."""
     from riem_compiler.methods.riem.fit import fit_riem
 
     def fit(weight: np.ndarray, ratio: float) -> CompressedWeight | None:
         n_out, n_in = weight.shape[0], int(np.prod(weight.shape[1:]))
-        size = riem.choose_size(n_out, n_in, ratio, state_bits, metric_dtype, m, k_branches)
+        size = riem.choose_size(n_out, n_in, ratio, state_bits, metric_dtype, m, k_branches, sizing)
         if size is None:
             return None
         q, m_fit = size
@@ -189,8 +189,9 @@ def default_grid(config, cache=None) -> CandidateGrid:
     with the config's RieM settings, through the fit cache when one is given."""
     from riem_compiler.methods.riem import fit_settings
 
-    fitter = riem_fitter(fit_settings(methods.get("riem").settings(config)), config.state_bits, config.metric_dtype,
-                         config.m, config.k_branches)
+    riem_settings = methods.get("riem").settings(config)
+    fitter = riem_fitter(fit_settings(riem_settings), config.state_bits, config.metric_dtype,
+                         config.m, config.k_branches, riem_settings.sizing)
     if cache is not None:
         from riem_compiler.fit_cache import cached_riem_fit
 

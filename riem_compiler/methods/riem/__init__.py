@@ -16,8 +16,9 @@ ONNX_BRANCHES = 6  # riem.K_BRANCHES; the RieMMatrix ONNX body sums this many Ri
 
 @dataclass(frozen=True)
 class RieMSettings:
-    """Sizing (state_bits, metric_dtype, m, k_branches) and fitting (steps, lr, time cap, seed,
-    device) of a RieM fit; q is the largest that fits the ratio (riem.choose_size)."""
+    """Sizing (state_bits, metric_dtype, m, k_branches, sizing) and fitting (steps, lr, time cap,
+    seed, device) of a RieM fit. sizing "max_q": q is the largest that fits the ratio at width m;
+    "balanced": m grows until q <= k_branches * m (no dead state dimensions; riem.choose_size)."""
 
     state_bits: int = 8
     metric_dtype: str = "float16"
@@ -28,6 +29,13 @@ class RieMSettings:
     time_budget_s: float | None = None
     seed: int = 0
     device: str = "cpu"
+    sizing: str = "max_q"
+
+    def __post_init__(self):
+        if self.sizing not in riem.SIZINGS:
+            from riem_compiler.errors import InputError
+
+            raise InputError(f"riem sizing must be one of {riem.SIZINGS}; got {self.sizing!r}")
 
 
 def fit_settings(settings: RieMSettings, index: int = 0):
@@ -47,7 +55,7 @@ class RieM(Method):
 
         n_out, n_in = spec.matrix_shape
         size = riem.choose_size(n_out, n_in, ratio, settings.state_bits, settings.metric_dtype, settings.m,
-                                settings.k_branches)
+                                settings.k_branches, settings.sizing)
         if size is None:
             raise ValueError(f"too small: even q=1 needs more than {ratio:g} of its fp32 bytes")
         q, m = size
