@@ -86,9 +86,10 @@ def _skipped_records(skipped: list[tuple[LayerSpec | str, str]],
     gets its real shape and bytes from `tensors` (name -> (shape, nbytes)) so totals stay honest."""
     records = []
     for item, reason in skipped:
-        if isinstance(item, LayerSpec):
-            records.append(LayerRecord(item.name, item.kind, item.shape, "-", "skipped", item.fp32_bytes,
-                                       item.fp32_bytes, reason=reason))
+        if isinstance(item, LayerSpec):  # its real bytes where known (an ONNX float16 table holds half)
+            nbytes = tensors.get(item.name, ((), item.fp32_bytes))[1]
+            records.append(LayerRecord(item.name, item.kind, item.shape, "-", "skipped", nbytes, nbytes,
+                                       reason=reason))
         else:
             shape, nbytes = tensors.get(item, ((), 0))
             records.append(LayerRecord(item, "-", tuple(shape), "-", "skipped", nbytes, nbytes, reason=reason))
@@ -259,7 +260,7 @@ def _rebuild_torch(path: Path, manifest: dict, compressed: dict[str, CompressedW
 
     cfg = Config(**{**manifest["config"], "quiet": True})
     module = as_module(model)
-    det = find_torch_layers(module, Config(min_weight_size=0, quiet=True))
+    det = find_torch_layers(module, Config(min_weight_size=0, quiet=True, compress_embeddings=True))
     specs = [s for s in det.layers if s.name in compressed]
     missing = sorted(set(compressed) - {s.name for s in specs})
     if missing:

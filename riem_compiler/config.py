@@ -40,6 +40,9 @@ class Config:
     ignore_types: tuple[str, ...] = ()
     min_weight_size: int = 1024
     keep_first_last: bool = False
+    # embedding tables (nn.Embedding, ONNX Gather of a constant) are opt-in: a gathered row is used
+    # directly, so its error is not averaged away by a matmul; off: reported as skipped, kept dense
+    compress_embeddings: bool = False
     recompute: bool = False
     quiet: bool = False
     executor: str = "local"  # "local" (in-process) or "ray"
@@ -98,6 +101,8 @@ class Config:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InputError(f"threads must be a positive integer or None; got {self.threads!r}")
         self._validate_method_options()
+        if not isinstance(self.compress_embeddings, bool):
+            raise InputError(f"compress_embeddings must be True or False; got {self.compress_embeddings!r}")
         if self.min_weight_size < 0:
             raise InputError(f"min_weight_size must be >= 0; got {self.min_weight_size!r}")
 

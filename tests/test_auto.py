@@ -176,7 +176,7 @@ def test_compress_auto_default_grid_fits_riem_from_config(monkeypatch):
     made, fitted = [], []
     real = auto.riem_fitter
 
-    def spy(settings, state_bits, metric_dtype, m, k_branches):
+    def spy(settings, state_bits, metric_dtype, m, k_branches, sizing="max_q"):
         made.append((settings.steps, state_bits, metric_dtype, m))
         fit = real(settings, state_bits, metric_dtype, m, k_branches)
         return lambda w, r: fitted.append(r) or fit(w, r)

@@ -73,10 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="leave layers whose name matches this glob dense (repeat the flag for more)")
     g.add_argument("--ignore-type", action="append", default=[], metavar="KIND",
-                   help="leave layers of this kind dense: linear, matmul, conv1d, conv2d (repeatable)")
+                   help="leave layers of this kind dense: linear, matmul, conv1d, conv2d, embedding (repeatable)")
     g.add_argument("--min-weight-size", type=int, default=1024, metavar="N",
                    help="leave weights with fewer elements dense (default 1024)")
     g.add_argument("--keep-first-last", action="store_true", help="leave the first and last layer dense")
+    g.add_argument("--compress-embeddings", action="store_true",
+                   help="also compress embedding tables (nn.Embedding, ONNX Gather of a constant table); "
+                        "by default they stay dense and the report lists them as skipped")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--device", default="cpu", help="fitting device: cpu or cuda (default cpu)")
     g.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -173,7 +176,8 @@ def _config_from_args(args):
                   m=args.metric_units, steps=args.steps, time_budget_s=args.time_budget,
                   error_ceiling=args.error_ceiling, seed=args.seed, device=args.device, ignore=tuple(args.ignore),
                   ignore_types=tuple(args.ignore_type), min_weight_size=args.min_weight_size,
-                  keep_first_last=args.keep_first_last, quiet=args.quiet, cache_dir=cache_dir,
+                  keep_first_last=args.keep_first_last, compress_embeddings=args.compress_embeddings,
+                  quiet=args.quiet, cache_dir=cache_dir,
                   executor=args.executor, ray_address=args.ray_address, threads=args.threads, lr=args.lr,
                   k_branches=args.k_branches, recompute=args.recompute, refine=args.refine,
                   refine_steps=args.refine_steps, method_options=_method_options(args),

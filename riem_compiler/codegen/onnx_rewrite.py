@@ -49,6 +49,10 @@ Design:
   has those consumers replaced by com.microsoft MatMulNBits nodes ("onnx_form": "ort"; the
   replaced nodes are kept in the metadata for `materialize_onnx`); the others get the standard
   form where they have one, else the function form, with an "onnx_note".
+- Embedding tables (a weight whose every use is a row Gather, onnx_gather.py): "standard" writes
+  the row-major DequantizeLinear (`Method.onnx_native(..., table=True)`); "ort" replaces each
+  Gather by com.microsoft GatherBlockQuantized (`Method.onnx_gather`; rtn 4/8-bit), restored by
+  `materialize_onnx` like the MatMulNBits consumers.
 - onnxruntime with default options folds each decoder into a constant at session creation
   (steady-state latency = the dense model's); `materialize_onnx` writes plain standard-op ONNX.
 """
@@ -63,9 +67,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from riem_compiler import methods
+from riem_compiler.codegen import onnx_gather as gq
 from riem_compiler.codegen import onnx_matmulnbits as mm
 from riem_compiler.codegen.onnx_matmulnbits import MS_DOMAIN
 from riem_compiler.config import ONNX_FORMATS
+from riem_compiler.methods.base import NativeGather
 from riem_compiler.methods.onnx_common import DOMAIN, DOMAIN_VERSION
 from riem_compiler.methods.onnx_common import FUNCTIONS as COMMON_FUNCTIONS
 
@@ -152,9 +158,10 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict, onnx_format: s
         raise InputError(f"weights {shadowed[:5]} are defined more than once in the model (a subgraph shadows "
                          "the name); they cannot be replaced")
     opset = default_opset(out) or 0
-    ort_forms, notes = _matmul_forms(out, wanted) if onnx_format == "ort" else ({}, {})
+    tables = _table_names(out, wanted)
+    ort_forms, notes = _matmul_forms(out, wanted, tables) if onnx_format == "ort" else ({}, {})
     rest = {n: cw for n, cw in wanted.items() if n not in ort_forms}
-    native, standard_notes = _native_forms(rest, "standard" if onnx_format == "ort" else onnx_format)
+    native, standard_notes = _native_forms(rest, "standard" if onnx_format == "ort" else onnx_format, tables)
     for name, why in standard_notes.items():
         notes[name] = f"{notes[name]}; {why}" if name in notes else why
     need = max((d.opset for d in native.values()), default=0)
@@ -184,7 +191,7 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict, onnx_format: s
         if (proto.domain, proto.name) not in present:
             out.functions.append(proto)
     _write_meta(out, {**_read_meta(out), **state.entries})
-    log.info("ONNX: %d weights replaced by decoder functions, %d by standard ops, %d by MatMulNBits",
+    log.info("ONNX: %d weights replaced by decoder functions, %d by standard ops, %d by MatMulNBits/GatherBlockQuantized",
              len(state.entries) - len(state.native) - len(state.ort), len(state.native), len(state.ort))
     check_rewritten(model, out)
     return out
@@ -241,13 +248,14 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _native_forms(wanted: dict, onnx_format: str) -> tuple[dict, dict]:
-    """(name -> NativeDecoder, name -> why it keeps the function form) for this format."""
+def _native_forms(wanted: dict, onnx_format: str, tables: set) -> tuple[dict, dict]:
+    """(name -> NativeDecoder, name -> why it keeps the function form) for this format; `tables`
+    (weights only read by row Gathers) get their row-major layout."""
     native, notes = {}, {}
     if onnx_format == "functions":
         return native, notes
     for name, cw in wanted.items():
-        got = methods.get(cw.method).onnx_native(cw, onnx_format)
+        got = methods.get(cw.method).onnx_native(cw, onnx_format, table=name in tables)
         if isinstance(got, str):
             notes[name] = got
         else:
@@ -255,21 +263,56 @@ def _native_forms(wanted: dict, onnx_format: str) -> tuple[dict, dict]:
     return native, notes
 
 
-def _matmul_forms(model: onnx.ModelProto, wanted: dict) -> tuple[dict, dict]:
-    """onnx_format "ort": (name -> NativeMatMul for weights whose uses all map to MatMulNBits,
-    name -> why the others do not). The consumer plan itself is made again in `_rewrite_graph`
-    (the model may be upgraded in between)."""
+def _defining_graphs(model: onnx.ModelProto, wanted):
+    """(graph, names of `wanted` it defines, names read in its subgraphs) for each graph that
+    defines one (the first definition of a name)."""
     from riem_compiler.frontend.onnx_frontend import iter_graphs
 
-    forms, notes = {}, {}
+    seen = set()
     for _, graph in iter_graphs(model.graph):
         defined = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node
                                                          if n.op_type == "Constant" and n.output}
-        here = [n for n in wanted if n in defined and n not in forms and n not in notes]
-        if not here:
-            continue
-        captured, inits = mm.captured_names(graph), {t.name: t for t in graph.initializer}
+        here = [n for n in wanted if n in defined and n not in seen]
+        if here:
+            seen.update(here)
+            yield graph, here, mm.captured_names(graph)
+
+
+def _tensor_type(graph: onnx.GraphProto, name: str) -> int | None:
+    """The data type of initializer or Constant `name` of this graph."""
+    for t in graph.initializer:
+        if t.name == name:
+            return t.data_type
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output and n.output[0] == name:
+            return next((a.t.data_type for a in n.attribute if a.name == "value"), None)
+    return None
+
+
+def _table_names(model: onnx.ModelProto, wanted: dict) -> set:
+    """The weights of `wanted` whose every use is a row Gather (embedding tables)."""
+    return {name for graph, here, captured in _defining_graphs(model, wanted) for name in here
+            if isinstance(gq.plan_gathers(graph, name, captured), gq.GatherPlan)}
+
+
+def _matmul_forms(model: onnx.ModelProto, wanted: dict, tables: set) -> tuple[dict, dict]:
+    """onnx_format "ort": (name -> NativeMatMul for weights whose uses all map to MatMulNBits, or
+    NativeGather for tables whose method maps to GatherBlockQuantized, name -> why the others do
+    not). The consumer plan itself is made again in `_rewrite_graph` (the model may be upgraded
+    in between)."""
+    forms, notes = {}, {}
+    for graph, here, captured in _defining_graphs(model, wanted):
+        inits = {t.name: t for t in graph.initializer}
         for name in here:
+            if name in tables:
+                got = methods.get(wanted[name].method).onnx_gather(wanted[name])
+                if _tensor_type(graph, name) != onnx.TensorProto.FLOAT:
+                    got = "the table is not float32 (the node's output has the scales' type)"
+                if isinstance(got, str):
+                    notes[name] = f"no GatherBlockQuantized form ({got})"
+                else:
+                    forms[name] = got
+                continue
             plan = mm.plan_uses(graph, name, captured, inits)
             got = plan if isinstance(plan, str) else methods.get(wanted[name].method).onnx_matmul(wanted[name], plan.in_out)
             if isinstance(got, str):
@@ -367,7 +410,7 @@ def _rewrite_graph(graph: onnx.GraphProto, state: _RewriteState, graph_inputs: s
             if t.name in graph_inputs:
                 from riem_compiler.errors import InputError
                 raise InputError(f"weight {t.name!r} is also a graph input; it cannot be replaced")
-            nodes, inits = (_matmul_decoder(t.name, t, graph, state, swap) if t.name in state.ort
+            nodes, inits = (_ort_decoder(t.name, t, graph, state, swap) if t.name in state.ort
                             else _decoder(t.name, t, state))
             front += nodes
             new_inits += inits
@@ -384,7 +427,7 @@ def _rewrite_graph(graph: onnx.GraphProto, state: _RewriteState, graph_inputs: s
                 and out not in state.entries):
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             if value is not None:
-                nodes, inits = (_matmul_decoder(out, value, graph, state, swap) if out in state.ort
+                nodes, inits = (_ort_decoder(out, value, graph, state, swap) if out in state.ort
                                 else _decoder(out, value, state))
                 body += nodes
                 new_inits += inits
@@ -469,17 +512,21 @@ def _native_decoder(name: str, tensor: onnx.TensorProto, cw, native, state: _Rew
     return nodes, inits
 
 
-def _matmul_decoder(name: str, tensor: onnx.TensorProto, graph, state: _RewriteState, swap: dict):
-    """(nodes, initializers) for a weight whose consumers become MatMulNBits: B and the scales
-    as initializers (plus a Cast of float16 scales); the consumers are recorded in `swap`."""
+def _ort_decoder(name: str, tensor: onnx.TensorProto, graph, state: _RewriteState, swap: dict):
+    """onnx_format "ort": (nodes, initializers) for a weight whose consumers become MatMulNBits
+    (MatMul/Gemm uses) or GatherBlockQuantized (row Gathers of a table): the form's arrays as
+    initializers (plus a Cast of float16 scales); the replaced consumers are recorded in `swap`."""
     from riem_compiler.errors import RiemError
 
     cw, form = state.wanted[name], state.ort[name]
     if tuple(tensor.dims) != tuple(cw.shape):
         return _decoder(name, tensor, state)  # the shape error is _decoder's
-    plan = mm.plan_uses(graph, name, mm.captured_names(graph), {t.name: t for t in graph.initializer})
+    gather = isinstance(form, NativeGather)
+    captured = mm.captured_names(graph)
+    plan = (gq.plan_gathers(graph, name, captured) if gather
+            else mm.plan_uses(graph, name, captured, {t.name: t for t in graph.initializer}))
     if isinstance(plan, str):
-        raise RiemError(f"internal error: weight {name!r} lost its MatMulNBits plan ({plan})")
+        raise RiemError(f"internal error: weight {name!r} lost its {'Gather' if gather else 'MatMulNBits'} plan ({plan})")
     names, inits, nodes = {}, [], []
     for key, arr in form.tensors.items():
         names[key] = state.fresh(f"{name}.{cw.method}.{key}")
@@ -490,17 +537,19 @@ def _matmul_decoder(name: str, tensor: onnx.TensorProto, graph, state: _RewriteS
         nodes.append(helper.make_node("Cast", [names["scales"]], [scales], name=state.fresh(f"{name}.cast"),
                                       to=onnx.TensorProto.FLOAT))
     originals = []
-    for index, node, bias in plan.consumers:
+    for index, node, *bias in plan.consumers:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         originals.append(copy)
-        swap[index] = mm.replacement(node, bias, names["B"], scales, form)
-    for index, _ in plan.transposes:
+        swap[index] = (gq.replacement(node, names["data"], scales, form) if gather
+                       else mm.replacement(node, bias[0], names["B"], scales, form))
+    transposes = [] if gather else plan.transposes
+    for index, _ in transposes:
         swap[index] = None
     state.entries[name] = {"method": cw.method, "shape": [int(s) for s in cw.shape], "meta": cw.meta,
                            "dtype": int(tensor.data_type), "arrays": {k: names[k] for k in form.tensors},
                            "nodes": [n.output[0] for n in nodes], "onnx_form": "ort", "encoding": form.encoding,
-                           "replaced": mm.serialise(originals), "transposes": mm.serialise([t for _, t in plan.transposes])}
+                           "replaced": mm.serialise(originals), "transposes": mm.serialise([t for _, t in transposes])}
     return nodes, inits
 
 
@@ -593,7 +642,8 @@ def materialize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _ort_restore(entries: dict) -> dict:
-    """MatMulNBits output -> (weight, original consumer node, Transposes it needs first)."""
+    """MatMulNBits / GatherBlockQuantized output -> (weight, original consumer node, Transposes it
+    needs first)."""
     restore = {}
     for weight, e in entries.items():
         if e.get("onnx_form") != "ort":
@@ -611,7 +661,7 @@ def _materialize_graph(graph, entries, compressed, by_node, arrays, restore) -> 
             _materialize_graph(sub, entries, compressed, by_node, arrays, restore)
     keep, decoded, placed = [], [], set()
     for node in graph.node:
-        if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits" and node.output[0] in restore:
+        if node.domain == MS_DOMAIN and node.op_type in ("MatMulNBits", gq.OP_TYPE) and node.output[0] in restore:
             weight, original, transposes = restore[node.output[0]]
             keep += [t for t in transposes if t.output[0] not in placed]
             placed.update(t.output[0] for t in transposes)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-LAYER_KINDS = ("linear", "matmul", "conv1d", "conv2d")
+LAYER_KINDS = ("linear", "matmul", "conv1d", "conv2d", "embedding")
+EMBEDDING_SKIP = "embedding table (compress_embeddings=False)"
 
 
 @dataclass
@@ -17,7 +18,8 @@ class LayerSpec:
             ONNX: the initializer / constant name).
     kind:   one of LAYER_KINDS.
     weight: float32 array in the layout the model stores it (Linear (out, in); Conv
-            (out, in/groups, *kernel); a MatMul constant as it stands). Fitting views it as
+            (out, in/groups, *kernel); a MatMul constant as it stands; an embedding table
+            (vocabulary, dim), whose rows are gathered). Fitting views it as
             (shape[0], prod(shape[1:])).
     bias:   float32 array or None.
     attrs:  frontend-specific attributes (torch: padding, padding_mode; ONNX: op_type, pads,
@@ -31,7 +33,8 @@ class LayerSpec:
             operand of a MatMul or a Gemm with transB=0 ((in, out), x @ W). Grouped quantisers
             group along it (the runtimes' fused low-bit kernels block the reduction axis). The
             torch frontend writes 1 for functional matmul weights too (transposes on the way
-            are not tracked).
+            are not tracked). An embedding table has 1: each gathered row is quantised in groups
+            of its own values, the layout the gather kernels read.
     """
 
     name: str
@@ -69,7 +72,8 @@ class LayerSpec:
 
 
 def apply_scope(specs: list[LayerSpec], config) -> tuple[list[LayerSpec], list[tuple[LayerSpec, str]]]:
-    """Ignored names/types, minimum size, keep first/last: (kept, [(spec, reason) skipped]).
+    """Ignored names/types, embeddings unless config.compress_embeddings, minimum size, keep
+    first/last: (kept, [(spec, reason) skipped]).
 
     Patterns match the weight name, the owning module/node name or any consumer node name."""
     kept, skipped = [], []
@@ -80,6 +84,8 @@ def apply_scope(specs: list[LayerSpec], config) -> tuple[list[LayerSpec], list[t
             skipped.append((spec, f"matches ignore pattern {pattern!r}"))
         elif spec.kind in config.ignore_types:
             skipped.append((spec, f"layer type {spec.kind!r} is ignored"))
+        elif spec.kind == "embedding" and not config.compress_embeddings:
+            skipped.append((spec, EMBEDDING_SKIP))
         elif spec.weight.size < config.min_weight_size:
             skipped.append((spec, f"{spec.weight.size} weights < min_weight_size {config.min_weight_size}"))
         else:

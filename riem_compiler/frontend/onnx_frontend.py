@@ -1,10 +1,11 @@
 """ONNX frontend: load a model (file or ModelProto) and find the weights worth compressing.
 
-A layer is a Gemm, a MatMul with one constant operand, or a 1-D/2-D Conv whose weight is a
-constant: an initializer or a Constant node, possibly reached through Identity, Cast and
-Transpose nodes (what real exporters put between a parameter and its consumer). Nodes inside
-control-flow subgraphs (If/Loop/Scan bodies) are searched too; a body may use a constant of an
-enclosing graph.
+A layer is a Gemm, a MatMul with one constant operand, a 1-D/2-D Conv whose weight is a
+constant, or an embedding table: a Gather (axis 0) of rows of a 2-D float constant. A constant
+is an initializer or a Constant node, possibly reached through Identity, Cast and Transpose
+nodes (what real exporters put between a parameter and its consumer; no Transpose before a
+table). Nodes inside control-flow subgraphs (If/Loop/Scan bodies) are searched too; a body may
+use a constant of an enclosing graph.
 
 The weight is keyed by the name of its initializer/Constant output. The rewrite replaces that
 one tensor by a decoder node, so every consumer and every Identity/Cast/Transpose in between
@@ -385,6 +386,8 @@ def _walk(graph, path, parent, found: _Found):
     for i, node in enumerate(graph.node):
         if node.domain in DEFAULT_DOMAINS and node.op_type in ("Gemm", "MatMul", "Conv"):
             _consider(node, scope, found)
+        elif node.domain in DEFAULT_DOMAINS and node.op_type == "Gather":
+            _consider_gather(node, scope, found)
         for label, g in subgraphs(node):
             _walk(g, f"{path}/{i}:{label}", scope, found)
 
@@ -418,6 +421,10 @@ def _consider(node, scope, found: _Found):
                 "dilation": tuple(attrs.pop("dilations", (1,) * spatial))}
     if name in found.specs:
         spec = found.specs[name]
+        if spec.kind == "embedding" and _matmul_in_axis(node, operand, attrs, chain, spec.weight.ndim) != 1:
+            del found.specs[name]
+            skipped[name] = EMBEDDING_AXES_SKIP
+            return
         if conv and conv["groups"] != spec.groups:
             del found.specs[name]
             skipped[name] = f"used by convolutions with different groups {sorted({spec.groups, conv['groups']})}"
@@ -435,24 +442,80 @@ def _consider(node, scope, found: _Found):
     bias_index = 2
     if len(traced) > bias_index and traced[bias_index] is not None:
         bias = numpy_helper.to_array(traced[bias_index][0].tensor).astype(np.float32)
-    in_axis = 1
     if node.op_type == "Conv":
         kind = "conv1d" if weight.ndim == 3 else "conv2d"
     elif node.op_type == "Gemm":
         kind = "linear"
         for key, default in (("transA", 0), ("transB", 0), ("alpha", 1.0), ("beta", 1.0)):
             attrs.setdefault(key, default)
-        in_axis = int(bool(attrs["transB"])) if operand == 1 else 1 - int(bool(attrs["transA"]))
     else:
         kind = "matmul"
-        in_axis = 0 if operand == 1 else 1
-    if weight.ndim == 2 and chain.count("Transpose") % 2:  # the op sees W.T (a 2-D Transpose swaps the axes)
-        in_axis = 1 - in_axis
+    in_axis = _matmul_in_axis(node, operand, attrs, chain, weight.ndim)
     attrs.update({
         "op_type": node.op_type, "operand": operand, "chain": chain, "graph": src.graph,
         "source": src.kind, "dtype": int(src.tensor.data_type), "consumers": [_label(node)],
     })
     found.specs[name] = LayerSpec(name, kind, weight, bias, attrs, node.name, in_axis=in_axis, **conv)
+
+
+EMBEDDING_AXES_SKIP = ("used as an embedding table (rows gathered) and by a MatMul/Gemm that sums along its "
+                       "axis 0; the two want different quantisation groups, left as is")
+
+
+def _matmul_in_axis(node, operand: int, attrs: dict, chain: list, ndim: int) -> int:
+    """LayerSpec.in_axis of this Gemm/MatMul/Conv use of its constant operand."""
+    if node.op_type == "Conv":
+        return 1
+    if node.op_type == "Gemm":
+        trans_a, trans_b = int(bool(attrs.get("transA", 0))), int(bool(attrs.get("transB", 0)))
+        in_axis = trans_b if operand == 1 else 1 - trans_a
+    else:
+        in_axis = 0 if operand == 1 else 1
+    if ndim == 2 and chain.count("Transpose") % 2:  # the op sees W.T (a 2-D Transpose swaps the axes)
+        in_axis = 1 - in_axis
+    return in_axis
+
+
+def _consider_gather(node, scope, found: _Found):
+    """Add an embedding table (or a skip reason) for Gather(data=2-D float constant, indices).
+
+    Gathers of integer constants (shape arithmetic) and of activations are not layers."""
+    if len(node.input) < 2 or not node.input[0]:
+        return
+    traced = trace_constant(scope, node.input[0])
+    if traced is None:
+        return
+    src, chain = traced
+    if src.tensor.data_type not in FLOAT_TYPES or len(src.tensor.dims) != 2:
+        return
+    name, skipped = src.name, found.skipped
+    if name in skipped:
+        return
+    axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    if axis not in (0, -2):
+        reason = f"Gather along axis {axis} of a 2-D constant (only row gathers, axis 0, are embedding tables)"
+    elif "Transpose" in chain:
+        reason = "Gather of a transposed constant (the table's rows are its columns); left as is"
+    else:
+        reason = _reject(node, src, found.definitions)
+    if name in found.specs:
+        spec = found.specs[name]
+        if reason is None and spec.in_axis != 1:
+            reason = EMBEDDING_AXES_SKIP
+        if reason:
+            del found.specs[name]
+            skipped[name] = reason
+            return
+        spec.kind = "embedding"  # a table shared with a MatMul/Gemm (tied output head)
+        spec.attrs["consumers"].append(_label(node))
+        return
+    if reason:
+        skipped[name] = reason
+        return
+    weight = numpy_helper.to_array(src.tensor).astype(np.float32)
+    attrs = {"op_type": "Gather", "operand": 0, "chain": chain, "graph": src.graph, "source": src.kind,
+             "dtype": int(src.tensor.data_type), "consumers": [_label(node)]}
+    found.specs[name] = LayerSpec(name, "embedding", weight, None, attrs, node.name, in_axis=1)
 
 
 def _reject(node, src: ConstSource, definitions: dict[str, int]) -> str | None:

@@ -1,9 +1,11 @@
 """PyTorch frontend: find compressible weights in nn.Module / fx.GraphModule / ExportedProgram.
 
 Two ways a weight is used:
-- module layers: nn.Linear, nn.Conv1d, nn.Conv2d (the pass swaps the module);
-- functional uses in a graph: F.linear / conv / matmul / mm / addmm (torch or aten ops) whose
-  weight is a get_attr of a parameter, possibly through a transpose (the pass swaps the get_attr).
+- module layers: nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding (the pass swaps the module);
+- functional uses in a graph: F.linear / conv / matmul / mm / addmm / embedding (torch or aten
+  ops) whose weight is a get_attr of a parameter, possibly through a transpose (not for an
+  embedding table: its rows are what is gathered) (the pass swaps the get_attr).
+An embedding with max_norm renormalises the rows it reads in place, so it is left as is.
 An ExportedProgram is unlifted with `.module()` first, so its parameters are get_attr nodes.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ from riem_compiler.frontend.layers import LayerSpec, apply_scope
 
 log = logging.getLogger("riem_compiler.frontend")
 
-MODULE_KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+MODULE_KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+MAX_NORM_SKIP = "embedding with max_norm (it renormalises its weight in place); left as is"
 
 _aten = torch.ops.aten
 # function -> (kind, index of the weight argument)
@@ -43,6 +46,8 @@ FUNCTIONAL_WEIGHT_ARG = {
     _aten.conv1d.padding: ("conv1d", 1),
     _aten.conv2d.padding: ("conv2d", 1),
     _aten.convolution.default: ("conv", 1),
+    F.embedding: ("embedding", 1),
+    _aten.embedding.default: ("embedding", 0),
 }
 # ops that only re-view a weight on its way to a matmul
 TRANSPOSE_OPS = {torch.t, torch.transpose, _aten.t.default, _aten.transpose.int, _aten.permute.default}
@@ -81,7 +86,7 @@ def find_torch_layers(model: nn.Module, config) -> Detection:
             kind = MODULE_KINDS.get(type(mod))
             if kind is None:
                 continue
-            det.layers.append(_module_spec(mod_name, mod, kind))
+            _add_module(det, mod_name, mod, kind)
             owned.add(_join(mod_name, "weight"))
         leftovers = [n for n, p in params.items() if p.dim() >= 2 and n not in owned]
         if leftovers:
@@ -102,7 +107,7 @@ def find_torch_layers(model: nn.Module, config) -> Detection:
                 mod = model.get_submodule(node.target)
                 kind = MODULE_KINDS.get(type(mod))
                 if kind is not None:
-                    det.layers.append(_module_spec(node.target, mod, kind))
+                    _add_module(det, node.target, mod, kind)
                     owned.add(_join(node.target, "weight"))
         graph_layers, graph_skipped = _graph_layers(model, {n for n in params if n not in owned})
         if graph_layers:
@@ -118,13 +123,24 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _add_module(det: Detection, mod_name: str, mod: nn.Module, kind: str) -> None:
+    """A module layer's spec, or (for an embedding with max_norm) its skip reason."""
+    if kind == "embedding" and mod.max_norm is not None:
+        det.skipped.append((_join(mod_name, "weight"), MAX_NORM_SKIP))
+        return
+    det.layers.append(_module_spec(mod_name, mod, kind))
+
+
 def _module_spec(mod_name: str, mod: nn.Module, kind: str) -> LayerSpec:
     attrs, conv = {}, {}
     if kind.startswith("conv"):
         attrs = {"padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
                  "padding_mode": mod.padding_mode}
         conv = {"groups": mod.groups, "stride": tuple(mod.stride), "dilation": tuple(mod.dilation)}
-    bias = None if mod.bias is None else mod.bias.detach().cpu().float().numpy()
+    elif kind == "embedding":
+        attrs = {"padding_idx": mod.padding_idx}
+    bias = getattr(mod, "bias", None)
+    bias = None if bias is None else bias.detach().cpu().float().numpy()
     return LayerSpec(name=_join(mod_name, "weight"), kind=kind, weight=_numpy(mod.weight), bias=bias,
                      attrs=attrs, module=mod_name, **conv)
 
@@ -162,6 +178,8 @@ def _graph_layers(gm: torch.fx.GraphModule, candidates: set[str]):
                 arg = user.args[idx] if len(user.args) > idx else user.kwargs.get("weight")
                 if _weight_source(arg) != node.target:
                     kind = None
+                elif kind == "embedding":
+                    kind = kind if arg is node and _embedding_max_norm(user) is None else None
                 elif kind.startswith("conv"):
                     convs.setdefault(node.target, []).append(_conv_call_attrs(user))
             uses[node.target].append(kind)
@@ -173,7 +191,7 @@ def _graph_layers(gm: torch.fx.GraphModule, candidates: set[str]):
         if not kinds or any(k is None for k in kinds):
             skipped.append((name, "parameter is used by an op the pass does not compress"))
             continue
-        kind = kinds[0]
+        kind = "embedding" if "embedding" in kinds else kinds[0]  # a tied table: rows are gathered
         if kind == "conv":
             kind = {3: "conv1d", 4: "conv2d"}.get(param.dim())
             if kind is None:
@@ -213,6 +231,13 @@ def _conv_call_attrs(user) -> dict | None:
             return None
         out[key] = value
     return out if isinstance(out["groups"], int) else None
+
+
+def _embedding_max_norm(user):
+    """F.embedding's max_norm argument (position 3); aten.embedding has none."""
+    if user.target is not F.embedding:
+        return None
+    return user.args[3] if len(user.args) > 3 else user.kwargs.get("max_norm")
 
 
 def _per_dim(value, spatial: int) -> tuple[int, ...]:

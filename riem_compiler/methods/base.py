@@ -83,6 +83,24 @@ class NativeMatMul:
     cast_scales: bool = False
 
 
+@dataclass
+class NativeGather:
+    """An onnxruntime `GatherBlockQuantized` form of one CompressedWeight used only as an embedding
+    table (`Method.onnx_gather`, for onnx_format "ort"): each Gather(table, ids) becomes
+    GatherBlockQuantized(data, ids, scales[, zero_points]) (com.microsoft domain), which
+    dequantises only the gathered rows, so the table is never a float tensor.
+
+    tensors: "data" (uint8 (V, D * bits / 8)), "scales" ((V, blocks)), as numpy arrays stored as
+    initializers; `cast_scales` when the scales are stored float16 and a Cast to float32 precedes
+    the node (the output has the scales' type). attrs: gather_axis, quantize_axis, block_size,
+    bits. encoding: the tag `Method.onnx_native_arrays` reads back."""
+
+    tensors: dict
+    attrs: dict
+    encoding: str
+    cast_scales: bool = False
+
+
 def settings_key(settings) -> str:
     """sha256 of a settings dataclass (its type name and every field): the fit-cache key part."""
     data = {"type": type(settings).__name__, **dataclasses.asdict(settings)}
@@ -146,15 +164,20 @@ class Method:
         """name -> onnxscript function for the decoders `onnx_call` may name (with what they call)."""
         return {}
 
-    def onnx_native(self, cw: CompressedWeight, onnx_format: str):
+    def onnx_native(self, cw: CompressedWeight, onnx_format: str, table: bool = False):
         """A `NativeDecoder` in standard ONNX ops for onnx_format ("standard"), or a str saying why
-        this weight keeps the decoder-function form (the default: no native form)."""
+        this weight keeps the decoder-function form (the default: no native form). table: every
+        use is a Gather of rows (an embedding table), so row-major data suits it best."""
         return f"method {self.name!r} has no {onnx_format} ONNX form"
 
     def onnx_matmul(self, cw: CompressedWeight, in_out: bool):
         """A `NativeMatMul` for a weight consumed by MatMul/Gemm, or a str saying why not.
         in_out: the weight is used as an (in, out) matrix (x @ W); else as (out, in) (x @ W.T)."""
         return f"method {self.name!r} has no onnxruntime MatMulNBits form"
+
+    def onnx_gather(self, cw: CompressedWeight):
+        """A `NativeGather` for a weight used only as a Gather table, or a str saying why not."""
+        return f"method {self.name!r} has no onnxruntime GatherBlockQuantized form"
 
     def onnx_native_arrays(self, meta: dict, shape, encoding: str, tensors: dict) -> dict:
         """Inverse of `onnx_native`: the CompressedWeight's arrays from its native initializers."""

@@ -5,7 +5,8 @@
   the original layer cost; `recompute=True` decodes on every call (memory-bound deployments).
   Under torch.export / torch.compile it always decodes from the buffers, so exported programs
   carry the compact parameters, not a baked dense weight.
-- `RieMLinear` / `RieMConv` replace nn.Linear / nn.Conv1d / nn.Conv2d.
+- `RieMLinear` / `RieMConv` / `RieMEmbedding` replace nn.Linear / nn.Conv1d / nn.Conv2d /
+  nn.Embedding.
 - Functional uses (a get_attr feeding F.linear, aten.mm, ...) become a call of a `RieMWeight`
   submodule named `<param>_riem` in the GraphModule.
 """
@@ -116,6 +117,32 @@ class RieMConv(nn.Module):
         return conv
 
 
+class RieMEmbedding(nn.Module):
+    """nn.Embedding (without max_norm, which the frontend leaves alone) with a compressed table.
+
+    padding_idx, scale_grad_by_freq and sparse only shape gradients; they are kept so that
+    `materialize` gives back the same nn.Embedding."""
+
+    def __init__(self, emb: nn.Embedding, cw: CompressedWeight, name: str = "weight", recompute: bool = False):
+        super().__init__()
+        if emb.max_norm is not None:
+            raise ValueError("an nn.Embedding with max_norm renormalises its weight in place; it is not compressed")
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx, self.scale_grad_by_freq, self.sparse = emb.padding_idx, emb.scale_grad_by_freq, emb.sparse
+        self.riem = RieMWeight(cw, name, recompute)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.riem()
+
+    def forward(self, ids):
+        return F.embedding(ids, self.riem(), self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+
+    def to_embedding(self, weight: torch.Tensor) -> nn.Embedding:
+        return nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                            scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse, _weight=weight)
+
+
 def _split(qualified: str) -> tuple[str, str]:
     parent, _, attr = qualified.rpartition(".")
     return parent, attr
@@ -134,7 +161,7 @@ def apply_compressed(model: nn.Module, specs, compressed: dict[str, CompressedWe
             continue
         if spec.module:
             old = out.get_submodule(spec.module)
-            cls = RieMLinear if isinstance(old, nn.Linear) else RieMConv
+            cls = RieMLinear if isinstance(old, nn.Linear) else RieMEmbedding if isinstance(old, nn.Embedding) else RieMConv
             new = cls(old, cw, spec.name, recompute)
             parent, attr = _split(spec.module)
             setattr(out.get_submodule(parent) if parent else out, attr, new)
@@ -167,15 +194,17 @@ def compressed_weights(model: nn.Module) -> dict[str, CompressedWeight]:
 
 
 def materialize(model: nn.Module) -> nn.Module:
-    """A copy with plain nn.Linear/Conv (and plain parameters) holding the decoded weights.
+    """A copy with plain nn.Linear/Conv/Embedding (and plain parameters) holding the decoded weights.
 
     Parameter names equal the original model's (e.g. "fc1.weight"), so exporters see the
     same names the frontend reported."""
     out = copy.deepcopy(model)
     for mod_name, mod in list(out.named_modules()):
-        if isinstance(mod, (RieMLinear, RieMConv)):
+        if isinstance(mod, (RieMLinear, RieMConv, RieMEmbedding)):
             weight = mod.riem.decode().detach().clone()
-            if isinstance(mod, RieMLinear):
+            if isinstance(mod, RieMEmbedding):
+                new = mod.to_embedding(weight)
+            elif isinstance(mod, RieMLinear):
                 new = nn.Linear(mod.in_features, mod.out_features, mod.bias is not None)
                 new.weight = nn.Parameter(weight)
                 if mod.bias is not None:

@@ -168,15 +168,20 @@ class RTN(Method):
             return DecoderCall("RTNWeight" + suffix, ["codes", "scale"], attrs)
         return DecoderCall("RTNWeightGrouped" + suffix, ["codes", "scale"], {**attrs, "group": int(cw.meta["group_size"])})
 
-    def onnx_native(self, cw, onnx_format):
+    def onnx_native(self, cw, onnx_format, table=False):
         from riem_compiler.methods.rtn.native import native_rtn
 
-        return native_rtn(cw, onnx_format)
+        return native_rtn(cw, onnx_format, table)
 
     def onnx_matmul(self, cw, in_out):
         from riem_compiler.methods.rtn.native import matmulnbits_rtn
 
         return matmulnbits_rtn(cw, in_out)
+
+    def onnx_gather(self, cw):
+        from riem_compiler.methods.rtn.native import gather_rtn
+
+        return gather_rtn(cw)
 
     def onnx_native_arrays(self, meta, shape, encoding, tensors):
         from riem_compiler.methods.rtn.native import rtn_arrays_from_native

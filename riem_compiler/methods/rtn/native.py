@@ -18,19 +18,28 @@ Cast to float32 before the DequantizeLinear (a float32 output is what MatMulNBit
 Cast is constant-folded at session creation). Measured in benchmarks/results/onnx_size_latency.md.
 Weights of more than 2 dims (convolutions) use the (rows, cols) view, blocked along axis 1, then
 a Reshape. 3/2-bit codes do not map (no int3/int2 in ONNX) and keep the function form.
+
+An embedding table (`table=True`: every use is a Gather of rows) is written as it stands, (V, D)
+blocked along axis 1 (per row: axis 0), with no Transpose: onnxruntime neither folds nor fuses a
+DequantizeLinear before a Gather, so it dequantises the whole table on every call, and the
+Transpose of the input-major layout more than doubled that (MiniLM's 30522x384 table, 2 threads:
+33 ms vs 80 ms per call; the dense Gather 0.03 ms). onnx_format "ort" avoids it with
+`GatherBlockQuantized` (`gather_rtn`), which dequantises only the gathered rows.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from riem_compiler import bitpack
-from riem_compiler.methods.base import NativeDecoder, NativeMatMul
+from riem_compiler.methods.base import NativeDecoder, NativeGather, NativeMatMul
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape
 
 ENCODING = "rtn-signed-v1"  # (rows, cols) data: weights of more than 2 dims
 ENCODING_INPUT_MAJOR = "rtn-signed-in-major-v1"  # 2-D weights: (cols, rows) = (in, out) data
 ENCODING_MATMULNBITS = "rtn-matmulnbits-v1"  # onnx_format "ort": MatMulNBits B (N, blocks, bytes)
+ENCODING_GATHER = "rtn-gatherbq-v1"  # onnx_format "ort": GatherBlockQuantized data (V, D * bits / 8)
 MATMULNBITS_BITS = (2, 4, 8)  # what onnxruntime's CPU kernel takes
+GATHER_BITS = (4, 8)  # GatherBlockQuantized with uint8 data
 # MatMulNBits accuracy_level: 4 multiplies int8-quantised activations (per block), the level
 # onnxruntime itself gives the MatMulNBits it fuses from DequantizeLinear + MatMul. Level 0 (float
 # activations) measured here 20x (2-bit) and 14x (8-bit) slower than dense at batch 1, 4096x4096.
@@ -38,8 +47,9 @@ ACCURACY_LEVEL = 4
 XOR = {8: 0x80, 4: 0x88}
 
 
-def native_rtn(cw, onnx_format: str):
-    """NativeDecoder for `cw`, or the reason it keeps the function form."""
+def native_rtn(cw, onnx_format: str, table: bool = False):
+    """NativeDecoder for `cw`, or the reason it keeps the function form. table: an embedding
+    table, written (V, D) as it stands."""
     if onnx_format != "standard":
         return f"onnx_format {onnx_format!r} has no rtn form"
     bits, group = int(cw.meta["bits"]), cw.meta.get("group_size")
@@ -59,7 +69,11 @@ def native_rtn(cw, onnx_format: str):
     if scale.dtype != np.float32:  # float16 group scales: a float32 product for MatMulNBits
         nodes.append(("Cast", ["scale"], {"to": 1}))
         scale_input = None
-    if len(cw.shape) == 2:  # input-major (in, out) data: what onnxruntime fuses into MatMulNBits
+    if table and len(cw.shape) == 2 and not transposed:  # row-major: a Gather reads rows
+        attrs = {"axis": 0} if group is None else {"axis": 1, "block_size": int(group)}
+        nodes.append(("DequantizeLinear", ["codes", scale_input], attrs))
+        data, scale_t, encoding = q, scale, ENCODING
+    elif len(cw.shape) == 2:  # input-major (in, out) data: what onnxruntime fuses into MatMulNBits
         data, scale_t = q.T, scale if group is None else scale.T
         attrs = {"axis": 1} if group is None else {"axis": 0, "block_size": int(group)}
         nodes.append(("DequantizeLinear", ["codes", scale_input], attrs))
@@ -111,6 +125,33 @@ def matmulnbits_rtn(cw, in_out: bool):
                         cast_scales=scale.dtype != np.float32)
 
 
+def gather_rtn(cw):
+    """NativeGather for an rtn table (V, D) with groups along D, or why not.
+
+    GatherBlockQuantized reads uint8 data (V, D * bits / 8), the codes of a row packed from the low
+    bits up: the bitpack layout of the table when a row fills whole bytes. Its default zero point
+    for uint8 data is 2**(bits-1), rtn's offset, so none is stored. The block must be a power of
+    two >= 16; one scale per row uses one block of the next such power >= D (measured exact)."""
+    bits, group = int(cw.meta["bits"]), cw.meta.get("group_size")
+    if len(cw.shape) != 2 or is_transposed(cw):
+        return "only a 2-D table with groups along its rows has a GatherBlockQuantized form"
+    if bits not in GATHER_BITS:
+        return f"{bits}-bit codes: onnxruntime's GatherBlockQuantized takes {GATHER_BITS}-bit"
+    if int(cw.meta["offset"]) != 1 << (bits - 1):
+        return "codes offset is not 2**(bits-1)"
+    rows, cols = cw.shape
+    if cols * bits % 8:
+        return f"a row of {cols} {bits}-bit codes does not fill whole bytes"
+    block = max(16, 1 << (cols - 1).bit_length()) if group is None else int(group)
+    if block < 16 or block & (block - 1):
+        return f"groups of {block}: GatherBlockQuantized needs a power of two >= 16"
+    data = np.asarray(cw.arrays["codes"], dtype=np.uint8).reshape(rows, cols * bits // 8)
+    scale = np.asarray(cw.arrays["scale"]).reshape(rows, -1)
+    attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}
+    return NativeGather({"data": data, "scales": scale}, attrs, ENCODING_GATHER,
+                        cast_scales=scale.dtype != np.float32)
+
+
 def _signed_codes(cw, bits: int, count: int) -> np.ndarray:
     """The stored codes minus the offset, as int8 or ml_dtypes.int4 (flat)."""
     packed = np.asarray(cw.arrays["codes"], dtype=np.uint8).ravel()
@@ -125,10 +166,15 @@ def _signed_codes(cw, bits: int, count: int) -> np.ndarray:
 
 def rtn_arrays_from_native(meta: dict, shape, encoding: str, tensors: dict) -> dict:
     """The CompressedWeight arrays (bit for bit) from the native initializers read as numpy."""
-    if encoding not in (ENCODING, ENCODING_INPUT_MAJOR, ENCODING_MATMULNBITS):
+    if encoding not in (ENCODING, ENCODING_INPUT_MAJOR, ENCODING_MATMULNBITS, ENCODING_GATHER):
         raise ValueError(f"unknown rtn ONNX encoding {encoding!r}")
     bits = int(meta["bits"])
     rows, cols = quantised_shape(shape, bool(meta.get("transposed", False)))
+    if encoding == ENCODING_GATHER:  # the stored bytes as they are
+        scale = np.asarray(tensors["scales"])
+        scale = scale.reshape(rows) if meta.get("group_size") is None else scale.reshape(rows, -1)
+        return {"codes": np.ascontiguousarray(np.asarray(tensors["data"], dtype=np.uint8).ravel()),
+                "scale": np.ascontiguousarray(scale)}
     if encoding == ENCODING_MATMULNBITS:
         B = np.asarray(tensors["B"], dtype=np.uint8)
         padded = B.shape[1] * B.shape[2] * 8 // bits
