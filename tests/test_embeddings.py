@@ -16,7 +16,7 @@ from riem_compiler.codegen.onnx_export import materialize_onnx, onnx_forms, read
 from riem_compiler.config import Config
 from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import EMBEDDING_SKIP
-from riem_compiler.frontend.onnx_frontend import EMBEDDING_AXES_SKIP, find_onnx_layers
+from riem_compiler.frontend.onnx_frontend import find_onnx_layers
 from riem_compiler.frontend.torch_frontend import MAX_NORM_SKIP, find_torch_layers
 from riem_compiler.methods import decode
 from riem_compiler.passes.rewrite_torch import RieMEmbedding, materialize
@@ -168,12 +168,25 @@ def test_onnx_frontend_gather_edge_cases():
                        {"table": table, "ints": ints})
     specs, skipped = find_onnx_layers(model, Config(min_weight_size=0, quiet=True, compress_embeddings=True))
     assert specs == [] and [name for name, _ in skipped] == ["table"] and "axis 1" in skipped[0][1]
-    # a table also summed along axis 0 by a MatMul (x @ T) wants other groups: left as is
-    nodes = [helper.make_node("Gather", ["table", "i"], ["a"]), helper.make_node("MatMul", ["x", "table"], ["y"])]
-    model = make_model(nodes, [vi("i", [2], TensorProto.INT64), vi("x", [1, 50])], [vi("a", [2, 40]), vi("y", [1, 40])],
+    # a column Gather before a MatMul use of the same weight: the MatMul makes it a layer
+    nodes = [helper.make_node("Gather", ["table", "i"], ["a"], axis=1), helper.make_node("MatMul", ["x", "table"], ["y"])]
+    model = make_model(nodes, [vi("i", [2], TensorProto.INT64), vi("x", [1, 50])], [vi("a", [50, 2]), vi("y", [1, 40])],
                        {"table": table})
     specs, skipped = find_onnx_layers(model, Config(min_weight_size=0, quiet=True, compress_embeddings=True))
-    assert specs == [] and skipped == [("table", EMBEDDING_AXES_SKIP)]
+    assert [(s.name, s.kind, s.in_axis) for s in specs] == [("table", "matmul", 0)] and skipped == []
+    # a table also summed along axis 0 by a MatMul (x @ T), in either node order: the MatMul decides
+    # the layout (a matmul spec, groups along axis 0, compressed even without compress_embeddings)
+    # and the Gather reads rows of the decoded weight
+    gather, matmul = helper.make_node("Gather", ["table", "i"], ["a"]), helper.make_node("MatMul", ["x", "table"], ["y"])
+    for nodes in ([gather, matmul], [matmul, gather]):
+        model = make_model(nodes, [vi("i", [2], TensorProto.INT64), vi("x", [1, 50])],
+                           [vi("a", [2, 40]), vi("y", [1, 40])], {"table": table})
+        for embeddings in (True, False):
+            specs, skipped = find_onnx_layers(model, Config(min_weight_size=0, quiet=True,
+                                                            compress_embeddings=embeddings))
+            assert [(s.name, s.kind, s.in_axis) for s in specs] == [("table", "matmul", 0)] and skipped == []
+            assert sorted(specs[0].attrs["consumers"]) == sorted(n.name or f"{n.op_type}({', '.join(n.input)})"
+                                                                 for n in nodes)
     # tied with a Gemm(transB=1) output head (rows = vocabulary): one embedding spec
     nodes = [helper.make_node("Gather", ["table", "i"], ["a"]),
              helper.make_node("Gemm", ["x", "table"], ["y"], transB=1)]

@@ -379,6 +379,7 @@ class _Found:
     definitions: dict[str, int]  # definition_counts of the model
     specs: dict[str, LayerSpec] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    not_tables: set[str] = field(default_factory=set)  # skipped only because a Gather of it is no row gather
 
 
 def _walk(graph, path, parent, found: _Found):
@@ -419,18 +420,23 @@ def _consider(node, scope, found: _Found):
         spatial = max(len(src.tensor.dims) - 2, 0)
         conv = {"groups": attrs.pop("group", 1), "stride": tuple(attrs.pop("strides", (1,) * spatial)),
                 "dilation": tuple(attrs.pop("dilations", (1,) * spatial))}
+    earlier_gathers = []
+    if name in found.specs and found.specs[name].attrs["op_type"] == "Gather" and (
+            _matmul_in_axis(node, operand, attrs, chain, found.specs[name].weight.ndim) != 1):
+        # a table also summed along its rows by a MatMul/Gemm: that use decides the layout and the
+        # Gathers read rows of the decoded weight (as any other consumer does)
+        earlier_gathers = found.specs.pop(name).attrs["consumers"]
     if name in found.specs:
         spec = found.specs[name]
-        if spec.kind == "embedding" and _matmul_in_axis(node, operand, attrs, chain, spec.weight.ndim) != 1:
-            del found.specs[name]
-            skipped[name] = EMBEDDING_AXES_SKIP
-            return
         if conv and conv["groups"] != spec.groups:
             del found.specs[name]
             skipped[name] = f"used by convolutions with different groups {sorted({spec.groups, conv['groups']})}"
             return
         spec.attrs["consumers"].append(_label(node))
         return
+    if name in found.not_tables:  # a MatMul/Gemm/Conv use makes it a layer; that Gather reads the decoded weight
+        found.not_tables.discard(name)
+        del skipped[name]
     if name in skipped:
         return
     reason = _reject(node, src, found.definitions)
@@ -453,13 +459,9 @@ def _consider(node, scope, found: _Found):
     in_axis = _matmul_in_axis(node, operand, attrs, chain, weight.ndim)
     attrs.update({
         "op_type": node.op_type, "operand": operand, "chain": chain, "graph": src.graph,
-        "source": src.kind, "dtype": int(src.tensor.data_type), "consumers": [_label(node)],
+        "source": src.kind, "dtype": int(src.tensor.data_type), "consumers": earlier_gathers + [_label(node)],
     })
     found.specs[name] = LayerSpec(name, kind, weight, bias, attrs, node.name, in_axis=in_axis, **conv)
-
-
-EMBEDDING_AXES_SKIP = ("used as an embedding table (rows gathered) and by a MatMul/Gemm that sums along its "
-                       "axis 0; the two want different quantisation groups, left as is")
 
 
 def _matmul_in_axis(node, operand: int, attrs: dict, chain: list, ndim: int) -> int:
@@ -492,25 +494,23 @@ def _consider_gather(node, scope, found: _Found):
     if name in skipped:
         return
     axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    not_table = True
     if axis not in (0, -2):
         reason = f"Gather along axis {axis} of a 2-D constant (only row gathers, axis 0, are embedding tables)"
     elif "Transpose" in chain:
         reason = "Gather of a transposed constant (the table's rows are its columns); left as is"
     else:
-        reason = _reject(node, src, found.definitions)
-    if name in found.specs:
+        reason, not_table = _reject(node, src, found.definitions), False
+    if name in found.specs:  # already a MatMul/Gemm/Conv operand: this Gather reads the decoded weight
         spec = found.specs[name]
-        if reason is None and spec.in_axis != 1:
-            reason = EMBEDDING_AXES_SKIP
-        if reason:
-            del found.specs[name]
-            skipped[name] = reason
-            return
-        spec.kind = "embedding"  # a table shared with a MatMul/Gemm (tied output head)
+        if reason is None and spec.in_axis == 1 and spec.kind in ("linear", "matmul"):
+            spec.kind = "embedding"  # a table tied with an output head (rows = vocabulary): row groups suit both
         spec.attrs["consumers"].append(_label(node))
         return
     if reason:
         skipped[name] = reason
+        if not_table:
+            found.not_tables.add(name)
         return
     weight = numpy_helper.to_array(src.tensor).astype(np.float32)
     attrs = {"op_type": "Gather", "operand": 0, "chain": chain, "graph": src.graph, "source": src.kind,
