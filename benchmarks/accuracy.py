@@ -13,8 +13,13 @@ layers), auto (method="auto"; its RieM candidates reuse this run's riem fits of 
 ratio instead of fitting them again; missing ones are fitted with the same settings), and
 X+refine for X in riem, svd, auto: X's model after data-free refinement (passes/refine.py).
 
-Writes benchmarks/results/accuracy.{md,json} and accuracy_<model>.png. Rows of models that were
-not run this time are kept from the previous JSON, so models can be run in separate invocations.
+Peers (benchmarks/peers.py), run by their own PyPI code on the same weights: hqq-peer (hqq's
+half-quadratic quantiser) and nncf-peer (NNCF's data-free compress_weights), each at its best
+setting near the budget, its scales and zero points counted.
+
+Writes benchmarks/results/accuracy.{md,json} and accuracy_<model>.png. Rows of (model, method)
+pairs that were not run this time are kept from the previous JSON (each row names its run), so
+models and methods can be run in separate invocations.
 
     python benchmarks/accuracy.py --models digits_cnn --threads 1     # the committed numbers, per model
     python benchmarks/accuracy.py --models digits_resnet8 --threads 2
@@ -44,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import riem_compiler as rc  # noqa: E402
 from benchmarks import models as bm  # noqa: E402
+from benchmarks import peers  # noqa: E402
 from benchmarks import tasks as bt  # noqa: E402
 from riem_compiler.api import Result  # noqa: E402
 from riem_compiler.config import Config  # noqa: E402
@@ -53,9 +59,11 @@ from riem_compiler.methods import decode  # noqa: E402
 
 log = logging.getLogger("riem_compiler.benchmarks.accuracy")
 RESULTS = Path(__file__).resolve().parent / "results"
-BUDGETS = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+BUDGETS = (1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 24, 1 / 32)
 MODELS = ("digits_cnn", "digits_resnet8", "minilm")
-METHODS = ("svd", "rtn", "tucker2", "riem", "auto", "riem+refine", "svd+refine", "auto+refine")
+PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
+METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", *PEER_METHODS,
+           "riem+refine", "svd+refine", "auto+refine")
 
 
 @dataclass
@@ -299,6 +307,9 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
     done: dict[tuple[str, float], tuple[Result, float]] = {}  # (method, budget) -> (result, fit seconds)
     for method in order:
         for budget in budgets:
+            if method in PEER_METHODS:
+                rows.append(run_peer(task, method, budget, base))
+                continue
             base_method = method.removesuffix("+refine")
             cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
                          time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0)
@@ -325,12 +336,15 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     extra = {"refine": outcome.to_dict(), "synthetic_seconds": synthetic.seconds,
                              "synthetic_mode": synthetic.mode}
                 elif method == "auto":
-                    grid = DropBroken(CandidateGrid(riem_fit=reuse.fitter(cfg),
+                    # RieM candidates only when this run fits riem (they reuse its fits)
+                    riem_fit = reuse.fitter(cfg) if "riem" in order else None
+                    grid = DropBroken(CandidateGrid(riem_fit=riem_fit,
                                                     riem_ratios=(budget / 2,) if mode.auto_riem_half[task.name] else ()))
                     before = (reuse.reused, reuse.fitted)
                     res = build_result(task, cfg, lambda specs, c: compress_auto(specs, c, candidates=grid))
                     fit_s = time.perf_counter() - t_fit
                     extra = {"auto_riem_reused": reuse.reused - before[0], "auto_riem_fitted": reuse.fitted - before[1],
+                             "auto_riem_candidates": riem_fit is not None,
                              "auto_dropped_candidates": grid.dropped, "auto_choices": {}}
                     for r in res.report.layers:
                         label = r.reason.split(":")[1].strip() if r.reason.startswith("auto:") else r.method
@@ -369,6 +383,39 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
     return rows
 
 
+def run_peer(task: Task, method: str, budget: float, base: dict) -> dict:
+    """One peer row: the peer at its setting nearest the budget (benchmarks/peers.py), on the
+    weights our frontend finds compressible, its bytes counted over the same layers."""
+    from riem_compiler.frontend.torch_frontend import find_torch_layers
+
+    row = {**base, "method": method, "budget": budget, "peer": True}
+    names = [spec.name for spec in find_torch_layers(task.model, Config(quiet=True)).layers]
+    t_fit = time.perf_counter()
+    try:
+        if method == "hqq-peer":
+            got = peers.run_hqq(task.model, names, budget)
+        else:
+            got = peers.run_nncf(task.model, names, budget, task.example_inputs)
+    except peers.PeerUnavailable as exc:
+        return {**row, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - a failing peer is recorded, the run goes on
+        log.exception("%s %s @ %g failed", task.name, method, budget)
+        return {**row, "error": f"{type(exc).__name__}: {exc}"}
+    fit_s = time.perf_counter() - t_fit
+    model = got["model"]
+    t_eval = time.perf_counter()
+    metrics = task.metrics(model)
+    whole = peers.model_bytes(model)
+    row.update({"ratio": got["stored_bytes"] / got["fp32_bytes"], "compressible_fp32_bytes": got["fp32_bytes"],
+                "stored_bytes": got["stored_bytes"], "metrics": metrics, "fit_seconds": fit_s,
+                "eval_seconds": time.perf_counter() - t_eval, "mean_layer_error": got["layer_error"],
+                "setting": got["setting"], "artifact_bytes": whole, "layers": len(names),
+                "output_error": rc.metrics.model_output_error(task.model, model, task.example_inputs)})
+    log.info("%s %-11s @ 1/%g: %s %s ratio %.4f fit %.1f s", task.name, method, 1 / budget,
+             {k: round(v, 4) for k, v in metrics.items()}, got["setting"], row["ratio"], fit_s)
+    return row
+
+
 # ----------------------------------------------------------------------------- output
 
 METRIC_NAMES = {"top1": "top-1", "ws353": "WS353 rho", "simlex": "SimLex rho", "polarity": "polarity acc",
@@ -397,7 +444,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "- ratio = stored bytes / fp32 bytes of the compressible layers (Linear/Conv weights with "
              ">= 1024 elements); a layer a method cannot fit at the budget stays dense and counts fully.",
              "- disk = bytes of the artifact written by `Result.save` (compressed.safetensors + rest.safetensors "
-             "+ manifest.json); for `original`, the fp32 state_dict as safetensors.",
+             "+ manifest.json); for `original`, the fp32 state_dict as safetensors; for a peer, the bytes of "
+             "every tensor its compressed model holds. whole = disk / the original's: the whole-model ratio "
+             "beside the budget (embedding tables, LayerNorms and biases included).",
+             "- *-peer rows (marked **peer**) are other projects' compressors run by their own code from PyPI "
+             "(benchmarks/peers.py) on the same weights: hqq's quantiser, NNCF's data-free compress_weights; "
+             "each at its setting within 1.07x of the budget with the lowest mean weight error (named in the "
+             "notes), scales and zero points counted.",
+             "- run = when the row was measured; rows of one run are side by side on the same weights "
+             "(commands per run below).",
              "- fit s = wall time of the compression pass (X+refine: X's fit plus refinement; the synthetic "
              "inputs are made once per model and their time is not included, see the JSON).",
              "- tucker2 = Tucker-2 on ungrouped KxK convs, svd (16-bit factors) on the other layers.",
@@ -417,20 +472,26 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"time cap {m['riem_time_s']:g} s per layer") + "; auto "
                      f"RieM candidates at budget{' and budget/2' if m['auto_riem_half'] else ' only'}; "
                      f"refine {m['refine']}; {m.get('threads', meta['threads'])} torch thread(s)")
+    if meta.get("runs"):
+        lines += ["", "Runs:", ""] + [f"- {run}: `{info['command']}`, load average at start "
+                                      f"{' '.join(str(x) for x in info['load_average_at_start'])}"
+                                      for run, info in sorted(meta["runs"].items())]
     for model in sorted({r["model"] for r in rows}, key=lambda x: MODELS.index(x) if x in MODELS else 99):
         mrows = [r for r in rows if r["model"] == model]
         keys = list(next(r for r in mrows if "metrics" in r)["metrics"])
         lines += ["", f"## {model}", "",
                   "| budget | method | " + " | ".join(METRIC_NAMES.get(k, k) for k in keys)
-                  + " | ratio | mean layer err | stored bytes | disk bytes | fit s | notes |",
-                  "|" + "---|" * (len(keys) + 8)]
+                  + " | ratio | mean layer err | stored bytes | disk bytes | whole | fit s | run | notes |",
+                  "|" + "---|" * (len(keys) + 10)]
+        original_disk = next((r["artifact_bytes"] for r in mrows if r["method"] == "original"), None)
         mrows.sort(key=lambda r: (-r["budget"], METHODS.index(r["method"]) if r["method"] in METHODS else -1))
         for r in mrows:
             if "error" in r:
                 lines.append(f"| {fmt_budget(r['budget'])} | {r['method']} | " + " | ".join("-" for _ in keys)
-                             + f" | - | - | - | - | - | failed: {r['error'][:80]} |")
+                             + f" | - | - | - | - | - | - | {r.get('run', 'earlier')} | "
+                             + ("**peer** n/a: " if r.get("peer") else "failed: ") + f"{r['error'][:100]} |")
                 continue
-            notes = []
+            notes = [f"**peer** {r['setting']}"] if r.get("peer") else []
             if r["method"] != "original" and r["ratio"] > r["budget"] * 1.001:
                 notes.append("over budget")
             if r.get("dense_layers"):
@@ -447,7 +508,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                          + " | ".join(f"{r['metrics'][k]:.4f}" for k in keys)
                          + f" | {r['ratio']:.4f} | {fmt_error(r.get('mean_layer_error'))} | "
                          f"{r.get('stored_bytes', '-')} | {r['artifact_bytes']} | "
-                         f"{r['fit_seconds']:.1f} | {'; '.join(notes)} |")
+                         + (f"{r['artifact_bytes'] / original_disk:.3f}" if original_disk else "-")
+                         + f" | {r['fit_seconds']:.1f} | {r.get('run', 'earlier')} | {'; '.join(notes)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -469,7 +531,9 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
             for method in METHODS:
                 pts = sorted((r["stored_bytes"], r["metrics"][key]) for r in mrows if r["method"] == method)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                    peer = method in PEER_METHODS
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if peer else "o",
+                            ls="--" if peer else "-", label=method)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("stored bytes of the compressible layers")
             ax.set_ylabel(METRIC_NAMES.get(key, key))
@@ -513,11 +577,18 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "accuracy.json"
     old = json.loads(json_path.read_text()) if json_path.exists() else {}
-    rows = [r for r in old.get("rows", []) if r["model"] not in args.models]
+    run = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    ran = {(m, x) for m in args.models for x in ["original", *args.methods]}
+    rows = [r for r in old.get("rows", []) if (r["model"], r["method"]) not in ran]
+    for r in rows:
+        r.setdefault("run", "before 2026-12-03")
+    runs = {**old.get("meta", {}).get("runs", {}),
+            run: {"command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}}
     settings = {**old.get("meta", {}).get("settings", {}),
                 **{m: {**model_settings(mode, m), "threads": args.threads} for m in args.models}}
     meta = {"settings": settings, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-            "threads": args.threads, "torch": torch.__version__}
+            "threads": args.threads, "torch": torch.__version__, "runs": runs}
     try:
         import matplotlib
 
@@ -526,7 +597,7 @@ def main(argv=None) -> int:
         pass
     for name in args.models:
         task = Task(name)
-        rows += run_task(task, mode, args.methods)
+        rows += [{**r, "run": run} for r in run_task(task, mode, args.methods)]
         doc = {"meta": meta, "rows": rows}
         json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         (out_dir / "accuracy.md").write_text(markdown(rows, meta))
