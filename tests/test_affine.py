@@ -192,3 +192,56 @@ def test_optimize_with_affine_on_a_small_model():
         assert rec.status == "compressed" and rec.bytes_after <= 0.125 * rec.bytes_before
     with torch.no_grad():
         assert torch.isfinite(res.model(x)).all()
+
+
+@pytest.mark.parametrize("case,bits,group,n_in", [("matmul_right", 4, 32, 256), ("gemm_transB0", 2, 64, 256),
+                                                  ("gemm_transB1", 4, None, 128), ("matmul_right", 2, 32, 80)])
+def test_ort_form_is_matmulnbits_with_float_zero_points(case, bits, group, n_in):
+    """onnx_format "ort": MatMulNBits with the float16 scale and zero Cast to float32 as zero
+    points gives the function form's outputs; the arrays read back bit for bit; materialising
+    restores the original graph. (n_in 80: the last block is padded.)"""
+    import onnx
+    from test_onnx_export import run
+    from test_onnx_frontend import ALL, gemm_model, matmul_right_model
+
+    from riem_compiler.codegen.onnx_export import materialize_onnx, read_compressed_onnx, rewrite_onnx
+    from riem_compiler.codegen.onnx_rewrite import onnx_forms
+    from riem_compiler.frontend.onnx_frontend import find_onnx_layers
+
+    if case == "matmul_right":
+        model, feeds = matmul_right_model(n_in=n_in, n_out=48)
+    else:
+        model, feeds = gemm_model(trans_b=int(case.endswith("1")), n_in=n_in, n_out=48)
+    specs, _ = find_onnx_layers(model, ALL)
+    comp = {s.name: am.fit_affine(s.weight, bits, group, in_axis=s.in_axis) for s in specs}
+    ort_model = rewrite_onnx(model, specs, comp, "ort")
+    onnx.checker.check_model(ort_model, full_check=True)
+    ops = [n.op_type for n in ort_model.graph.node]
+    assert ops.count("MatMulNBits") == 1 and onnx_forms(ort_model)["W"]["onnx_form"] == "ort", ops
+    mm = next(n for n in ort_model.graph.node if n.op_type == "MatMulNBits")
+    assert mm.input[3] and ops.count("Cast") == 2  # zero points given, scale and zero cast to float32
+    back = read_compressed_onnx(ort_model)["W"]
+    for k, a in comp["W"].arrays.items():
+        assert back.arrays[k].dtype == a.dtype and back.arrays[k].tobytes() == a.tobytes()
+    ref = run(rewrite_onnx(model, specs, comp), feeds)[0]
+    np.testing.assert_allclose(run(ort_model, feeds)[0], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+    plain = materialize_onnx(ort_model)
+    assert [n.op_type for n in plain.graph.node] == [n.op_type for n in model.graph.node]
+    np.testing.assert_allclose(run(plain, feeds)[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ort_form_falls_back_with_a_reason():
+    from test_onnx_frontend import ALL, matmul_right_model
+
+    from riem_compiler.codegen.onnx_export import rewrite_onnx
+    from riem_compiler.codegen.onnx_rewrite import onnx_forms
+    from riem_compiler.frontend.onnx_frontend import find_onnx_layers
+
+    model, _ = matmul_right_model(n_in=64, n_out=32)
+    specs, _ = find_onnx_layers(model, ALL)
+    for kwargs, why in (({"bits": 3, "group_size": 32}, "3-bit"), ({"bits": 8, "group_size": 32}, "8-bit"),
+                        ({"bits": 4, "group_size": 32, "axis": "out"}, "output axis"),
+                        ({"bits": 4, "group_size": 24}, "power of two")):
+        comp = {s.name: am.fit_affine(s.weight, in_axis=s.in_axis, **kwargs) for s in specs}
+        form = onnx_forms(rewrite_onnx(model, specs, comp, "ort"))["W"]
+        assert form["onnx_form"] == "functions" and why in form["onnx_note"], (kwargs, form)

@@ -310,6 +310,16 @@ class Affine(Method):
                  "group": g}
         return DecoderCall("AffineWeightT" if flip else "AffineWeight", ["codes", "scale", "zero"], attrs)
 
+    def onnx_matmul(self, cw, in_out):
+        from riem_compiler.methods.affine.native import matmulnbits_affine
+
+        return matmulnbits_affine(cw, in_out)
+
+    def onnx_native_arrays(self, meta, shape, encoding, tensors):
+        from riem_compiler.methods.affine.native import affine_arrays_from_native
+
+        return affine_arrays_from_native(meta, shape, encoding, tensors)
+
     def onnx_functions(self):
         from riem_compiler.methods.affine import onnx as o
 
