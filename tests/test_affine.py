@@ -99,7 +99,7 @@ LAYOUTS = [  # (shape, in_axis, bits, group, axis)
 
 
 @pytest.mark.parametrize("shape,in_axis,bits,group,axis", LAYOUTS)
-def test_layouts_decode_the_same_in_torch_and_onnxruntime(shape, in_axis, bits, group, axis):
+def test_layouts_decode_the_same_in_torch_onnxruntime_and_tvm(shape, in_axis, bits, group, axis):
     W = (np.random.default_rng(1).standard_normal(shape) / 5).astype(np.float32)
     cw = am.fit_affine(W, bits, group, in_axis=in_axis, axis=axis)
     ref = methods.decode(cw)
@@ -116,6 +116,16 @@ def test_layouts_decode_the_same_in_torch_and_onnxruntime(shape, in_axis, bits, 
     groups = -(-cols // (cols if group is None else group))
     assert cw.nbytes == -(-rows * cols * bits // 8) + 4 * rows * groups
     assert cw.arrays["scale"].dtype == np.float16 and cw.arrays["zero"].dtype == np.float16
+    # TVM's decode kernel reads the same arrays the same way
+    tvm = pytest.importorskip("tvm")
+    from riem_compiler.codegen.tvm_build import TvmBuildOptions, make_target
+
+    kernel = methods.get("affine").tvm_kernel()
+    func = kernel.schedule_decode_cpu(kernel.decode_primfunc(cw, "decode_w"))
+    lib = tvm.compile(func, target=make_target(TvmBuildOptions()))
+    out = tvm.runtime.tensor(np.zeros(shape, np.float32))
+    lib["decode_w"](*[tvm.runtime.tensor(np.ascontiguousarray(cw.arrays[n])) for n in kernel.array_names(cw)], out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6, atol=1e-7)
     # the grouped matrix's groups are the reference's groups
     M = W.reshape(shape[0], -1)
     G = M.T if flip else M

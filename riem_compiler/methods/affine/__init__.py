@@ -27,6 +27,7 @@ import torch
 from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
+from riem_compiler.methods.affine.layout import affine_layout, flipped
 from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape
 
@@ -80,18 +81,6 @@ class AffineSettings:
 
 
 # ---------------------------------------------------------------------------------- layout
-def flipped(transposed: bool, axis: str) -> bool:
-    """Whether the grouped matrix is the transpose of the weight's (rows, cols) matrix view."""
-    return bool(transposed) != (axis == "out")
-
-
-def affine_layout(shape, group_size: int | None, flip: bool) -> tuple[int, int, int, int]:
-    """(rows, cols, group, groups per row) of the grouped matrix; None: one group per row."""
-    rows, cols = quantised_shape(shape, flip)
-    g = cols if group_size is None else int(group_size)
-    return rows, cols, g, math.ceil(cols / g)
-
-
 def affine_nbytes(shape, bits: int, group_size: int | None, flip: bool = False) -> int:
     """Packed codes + a float16 scale and a float16 zero per group."""
     rows, cols, _, groups = affine_layout(shape, group_size, flip)
@@ -258,7 +247,7 @@ def choose(shape, ratio: float, settings: AffineSettings, flip: bool) -> list[tu
 class Affine(Method):
     name = "affine"
     Settings = AffineSettings
-    tvm_dense_reason = "no TVM decode kernel for affine yet: the TVM artifact stores the decoded weight dense"
+    tvm_dense_reason = None
 
     def fit(self, spec, ratio, settings, index=0):
         shape = spec.shape
@@ -324,6 +313,11 @@ class Affine(Method):
         from riem_compiler.methods.affine import onnx as o
 
         return {name: (getattr(o, name), ("UnpackBits",)) for name in ("AffineWeight", "AffineWeightT")}
+
+    def tvm_kernel(self):
+        from riem_compiler.methods.affine import tvm
+
+        return tvm
 
 
 METHOD = Affine()
