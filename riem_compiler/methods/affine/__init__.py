@@ -9,7 +9,10 @@ of dragging the whole group: each iteration splits the error into a sparse outli
 generalised soft-threshold of the error) and fits scale and zero in closed form to the rest,
 with a penalty that grows so the split tightens. Each group keeps its iterate with the smallest
 squared error (so the matrix's relative Frobenius error, what the report shows, is never worse
-than min-max), always evaluated with the float16-rounded scale/zero that are stored.
+than min-max), always evaluated with the float16-rounded scale/zero that are stored. Updating
+the scale as well as the zero (HQQ's own solver updates only the zero) is most of the gain:
+MiniLM's layer-0 query at 2-bit g128, relative error 0.34 against 0.49 (zero only) and 0.51
+(min-max).
 
 Groups run along the layer's input axis by default (`axis="in"`, as rtn and MatMulNBits), or
 along the output axis (`axis="out"`: groups of consecutive outputs for each input). The grouped
@@ -254,8 +257,10 @@ class Affine(Method):
         flip = flipped(spec.in_axis == 0, settings.axis)
         options = choose(shape, ratio, settings, flip)
         if not options:
+            _, cols = quantised_shape(shape, flip)
+            least = min(affine_nbytes(shape, b, g, flip) for b, g in ladder(settings, cols))
             raise InputError(f"ratio {ratio} is too small for affine of shape {shape} with {settings} "
-                             f"({affine_nbytes(shape, 1, None, flip)} bytes at 1 bit per row needed)")
+                             f"({least} bytes needed at least); raise the ratio")
         best = None
         for bits, group in options:
             cw = fit_affine(spec.weight, bits, group, spec.in_axis, settings.axis, settings.iterations,
@@ -264,7 +269,7 @@ class Affine(Method):
             if best is None or fitted.rel_error < best.rel_error:
                 best = fitted
         best.report.update({"bits_per_weight": round(8 * best.weight.nbytes / int(np.prod(shape)), 3),
-                            "tried": [self.label_of(b, g) for b, g in options]})
+                            "tried": [self.label_of(b, g, settings.axis) for b, g in options]})
         return best
 
     def candidates(self, spec, budget_ratio, options, attempt):
