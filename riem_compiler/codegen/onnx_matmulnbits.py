@@ -107,13 +107,17 @@ def plan_uses(graph: onnx.GraphProto, name: str, captured: set, inits: dict) -> 
     return MatMulPlan(layouts.pop(), consumers, transposes)
 
 
-def replacement(node: onnx.NodeProto, bias: str, b_name: str, scales_name: str, form) -> onnx.NodeProto:
-    """The MatMulNBits node that takes `node`'s place (same name and output)."""
+def replacement(node: onnx.NodeProto, bias: str, b_name: str, scales_name: str, form,
+                zero_points_name: str = "") -> onnx.NodeProto:
+    """The MatMulNBits node that takes `node`'s place (same name and output); zero_points_name:
+    the zero points (of the scales' type) when the form has them."""
+    if ("zero_points" in form.tensors) != bool(zero_points_name):
+        raise ValueError("a MatMulNBits form with zero points needs their input name, and only then")
     inputs = [node.input[0], b_name, scales_name]
-    if "zero_points" in form.tensors:
-        raise NotImplementedError("MatMulNBits zero points are not written yet")
+    if zero_points_name or bias:
+        inputs.append(zero_points_name)
     if bias:
-        inputs += ["", "", bias]
+        inputs += ["", bias]
     return helper.make_node("MatMulNBits", inputs, [node.output[0]], name=node.name, domain=MS_DOMAIN, **form.attrs)
 
 

@@ -45,10 +45,11 @@ Design:
   `read_compressed_onnx` converts the initializers back (`Method.onnx_native_arrays`); a weight
   that keeps the function form has "onnx_form": "functions" and an "onnx_note" saying why.
 - onnx_format="ort": a weight whose every use is a MatMul/Gemm (onnx_matmulnbits.py says which
-  patterns) and whose method has a MatMulNBits layout (`Method.onnx_matmul`; rtn 2/4/8-bit)
-  has those consumers replaced by com.microsoft MatMulNBits nodes ("onnx_form": "ort"; the
-  replaced nodes are kept in the metadata for `materialize_onnx`); the others get the standard
-  form where they have one, else the function form, with an "onnx_note".
+  patterns) and whose method has a MatMulNBits layout (`Method.onnx_matmul`; rtn 2/4/8-bit,
+  affine 2/4-bit with float zero points) has those consumers replaced by com.microsoft
+  MatMulNBits nodes ("onnx_form": "ort"; the float16 scales and float zero points are Cast to
+  float32; the replaced nodes are kept in the metadata for `materialize_onnx`); the others get
+  the standard form where they have one, else the function form, with an "onnx_note".
 - Embedding tables (a weight whose every use is a row Gather, onnx_gather.py): "standard" writes
   the row-major DequantizeLinear (`Method.onnx_native(..., table=True)`); "ort" replaces each
   Gather by com.microsoft GatherBlockQuantized (`Method.onnx_gather`; rtn 4/8-bit), restored by
@@ -532,17 +533,22 @@ def _ort_decoder(name: str, tensor: onnx.TensorProto, graph, state: _RewriteStat
         names[key] = state.fresh(f"{name}.{cw.method}.{key}")
         inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), names[key]))
     scales = names["scales"]
+    zero_points = names.get("zero_points", "")
     if form.cast_scales:
         scales = state.fresh(f"{name}.scales_f32")
         nodes.append(helper.make_node("Cast", [names["scales"]], [scales], name=state.fresh(f"{name}.cast"),
                                       to=onnx.TensorProto.FLOAT))
+        if zero_points and form.tensors["zero_points"].dtype.kind == "f":  # float zero points: the scales' type
+            zero_points = state.fresh(f"{name}.zero_points_f32")
+            nodes.append(helper.make_node("Cast", [names["zero_points"]], [zero_points],
+                                          name=state.fresh(f"{name}.cast"), to=onnx.TensorProto.FLOAT))
     originals = []
     for index, node, *bias in plan.consumers:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         originals.append(copy)
         swap[index] = (gq.replacement(node, names["data"], scales, form) if gather
-                       else mm.replacement(node, bias[0], names["B"], scales, form))
+                       else mm.replacement(node, bias[0], names["B"], scales, form, zero_points))
     transposes = [] if gather else plan.transposes
     for index, _ in transposes:
         swap[index] = None

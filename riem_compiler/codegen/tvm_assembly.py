@@ -11,7 +11,7 @@ module's kernel, one `call_tir` per weight, named `<method>_decode_<index>`.
   per call only pays where memory is the constraint.)
 - fused: `main` takes the compact arrays, so no dense copy of those weights stays resident.
   A 2-D weight whose kernel module has `fused_linear_primfunc` (riem) has its matmul replaced
-  by one kernel that reconstructs W a tile of rows at a time; every other compact weight (rtn,
+  by one kernel that reconstructs W a tile of rows at a time; every other compact weight (rtn, affine,
   svd, tucker2, riem conv) is decoded per call inside `main` into a transient buffer.
 """
 from __future__ import annotations

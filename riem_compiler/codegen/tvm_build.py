@@ -42,14 +42,14 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
     model.so (export_library), params.safetensors, manifest.json, and tuning/ (the MetaSchedule
     database when tuned).
 
-    Every compressed weight whose method has a TVM kernel (riem, rtn, svd, tucker2; any mix,
+    Every compressed weight whose method has a TVM kernel (riem, rtn, svd, tucker2, affine; any mix,
     as `auto` makes) is stored as exactly its CompressedWeight arrays and decoded by that
     kernel; a weight without one (method "dense", kept dense by choice) is stored as its float32
     parameter. The manifest's "layers" lists per weight: compact or dense (and why), where it
     is decoded, and its bytes. mode="decode-once" (default) decodes every compact weight once
     at load; mode="fused" keeps them compact in memory: 2-D riem weights get the fused
-    reconstruct-and-multiply kernel, every other compact weight (rtn, svd, tucker2, riem conv)
-    is decoded per call into a transient buffer, a plain dequantise for rtn but a full
+    reconstruct-and-multiply kernel, every other compact weight (rtn, affine, svd, tucker2, riem conv)
+    is decoded per call into a transient buffer, a plain dequantise for rtn and affine but a full
     reconstruction per call for the others, so fused only pays where memory is the limit."""
     import tvm
     from safetensors.numpy import save_file

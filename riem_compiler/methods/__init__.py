@@ -14,10 +14,11 @@ MODULES = {  # in this order `auto` asks them for candidates
     "rtn": "riem_compiler.methods.rtn",
     "svd": "riem_compiler.methods.svd",
     "tucker2": "riem_compiler.methods.tucker2",
+    "affine": "riem_compiler.methods.affine",
     "riem": "riem_compiler.methods.riem",
 }
 # methods a user can pick for every layer (dense is auto's "keep it" candidate), plus the planner
-SELECTABLE = ("riem", "svd", "rtn", "tucker2")
+SELECTABLE = ("riem", "svd", "rtn", "tucker2", "affine")
 PLANNER = "auto"
 
 
