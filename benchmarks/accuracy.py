@@ -405,11 +405,10 @@ def run_peer(task: Task, method: str, budget: float, base: dict) -> dict:
     model = got["model"]
     t_eval = time.perf_counter()
     metrics = task.metrics(model)
-    whole = peers.model_bytes(model)
     row.update({"ratio": got["stored_bytes"] / got["fp32_bytes"], "compressible_fp32_bytes": got["fp32_bytes"],
                 "stored_bytes": got["stored_bytes"], "metrics": metrics, "fit_seconds": fit_s,
                 "eval_seconds": time.perf_counter() - t_eval, "mean_layer_error": got["layer_error"],
-                "setting": got["setting"], "artifact_bytes": whole, "layers": len(names),
+                "setting": got["setting"], "artifact_bytes": got["whole_bytes"], "layers": len(names),
                 "output_error": rc.metrics.model_output_error(task.model, model, task.example_inputs)})
     log.info("%s %-11s @ 1/%g: %s %s ratio %.4f fit %.1f s", task.name, method, 1 / budget,
              {k: round(v, 4) for k, v in metrics.items()}, got["setting"], row["ratio"], fit_s)

@@ -68,11 +68,17 @@ def run_hqq(model: torch.nn.Module, names: list[str], budget: float) -> dict:
         raise PeerUnavailable(f"hqq is not installed ({exc}); pip install hqq") from exc
     weights = _named_weights(model, names)
     fp32 = sum(4 * w.numel() for w in weights.values())
-    best = None
+    best, rejected, smallest = None, set(), None
     for bits, group, axis in HQQ_SETTINGS:
         if any(w.numel() % group for w in weights.values()):
             continue
-        if sum(hqq_quantise(w, bits, group, axis, optimize=False)[1] for w in weights.values()) > OVER * budget * fp32:
+        try:  # hqq's packers need the group count divisible by the codes per byte (odd counts fail)
+            size = sum(hqq_quantise(w, bits, group, axis, optimize=False)[1] for w in weights.values())
+        except RuntimeError as exc:
+            rejected.add(f"{bits}-bit g{group} axis {axis}: {str(exc).splitlines()[0][:80]}")
+            continue
+        smallest = size if smallest is None else min(smallest, size)
+        if size > OVER * budget * fp32:
             continue
         decoded, stored, errs, sizes = {}, 0, [], []
         for name, w in weights.items():
@@ -84,15 +90,19 @@ def run_hqq(model: torch.nn.Module, names: list[str], budget: float) -> dict:
         if best is None or err < best[0]:
             best = (err, (bits, group, axis), decoded, stored)
     if best is None:
-        raise PeerUnavailable(f"no hqq setting stores <= {OVER:g} x the budget")
+        least = "" if smallest is None else f" (the smallest stores {smallest / fp32:.4f} of fp32)"
+        raise PeerUnavailable(f"no hqq setting that its packer accepts for these layers stores <= {OVER:g} x "
+                              f"the budget{least}; {len(rejected)} settings rejected by hqq's packing")
     err, (bits, group, axis), decoded, stored = best
     out = copy.deepcopy(model)
     params = dict(out.named_parameters())
     with torch.no_grad():
         for name, d in decoded.items():
             params[name].copy_(d)
+    # the model holds hqq's dequantised weights in float: as stored, those layers take `stored` bytes
+    whole = model_bytes(model) - fp32 + stored
     return {"model": out, "stored_bytes": stored, "fp32_bytes": fp32, "layer_error": err,
-            "setting": f"hqq {bits}-bit g{group} axis {axis}"}
+            "setting": f"hqq {bits}-bit g{group} axis {axis}", "whole_bytes": whole}
 
 
 # ----------------------------------------------------------------------------- NNCF
@@ -134,7 +144,7 @@ def run_nncf(model: torch.nn.Module, names: list[str], budget: float, example_in
         raise PeerUnavailable(f"nncf is not installed ({exc}); pip install nncf") from exc
     weights = _named_weights(model, names)
     fp32 = sum(4 * w.numel() for w in weights.values())
-    best = None
+    best, smallest = None, None
     for mode, group in NNCF_SETTINGS:
         bits = 8 if mode.startswith("INT8") else 4
         if bits / 32 > OVER * budget:  # cannot fit whatever the grouping
@@ -146,6 +156,7 @@ def run_nncf(model: torch.nn.Module, names: list[str], budget: float, example_in
             continue
         sizes = _nncf_bytes(compressed, list(weights))
         stored = sum(sizes.values())
+        smallest = stored if smallest is None else min(smallest, stored)
         if stored > OVER * budget * fp32:
             continue
         errs, counts = [], []
@@ -157,10 +168,12 @@ def run_nncf(model: torch.nn.Module, names: list[str], budget: float, example_in
         if best is None or err < best[0]:
             best = (err, f"nncf {mode.lower()}" + ("" if group is None else f" g{group}"), compressed, stored)
     if best is None:
-        raise PeerUnavailable(f"no NNCF weight-compression mode stores <= {OVER:g} x the budget "
-                              "(its data-free modes are 8- and 4-bit)")
+        least = "" if smallest is None else f"; the smallest stores {smallest / fp32:.4f} of fp32"
+        raise PeerUnavailable(f"no NNCF weight-compression mode stores <= {OVER:g} x the budget (its data-free "
+                              f"modes are 8- and 4-bit, and it leaves some layers float{least})")
     err, setting, compressed, stored = best
-    return {"model": compressed, "stored_bytes": stored, "fp32_bytes": fp32, "layer_error": err, "setting": setting}
+    return {"model": compressed, "stored_bytes": stored, "fp32_bytes": fp32, "layer_error": err, "setting": setting,
+            "whole_bytes": model_bytes(compressed)}
 
 
 def _nncf_decoded(compressed: torch.nn.Module, name: str, original: torch.Tensor) -> torch.Tensor:

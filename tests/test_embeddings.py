@@ -252,3 +252,62 @@ def test_option_is_a_bool_and_a_flag():
     assert _config_from_args(build_parser().parse_args(["m.onnx", "--no-cache", "--compress-embeddings"])).compress_embeddings
     assert not _config_from_args(build_parser().parse_args(["m.onnx", "--no-cache"])).compress_embeddings
     Config(ignore_types=("embedding",))
+
+
+def test_other_weight_matrices_are_listed_as_kept_with_their_size():
+    """MultiheadAttention, LSTM/GRU and ConvTranspose weights are seen and kept, each with a reason
+    and its real bytes, so the report's rows add up to the whole model."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(100, 64)
+            self.mha = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.lstm = nn.LSTM(64, 64, batch_first=True)
+            self.gru = nn.GRU(64, 64, batch_first=True)
+            self.ct = nn.ConvTranspose1d(64, 64, 3)
+            self.lin = nn.Linear(64, 64)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            x, _ = self.mha(x, x, x)
+            x, _ = self.lstm(x)
+            x, _ = self.gru(x)
+            return self.lin(self.ct(x.transpose(1, 2)).transpose(1, 2))
+
+    model = Mixed().eval()
+    res = rc.optimize(model, example_inputs=(torch.randint(0, 100, (2, 8)),), ratio=0.25, method="rtn", quiet=True)
+    rows = {r.name: r for r in res.report.layers}
+    assert rows["lin.weight"].status == "compressed"
+    expect = {"mha.in_proj_weight": "MultiheadAttention", "mha.out_proj.weight": "MultiheadAttention",
+              "lstm.weight_ih_l0": "LSTM", "lstm.weight_hh_l0": "LSTM", "gru.weight_hh_l0": "GRU",
+              "ct.weight": "ConvTranspose1d", "emb.weight": "compress_embeddings=False"}
+    params = dict(model.named_parameters())
+    for name, word in expect.items():
+        assert rows[name].status == "skipped" and word in rows[name].reason
+        assert rows[name].bytes_before == rows[name].bytes_after == params[name].numel() * 4
+    matrices = {n for n, p in params.items() if p.dim() >= 2}
+    assert matrices <= set(rows)  # every weight matrix has a row
+
+
+def test_onnx_recurrent_and_transposed_conv_weights_are_listed_as_kept(tmp_path):
+    class Rec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(16, 32, batch_first=True)
+            self.ct = nn.ConvTranspose1d(32, 8, 3)
+
+        def forward(self, x):
+            y, _ = self.gru(x)
+            return self.ct(y.transpose(1, 2))
+
+    model = Rec().eval()
+    path = tmp_path / "rec.onnx"
+    torch.onnx.export(model, (torch.randn(1, 5, 16),), str(path), dynamo=False)
+    proto = onnx.load(str(path))
+    specs, skipped = find_onnx_layers(proto, rc.Config(min_weight_size=0, quiet=True))
+    reasons = dict((n if isinstance(n, str) else n.name, why) for n, why in skipped)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"GRU", "ConvTranspose"} <= ops
+    kinds = [why.split(" ")[0] for why in reasons.values()]
+    assert kinds.count("GRU") == 2 and kinds.count("ConvTranspose") == 1 and specs == []

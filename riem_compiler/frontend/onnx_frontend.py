@@ -389,8 +389,25 @@ def _walk(graph, path, parent, found: _Found):
             _consider(node, scope, found)
         elif node.domain in DEFAULT_DOMAINS and node.op_type == "Gather":
             _consider_gather(node, scope, found)
+        elif node.domain in DEFAULT_DOMAINS and node.op_type in KEPT_WEIGHT_OPS:
+            _note_kept_weights(node, scope, found)
         for label, g in subgraphs(node):
             _walk(g, f"{path}/{i}:{label}", scope, found)
+
+
+# ops whose constant weight matrices the pass sees but does not compress (listed in the report)
+KEPT_WEIGHT_OPS = ("LSTM", "GRU", "RNN", "ConvTranspose")
+
+
+def _note_kept_weights(node, scope, found: _Found):
+    """Skip reasons for the float weight matrices of a recurrent or transposed-conv node."""
+    for name in node.input[1:3] if node.op_type != "ConvTranspose" else node.input[1:2]:
+        traced = trace_constant(scope, name) if name else None
+        if traced is None:
+            continue
+        src = traced[0]
+        if src.tensor.data_type in FLOAT_TYPES and len(src.tensor.dims) >= 2 and src.name not in found.specs:
+            found.skipped.setdefault(src.name, f"{node.op_type} weight (not a compressible layer kind yet); kept float")
 
 
 def _label(node: onnx.NodeProto) -> str:

@@ -114,9 +114,28 @@ def find_torch_layers(model: nn.Module, config) -> Detection:
             det.graph_module = model
         det.layers += graph_layers
         det.skipped += graph_skipped
+    accounted = owned | {s.name for s in det.layers} | {n.name if isinstance(n, LayerSpec) else n for n, _ in det.skipped}
+    det.skipped += [(n, kept_reason(model, n)) for n, p in params.items() if p.dim() >= 2 and n not in accounted]
     det.layers, filtered = apply_scope(det.layers, config)
     det.skipped += filtered
     return det
+
+
+def kept_reason(model: nn.Module, param_name: str) -> str:
+    """Why a weight matrix that no compressible layer uses stays float, named by its module."""
+    path = param_name.split(".")[:-1]
+    owner = model.get_submodule(".".join(path))
+    ancestors = [model.get_submodule(".".join(path[:i])) for i in range(len(path))]
+    if any(isinstance(m, nn.MultiheadAttention) for m in [*ancestors, owner]):  # out_proj is a Linear inside it
+        return ("nn.MultiheadAttention weight (its fused attention reads the projection weights directly, "
+                "not through a Linear call); kept float")
+    if isinstance(owner, nn.RNNBase):
+        return f"{type(owner).__name__} weight (the fused recurrent kernel reads its raw weights); kept float"
+    if isinstance(owner, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return f"{type(owner).__name__} weight (transposed convolutions are not a compressible layer kind yet); kept float"
+    if isinstance(owner, nn.Conv3d):
+        return "Conv3d weight (3-D convolutions are not a compressible layer kind yet); kept float"
+    return f"used by {type(owner).__name__}.forward, which the pass does not rewrite; kept float"
 
 
 def _join(prefix: str, name: str) -> str:
