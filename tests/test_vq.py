@@ -1,5 +1,6 @@
 """vq: codebook quantisation against a direct reference, its byte formula, its ONNX decoders on
 grouped/padded/transposed layouts, the ratio ladder, and its error against rtn at equal bytes."""
+import json
 import struct
 
 import numpy as np
@@ -183,3 +184,25 @@ def test_optimize_with_vq_exports_onnx_and_reloads(tmp_path):
     loaded = rc.load(res.save(tmp_path / "art"), model=fresh)
     with torch.no_grad():
         np.testing.assert_allclose(loaded(x).numpy(), y, rtol=1e-5, atol=1e-6)
+    pytest.importorskip("tvm")
+    built = rc.load(res.build_tvm(tmp_path / "tvm"))  # compact: the kernel decodes the stored arrays
+    np.testing.assert_allclose(np.asarray(built(x)), y, rtol=1e-5, atol=1e-5)
+    manifest = json.loads((tmp_path / "tvm" / "manifest.json").read_text())
+    assert {layer["storage"] for layer in manifest["layers"]} == {"compact"}
+
+
+@pytest.mark.parametrize("shape,dim,bits", [((12, 10), 3, 5), ((6, 2, 3, 3), 4, 10), ((9, 7), 2, 12), ((8, 16), 2, 8)])
+def test_tvm_kernel_matches_torch(shape, dim, bits):
+    tvm = pytest.importorskip("tvm")
+    from riem_compiler.codegen.tvm_build import TvmBuildOptions, make_target
+    from riem_compiler.methods.vq import tvm as kernel
+
+    cw = vq_m.fit_vq(_heavy(shape, 2), dim, bits, iterations=3)
+    func = kernel.schedule_decode_cpu(kernel.decode_primfunc(cw, "decode_w"))
+    lib = tvm.compile(func, target=make_target(TvmBuildOptions()))
+    out = tvm.runtime.tensor(np.zeros(cw.shape, np.float32))
+    lib["decode_w"](*[tvm.runtime.tensor(np.ascontiguousarray(cw.arrays[n])) for n in kernel.array_names(cw)], out)
+    np.testing.assert_allclose(out.numpy(), methods.decode(cw), rtol=1e-6, atol=1e-7)
+    transposed = vq_m.fit_vq(_heavy((9, 7), 2), 2, 4, in_axis=0, iterations=2)
+    with pytest.raises(ValueError, match="transposed"):
+        kernel.decode_primfunc(transposed, "d")

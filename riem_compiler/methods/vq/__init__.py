@@ -213,8 +213,7 @@ def decode_vq(cw: CompressedWeight, t: dict) -> torch.Tensor:
 class VQ(Method):
     name = "vq"
     Settings = VQSettings
-    tvm_dense_reason = ("no TVM decode kernel for vq (a codebook gather): the TVM artifact stores "
-                        "the decoded weight dense")
+    tvm_dense_reason = None
 
     def fit(self, spec, ratio, settings, index=0):
         transposed = spec.in_axis == 0
@@ -272,6 +271,11 @@ class VQ(Method):
         from riem_compiler.methods.vq import onnx as o
 
         return {"VQWeight": (o.VQWeight, ("UnpackBits",)), "VQWeightT": (o.VQWeightT, ("UnpackBits",))}
+
+    def tvm_kernel(self):
+        from riem_compiler.methods.vq import tvm
+
+        return tvm
 
 
 METHOD = VQ()
