@@ -387,7 +387,7 @@ def test_dense_method_says_why_it_stays_dense():
 
     dense = methods.get("dense")
     assert dense.tvm_kernel() is None and "by choice" in dense.tvm_dense_reason
-    for name in ("riem", "rtn", "svd", "tucker2"):
+    for name in ("riem", "rtn", "svd", "tucker2", "vq"):
         assert methods.get(name).tvm_kernel() is not None and methods.get(name).tvm_dense_reason is None
 
 

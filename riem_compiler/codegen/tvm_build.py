@@ -42,7 +42,7 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
     model.so (export_library), params.safetensors, manifest.json, and tuning/ (the MetaSchedule
     database when tuned).
 
-    Every compressed weight whose method has a TVM kernel (riem, rtn, svd, tucker2, affine; any mix,
+    Every compressed weight whose method has a TVM kernel (riem, rtn, svd, tucker2, affine, vq; any mix,
     as `auto` makes) is stored as exactly its CompressedWeight arrays and decoded by that
     kernel; a weight without one (method "dense", kept dense by choice) is stored as its float32
     parameter. The manifest's "layers" lists per weight: compact or dense (and why), where it

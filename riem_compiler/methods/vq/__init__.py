@@ -1,0 +1,281 @@
+"""vq: data-free vector (codebook) quantisation. Each row (output) of the quantised matrix is cut
+into vectors of `dim` consecutive inputs (the last one zero-padded), divided by the row's scale,
+and replaced by the index of its nearest entry in ONE codebook of 2**bits vectors per layer,
+learnt by k-means over those vectors (no data: the weight's own vectors are the training set).
+
+Stored arrays (all counted): "codes" (one index per vector, bit-packed, riem_compiler/bitpack.py),
+"codebook" (2**bits, dim) float16, "scale" (rows,) float16 relative row scales, and "gain" (1,)
+float32, the largest row scale, so that float16 scales hold weights of any magnitude (1e-30 or
+1e30). Bytes = ceil(rows * ceil(cols / dim) * bits / 8) + 2 * 2**bits * dim + 2 * rows + 4.
+
+As in rtn, vectors run along the layer's input axis: a 2-D weight stored (in, out) is quantised
+as its transpose (meta "transposed")."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from riem_compiler import bitpack
+from riem_compiler.compressed import CompressedWeight
+from riem_compiler.errors import InputError
+from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
+from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape
+
+# a 4096-entry codebook, by explicit setting only: k-means time grows linearly with it (dim 4,
+# 12 bits: 7-20 s on a 1536x384 weight here), so the ladder stops at 10 bits (1-4 s)
+MAX_BITS = 12
+# (dim, bits) from most to fewest code bits per weight (bits / dim): 5 ... 0.75; a longer vector
+# beats a shorter one at the same code bits (measured on MiniLM: (3,9) 0.162 vs (2,6) 0.178 at 3)
+LADDER = ((2, 10), (2, 9), (2, 8), (2, 7), (3, 9), (3, 8), (4, 10), (4, 9), (4, 8), (5, 9), (6, 10), (5, 8),
+          (6, 9), (6, 8), (7, 9), (8, 10), (7, 8), (8, 9), (8, 8), (8, 7), (10, 8), (8, 6))
+# fit() runs k-means for this many of the first LADDER rungs that fit and keeps the best (on
+# MiniLM's query and intermediate weights at 1/8..1/32 the first won 9 times in 10; the second
+# won once, when a longer vector's larger codebook still fit)
+FIT_TRIES = 2
+# auto's candidates: about 4, 3, 2.5, 2, 1.5 and 1 code bits per weight
+AUTO_LADDER = ((2, 8), (3, 9), (4, 10), (4, 8), (6, 9), (8, 8))
+
+
+def _choice(value, name: str):
+    """None, or a positive int (a CLI flag arrives as a string; "none" means choose)."""
+    if isinstance(value, str):
+        value = None if value.strip().lower() in ("", "none", "auto") else value.strip()
+        if value is not None and not value.isdigit():
+            raise InputError(f"vq {name} must be a positive integer or None; got {value!r}")
+        value = None if value is None else int(value)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(f"vq {name} must be a positive integer or None; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class VQSettings:
+    """dim, bits: vector length and codebook index bits (None: chosen from LADDER by the ratio).
+    iterations: k-means (Lloyd) passes; sample: most vectors the codebook is trained on."""
+
+    dim: int | None = None
+    bits: int | None = None
+    iterations: int = 8
+    seed: int = 0
+    sample: int = 65536
+
+    def __post_init__(self):
+        object.__setattr__(self, "dim", _choice(self.dim, "dim"))
+        object.__setattr__(self, "bits", _choice(self.bits, "bits"))
+        if self.bits is not None and self.bits > MAX_BITS:
+            raise InputError(f"vq bits must be at most {MAX_BITS}; got {self.bits}")
+        for name in ("iterations", "seed", "sample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "sample" else 0):
+                raise InputError(f"vq {name} must be a non-negative integer (sample >= 1); got {value!r}")
+
+
+def vq_layout(shape, dim: int, transposed: bool = False) -> tuple[int, int, int]:
+    """(rows, cols, vectors per row) of the quantised matrix."""
+    n, d = quantised_shape(shape, transposed)
+    return n, d, math.ceil(d / dim)
+
+
+def vq_nbytes(shape, dim: int, bits: int, transposed: bool = False) -> int:
+    n, _, v = vq_layout(shape, dim, transposed)
+    return bitpack.packed_nbytes(n * v, bits) + 2 * (1 << bits) * dim + 2 * n + 4
+
+
+def vq_rungs(shape, ratio: float, settings: VQSettings, transposed: bool = False) -> list[tuple[int, int]]:
+    """The (dim, bits) that fit ratio * fp32 bytes, most accurate first. With both settings
+    given, just that one; with one given, the best value of the other (more bits, or a shorter
+    vector, is always more accurate); with neither, the LADDER rungs that fit."""
+    budget = ratio * fp32_bytes(shape)
+
+    def fits(dim, bits):
+        return vq_nbytes(shape, dim, bits, transposed) <= budget
+
+    if settings.dim is not None and settings.bits is not None:
+        rungs = [(settings.dim, settings.bits)]
+    elif settings.dim is not None:
+        rungs = [(settings.dim, b) for b in range(MAX_BITS, 0, -1)]
+    elif settings.bits is not None:
+        rungs = [(d, settings.bits) for d in range(1, 65)]
+    else:
+        rungs = list(LADDER)
+    return [r for r in rungs if fits(*r)]
+
+
+# ---------------------------------------------------------------------------------------- k-means
+def nearest(X: np.ndarray, C: np.ndarray, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the nearest row of C for each row of X, and that squared distance minus ||x||^2
+    (float32 BLAS: ||c||^2 - 2 x c^T, in chunks of about `chunk` distances)."""
+    K = C.shape[0]
+    step = max(1, chunk // K)
+    cc = (C * C).sum(axis=1)
+    minus2c = np.ascontiguousarray(-2.0 * C.T, dtype=np.float32)
+    labels = np.empty(len(X), np.int64)
+    dist = np.empty(len(X), np.float32)
+    for s in range(0, len(X), step):
+        p = X[s:s + step] @ minus2c
+        p += cc
+        a = p.argmin(axis=1)
+        labels[s:s + step] = a
+        dist[s:s + step] = p[np.arange(len(a)), a]
+    return labels, dist
+
+
+def kmeans_pp(X: np.ndarray, K: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (each new centre drawn with probability ~ squared distance)."""
+    C = np.empty((K, X.shape[1]), np.float32)
+    C[0] = X[rng.integers(len(X))]
+    d2 = ((X - C[0]) ** 2).sum(axis=1)
+    draws = rng.random(K)
+    for k in range(1, K):
+        total = np.cumsum(d2)
+        i = int(np.searchsorted(total, draws[k] * total[-1])) if total[-1] > 0 else k % len(X)
+        C[k] = X[min(i, len(X) - 1)]
+        np.minimum(d2, ((X - C[k]) ** 2).sum(axis=1), out=d2)
+    return C
+
+
+def kmeans(X: np.ndarray, K: int, iterations: int, seed: int) -> np.ndarray:
+    """Lloyd's k-means from a k-means++ start on up to 8*K of the (already shuffled) rows; an
+    empty cluster takes the point farthest from its centre. Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    C = kmeans_pp(X[: 8 * K], K, rng)
+    sq = (X * X).sum(axis=1)
+    for _ in range(iterations):
+        labels, dist = nearest(X, C)
+        count = np.bincount(labels, minlength=K)
+        full = count > 0
+        for j in range(X.shape[1]):
+            C[full, j] = np.bincount(labels, weights=X[:, j], minlength=K)[full] / count[full]
+        empty = np.flatnonzero(~full)
+        if len(empty):
+            far = np.argsort(-(dist + sq), kind="stable")[: len(empty)]
+            C[empty[: len(far)]] = X[far]
+    return C
+
+
+# -------------------------------------------------------------------------------------- fit, decode
+def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, seed: int = 0,
+           sample: int = 65536) -> CompressedWeight:
+    """One codebook of 2**bits vectors of length `dim` for the whole weight (see the module
+    docstring). The codebook is trained on a seeded sample of up to `sample` vectors of the
+    RMS-normalised rows; then every vector gets its nearest (float16) entry and each row the
+    least-squares scale for its decoded row."""
+    if not isinstance(dim, int) or dim < 1:
+        raise InputError(f"vq dim must be a positive integer, got {dim!r}")
+    if not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise InputError(f"vq bits must be in 1..{MAX_BITS}, got {bits!r}")
+    shape = tuple(np.shape(weight))
+    transposed = in_axis == 0
+    if transposed and len(shape) != 2:
+        raise InputError(f"vq in_axis 0 needs a 2-D weight, got shape {shape}")
+    M = matrix(weight).astype(np.float64)
+    M = M.T if transposed else M
+    n, d, v = vq_layout(shape, dim, transposed)
+    rms = np.sqrt((M * M).mean(axis=1))
+    safe = np.where(rms > 0, rms, 1.0)
+    padded = np.zeros((n, v * dim), np.float32)
+    padded[:, :d] = M / safe[:, None]
+    X = padded.reshape(n * v, dim)
+    rng = np.random.default_rng(seed)
+    train = X[rng.permutation(len(X))[:sample]]  # random order: kmeans seeds on its first rows
+    codebook = kmeans(train, 1 << bits, iterations, seed).astype(np.float16)
+    labels, _ = nearest(X, codebook.astype(np.float32))
+    Q = codebook.astype(np.float64)[labels].reshape(n, v * dim)[:, :d]
+    qq = (Q * Q).sum(axis=1)
+    row_scale = np.where(qq > 0, (M * Q).sum(axis=1) / np.where(qq > 0, qq, 1.0), rms)
+    gain = float(np.abs(row_scale).max())
+    gain = gain if gain > 0 and np.isfinite(np.float32(gain)) and np.float32(gain) > 0 else 1.0
+    arrays = {"codes": bitpack.pack(labels, bits), "codebook": codebook,
+              "scale": (row_scale / np.float32(gain)).astype(np.float16),
+              "gain": np.array([gain], np.float32)}
+    meta = {"dim": dim, "bits": bits, "iterations": iterations, "seed": seed, "sample": sample}
+    if transposed:
+        meta["transposed"] = True
+    return CompressedWeight("vq", shape, meta, arrays)
+
+
+def decode_vq(cw: CompressedWeight, t: dict) -> torch.Tensor:
+    """codebook[codes] row by row, cropped to the columns, times the row scale (the matrix view)."""
+    transposed = is_transposed(cw)
+    dim, bits = cw.meta["dim"], cw.meta["bits"]
+    n, d, v = vq_layout(cw.shape, dim, transposed)
+    codes = bitpack.unpack_torch(t["codes"], bits, n * v).to(torch.int64)
+    vectors = torch.index_select(t["codebook"].to(torch.float32), 0, codes)
+    rows = vectors.reshape(n, v * dim)[:, :d]
+    scale = t["scale"].to(torch.float32) * t["gain"].to(torch.float32)
+    W = rows * scale.reshape(n, 1)
+    return W.T.contiguous() if transposed else W
+
+
+class VQ(Method):
+    name = "vq"
+    Settings = VQSettings
+    tvm_dense_reason = None
+
+    def fit(self, spec, ratio, settings, index=0):
+        transposed = spec.in_axis == 0
+        rungs = vq_rungs(spec.shape, ratio, settings, transposed)
+        if not rungs:
+            raise InputError(f"ratio {ratio} is too small for vq of shape {spec.shape}: even the "
+                             f"smallest codebook needs more bytes; raise the ratio or use rtn")
+        best, tried = None, {}
+        for dim, bits in rungs[:FIT_TRIES]:
+            cw = fit_vq(spec.weight, dim, bits, spec.in_axis, settings.iterations, settings.seed + index,
+                        settings.sample)
+            fitted = within_ratio(spec, ratio, cw)
+            tried[self.label(cw)] = round(fitted.rel_error, 6)
+            if best is None or fitted.rel_error < best.rel_error:
+                best = fitted
+        best.report["tried"] = tried
+        return best
+
+    def candidates(self, spec, budget_ratio, options, attempt):
+        transposed = spec.in_axis == 0
+        settings = VQSettings(**options.get("settings", {}))
+        ladder = list(options.get("ladder", AUTO_LADDER))
+        at_budget = vq_rungs(spec.shape, budget_ratio, VQSettings(), transposed)[:1]
+        for dim, bits in dict.fromkeys(ladder + at_budget):
+            # above half the fp32 bytes, dense float16 is smaller and exact to 1e-3: skip
+            if vq_nbytes(spec.shape, dim, bits, transposed) <= 0.5 * spec.fp32_bytes:
+                attempt(spec.name, f"vq{bits}/d{dim}", fit_vq, spec.weight, dim, bits, spec.in_axis,
+                        settings.iterations, settings.seed, settings.sample)
+
+    def decode_torch(self, cw, tensors):
+        return decode_vq(cw, tensors)
+
+    def family(self, cw):
+        return "vq"
+
+    def label(self, cw):
+        return f"vq{cw.meta['bits']}/d{cw.meta['dim']}"
+
+    def trainable(self, cw, param_name=""):
+        # the codebook, scales and gain are float arrays that train; the packed codes stay fixed
+        from riem_compiler.methods.trainable import FloatArraysView
+
+        return FloatArraysView(cw, param_name)
+
+    def onnx_call(self, cw):
+        transposed = is_transposed(cw)
+        n, d, v = vq_layout(cw.shape, cw.meta["dim"], transposed)
+        attrs = {"rows": n, "cols": d, "vectors": v, "dim": int(cw.meta["dim"]), "bits": int(cw.meta["bits"])}
+        if transposed:
+            return DecoderCall("VQWeightT", ["codes", "codebook", "scale", "gain"], attrs)
+        return DecoderCall("VQWeight", ["codes", "codebook", "scale", "gain"],
+                           {**attrs, "shape": [int(s) for s in cw.shape]})
+
+    def onnx_functions(self):
+        from riem_compiler.methods.vq import onnx as o
+
+        return {"VQWeight": (o.VQWeight, ("UnpackBits",)), "VQWeightT": (o.VQWeightT, ("UnpackBits",))}
+
+    def tvm_kernel(self):
+        from riem_compiler.methods.vq import tvm
+
+        return tvm
+
+
+METHOD = VQ()
