@@ -15,9 +15,10 @@ MODULES = {  # in this order `auto` asks them for candidates
     "svd": "riem_compiler.methods.svd",
     "tucker2": "riem_compiler.methods.tucker2",
     "riem": "riem_compiler.methods.riem",
+    "rotq": "riem_compiler.methods.rotq",
 }
 # methods a user can pick for every layer (dense is auto's "keep it" candidate), plus the planner
-SELECTABLE = ("riem", "svd", "rtn", "tucker2")
+SELECTABLE = ("riem", "svd", "rtn", "tucker2", "rotq")
 PLANNER = "auto"
 
 
