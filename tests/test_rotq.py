@@ -245,7 +245,8 @@ def test_settings_validate_and_take_cli_strings():
 
 def test_beats_rtn_at_equal_bytes_on_heavy_tailed_weights():
     """Student-t(3) entries: rtn's max-abs scales waste levels on outliers, the rotation spreads
-    them. Measured: at 1/8 rtn3/g128 0.441 vs rotq 0.155; at 1/10 the same rtn vs rotq 0.180."""
+    them. Measured: at 1/8 rtn3/g128 0.433 vs rotq3/g32 0.157; at 1/10 rtn3/g128 0.433 vs
+    rotq3/g128 0.175."""
     w = heavy_tailed((128, 256), seed=4)
     spec = LayerSpec("w", "linear", w)
     rtn = methods.get("rtn")
@@ -253,15 +254,15 @@ def test_beats_rtn_at_equal_bytes_on_heavy_tailed_weights():
         a = rtn.fit(spec, ratio, rtn.settings(rc.Config()))
         b = METHOD.fit(spec, ratio, METHOD.settings(rc.Config()))
         assert b.weight.nbytes <= ratio * w.size * 4
-        assert b.rel_error < 0.6 * a.rel_error, (ratio, a.rel_error, b.rel_error)
+        assert b.rel_error < 0.5 * a.rel_error, (ratio, a.rel_error, b.rel_error)
 
 
 def test_rotation_helps_on_outliers():
-    """Same bits and bytes; only the rotation differs (block 1 is no rotation)."""
+    """Same bits and bytes; only the rotation differs (block 1 is no rotation). Measured 0.315 vs 0.565."""
     w = heavy_tailed((64, 256), seed=5)
     on = relative_error(w, methods.decode(rotq.fit_rotq(w, 2, 64, None)))
     off = relative_error(w, methods.decode(rotq.fit_rotq(w, 2, 64, 1)))
-    assert on < 0.85 * off, (on, off)
+    assert on < 0.7 * off, (on, off)
 
 
 def test_fitted_grid_is_no_worse_than_gaussian():
