@@ -232,6 +232,35 @@ def tucker2_or_svd(specs, cfg):
     return {**c1, **c2}, sorted(r1 + r2, key=lambda r: order[r.name])
 
 
+class MemoGrid:
+    """auto's candidate source with each candidate fit made once per weight and setting, reused
+    across the budgets of a run (the fits do not depend on the budget; only the set offered does)."""
+
+    def __init__(self, grid):
+        self.grid = grid
+        self.fits: dict = {}
+
+    def __call__(self, spec, budget_ratio):
+        from riem_compiler.passes.auto import CandidateList
+
+        out, wkey = CandidateList(), weight_key(spec.weight, 0.0)
+        plain_attempt = out.attempt
+
+        def attempt(layer, what, fit, *args, keep=True, **kwargs):
+            key = (wkey, what, repr([a for a in args if not isinstance(a, np.ndarray)]), repr(sorted(kwargs.items())))
+            if key not in self.fits:
+                self.fits[key] = plain_attempt(layer, what, fit, *args, keep=False, **kwargs)
+            if keep and self.fits[key] is not None:
+                out.append(self.fits[key])
+            return self.fits[key]
+
+        out.attempt = attempt
+        options = self.grid.method_options()
+        for method in rc.methods.all_methods():
+            method.candidates(spec, budget_ratio, options.get(method.name, {}), out.attempt)
+        return out
+
+
 class DropBroken:
     """Candidate source wrapper: drop candidates that cannot be decoded (and count them), so one
     broken baseline candidate does not stop method="auto" (seen: tucker2 ranks above what HOOI
@@ -299,6 +328,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                  time.perf_counter() - t0})
     log.info("%s original: %s", task.name, orig_metrics)
     reuse = RiemReuse()
+    memo = None  # auto's candidate fits, shared by its budgets
     synthetic = None
     refine_fields = mode.refine[task.name]
     budgets = sorted(mode.budgets[task.name], reverse=True)
@@ -338,8 +368,10 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                 elif method == "auto":
                     # RieM candidates only when this run fits riem (they reuse its fits)
                     riem_fit = reuse.fitter(cfg) if "riem" in order else None
-                    grid = DropBroken(CandidateGrid(riem_fit=riem_fit,
-                                                    riem_ratios=(budget / 2,) if mode.auto_riem_half[task.name] else ()))
+                    if memo is None:  # riem_fit keys its fits by weight and ratio, so one serves every budget
+                        memo = MemoGrid(CandidateGrid(riem_fit=riem_fit))
+                    memo.grid.riem_ratios = (budget / 2,) if mode.auto_riem_half[task.name] else ()
+                    grid = DropBroken(memo)
                     before = (reuse.reused, reuse.fitted)
                     res = build_result(task, cfg, lambda specs, c: compress_auto(specs, c, candidates=grid))
                     fit_s = time.perf_counter() - t_fit

@@ -17,9 +17,10 @@ MODULES = {  # in this order `auto` asks them for candidates
     "affine": "riem_compiler.methods.affine",
     "riem": "riem_compiler.methods.riem",
     "vq": "riem_compiler.methods.vq",
+    "rotq": "riem_compiler.methods.rotq",
 }
 # methods a user can pick for every layer (dense is auto's "keep it" candidate), plus the planner
-SELECTABLE = ("riem", "svd", "rtn", "tucker2", "affine", "vq")
+SELECTABLE = ("riem", "svd", "rtn", "tucker2", "affine", "vq", "rotq")
 PLANNER = "auto"
 
 
