@@ -62,7 +62,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 24, 1 / 32)
 MODELS = ("digits_cnn", "digits_resnet8", "minilm")
 PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
-METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", *PEER_METHODS,
+METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto+emb", *PEER_METHODS,
            "riem+refine", "svd+refine", "auto+refine")
 
 
@@ -340,9 +340,10 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
             if method in PEER_METHODS:
                 rows.append(run_peer(task, method, budget, base))
                 continue
-            base_method = method.removesuffix("+refine")
+            base_method = method.removesuffix("+refine").removesuffix("+emb")
             cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
-                         time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0)
+                         time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0,
+                         compress_embeddings=method.endswith("+emb"))
             row = {**base, "method": method, "budget": budget}
             extra = {}
             t_fit = time.perf_counter()
@@ -365,7 +366,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     fit_s = base_fit_s + outcome.seconds
                     extra = {"refine": outcome.to_dict(), "synthetic_seconds": synthetic.seconds,
                              "synthetic_mode": synthetic.mode}
-                elif method == "auto":
+                elif base_method == "auto":
                     # RieM candidates only when this run fits riem (they reuse its fits)
                     riem_fit = reuse.fitter(cfg) if "riem" in order else None
                     if memo is None:  # riem_fit keys its fits by weight and ratio, so one serves every budget
@@ -489,6 +490,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "- tucker2 = Tucker-2 on ungrouped KxK convs, svd (16-bit factors) on the other layers.",
              "- auto = method=\"auto\"; its RieM candidates reuse the riem fits of this run (same weight, "
              "same ratio, same fit settings).",
+             "- X+emb = X with compress_embeddings=True: the embedding tables join the compressible "
+             "layers (and the ratio's denominator); compare its whole-model ratio with the peers'.",
              "- X+refine = X's model refined data-free (riem_compiler/passes/refine.py): synthetic "
              "inputs only (digits: BatchNorm-statistics inversion; MiniLM: random word-piece ids), "
              "output+layer matching, kept only if a held-out synthetic set's output error drops. "
