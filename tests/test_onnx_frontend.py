@@ -92,7 +92,7 @@ def chain_model():
 
 def control_flow_model():
     """An If whose branches hold a Gemm (outer weight "W") and a MatMul (inner weight "W_else"),
-    a Loop whose body multiplies by outer weight "W_loop", and an LSTM the pass must not touch."""
+    a Loop whose body multiplies by outer weight "W_loop", and an LSTM the pass must not touch (it lists its weights as kept)."""
     then_g = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["t_out"], transB=1, name="then_gemm")],
                                "then", [], [vi("t_out", (3, 24))])
     else_g = helper.make_graph([helper.make_node("MatMul", ["x", "W_else"], ["e_out"], name="else_mm")],
@@ -187,7 +187,9 @@ def test_control_flow_bodies_are_searched():
     assert by_name["W"].attrs["graph"] == "" and by_name["W"].module == "then_gemm"
     assert by_name["W_else"].attrs["graph"].endswith(":else_branch")
     assert by_name["W_loop"].kind == "matmul"
-    assert "lstm_W" not in by_name and skipped == []
+    assert "lstm_W" not in by_name  # the LSTM's weights are seen and listed as kept, not compressed
+    assert sorted(name for name, _ in skipped) == ["lstm_R", "lstm_W"]
+    assert all(why.startswith("LSTM weight") and "kept float" in why for _, why in skipped)
 
 
 def test_shared_weight_is_one_spec_with_all_consumers():
