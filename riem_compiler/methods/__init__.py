@@ -16,9 +16,10 @@ MODULES = {  # in this order `auto` asks them for candidates
     "tucker2": "riem_compiler.methods.tucker2",
     "affine": "riem_compiler.methods.affine",
     "riem": "riem_compiler.methods.riem",
+    "riemq": "riem_compiler.methods.riemq",
 }
 # methods a user can pick for every layer (dense is auto's "keep it" candidate), plus the planner
-SELECTABLE = ("riem", "svd", "rtn", "tucker2", "affine")
+SELECTABLE = ("riem", "svd", "rtn", "tucker2", "affine", "riemq")
 PLANNER = "auto"
 
 
