@@ -14,7 +14,7 @@ from riem_compiler.methods import rtn as rtn_m
 from riem_compiler.methods import svd as svd_m
 from riem_compiler.methods import decode
 
-METHODS = ("riem", "svd", "rtn", "tucker2", "affine", "vq", "auto")
+METHODS = ("riem", "svd", "rtn", "tucker2", "affine", "vq", "rotq", "riemq", "auto")
 RATIOS = (0.5, 0.25)
 
 

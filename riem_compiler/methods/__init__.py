@@ -18,9 +18,10 @@ MODULES = {  # in this order `auto` asks them for candidates
     "riem": "riem_compiler.methods.riem",
     "vq": "riem_compiler.methods.vq",
     "rotq": "riem_compiler.methods.rotq",
+    "riemq": "riem_compiler.methods.riemq",
 }
 # methods a user can pick for every layer (dense is auto's "keep it" candidate), plus the planner
-SELECTABLE = ("riem", "svd", "rtn", "tucker2", "affine", "vq", "rotq")
+SELECTABLE = ("riem", "svd", "rtn", "tucker2", "affine", "vq", "rotq", "riemq")
 PLANNER = "auto"
 
 
