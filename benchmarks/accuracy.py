@@ -15,7 +15,8 @@ X+refine for X in riem, svd, auto: X's model after data-free refinement (passes/
 
 Peers (benchmarks/peers.py), run by their own PyPI code on the same weights: hqq-peer (hqq's
 half-quadratic quantiser) and nncf-peer (NNCF's data-free compress_weights), each at its best
-setting near the budget, its scales and zero points counted.
+setting near the budget, its scales and zero points counted. Install them with
+`pip install -e ".[peers]"`; without them their rows say n/a and the run goes on.
 
 Writes benchmarks/results/accuracy.{md,json} and accuracy_<model>.png. Rows of (model, method)
 pairs that were not run this time are kept from the previous JSON (each row names its run), so
