@@ -15,10 +15,10 @@ import numpy as np
 from riem_compiler import bitpack
 from riem_compiler.methods.base import NativeMatMul
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape
+from riem_compiler.methods.rtn.native import matmulnbits_blocks
 
 ENCODING_MATMULNBITS = "affine-matmulnbits-v1"
 MATMULNBITS_BITS = (2, 4)
-ACCURACY_LEVEL = 4  # as rtn (int8 activations where the kernel has them)
 
 
 def matmulnbits_affine(cw, in_out: bool):
@@ -32,18 +32,12 @@ def matmulnbits_affine(cw, in_out: bool):
         return f"{bits}-bit codes: onnxruntime's MatMulNBits takes {MATMULNBITS_BITS}-bit with float zero points"
     if cw.meta["axis"] != "in" or is_transposed(cw) != in_out:
         return "the codes are grouped along the weight's output axis for this use"
-    n, k = quantised_shape(cw.shape, is_transposed(cw))
-    block = k if group is None else int(group)
-    if block < 16 or block & (block - 1):
-        return f"block of {block} inputs: MatMulNBits needs a power of two >= 16"
-    blocks = -(-k // block)
-    codes = bitpack.unpack(np.asarray(cw.arrays["codes"], dtype=np.uint8), bits, n * k).reshape(n, k)
-    if blocks * block != k:
-        codes = np.pad(codes, ((0, 0), (0, blocks * block - k)))
-    B = bitpack.pack(codes.ravel(), bits).reshape(n, blocks, block * bits // 8)
-    scale = np.asarray(cw.arrays["scale"]).reshape(n, blocks)
-    zero = np.asarray(cw.arrays["zero"]).reshape(n, blocks)
-    attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL}
+    got = matmulnbits_blocks(cw, bits, group, pad_code=0)
+    if isinstance(got, str):
+        return got
+    B, attrs = got
+    scale = np.asarray(cw.arrays["scale"]).reshape(B.shape[0], B.shape[1])
+    zero = np.asarray(cw.arrays["zero"]).reshape(B.shape[0], B.shape[1])
     return NativeMatMul({"B": B, "scales": scale.ravel(), "zero_points": zero.ravel()}, attrs, ENCODING_MATMULNBITS,
                         cast_scales=scale.dtype != np.float32)
 

@@ -110,6 +110,19 @@ def matmulnbits_rtn(cw, in_out: bool):
         return "codes offset is not 2**(bits-1)"
     if is_transposed(cw) != in_out:
         return "the codes are grouped along the weight's output axis for this use"
+    got = matmulnbits_blocks(cw, bits, group, pad_code=int(cw.meta["offset"]))
+    if isinstance(got, str):
+        return got
+    B, attrs = got
+    scale = np.asarray(cw.arrays["scale"]).reshape(B.shape[0], B.shape[1])
+    return NativeMatMul({"B": B, "scales": scale.ravel()}, attrs, ENCODING_MATMULNBITS,
+                        cast_scales=scale.dtype != np.float32)
+
+
+def matmulnbits_blocks(cw, bits: int, group, pad_code: int):
+    """(B, attrs) of MatMulNBits for packed codes of a 2-D weight grouped along its inputs, or why
+    not: B is (N, blocks, block * bits / 8), each row's codes of one block from the low bits up; a
+    row whose K is not a multiple of the block is padded to whole blocks with `pad_code`."""
     n, k = quantised_shape(cw.shape, is_transposed(cw))
     block = k if group is None else int(group)
     if block < 16 or block & (block - 1):
@@ -117,12 +130,9 @@ def matmulnbits_rtn(cw, in_out: bool):
     blocks = -(-k // block)
     codes = bitpack.unpack(np.asarray(cw.arrays["codes"], dtype=np.uint8), bits, n * k).reshape(n, k)
     if blocks * block != k:
-        codes = np.pad(codes, ((0, 0), (0, blocks * block - k)), constant_values=int(cw.meta["offset"]))
+        codes = np.pad(codes, ((0, 0), (0, blocks * block - k)), constant_values=pad_code)
     B = bitpack.pack(codes.ravel(), bits).reshape(n, blocks, block * bits // 8)
-    scale = np.asarray(cw.arrays["scale"]).reshape(n, blocks)
-    attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL}
-    return NativeMatMul({"B": B, "scales": scale.ravel()}, attrs, ENCODING_MATMULNBITS,
-                        cast_scales=scale.dtype != np.float32)
+    return B, {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL}
 
 
 def gather_rtn(cw):
