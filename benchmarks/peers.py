@@ -116,23 +116,26 @@ def _nncf_compress(model, mode: str, group, example_inputs):
     return nncf.compress_weights(copy.deepcopy(model), **kwargs)
 
 
+def _decompressor(compressed: torch.nn.Module, name: str):
+    """NNCF's decompressor module of weight `name` (it names it after the weight, dots as colons), or None."""
+    key = f".{':'.join(name.split('.'))}__"
+    return next((mod for mod_name, mod in compressed.named_modules()
+                 if "Decompressor" in type(mod).__name__ and key in mod_name), None)
+
+
+def _packed(compressed: torch.nn.Module, name: str):
+    """The weight tensor NNCF left under `name` (a packed integer parameter or buffer)."""
+    params = dict(compressed.named_parameters())
+    return params[name] if name in params else dict(compressed.named_buffers())[name]
+
+
 def _nncf_bytes(compressed: torch.nn.Module, names: list[str]) -> dict[str, int]:
     """name -> stored bytes (packed weight + its decompressor's buffers) for the weights in `names`."""
-    params = dict(compressed.named_parameters())
-    buffers = dict(compressed.named_buffers())
     out = {}
     for name in names:
-        w = params.get(name, buffers.get(name))
-        if w is None:
-            continue
-        out[name] = w.numel() * w.element_size()
-    hooks = ":".join  # NNCF names a weight's decompressor after the weight, dots as colons
-    for mod_name, mod in compressed.named_modules():
-        if "Decompressor" not in type(mod).__name__:
-            continue
-        for name in out:
-            if f".{hooks(name.split('.'))}__" in mod_name:
-                out[name] += sum(b.numel() * b.element_size() for b in mod.buffers())
+        w, mod = _packed(compressed, name), _decompressor(compressed, name)
+        out[name] = w.numel() * w.element_size() + (0 if mod is None else sum(b.numel() * b.element_size()
+                                                                              for b in mod.buffers()))
     return out
 
 
@@ -178,15 +181,9 @@ def run_nncf(model: torch.nn.Module, names: list[str], budget: float, example_in
 
 def _nncf_decoded(compressed: torch.nn.Module, name: str, original: torch.Tensor) -> torch.Tensor:
     """The weight NNCF's model computes with: its decompressor applied to the packed weight."""
-    packed = dict(compressed.named_parameters()).get(name)
-    if packed is None:
-        packed = dict(compressed.named_buffers())[name]
-    key = f".{':'.join(name.split('.'))}__"
-    for mod_name, mod in compressed.named_modules():
-        if "Decompressor" in type(mod).__name__ and key in mod_name:
-            with torch.no_grad():
-                return mod(packed).float().reshape(original.shape)
-    return packed.detach().float().reshape(original.shape)
+    packed, mod = _packed(compressed, name), _decompressor(compressed, name)
+    with torch.no_grad():
+        return (packed if mod is None else mod(packed)).detach().float().reshape(original.shape)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
