@@ -32,7 +32,7 @@ from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.methods.affine.layout import affine_layout, flipped
 from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
-from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape
+from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 
 BITS = (8, 4, 3, 2, 1)
 GROUPS = (32, 64, 128, 256, None)  # None: one group per row of the grouped matrix
@@ -194,10 +194,7 @@ def fit_affine(weight, bits: int, group_size: int | None = 128, in_axis: int = 1
         raise InputError(f"affine bits must be one of {BITS}, got {bits}")
     if group_size is not None and group_size < 1:
         raise InputError(f"affine group_size must be a positive integer or None, got {group_size}")
-    shape = tuple(np.shape(weight))
-    transposed = in_axis == 0
-    if transposed and len(shape) != 2:
-        raise InputError(f"affine in_axis 0 needs a 2-D weight, got shape {shape}")
+    shape, transposed = weight_layout(weight, in_axis, "affine")
     flip = flipped(transposed, axis)
     rows, cols, g, groups = affine_layout(shape, group_size, flip)
     M = matrix(weight)

@@ -31,7 +31,7 @@ from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
 from riem_compiler.methods.rotq import rotation
-from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape
+from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 
 BITS = (4, 3, 2, 1)
 GRIDS = ("gaussian", "fitted")
@@ -191,10 +191,7 @@ def fit_rotq(weight, bits: int = 2, group_size: int | None = 64, block: int | No
         raise InputError(f"rotq bits must be one of {BITS}, got {bits}")
     if grid not in GRIDS:
         raise InputError(f"rotq grid must be one of {GRIDS}, got {grid!r}")
-    shape = tuple(np.shape(weight))
-    transposed = in_axis == 0
-    if transposed and len(shape) != 2:
-        raise InputError(f"rotq in_axis 0 needs a 2-D weight, got shape {shape}")
+    shape, transposed = weight_layout(weight, in_axis, "rotq")
     lay = layout(shape, transposed, group_size, block)
     M = matrix(weight).astype(np.float64)
     M = M.T if transposed else M

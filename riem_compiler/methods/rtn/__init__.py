@@ -18,7 +18,7 @@ from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
-from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape
+from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 
 BITS = (8, 4, 3, 2)
 # (bits, group_size) from most to fewest bytes; `rtn_settings_for_ratio` takes the first that fits.
@@ -86,10 +86,7 @@ def fit_rtn(weight, bits: int = 8, group_size: int | None = None, in_axis: int =
         raise InputError(f"rtn bits must be one of {BITS}, got {bits}")
     if group_size is not None and group_size < 1:
         raise InputError(f"group_size must be a positive integer or None, got {group_size}")
-    shape = tuple(np.shape(weight))
-    transposed = in_axis == 0
-    if transposed and len(shape) != 2:
-        raise InputError(f"rtn in_axis 0 needs a 2-D weight, got shape {shape}")
+    shape, transposed = weight_layout(weight, in_axis, "rtn")
     M = np.ascontiguousarray(matrix(weight).T) if transposed else matrix(weight)
     n, d, g = _rtn_layout(shape, group_size, transposed)
     groups = math.ceil(d / g)

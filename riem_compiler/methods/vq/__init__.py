@@ -22,7 +22,7 @@ from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
-from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape
+from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 
 # a 4096-entry codebook, by explicit setting only: k-means time grows linearly with it (dim 4,
 # 12 bits: 7-20 s on a 1536x384 weight here), so the ladder stops at 10 bits (1-4 s)
@@ -167,10 +167,7 @@ def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, s
         raise InputError(f"vq dim must be a positive integer, got {dim!r}")
     if not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
         raise InputError(f"vq bits must be in 1..{MAX_BITS}, got {bits!r}")
-    shape = tuple(np.shape(weight))
-    transposed = in_axis == 0
-    if transposed and len(shape) != 2:
-        raise InputError(f"vq in_axis 0 needs a 2-D weight, got shape {shape}")
+    shape, transposed = weight_layout(weight, in_axis, "vq")
     M = matrix(weight).astype(np.float64)
     M = M.T if transposed else M
     n, d, v = vq_layout(shape, dim, transposed)
