@@ -42,29 +42,21 @@ ORDERS = ("riem_first", "quant_first")
 
 
 @dataclass(frozen=True)
-class RieMQSettings:
+class RieMQSettings(RieMSettings):
     """riem_share: fraction of the budget RieM is sized to (riem_first), or the fraction left
     to RieM after affine took the rest (quant_first). order: which part is fitted to W itself.
-    The RieM fields mean what they mean for `riem` (sizing defaults to "balanced", the better
-    fit per README Limits); affine_iterations / affine_lp_norm are affine's solver
-    settings (its bits and group are chosen from the bytes left)."""
+    The RieM fields are riem's own (inherited; sizing defaults to "balanced", the better fit per
+    README Limits); affine_iterations / affine_lp_norm are affine's solver settings (its bits
+    and group are chosen from the bytes left)."""
 
+    sizing: str = "balanced"
     riem_share: float = 0.5
     order: str = "riem_first"
-    state_bits: int = 8
-    metric_dtype: str = "float16"
-    m: int = 16
-    k_branches: int = riem.K_BRANCHES
-    steps: int = 1000
-    lr: float = 3e-2
-    time_budget_s: float | None = None
-    seed: int = 0
-    device: str = "cpu"
-    sizing: str = "balanced"
     affine_iterations: int = 30
     affine_lp_norm: float = 0.7
 
     def __post_init__(self):
+        super().__post_init__()  # validates sizing
         share = self.riem_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
             raise InputError(f"riemq riem_share must be a number in (0, 1); got {share!r}")
@@ -72,14 +64,11 @@ class RieMQSettings:
             raise InputError(f"riemq order must be one of {ORDERS}; got {self.order!r}")
         if self.state_bits == 32:  # the ONNX body reuses RieMWeight (bit-packed states)
             raise InputError("riemq needs quantised RieM states (state_bits < 32)")
-        self.riem_settings()  # validates sizing
         self.affine_settings()  # validates iterations / lp_norm
 
     def riem_settings(self) -> RieMSettings:
-        return RieMSettings(state_bits=self.state_bits, metric_dtype=self.metric_dtype, m=self.m,
-                            k_branches=self.k_branches, steps=self.steps, lr=self.lr,
-                            time_budget_s=self.time_budget_s, seed=self.seed, device=self.device,
-                            sizing=self.sizing)
+        """The RieM part's settings: the inherited fields as a plain RieMSettings."""
+        return RieMSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RieMSettings)})
 
     def affine_settings(self) -> AffineSettings:
         return AffineSettings(iterations=self.affine_iterations, lp_norm=self.affine_lp_norm)
