@@ -63,8 +63,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 24, 1 / 32)
 MODELS = ("digits_cnn", "digits_resnet8", "minilm")
 PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
-METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto+emb", *PEER_METHODS,
-           "riem+refine", "svd+refine", "auto+refine")
+METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto-weight", "auto+emb",
+           *PEER_METHODS, "riem+refine", "svd+refine", "auto+refine")
 
 
 @dataclass
@@ -283,6 +283,24 @@ class DropBroken:
         return out
 
 
+class Sensitivities:
+    """auto's output sensitivity per task and layer set, made once and shared by its budgets
+    (synthetic inputs as refinement makes them: BatchNorm inversion, or random token ids)."""
+
+    def __init__(self):
+        self.made: dict = {}
+
+    def get(self, task: Task, specs, seed: int):
+        from riem_compiler.passes.sensitivity import SensitivitySettings, TorchSensitivity
+
+        key = (task.name, tuple(s.name for s in specs), seed)
+        if key not in self.made:
+            sampler = task.refine_settings({}).input_sampler
+            self.made[key] = TorchSensitivity(task.model, specs, task.example_inputs, sampler,
+                                              SensitivitySettings(seed=seed))
+        return self.made[key]
+
+
 class RiemReuse:
     """auto's RieM candidate fitter: this run's riem fits of the same weight/ratio, else a new fit."""
 
@@ -330,6 +348,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
     log.info("%s original: %s", task.name, orig_metrics)
     reuse = RiemReuse()
     memo = None  # auto's candidate fits, shared by its budgets
+    sensitivities = Sensitivities()
     synthetic = None
     refine_fields = mode.refine[task.name]
     budgets = sorted(mode.budgets[task.name], reverse=True)
@@ -341,7 +360,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
             if method in PEER_METHODS:
                 rows.append(run_peer(task, method, budget, base))
                 continue
-            base_method = method.removesuffix("+refine").removesuffix("+emb")
+            base_method = method.removesuffix("+refine").removesuffix("+emb").removesuffix("-weight")
             cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
                          time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0,
                          compress_embeddings=method.endswith("+emb"))
@@ -375,11 +394,20 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     memo.grid.riem_ratios = (budget / 2,) if mode.auto_riem_half[task.name] else ()
                     grid = DropBroken(memo)
                     before = (reuse.reused, reuse.fitted)
-                    res = build_result(task, cfg, lambda specs, c: compress_auto(specs, c, candidates=grid))
+                    plan: dict = {}
+
+                    def run_auto(specs, c):  # "auto-weight": the old weight-error proxy, for comparison
+                        sens = None if method == "auto-weight" else sensitivities.get(task, specs, c.seed)
+                        return compress_auto(specs, c, candidates=grid, sensitivity=sens, plan=plan)
+
+                    res = build_result(task, cfg, run_auto)
                     fit_s = time.perf_counter() - t_fit
                     extra = {"auto_riem_reused": reuse.reused - before[0], "auto_riem_fitted": reuse.fitted - before[1],
                              "auto_riem_candidates": riem_fit is not None,
-                             "auto_dropped_candidates": grid.dropped, "auto_choices": {}}
+                             "auto_dropped_candidates": grid.dropped, "auto_choices": {},
+                             "auto_objective": plan.get("objective"), "auto_source": plan.get("source"),
+                             "auto_measured": plan.get("measured", {}).get(plan.get("source")),
+                             "auto_sensitivity_seconds": plan.get("sensitivity", {}).get("seconds")}
                     for r in res.report.layers:
                         label = r.reason.split(":")[1].strip() if r.reason.startswith("auto:") else r.method
                         extra["auto_choices"][label] = extra["auto_choices"].get(label, 0) + 1
@@ -490,7 +518,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "inputs are made once per model and their time is not included, see the JSON).",
              "- tucker2 = Tucker-2 on ungrouped KxK convs, svd (16-bit factors) on the other layers.",
              "- auto = method=\"auto\"; its RieM candidates reuse the riem fits of this run (same weight, "
-             "same ratio, same fit settings).",
+             "same ratio, same fit settings). It plans on the output sensitivity (riem_compiler/passes/"
+             "sensitivity.py: input second moments and a measured gain per layer on synthetic inputs, the "
+             "refinement's recipe below) and keeps the plan, among its knapsack plan and the single-method "
+             "plans, with the lowest held-out synthetic output error. auto-weight = the same candidates "
+             "planned on the old proxy, the size-weighted relative weight error.",
              "- X+emb = X with compress_embeddings=True: the embedding tables join the compressible "
              "layers (and the ratio's denominator); compare its whole-model ratio with the peers'.",
              "- X+refine = X's model refined data-free (riem_compiler/passes/refine.py): synthetic "
@@ -539,6 +571,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 notes.append(f"{len(r['auto_dropped_candidates'])} undecodable candidate(s) dropped")
             if r.get("auto_riem_candidates") is False:
                 notes.append("no RieM candidates (riem not in this run)")
+            if r.get("auto_objective") == "output":
+                notes.append(f"output sensitivity ({r['auto_sensitivity_seconds']:.0f} s), plan: {r['auto_source']}, "
+                             f"held-out synthetic out. err {r['auto_measured']:.3g}")
             if "auto_choices" in r:
                 notes.append("picks: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["auto_choices"].items())))
             lines.append(f"| {fmt_budget(r['budget'])} | {r['method']} | "

@@ -68,16 +68,18 @@ def _is_onnx_input(graph) -> bool:
     return isinstance(graph, onnx.ModelProto)
 
 
-def optimize(graph, example_inputs=None, config: Config | None = None, **options) -> Result:
+def optimize(graph, example_inputs=None, config: Config | None = None, input_sampler=None, **options) -> Result:
     """Compress the linear/conv weights of `graph` without data.
 
     graph: nn.Module | torch.fx.GraphModule | torch.export.ExportedProgram | onnx.ModelProto | path to .onnx.
     Options are the fields of `Config` (ratio, method, state_bits, ...), or pass `config=`.
+    input_sampler: (n, torch.Generator) -> tuple of n synthetic model inputs; used instead of inputs
+    drawn from example_inputs' shapes by auto's sensitivity and by refinement (e.g. token ids).
     """
     cfg = Config.from_kwargs(config, **options)
     if _is_onnx_input(graph):
         return _optimize_onnx(graph, cfg)
-    return _optimize_torch(graph, example_inputs, cfg)
+    return _optimize_torch(graph, example_inputs, cfg, input_sampler)
 
 
 def _skipped_records(skipped: list[tuple[LayerSpec | str, str]],
@@ -114,7 +116,43 @@ def torch_model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
+def _torch_sensitivity(model, specs, example_inputs, input_sampler, cfg: Config):
+    """auto's output sensitivity for a torch model, or None (with a warning) when it cannot be made."""
+    if cfg.method != "auto" or cfg.sensitivity != "output":
+        return None
+    if example_inputs is None and input_sampler is None:
+        log.warning("auto: sensitivity='output' needs example_inputs or an input_sampler; planning on "
+                    "weight error instead")
+        return None
+    from riem_compiler.passes.sensitivity import TorchSensitivity
+
+    try:
+        return TorchSensitivity(model, specs, example_inputs, input_sampler, _sensitivity_settings(cfg))
+    except InputError as exc:
+        log.warning("auto: no output sensitivity (%s); planning on weight error instead", exc)
+        return None
+
+
+def _sensitivity_settings(cfg: Config):
+    from riem_compiler.passes.sensitivity import SensitivitySettings
+
+    return SensitivitySettings(samples=cfg.sensitivity_samples, holdout=cfg.sensitivity_samples, seed=cfg.seed)
+
+
+def _onnx_sensitivity(model, specs, cfg: Config):
+    """auto's output sensitivity for an ONNX model (run by onnxruntime on Gaussian inputs), or None."""
+    if cfg.method != "auto" or cfg.sensitivity != "output":
+        return None
+    from riem_compiler.passes.sensitivity import OnnxSensitivity
+
+    try:
+        return OnnxSensitivity(model, specs, _sensitivity_settings(cfg))
+    except InputError as exc:
+        log.warning("auto: no output sensitivity (%s); planning on weight error instead", exc)
+        return None
+
+
+def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None) -> Result:
     from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
     from riem_compiler.passes.rewrite_torch import apply_compressed
 
@@ -128,9 +166,12 @@ def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
                     "the model is returned unchanged", type(model).__name__)
         return Result(model, Report(_skipped_records(det.skipped, tensors), model_bytes_before=total), {}, [], cfg,
                       "torch", example_inputs, model)
-    compressed, records = compress_specs(det.layers, cfg)
+    plan: dict = {}
+    sensitivity = _torch_sensitivity(model, det.layers, example_inputs, input_sampler, cfg)
+    compressed, records = compress_specs(det.layers, cfg, sensitivity=sensitivity, plan=plan)
     new_model = apply_compressed(model, det.layers, compressed, det.graph_module, cfg.recompute) if compressed else model
-    report = Report(records + _skipped_records(det.skipped, tensors), model_bytes_before=total)
+    report = Report(records + _skipped_records(det.skipped, tensors), model_bytes_before=total,
+                    auto=plan or None)
     if example_inputs is not None and compressed:
         report.output_error = model_output_error(model, new_model, example_inputs)
     if not compressed:
@@ -141,7 +182,8 @@ def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
             raise InputError("refine=True needs example_inputs (their shapes seed the synthetic inputs)")
         from riem_compiler.passes.refine import RefineSettings, refine_result
 
-        _, outcome = refine_result(result, RefineSettings(steps=cfg.refine_steps, seed=cfg.seed))
+        _, outcome = refine_result(result, RefineSettings(steps=cfg.refine_steps, seed=cfg.seed,
+                                                          input_sampler=input_sampler))
         result.report.refine = outcome.to_dict()
     return result
 
@@ -158,9 +200,10 @@ def _optimize_onnx(graph, cfg: Config) -> Result:
         log.warning("nothing to compress in the ONNX model; it is returned unchanged")
         return Result(model, Report(_skipped_records(skipped, tensors), model_bytes_before=total), {}, [], cfg,
                       "onnx", None, model)
-    compressed, records = compress_specs(specs, cfg)
+    plan: dict = {}
+    compressed, records = compress_specs(specs, cfg, sensitivity=_onnx_sensitivity(model, specs, cfg), plan=plan)
     new_model = rewrite_onnx(model, specs, compressed, cfg.onnx_format) if compressed else model
-    report = Report(records + _skipped_records(skipped, tensors), model_bytes_before=total)
+    report = Report(records + _skipped_records(skipped, tensors), model_bytes_before=total, auto=plan or None)
     if compressed and cfg.onnx_format != "functions":
         from riem_compiler.codegen.onnx_export import record_onnx_forms
 

@@ -13,6 +13,7 @@ from riem_compiler.frontend.layers import LAYER_KINDS
 METHODS = (*methods.SELECTABLE, methods.PLANNER)  # what `method=` takes
 FLOAT_FIELDS = ("ratio", "time_budget_s", "lr", "error_ceiling")  # each must be finite
 NONE_ALLOWED = ("time_budget_s",)  # None: no cap
+SENSITIVITIES = ("output", "weight")  # auto's candidate cost (passes/sensitivity.py)
 ONNX_FORMATS = ("functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 
@@ -51,6 +52,11 @@ class Config:
     cache_dir: str | None = None  # fitted-layer cache (resumable runs); None disables it
     refine: bool = False  # data-free refinement toward the original's outputs (torch, needs example_inputs)
     refine_steps: int = 200
+    # method="auto": what a candidate costs. "output": its predicted share of the model's output error
+    # (input second moments and a measured gain per layer on synthetic inputs; torch models with
+    # example_inputs or an input_sampler), "weight": the size-weighted relative weight error
+    sensitivity: str = "output"
+    sensitivity_samples: int = 32  # synthetic inputs for the sensitivity (and as many held out)
     # ONNX form of compressed weights: "functions" (decoder functions in domain riem_compiler) or
     # "standard" (standard ops where the method maps, e.g. rtn 8/4-bit -> DequantizeLinear)
     onnx_format: str = "functions"
@@ -80,7 +86,9 @@ class Config:
             raise InputError(f"state_bits must be one of {riem.STATE_BITS}; got {self.state_bits!r}")
         if self.metric_dtype not in riem.METRIC_DTYPES:
             raise InputError(f"metric_dtype must be one of {riem.METRIC_DTYPES}; got {self.metric_dtype!r}")
-        for name in ("m", "k_branches", "steps", "refine_steps"):
+        if self.sensitivity not in SENSITIVITIES:
+            raise InputError(f"sensitivity must be one of {SENSITIVITIES}; got {self.sensitivity!r}")
+        for name in ("m", "k_branches", "steps", "refine_steps", "sensitivity_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer; got {value!r}")

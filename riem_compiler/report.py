@@ -27,6 +27,9 @@ class Report:
     # every parameter, buffer and initializer of the whole model, not just the layers above
     model_bytes_before: int | None = None
     refine: dict | None = None  # refinement outcome (held-out errors, steps done / planned), when it ran
+    # method="auto": the plan (objective, plans compared and their measured output errors, per layer the
+    # candidates with their errors and costs, the sensitivity measurements), see passes/auto.AutoResult
+    auto: dict | None = None
 
     @property
     def model_bytes_after(self) -> int | None:
@@ -84,6 +87,8 @@ class Report:
         data = {"layers": [asdict(r) for r in self.layers], "totals": self.totals()}
         if self.refine is not None:
             data["refine"] = self.refine
+        if self.auto is not None:
+            data["auto"] = self.auto
         return data
 
     def to_json(self, path=None, indent: int = 2) -> str:
@@ -97,7 +102,8 @@ class Report:
     def from_dict(cls, data: dict) -> "Report":
         layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in data["layers"]]
         totals = data.get("totals", {})
-        return cls(layers, totals.get("output_error"), totals.get("model_bytes_before"), data.get("refine"))
+        return cls(layers, totals.get("output_error"), totals.get("model_bytes_before"), data.get("refine"),
+                   data.get("auto"))
 
     def rows(self) -> list[list[str]]:
         rows = []

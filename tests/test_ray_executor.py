@@ -215,3 +215,16 @@ def test_make_executor_options():
         make_executor(Config(executor="ray", device="cuda:1"))
     with pytest.raises(InputError, match="executor"):
         Config(executor="dask")
+
+
+def test_auto_on_ray_equals_local(ray_local):
+    """method="auto" runs its candidate fits on the executor; the plan and fits equal a local run's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32)).eval()
+    x = torch.randn(3, 64)
+    opts = dict(method="auto", ratio=0.2, steps=30, min_weight_size=0, quiet=True, threads=1)
+    local = rc.optimize(model, (x,), **opts)
+    remote = rc.optimize(model, (x,), executor="ray", **opts)
+    assert_same_fits(local.compressed, remote.compressed)
+    assert [c["label"] for c in remote.report.auto["choices"]] == [c["label"] for c in local.report.auto["choices"]]
+    assert torch.equal(remote.model(x), local.model(x))

@@ -10,11 +10,18 @@ programming over bytes (rounded up, so the budget holds exactly) picks one candi
 Every "single method" plan (each layer gets that method's best candidate within budget_ratio of
 its own fp32 bytes) is also scored, and the knapsack's plan is replaced by the best of them if
 that one is better, so auto is never worse on the proxy than any single method at the same budget.
+
+With a sensitivity (`passes/sensitivity.py`, `Config.sensitivity="output"`, the default for torch
+models with example inputs) a candidate's cost is instead its predicted contribution to the MODEL's
+relative squared output error, from the layer's input second moments on synthetic inputs and a
+measured per-layer gain; the knapsack plan and every single-method plan are then measured end to
+end on held-out synthetic inputs and the one with the lowest measured output error wins.
 """
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -123,6 +130,7 @@ class Candidate:
     family: str
     nbytes: int
     rel_error: float
+    cost: float = math.nan  # what the planner minimises: proxy weight * rel_error**2, or predicted output error
 
 
 @dataclass
@@ -136,11 +144,13 @@ class Choice:
     nbytes: int
     fp32_bytes: int
     rel_error: float
-    proxy: float  # this layer's term: proxy weight * rel_error**2
+    proxy: float  # this layer's term of the planner's objective (its candidate's cost)
     reason: str
     weight: CompressedWeight = field(repr=False)
     candidates: list[Candidate] = field(default_factory=list, repr=False)
     dropped: int = 0  # candidates left out: their fit raised or their error is not finite
+    over_ceiling: int = 0  # candidates left out: relative error above error_ceiling
+    seconds: float = 0.0  # candidate fits and scoring, plus this layer's sensitivity probe
 
     @property
     def ratio(self) -> float:
@@ -151,9 +161,9 @@ class Choice:
             "name": self.name, "method": self.method, "label": self.label, "settings": self.settings,
             "nbytes": self.nbytes, "fp32_bytes": self.fp32_bytes, "ratio": self.ratio,
             "rel_error": self.rel_error, "proxy": self.proxy, "reason": self.reason,
-            "candidates": [{"label": c.label, "nbytes": c.nbytes, "rel_error": c.rel_error}
+            "candidates": [{"label": c.label, "nbytes": c.nbytes, "rel_error": c.rel_error, "cost": c.cost}
                            for c in self.candidates],
-            "dropped": self.dropped,
+            "dropped": self.dropped, "over_ceiling": self.over_ceiling, "seconds": round(self.seconds, 4),
         }
 
 
@@ -164,7 +174,11 @@ class AutoResult:
     fp32_bytes: int
     proxy: float
     source: str  # "knapsack" or "single method <family>"
-    single_method: dict[str, dict] = field(default_factory=dict)  # family -> {proxy, nbytes}
+    single_method: dict[str, dict] = field(default_factory=dict)  # family -> {proxy, nbytes[, measured]}
+    objective: str = "size_weighted"  # the proxy's name, or "output" (predicted output error)
+    measured: dict[str, float] = field(default_factory=dict)  # plan -> held-out output error (with sensitivity)
+    sensitivity: dict = field(default_factory=dict)  # TorchSensitivity.summary()
+    seconds: float = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -177,8 +191,10 @@ class AutoResult:
 
     def to_dict(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "fp32_bytes": self.fp32_bytes, "nbytes": self.nbytes,
-                "proxy": self.proxy, "source": self.source, "single_method": self.single_method,
-                "dropped": self.dropped, "choices": [c.to_dict() for c in self.choices]}
+                "objective": self.objective, "proxy": self.proxy, "source": self.source,
+                "single_method": self.single_method, "measured": self.measured, "sensitivity": self.sensitivity,
+                "seconds": round(self.seconds, 3), "dropped": self.dropped,
+                "choices": [c.to_dict() for c in self.choices]}
 
     def table(self) -> str:
         return format_choices(self.choices, self)
@@ -199,13 +215,17 @@ def default_grid(config, cache=None) -> CandidateGrid:
     return CandidateGrid(riem_fit=fitter, riem_ratios=(config.ratio / 2,))
 
 
-def compress_auto(specs: list[LayerSpec], config, candidates: CandidateSource | None = None):
+def compress_auto(specs: list[LayerSpec], config, candidates: CandidateSource | None = None,
+                  sensitivity=None, executor=None, plan: dict | None = None):
     """method="auto" inside the compression pass: (dict name -> CompressedWeight, LayerRecords).
 
-    config.ratio is the budget over all given layers. RieM candidates are fitted with the
-    config's fit settings at config.ratio and half of it (each fit can take up to
-    config.time_budget_s). A layer whose best plan is "dense32" is kept as it is.
+    config.ratio is the budget over all given layers; candidates over config.error_ceiling are
+    left out; candidate fits run on config's executor (or `executor`). `sensitivity` (a
+    TorchSensitivity) makes the plan minimise predicted output error instead of weight error.
+    `plan`, when given, receives the plan (AutoResult.to_dict, candidates and costs per layer).
+    A layer whose best plan is "dense32" is kept as it is.
     """
+    from riem_compiler.passes.executors import make_executor
     from riem_compiler.report import LayerRecord
 
     if candidates is None:
@@ -218,13 +238,17 @@ def compress_auto(specs: list[LayerSpec], config, candidates: CandidateSource | 
                                           s.fp32_bytes, reason="weight contains NaN or inf; left unchanged")
     compressed: dict[str, CompressedWeight] = {}
     if usable:
-        result = choose_methods_detailed(usable, config.ratio, candidates, progress=not config.quiet)
+        result = choose_methods_detailed(usable, config.ratio, candidates, progress=not config.quiet,
+                                         sensitivity=sensitivity, executor=executor or make_executor(config),
+                                         error_ceiling=config.error_ceiling)
         log.info("auto plan:\n%s", result.table())
+        if plan is not None:
+            plan.update(result.to_dict())
         for spec, c in zip(usable, result.choices):
             kept = c.nbytes >= spec.fp32_bytes  # the float32 candidate (or worse): keep the layer as it is
             record = LayerRecord(spec.name, spec.kind, spec.shape, c.method, "skipped" if kept else "compressed",
                                  spec.fp32_bytes, spec.fp32_bytes if kept else c.nbytes, rel_error=c.rel_error,
-                                 reason=f"auto: {c.label}: {c.reason}", settings=dict(c.settings))
+                                 fit_seconds=c.seconds, reason=f"auto: {c.label}: {c.reason}", settings=dict(c.settings))
             if not kept:
                 compressed[spec.name] = c.weight
             records[spec.name] = record
@@ -252,68 +276,137 @@ def choose_methods(
     return choose_methods_detailed(specs, budget_ratio, candidates, proxy, resolution).choices
 
 
+def layer_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: float,
+                     error_ceiling: float | None = None) -> tuple[str, list[Candidate], int, int, float]:
+    """One layer's scored candidates (an executor job): (name, pool, dropped, over ceiling, seconds)."""
+    t0 = time.perf_counter()
+    pool, dropped = _evaluate_candidates(spec, source, budget_ratio)
+    over = 0
+    if error_ceiling is not None:
+        kept = [c for c in pool if c.rel_error <= error_ceiling]
+        over = len(pool) - len(kept)
+        pool = kept or [_dense_candidate(spec)]
+    return spec.name, pool, dropped, over, time.perf_counter() - t0
+
+
 def choose_methods_detailed(
     specs: list[LayerSpec], budget_ratio: float, candidates: CandidateSource | None = None,
     proxy: str = "size_weighted", resolution: int = 4096, progress: bool = False,
+    sensitivity=None, executor=None, error_ceiling: float | None = None,
 ) -> AutoResult:
-    """`choose_methods` plus the plan's totals and every single-method plan's score."""
+    """`choose_methods` plus the plan's totals and every single-method plan's score.
+
+    sensitivity: a TorchSensitivity; candidates then cost their predicted output error and the
+    final plan is the best of the knapsack's and the single methods' by measured output error.
+    executor: runs the per-layer candidate fits (default in-process). error_ceiling: candidates
+    with a larger relative weight error are left out (dense float32 stays as the fallback)."""
+    from riem_compiler.passes.executors import LocalExecutor
+
     if not specs:
         raise InputError("choose_methods needs at least one layer")
     if not budget_ratio > 0:
         raise InputError(f"budget_ratio must be > 0 (a fraction of fp32 bytes), got {budget_ratio}")
+    t0 = time.perf_counter()
     source = candidates if candidates is not None else CandidateGrid()
     weights = proxy_weights(specs, proxy)
     total_fp32 = sum(s.fp32_bytes for s in specs)
     budget = int(math.floor(budget_ratio * total_fp32))
 
-    pools: list[list[Candidate]] = []
-    dropped: list[int] = []  # per layer: candidates whose fit raised or whose error is not finite
+    found: dict[str, tuple] = {}
     bar = tqdm(total=sum(s.weight.size for s in specs), unit="w", unit_scale=True,
                desc="auto: candidates", disable=not progress, leave=False)
-    for spec in specs:
-        bar.set_postfix_str(spec.name, refresh=False)
-        pool, n_dropped = _evaluate_candidates(spec, source, budget_ratio)
-        pools.append(pool)
-        dropped.append(n_dropped)
-        bar.update(spec.weight.size)
-        log.debug("%s: %d candidates (%d dropped)", spec.name, len(pool), n_dropped)
+    sizes = {s.name: s.weight.size for s in specs}
+    jobs = [(spec, source, budget_ratio, error_ceiling) for spec in specs]
+    for name, pool, n_dropped, over, seconds in (executor or LocalExecutor()).map(layer_candidates, jobs):
+        found[name] = (pool, n_dropped, over, seconds)
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(sizes[name])
+        log.debug("%s: %d candidates (%d dropped, %d over the error ceiling)", name, len(pool), n_dropped, over)
     bar.close()
+    pools = [found[s.name][0] for s in specs]
+    dropped = [found[s.name][1] for s in specs]
+    over_ceiling = [found[s.name][2] for s in specs]
+    seconds = [found[s.name][3] for s in specs]
     if sum(dropped):
         log.info("auto: %d candidate(s) dropped in %d layer(s) (fit raised or non-finite error)",
                  sum(dropped), sum(1 for n in dropped if n))
+    if sum(over_ceiling):
+        log.info("auto: %d candidate(s) above error_ceiling %g left out", sum(over_ceiling), error_ceiling)
 
-    plan = _knapsack(pools, weights, budget, resolution)
-    best_cost = _cost(pools, plan, weights) if plan is not None else math.inf
-    plan_source = "knapsack"
+    for i, (spec, pool) in enumerate(zip(specs, pools)):
+        if sensitivity is None:
+            for c in pool:
+                c.cost = float(weights[i] * c.rel_error ** 2)
+            continue
+        probe = _probe(pool, spec, budget_ratio)
+        info = sensitivity.calibrate(spec, probe.weight, probe.label)
+        for c in pool:
+            c.cost = float(sensitivity.cost(spec, c.weight, c.rel_error))
+        seconds[i] += info.seconds
+
+    plan = _knapsack(pools, budget, resolution)
+    plans = {"knapsack": plan} if plan is not None else {}
     singles: dict[str, dict] = {}
     for fam in sorted({c.family for pool in pools for c in pool}):
         single = _single_method_plan(pools, specs, fam, budget_ratio)
         if single is None:
             continue
-        cost = _cost(pools, single, weights)
         nbytes = sum(pools[i][j].nbytes for i, j in enumerate(single))
-        singles[fam] = {"proxy": cost, "nbytes": nbytes}
-        if cost < best_cost and nbytes <= budget:
-            plan, best_cost, plan_source = single, cost, f"single method {fam}"
-    if plan is None:
+        singles[fam] = {"proxy": _cost(pools, single), "nbytes": nbytes}
+        if nbytes <= budget:
+            plans[f"single method {fam}"] = single
+    if not plans:
         cheapest = sum(pool[0].nbytes for pool in pools)
         raise InputError(f"budget {budget} bytes ({budget_ratio} of {total_fp32} fp32 bytes) is too "
                          f"small: the cheapest candidates need {cheapest} bytes; raise the ratio")
+    measured: dict[str, float] = {}
+    if sensitivity is None:  # the proxy decides; the knapsack wins ties
+        plan_source = min(plans, key=lambda k: (_cost(pools, plans[k]), k != "knapsack"))
+    else:  # measured end to end on held-out synthetic inputs; the knapsack wins ties
+        for key, p in plans.items():
+            measured[key] = sensitivity.plan_error({s.name: pools[i][p[i]].weight for i, s in enumerate(specs)
+                                                    if pools[i][p[i]].nbytes < s.fp32_bytes})
+            if key.startswith("single method "):
+                singles[key[len("single method "):]]["measured"] = measured[key]
+        plan_source = min(plans, key=lambda k: (measured[k], k != "knapsack"))
+    plan = plans[plan_source]
+    best_cost = _cost(pools, plan)
 
     choices = []
     for i, (spec, pool) in enumerate(zip(specs, pools)):
         c = pool[plan[i]]
+        notes = [f"{dropped[i]} candidate(s) dropped (fit failed or non-finite error)"] if dropped[i] else []
+        if over_ceiling[i]:
+            notes.append(f"{over_ceiling[i]} candidate(s) above error_ceiling {error_ceiling:g} left out")
         choices.append(Choice(
             name=spec.name, method=c.weight.method, label=c.label, settings=dict(c.weight.meta),
-            nbytes=c.nbytes, fp32_bytes=spec.fp32_bytes, rel_error=c.rel_error,
-            proxy=float(weights[i] * c.rel_error ** 2),
-            reason=_reason(pool, c, plan_source) + (
-                f"; {dropped[i]} candidate(s) dropped (fit failed or non-finite error)" if dropped[i] else ""),
-            weight=c.weight, candidates=pool, dropped=dropped[i]))
-    result = AutoResult(choices, budget, total_fp32, best_cost, plan_source, singles)
-    log.info("auto: %d layers, %d / %d bytes (budget %d), proxy %.4g via %s",
-             len(specs), result.nbytes, total_fp32, budget, best_cost, plan_source)
+            nbytes=c.nbytes, fp32_bytes=spec.fp32_bytes, rel_error=c.rel_error, proxy=c.cost,
+            reason="; ".join([_reason(pool, c, plan_source, sensitivity is not None), *notes]),
+            weight=c.weight, candidates=pool, dropped=dropped[i], over_ceiling=over_ceiling[i],
+            seconds=seconds[i]))
+    result = AutoResult(choices, budget, total_fp32, best_cost, plan_source, singles,
+                        objective="output" if sensitivity is not None else proxy, measured=measured,
+                        sensitivity=sensitivity.summary() if sensitivity is not None else {},
+                        seconds=time.perf_counter() - t0)
+    log.info("auto: %d layers, %d / %d bytes (budget %d), %s %.4g via %s%s", len(specs), result.nbytes,
+             total_fp32, budget, result.objective, best_cost, plan_source,
+             f", measured output error {measured[plan_source]:.4g}" if measured else "")
     return result
+
+
+def _probe(pool: list[Candidate], spec: LayerSpec, budget_ratio: float) -> Candidate:
+    """The candidate whose measured output error calibrates the layer's gain: the most accurate
+    compressed one within the layer's share of the budget (else the cheapest), never an exact one."""
+    inexact = [c for c in pool if c.rel_error > 0 and c.family not in ("dense32",)] or pool
+    within = [c for c in inexact if c.nbytes <= budget_ratio * spec.fp32_bytes]
+    if within:
+        return min(within, key=lambda c: (c.rel_error, c.nbytes))
+    return min(inexact, key=lambda c: (c.nbytes, c.rel_error))
+
+
+def _dense_candidate(spec: LayerSpec) -> Candidate:
+    dense = fit_dense(spec.weight, "float32")
+    return Candidate(dense, label(dense), family(dense), dense.nbytes, methods.relative_error(spec.weight, dense))
 
 
 def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: float) -> tuple[list[Candidate], int]:
@@ -349,23 +442,22 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
             continue
         pool.append(cand)
     if not pool:
-        dense = fit_dense(spec.weight, "float32")
-        pool.append(Candidate(dense, label(dense), family(dense), dense.nbytes,
-                              methods.relative_error(spec.weight, dense)))
+        pool.append(_dense_candidate(spec))
     pool.sort(key=lambda c: (c.nbytes, c.rel_error))
     return pool, n_dropped
 
 
-def _cost(pools, plan, weights) -> float:
-    return float(sum(weights[i] * pools[i][j].rel_error ** 2 for i, j in enumerate(plan)))
+def _cost(pools, plan) -> float:
+    return float(sum(pools[i][j].cost for i, j in enumerate(plan)))
 
 
-def _knapsack(pools: list[list[Candidate]], weights: np.ndarray, budget: int, resolution: int):
-    """Multiple-choice knapsack by DP over bytes in units of budget/resolution, each candidate's
-    bytes rounded UP to whole units so any plan it returns fits the byte budget exactly."""
+def _knapsack(pools: list[list[Candidate]], budget: int, resolution: int):
+    """Multiple-choice knapsack over the candidates' costs by DP over bytes in units of
+    budget/resolution (exact bytes when the budget is smaller), each candidate's bytes rounded UP
+    to whole units so any plan it returns fits the byte budget exactly."""
     if budget <= 0:
         return None
-    R = int(resolution)
+    R = int(min(resolution, budget))
     inf = math.inf
     best = np.zeros(R + 1)  # best[b]: min cost of the layers so far within b units
     picks = np.zeros((len(pools), R + 1), dtype=np.int64)
@@ -379,7 +471,7 @@ def _knapsack(pools: list[list[Candidate]], weights: np.ndarray, budget: int, re
             if u > R:
                 continue
             cand = np.full(R + 1, inf)
-            cand[u:] = best[: R + 1 - u] + weights[i] * c.rel_error ** 2
+            cand[u:] = best[: R + 1 - u] + c.cost
             better = cand < new  # strict: pools are sorted by bytes, so ties keep the cheaper one
             new[better], pick[better] = cand[better], j
         best, picks[i] = new, pick
@@ -405,25 +497,27 @@ def _single_method_plan(pools, specs, fam: str, budget_ratio: float):
     return plan
 
 
-def _reason(pool: list[Candidate], c: Candidate, plan_source: str) -> str:
+def _reason(pool: list[Candidate], c: Candidate, plan_source: str, predicted: bool = False) -> str:
     n = len(pool)
-    most_accurate = min(pool, key=lambda x: (x.rel_error, x.nbytes))
-    if plan_source != "knapsack":
-        head = f"{plan_source} beat the knapsack plan; "
-    else:
-        head = ""
-    if c.rel_error <= most_accurate.rel_error:
-        return head + f"lowest error among {n} candidates"
-    # the next more accurate candidate and what it would have cost
-    better = [x for x in pool if x.rel_error < c.rel_error]
+    what = "predicted output error" if predicted else "error"
+    best = min(pool, key=lambda x: (x.cost, x.nbytes))
+    head = f"{plan_source} beat the knapsack plan; " if plan_source != "knapsack" else ""
+    if c.cost <= best.cost:
+        return head + f"lowest {what} among {n} candidates"
+    # the next better candidate and what it would have cost
+    better = [x for x in pool if x.cost < c.cost]
     nxt = min(better, key=lambda x: x.nbytes)
+    note = f"best {what} per byte among {n} candidates"
+    note += f"; {nxt.label} ({_score(nxt, predicted)}) costs {nxt.nbytes - c.nbytes:+d} bytes"
     smaller = [x for x in pool if x.nbytes < c.nbytes]
-    note = f"best error per byte among {n} candidates"
-    note += f"; {nxt.label} (rel {nxt.rel_error:.3g}) costs {nxt.nbytes - c.nbytes:+d} bytes"
     if smaller:
-        cheaper = min(smaller, key=lambda x: x.rel_error)
-        note += f"; the best smaller one, {cheaper.label}, has rel {cheaper.rel_error:.3g}"
+        cheaper = min(smaller, key=lambda x: x.cost)
+        note += f"; the best smaller one, {cheaper.label}, has {_score(cheaper, predicted)}"
     return head + note
+
+
+def _score(c: Candidate, predicted: bool) -> str:
+    return f"rel {c.rel_error:.3g}, output {c.cost:.3g}" if predicted else f"rel {c.rel_error:.3g}"
 
 
 def format_choices(choices: list[Choice], result: AutoResult | None = None) -> str:
@@ -436,9 +530,13 @@ def format_choices(choices: list[Choice], result: AutoResult | None = None) -> s
     total, fp32 = sum(c.nbytes for c in choices), sum(c.fp32_bytes for c in choices)
     lines.append(f"total {total} bytes = {total / max(fp32, 1):.4f} of fp32 ({fp32} bytes)")
     if result is not None:
-        lines.append(f"budget {result.budget_bytes} bytes; proxy {result.proxy:.4g} via {result.source}")
+        lines.append(f"budget {result.budget_bytes} bytes; {result.objective} {result.proxy:.4g} via {result.source}"
+                     + (f" (measured output error {result.measured[result.source]:.4g})" if result.measured else ""))
+        if "knapsack" in result.measured:
+            lines.append(f"  knapsack plan: measured output error {result.measured['knapsack']:.4g}")
         for fam, s in sorted(result.single_method.items(), key=lambda kv: kv[1]["proxy"]):
-            lines.append(f"  single method {fam}: proxy {s['proxy']:.4g}, {s['nbytes']} bytes")
+            lines.append(f"  single method {fam}: {result.objective} {s['proxy']:.4g}, {s['nbytes']} bytes"
+                         + (f", measured output error {s['measured']:.4g}" if "measured" in s else ""))
         if result.dropped:
             lines.append(f"{result.dropped} candidate(s) dropped (fit failed or non-finite error)")
     return "\n".join(lines)

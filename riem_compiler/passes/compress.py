@@ -72,15 +72,17 @@ def fit_failed(args: tuple, exc: BaseException) -> FitOutcome:
     return FitOutcome(spec.name, None, None, {}, 0.0, f"fit failed ({type(exc).__name__}: {exc}); left unchanged")
 
 
-def compress_specs(specs: list[LayerSpec], config: Config, executor=None) -> tuple[dict[str, CompressedWeight], list[LayerRecord]]:
-    """Fit every spec (through `executor`, default in-process) and build the report records."""
+def compress_specs(specs: list[LayerSpec], config: Config, executor=None, sensitivity=None,
+                   plan: dict | None = None) -> tuple[dict[str, CompressedWeight], list[LayerRecord]]:
+    """Fit every spec (through `executor`, default in-process) and build the report records.
+    method="auto": `sensitivity` (passes/sensitivity.py) and `plan` go to `compress_auto`."""
     from riem_compiler.fit_cache import open_cache
 
     cache = open_cache(config)
     if config.method == methods.PLANNER:
         from riem_compiler.passes.auto import compress_auto, default_grid
 
-        return compress_auto(specs, config, default_grid(config, cache))
+        return compress_auto(specs, config, default_grid(config, cache), sensitivity, executor, plan)
     from riem_compiler.passes.executors import make_executor
 
     executor = executor or make_executor(config)

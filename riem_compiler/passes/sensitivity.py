@@ -1,0 +1,468 @@
+"""Data-free sensitivity for `auto`: what a layer's weight error costs at the MODEL's output.
+
+Equal weight error can mean very different output error: it depends on what the layer's inputs
+look like and on what the rest of the network does with the layer's output. Both are estimated
+here on synthetic inputs (never real data):
+
+- second moments: for a linear map y = W x, E||(W - W_hat) x||^2 = tr(E M E^T) with E = W - W_hat
+  and M = E[x x^T], exactly. M is collected per layer from one pass of the original model over
+  synthetic inputs (a convolution's input patches, per group; an embedding's row frequencies).
+- gain: model output error per unit of that layer-output error, measured once per layer by
+  swapping one candidate (the probe) into a copy of the model and comparing outputs with the
+  original's. A layer whose output the network ignores measures a gain of 0.
+
+A candidate's cost is then gain * tr(E M E^T): the predicted relative squared output error
+||y - y_ref||^2 / ||y_ref||^2 it adds. A layer without usable moments (a weight used through a
+functional call the hooks do not see) falls back to the probe's measured error scaled by the
+candidates' squared relative weight errors. `plan_error` measures a whole plan end to end on a
+held-out synthetic set (another seed), so the planner can compare its plan with single methods.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from riem_compiler import methods
+from riem_compiler.compressed import CompressedWeight
+from riem_compiler.errors import InputError
+from riem_compiler.frontend.layers import LayerSpec
+from riem_compiler.metrics import squared_error_terms
+
+log = logging.getLogger("riem_compiler.sensitivity")
+
+
+
+@dataclass
+class SensitivitySettings:
+    samples: int = 32  # synthetic inputs for moments and probes
+    holdout: int = 32  # separate synthetic inputs (other seed) that judge whole plans
+    max_vectors: int = 16384  # input vectors per layer and batch kept for the moments (evenly strided)
+    inversion_steps: int = 100  # BatchNorm-inversion steps for float inputs of models with BatchNorm
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("samples", "holdout", "max_vectors", "inversion_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"sensitivity {name} must be a positive integer; got {value!r}")
+
+
+@dataclass
+class LayerSensitivity:
+    """What was measured for one layer; `gain` None until a probe ran."""
+
+    name: str
+    moments: str  # "linear", "conv", "embedding" or "none" (fallback: weight error scaled by the probe)
+    gain: float | None = None
+    probe: str = ""  # label of the probe candidate
+    probe_error: float | None = None  # its measured relative squared output error
+    probe_weight_error: float | None = None  # its relative weight error (the fallback's scale)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"moments": self.moments, "gain": self.gain, "probe": self.probe, "probe_error": self.probe_error,
+                "seconds": round(self.seconds, 4)}
+
+
+def _as_tuple(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def probe_inputs(model: nn.Module, example_inputs, n: int, seed: int, sampler=None,
+                 inversion_steps: int = 100) -> tuple[tuple, str]:
+    """n synthetic inputs and how they were made.
+
+    sampler(n, generator) wins when given. Float inputs: BatchNorm inversion for models with
+    BatchNorm, else standard Gaussian (see passes/synthetic_inputs.py). Integer inputs (token ids,
+    masks): each tensor is drawn uniformly between the smallest and largest value of its example,
+    except a 0/1 tensor (a mask), which is all ones; so the example's shape and value range are used,
+    never its content."""
+    from riem_compiler.passes.refine_settings import RefineSettings
+    from riem_compiler.passes.synthetic_inputs import synthetic_inputs
+
+    gen = torch.Generator().manual_seed(seed)
+    if sampler is not None:
+        return _as_tuple(sampler(n, gen)), "sampler"
+    if example_inputs is None:
+        raise InputError("sensitivity='output' needs example_inputs (or an input_sampler)")
+    example_inputs = _as_tuple(example_inputs)
+    if not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise InputError("sensitivity='output' needs tensor example_inputs; pass input_sampler=(n, generator) -> "
+                         "inputs, or sensitivity='weight'")
+    if all(t.is_floating_point() for t in example_inputs):
+        settings = RefineSettings(inversion_steps=inversion_steps, seed=seed)
+        return synthetic_inputs(model, example_inputs, n, settings, seed)
+    out = []
+    for t in example_inputs:
+        shape = (n,) + tuple(t.shape[1:])
+        if t.is_floating_point():
+            out.append(torch.randn(shape, generator=gen, dtype=t.dtype))
+        elif t.dtype == torch.bool or (t.numel() and int(t.min()) >= 0 and int(t.max()) <= 1):
+            out.append(torch.ones(shape, dtype=t.dtype))
+        else:
+            lo, hi = int(t.min()), int(t.max())
+            out.append(torch.randint(lo, hi + 1, shape, generator=gen, dtype=t.dtype))
+    return tuple(out), "uniform ids"
+
+
+def conv_patches(x: torch.Tensor, kernel, stride, dilation, pad: list[int], groups: int,
+                 mode: str = "constant") -> torch.Tensor:
+    """(groups, n, d): the input patches a Conv1d/2d weight row multiplies, d = C/groups * prod(kernel).
+    x: (N, C, L) or (N, C, H, W); pad in F.pad order (last axis first)."""
+    if x.dim() == 3:
+        x, kernel, stride, dilation, pad = (x.unsqueeze(-2), (1, kernel[0]), (1, stride[0]), (1, dilation[0]),
+                                            list(pad) + [0, 0])
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    cols = F.unfold(x, tuple(kernel), dilation=tuple(dilation), stride=tuple(stride))  # (N, C*kk, L)
+    d = cols.shape[1] // groups
+    return cols.reshape(cols.shape[0], groups, d, -1).permute(1, 0, 3, 2).reshape(groups, -1, d)
+
+
+class Moments:
+    """Accumulates E[x x^T] per group of the vectors a layer's weight multiplies (or, for an
+    embedding, the frequency of each looked-up row)."""
+
+    def __init__(self, max_vectors: int):
+        self.max_vectors = max_vectors
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, v: torch.Tensor) -> None:
+        """v: (groups, n, d); at most max_vectors of the n, evenly strided, are kept."""
+        step = max(1, -(-v.shape[1] // self.max_vectors))
+        v = v[:, ::step].double()
+        acc = torch.einsum("gnd,gne->gde", v, v)
+        self.sum = acc if self.sum is None else self.sum + acc
+        self.count += v.shape[1]
+
+    def add_ids(self, ids: torch.Tensor, rows: int) -> None:
+        counts = torch.bincount(ids.reshape(-1).long().clamp(0, rows - 1), minlength=rows).double()
+        self.sum = counts if self.sum is None else self.sum + counts
+        self.count += ids.numel()
+
+    def result(self) -> torch.Tensor | None:
+        return None if self.sum is None or not self.count else (self.sum / self.count).float()
+
+
+class _ModuleHook:
+    """Forward hook feeding a module's input vectors into its layer's Moments."""
+
+    def __init__(self, moments: Moments):
+        self.moments = moments
+
+    def __call__(self, m, inputs, output):
+        x = inputs[0].detach()
+        if isinstance(m, nn.Embedding):
+            self.moments.add_ids(x, m.num_embeddings)
+        elif isinstance(m, nn.Linear):
+            self.moments.add(x.float().reshape(-1, x.shape[-1])[None])
+        else:  # Conv1d / Conv2d
+            pad = list(m._reversed_padding_repeated_twice)
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            self.moments.add(conv_patches(x.float(), m.kernel_size, m.stride, m.dilation, pad, m.groups, mode))
+
+
+class Sensitivity:
+    """Per-layer gains and moments, and the costs auto plans with; subclasses run the model
+    (`measure`) and fill `moments` / `kinds` / `layers` / `specs`."""
+
+    settings: SensitivitySettings
+    input_mode: str
+    seconds: float
+
+    def __init__(self, specs: list[LayerSpec], settings: SensitivitySettings | None):
+        self.settings = settings or SensitivitySettings()
+        self.settings.validate()
+        self.specs = {spec.name: spec for spec in specs}
+        self.layers: dict[str, LayerSensitivity] = {}
+        self.moments: dict[str, torch.Tensor] = {}
+        self.kinds: dict[str, str] = {}
+
+    def measure(self, swaps: dict[str, np.ndarray], holdout: bool = False) -> float:
+        """Relative squared output error ||y - y_ref||^2 / ||y_ref||^2 with these weights swapped in."""
+        raise NotImplementedError
+
+    def _set_moments(self, found: dict[str, Moments]) -> None:
+        for name, acc in found.items():
+            moment = acc.result()
+            if moment is None:  # registered but never fed (a layer this forward does not use)
+                self.layers[name].moments = "none"
+            else:
+                self.moments[name] = moment
+        self.kinds = {name: x.moments for name, x in self.layers.items()}
+
+
+    def layer_error(self, spec: LayerSpec, cw: CompressedWeight) -> float | None:
+        """E over the synthetic inputs of ||(W - W_hat) x||^2 for this layer (None without moments)."""
+        moment = self.moments.get(spec.name)
+        if moment is None:
+            return None
+        err = torch.from_numpy(np.asarray(spec.weight, np.float32) - methods.decode(cw).reshape(spec.shape))
+        if self.layers[spec.name].moments == "embedding":
+            return float((moment.double() * err.double().pow(2).sum(1)).sum())
+        if spec.in_axis == 0:  # stored (in, out): rows of the transpose meet the inputs
+            err = err.T
+        groups = moment.shape[0]
+        err = err.contiguous()
+        e = err.reshape(groups, err.shape[0] // groups, -1)
+        return float(torch.einsum("god,gde,goe->", e, moment, e).double())
+
+    def calibrate(self, spec: LayerSpec, probe: CompressedWeight, probe_label: str) -> LayerSensitivity:
+        """Measure the layer's gain with one probe candidate swapped in."""
+        t0 = time.perf_counter()
+        info = self.layers[spec.name]
+        info.moments = self.kinds[spec.name]  # calibrating again (another budget) starts afresh
+        decoded = methods.decode(probe).reshape(spec.shape)
+        info.probe, info.probe_error = probe_label, self.measure({spec.name: decoded})
+        info.probe_weight_error = methods.relative_error(spec.weight, probe)
+        layer_err = self.layer_error(spec, probe)
+        if info.moments != "none" and layer_err is not None and layer_err > 0:
+            info.gain = info.probe_error / layer_err
+        elif info.moments != "none":  # an exact probe says nothing about the gain: fall back
+            info.moments = "none"
+        if info.moments == "none":
+            w = info.probe_weight_error
+            info.gain = info.probe_error / w ** 2 if w and w > 0 else 0.0
+        info.seconds = time.perf_counter() - t0
+        return info
+
+    def cost(self, spec: LayerSpec, cw: CompressedWeight, rel_error: float) -> float:
+        """Predicted relative squared output error this candidate adds (calibrate first)."""
+        info = self.layers[spec.name]
+        if info.gain is None:
+            raise RuntimeError(f"{spec.name}: calibrate() before cost()")
+        if info.moments == "none":
+            return info.gain * rel_error ** 2
+        return info.gain * self.layer_error(spec, cw)
+
+    def plan_error(self, weights: dict[str, CompressedWeight]) -> float:
+        """Measured relative squared output error of a whole plan on the held-out inputs."""
+        swaps = {name: methods.decode(cw).reshape(self.specs[name].shape) for name, cw in weights.items()}
+        return self.measure(swaps, holdout=True)
+
+    def summary(self) -> dict:
+        return {"inputs": self.input_mode, "samples": self.settings.samples, "holdout": self.settings.holdout,
+                "seconds": round(self.seconds + sum(x.seconds for x in self.layers.values()), 3),
+                "layers": {name: x.to_dict() for name, x in self.layers.items()}}
+
+
+class TorchSensitivity(Sensitivity):
+    """Sensitivities of the layers of one torch model (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, specs: list[LayerSpec], example_inputs=None, sampler=None,
+                 settings: SensitivitySettings | None = None):
+        super().__init__(specs, settings)
+        s = self.settings
+        t0 = time.perf_counter()
+        self.model = copy.deepcopy(model).eval()  # probes swap weights in place: never in the user's model
+        self.inputs, self.input_mode = probe_inputs(self.model, example_inputs, s.samples, s.seed, sampler,
+                                                    s.inversion_steps)
+        self.holdout, _ = probe_inputs(self.model, example_inputs, s.holdout, s.seed + 7919, sampler,
+                                       s.inversion_steps)
+        self.tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
+                        **dict(self.model.named_buffers(remove_duplicate=False))}
+        modules = dict(self.model.named_modules())
+        found, handles = {}, []
+        for spec in specs:
+            module = modules.get(spec.module) if spec.module else None
+            kind = self._moment_kind(spec, module)
+            self.layers[spec.name] = LayerSensitivity(spec.name, kind)
+            if kind != "none":
+                found[spec.name] = Moments(s.max_vectors)
+                handles.append(module.register_forward_hook(_ModuleHook(found[spec.name])))
+        try:
+            with torch.no_grad():
+                self.reference = self.model(*self.inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        with torch.no_grad():  # the held-out set judges plans only: it adds nothing to the moments
+            self.reference_holdout = self.model(*self.holdout)
+        self._set_moments(found)
+        self.seconds = time.perf_counter() - t0
+        log.info("sensitivity: %d layers, inputs %s, moments for %d, %.2f s", len(specs), self.input_mode,
+                 len(self.moments), self.seconds)
+
+    def _moment_kind(self, spec: LayerSpec, module) -> str:
+        if spec.name not in self.tensors or module is None or getattr(module, "weight", None) is not self.tensors[spec.name]:
+            return "none"
+        if isinstance(module, nn.Linear) and spec.in_axis == 1:
+            return "linear"
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and spec.in_axis == 1:
+            return "conv"
+        if isinstance(module, nn.Embedding):
+            return "embedding"
+        return "none"
+
+    def measure(self, swaps: dict[str, np.ndarray], holdout: bool = False) -> float:
+        """Relative squared output error ||y - y_ref||^2 / ||y_ref||^2 with these weights swapped in."""
+        saved = {}
+        try:
+            with torch.no_grad():
+                for name, value in swaps.items():
+                    t = self.tensors[name]
+                    saved[name] = t.detach().clone()
+                    t.copy_(torch.from_numpy(np.asarray(value, np.float32)).reshape(t.shape))
+                out = self.model(*(self.holdout if holdout else self.inputs))
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    self.tensors[name].copy_(value)
+        num, den = squared_error_terms(self.reference_holdout if holdout else self.reference, out)
+        return num / den if den > 0 else num
+
+
+
+class OnnxSensitivity(Sensitivity):
+    """Sensitivities of the layers of an ONNX model, run by onnxruntime: the compressible
+    initializers become overridable graph inputs (swapped by feeding them) and the layers' input
+    activations extra graph outputs (for the moments). Float graph inputs get standard Gaussian
+    samples; the batch axis is the first symbolic one (a fixed batch is run repeatedly)."""
+
+    def __init__(self, model, specs: list[LayerSpec], settings: SensitivitySettings | None = None):
+        import onnx
+        import onnxruntime as ort
+        from onnx import helper
+
+        super().__init__(specs, settings)
+        s = self.settings
+        t0 = time.perf_counter()
+        graph = model.graph
+        initializers = {t.name: t for t in graph.initializer}
+        outside = [spec.name for spec in specs if spec.name not in initializers]
+        if outside:
+            raise InputError(f"sensitivity='output' on ONNX needs every layer's weight as a main-graph initializer; "
+                             f"{outside[:3]} are not")
+        feeds = [i for i in graph.input if i.name not in initializers]
+        self.inputs = self._gaussian(feeds, s.samples, s.seed)
+        self.holdout = self._gaussian(feeds, s.holdout, s.seed + 7919)
+        self.input_mode = "gaussian"
+        self.dtypes = {name: helper.tensor_dtype_to_np_dtype(initializers[name].data_type) for name in self.specs}
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        for spec in specs:
+            t = initializers[spec.name]
+            work.graph.input.append(helper.make_tensor_value_info(spec.name, t.data_type, list(t.dims)))
+        taps = {}  # layer name -> (activation tensor name, how to read it)
+        producers = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+        for spec in specs:
+            tap = self._tap(spec, graph)
+            kind = "none" if tap is None or tap[0] not in producers else tap[1]
+            self.layers[spec.name] = LayerSensitivity(spec.name, kind if kind == "none" else kind.split(":")[0])
+            if kind != "none":
+                taps[spec.name] = tap
+        n_out = len(graph.output)
+        extra = sorted({tap[0] for tap in taps.values()} - {o.name for o in graph.output})
+        for name in extra:
+            work.graph.output.append(helper.make_empty_tensor_value_info(name))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(work.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.output_names = [o.name for o in work.graph.output]
+        self.n_out = n_out
+        found = {name: Moments(s.max_vectors) for name in taps}
+        self.reference = []
+        for batch in self.inputs:
+            out = dict(zip(self.output_names, self.session.run(None, batch)))
+            self.reference.append([out[o.name] for o in graph.output])
+            for name, (act, kind, spec_attrs) in taps.items():
+                self._add(found[name], torch.from_numpy(np.asarray(out[act])), kind, spec_attrs)
+        self.reference_holdout = [self.session.run(self.output_names[:n_out], batch) for batch in self.holdout]
+        self._set_moments(found)
+        self.seconds = time.perf_counter() - t0
+        log.info("sensitivity (onnxruntime): %d layers, moments for %d, %.2f s", len(specs), len(self.moments),
+                 self.seconds)
+
+    @staticmethod
+    def _gaussian(feeds, n: int, seed: int) -> list[dict]:
+        """Batches of standard Gaussian inputs, n samples in all."""
+        from onnx import helper
+
+        gen = torch.Generator().manual_seed(seed)
+        shapes, batch_axis = {}, {}
+        for i in feeds:
+            dtype = helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+            if not np.issubdtype(dtype, np.floating):
+                raise InputError(f"sensitivity='output' on ONNX draws float inputs only; input {i.name!r} is "
+                                 f"{dtype}: use sensitivity='weight' or a torch model with an input_sampler")
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+            symbolic = [k for k, d in enumerate(dims) if d is None]
+            if len(symbolic) > 1:
+                raise InputError(f"sensitivity='output' on ONNX needs input shapes with at most one symbolic "
+                                 f"(batch) axis; {i.name!r} has {dims}")
+            shapes[i.name], batch_axis[i.name] = (dims, dtype), (symbolic[0] if symbolic else None)
+        # a fixed-size input (no symbolic axis) fixes how many samples one run holds: its first axis
+        fixed = [dims[0] for name, (dims, _) in shapes.items() if batch_axis[name] is None and dims and dims[0]]
+        per_batch = min(fixed[0], n) if fixed else n
+        batches, done = [], 0
+        while done < n:
+            batch = {}
+            for name, (dims, dtype) in shapes.items():
+                axis = batch_axis[name]
+                shape = [per_batch if k == axis else d for k, d in enumerate(dims)]
+                batch[name] = torch.randn(shape, generator=gen).numpy().astype(dtype)
+            batches.append(batch)
+            done += per_batch
+        return batches
+
+    @staticmethod
+    def _tap(spec: LayerSpec, graph):
+        """(activation name, how to read it, attrs) for a layer whose node reads the weight directly."""
+        users = [n for n in graph.node if spec.name in n.input]
+        if len(users) != 1 or spec.attrs.get("chain"):
+            return None
+        node = users[0]
+        attrs = {a.name: onnx_attr(a) for a in node.attribute}
+        operand = list(node.input).index(spec.name)
+        if node.op_type == "Gather" and operand == 0:
+            return node.input[1], "embedding", {"rows": spec.shape[0]}
+        if node.op_type == "MatMul":
+            return node.input[1 - operand], f"linear:{'rows' if operand == 1 else 'cols'}", {}
+        if node.op_type == "Gemm" and operand == 1 and not attrs.get("transA", 0):
+            return node.input[0], "linear:rows", {}
+        if node.op_type == "Conv" and operand == 1 and attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"):
+            k = len(spec.shape) - 2
+            pads = list(attrs.get("pads", [0] * 2 * k))
+            torch_pad = [p for axis in reversed(range(k)) for p in (pads[axis], pads[axis + k])]
+            return node.input[0], "conv", {"kernel": spec.shape[2:], "stride": attrs.get("strides", [1] * k),
+                                           "dilation": attrs.get("dilations", [1] * k), "pad": torch_pad,
+                                           "groups": attrs.get("group", 1)}
+        return None
+
+    @staticmethod
+    def _add(acc: Moments, x: torch.Tensor, kind: str, a: dict) -> None:
+        if kind == "embedding":
+            acc.add_ids(x, a["rows"])
+        elif kind == "linear:rows":
+            acc.add(x.float().reshape(-1, x.shape[-1])[None])
+        elif kind == "linear:cols":
+            acc.add(x.float().transpose(-1, -2).reshape(-1, x.shape[-2])[None])
+        else:
+            acc.add(conv_patches(x.float(), a["kernel"], a["stride"], a["dilation"], a["pad"], a["groups"]))
+
+    def measure(self, swaps: dict[str, np.ndarray], holdout: bool = False) -> float:
+        weights = {name: np.asarray(value).reshape(self.specs[name].shape).astype(self.dtypes[name])
+                   for name, value in swaps.items()}
+        num = den = 0.0
+        for batch, ref in zip(self.holdout if holdout else self.inputs,
+                              self.reference_holdout if holdout else self.reference):
+            out = self.session.run(self.output_names[:self.n_out], {**batch, **weights})
+            for o, r in zip(out, ref):
+                num += float(np.sum(np.square(np.asarray(o, np.float64) - np.asarray(r, np.float64))))
+                den += float(np.sum(np.square(np.asarray(r, np.float64))))
+        return num / den if den > 0 else num
+
+
+def onnx_attr(a):
+    from onnx import helper
+
+    value = helper.get_attribute_value(a)
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,268 @@
+"""auto's data-free output sensitivity: exact second moments for linear, conv and embedding layers,
+a zero gain for a layer the network ignores, optimality against brute force where the proxy is exact,
+and the planner's options (error_ceiling, executor, the report)."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import riem_compiler as rc
+from riem_compiler import methods
+from riem_compiler.errors import InputError
+from riem_compiler.frontend.torch_frontend import find_torch_layers
+from riem_compiler.methods import rtn as rtn_m
+from riem_compiler.methods import svd as svd_m
+from riem_compiler.methods.dense import fit_dense
+from riem_compiler.passes import auto
+from riem_compiler.passes.executors import LocalExecutor
+from riem_compiler.passes.sensitivity import SensitivitySettings, TorchSensitivity
+
+
+def _specs(model, **cfg):
+    return find_torch_layers(model, rc.Config(min_weight_size=0, quiet=True, **cfg)).layers
+
+
+class Parallel(nn.Module):
+    """Independent linear maps of slices of the input, outputs concatenated: the model's squared
+    output error is exactly the sum of the layers' ||(W - W_hat) x||^2."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(48, 40), nn.Linear(32, 48), nn.Linear(64, 24)
+        with torch.no_grad():
+            for lin, scale in ((self.a, 1.0), (self.b, 0.3), (self.c, 2.0)):
+                lin.weight.copy_(scale * torch.randn(lin.weight.shape, generator=g))
+        self.mix = torch.randn(48, 48, generator=g)  # correlated inputs for a: its moments are not identity
+
+    def forward(self, x):
+        xa = x[:, :48] @ self.mix
+        return torch.cat([self.a(xa), self.b(x[:, 48:80]), self.c(x[:, 80:144])], dim=1)
+
+
+def test_linear_moments_are_exact():
+    model = Parallel().eval()
+    specs = _specs(model)
+    sens = TorchSensitivity(model, specs, (torch.randn(2, 144),), settings=SensitivitySettings(samples=64, holdout=8))
+    spec = next(s for s in specs if s.name == "a.weight")
+    cw = rtn_m.fit_rtn(spec.weight, 2, None)
+    err = torch.from_numpy(spec.weight - methods.decode(cw))
+    x = sens.inputs[0][:, :48] @ model.mix
+    direct = float((x @ err.T).pow(2).sum(1).mean())
+    assert sens.layer_error(spec, cw) == pytest.approx(direct, rel=1e-5)
+
+
+def test_conv_moments_are_exact_depthwise_and_padded():
+    g = torch.Generator().manual_seed(1)
+    conv = nn.Conv2d(6, 6, 3, padding=1, stride=2, groups=3, bias=False)
+    model = nn.Sequential(conv).eval()
+    specs = _specs(model)
+    sens = TorchSensitivity(model, specs, (torch.randn(1, 6, 9, 9),),
+                            settings=SensitivitySettings(samples=8, holdout=2, max_vectors=10**6))
+    spec = specs[0]
+    w_hat = spec.weight + 0.1 * torch.randn(spec.shape, generator=g).numpy()
+    diff = conv._conv_forward(sens.inputs[0], torch.from_numpy(spec.weight - w_hat), None)  # (N, 6, 5, 5)
+    direct = float(diff.pow(2).sum(1).mean())  # per output position, summed over channels
+    cw = fit_dense(w_hat.astype(np.float32), "float32")
+    assert sens.layer_error(spec, cw) == pytest.approx(direct, rel=1e-5)
+
+
+def test_embedding_moments_weight_rows_by_frequency():
+    emb = nn.Embedding(50, 8)
+    model = nn.Sequential(emb).eval()
+    specs = _specs(model, compress_embeddings=True)
+    ids = torch.tensor([[3, 40, 7, 7]])
+    sens = TorchSensitivity(model, specs, (ids,), settings=SensitivitySettings(samples=16, holdout=2))
+    assert sens.input_mode == "uniform ids"
+    assert int(sens.inputs[0].min()) >= 3 and int(sens.inputs[0].max()) <= 40
+    spec = specs[0]
+    cw = rtn_m.fit_rtn(spec.weight, 2, None)
+    err = torch.from_numpy(spec.weight - methods.decode(cw))
+    direct = float(err[sens.inputs[0].reshape(-1)].pow(2).sum(1).mean())
+    assert sens.layer_error(spec, cw) == pytest.approx(direct, rel=1e-5)
+
+
+class Ignored(nn.Module):
+    """`dead`'s output is multiplied by 0: the model does not depend on its weight at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.dead, self.live = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return 0.0 * self.dead(x) + self.live(x)
+
+
+def test_ignored_layer_has_zero_sensitivity_and_gets_the_cheapest_candidate():
+    torch.manual_seed(0)
+    model = Ignored().eval()
+    res = rc.optimize(model, (torch.randn(4, 32),), method="auto", ratio=0.2, min_weight_size=0, quiet=True, steps=30)
+    plan = res.report.auto
+    assert plan["objective"] == "output"
+    dead = plan["sensitivity"]["layers"]["dead.weight"]
+    assert dead["gain"] == 0.0
+    choice = next(c for c in plan["choices"] if c["name"] == "dead.weight")
+    assert all(c["cost"] == 0.0 for c in choice["candidates"])
+    assert choice["nbytes"] == min(c["nbytes"] for c in choice["candidates"])
+    live = next(c for c in plan["choices"] if c["name"] == "live.weight")
+    assert plan["sensitivity"]["layers"]["live.weight"]["gain"] > 0 and live["nbytes"] > choice["nbytes"]
+
+
+def test_plan_is_optimal_against_brute_force_with_the_exact_linear_proxy():
+    model = Parallel().eval()
+    specs = _specs(model)
+    sens = TorchSensitivity(model, specs, (torch.randn(2, 144),),
+                            settings=SensitivitySettings(samples=256, holdout=256))
+    pools = {}
+    for s in specs:
+        pools[s.name] = [rtn_m.fit_rtn(s.weight, b, None) for b in (8, 4, 3, 2)] + \
+                        [svd_m.fit_svd(s.weight, r, 16) for r in (0.5, 0.25)]
+    total = sum(s.fp32_bytes for s in specs)
+    for ratio in (0.15, 0.25, 0.4):
+        result = auto.choose_methods_detailed(specs, ratio, lambda spec, r: pools[spec.name], sensitivity=sens)
+        assert result.nbytes <= ratio * total
+        chosen = sens.measure({c.name: methods.decode(c.weight) for c in result.choices})
+        assert result.proxy == pytest.approx(chosen, rel=1e-4)  # the proxy is the measured error
+        best = np.inf
+        for combo in itertools.product(*(range(len(pools[s.name])) for s in specs)):
+            picks = [pools[s.name][j] for s, j in zip(specs, combo)]
+            if sum(cw.nbytes for cw in picks) <= ratio * total:
+                best = min(best, sens.measure({s.name: methods.decode(cw) for s, cw in zip(specs, picks)}))
+        assert chosen == pytest.approx(best, rel=1e-4), ratio
+
+
+def test_error_ceiling_and_executor_are_honoured():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    calls = []
+
+    class Counting(LocalExecutor):
+        def map(self, fn, jobs, on_error=None):
+            jobs = list(jobs)
+            calls.append((fn.__name__, len(jobs)))
+            return super().map(fn, jobs, on_error)
+
+    specs = _specs(model)
+    cfg = rc.Config(method="auto", ratio=0.15, error_ceiling=0.1, min_weight_size=0, quiet=True, steps=30)
+    grid = auto.CandidateGrid()
+    compressed, records = auto.compress_auto(specs, cfg, grid, executor=Counting())
+    assert calls == [("layer_candidates", 2)]
+    for r in records:
+        assert r.status == "skipped" or r.rel_error <= 0.1
+        assert r.fit_seconds > 0
+    plan = {}
+    auto.compress_auto(specs, rc.Config(method="auto", ratio=0.15, min_weight_size=0, quiet=True), grid, plan=plan)
+    assert plan["dropped"] == 0 and any(c["over_ceiling"] == 0 for c in plan["choices"])
+
+
+def test_optimize_reports_the_plan_and_falls_back_without_inputs(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    x = torch.randn(3, 48)
+    fast = dict(method="auto", ratio=0.2, min_weight_size=0, quiet=True, steps=30)
+    res = rc.optimize(model, (x,), **fast)
+    plan = res.report.to_dict()["auto"]
+    assert plan["objective"] == "output" and plan["source"] in plan["measured"]
+    assert plan["sensitivity"]["inputs"] == "gaussian"
+    for choice in plan["choices"]:
+        assert choice["candidates"] and all(np.isfinite(c["cost"]) for c in choice["candidates"])
+        assert choice["reason"]
+    assert rc.Report.from_dict(res.report.to_dict()).auto == plan
+    weight = rc.optimize(model, (x,), **fast, sensitivity="weight")
+    assert weight.report.auto["objective"] == "size_weighted" and weight.report.auto["measured"] == {}
+    none = rc.optimize(model, **fast)
+    assert none.report.auto["objective"] == "size_weighted"
+    with pytest.raises(InputError, match="sensitivity"):
+        rc.optimize(model, (x,), method="auto", sensitivity="fisher")
+
+
+def _timeless(value):
+    """The value without its "seconds" entries (timings differ from run to run; nothing else may)."""
+    if isinstance(value, dict):
+        return {k: _timeless(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_timeless(v) for v in value]
+    return value
+
+
+def test_sampler_inputs_and_determinism():
+    model = nn.Sequential(nn.Embedding(100, 16), nn.Flatten(), nn.Linear(16 * 5, 8)).eval()
+
+    def sampler(n, gen):
+        return (torch.randint(10, 20, (n, 5), generator=gen),)
+
+    a = rc.optimize(model, (torch.zeros(1, 5, dtype=torch.long),), method="auto", ratio=0.2, min_weight_size=0,
+                    quiet=True, input_sampler=sampler, compress_embeddings=True, steps=30)
+    b = rc.optimize(model, (torch.zeros(1, 5, dtype=torch.long),), method="auto", ratio=0.2, min_weight_size=0,
+                    quiet=True, input_sampler=sampler, compress_embeddings=True, steps=30)
+    assert a.report.auto["sensitivity"]["inputs"] == "sampler"
+    assert _timeless(a.report.auto) == _timeless(b.report.auto)
+    assert a.report.auto["sensitivity"]["layers"]["0.weight"]["moments"] == "embedding"
+    # rows 10..19 are the only ones looked up: errors in the other rows cost nothing
+    spec = _specs(model, compress_embeddings=True)[0]
+    sens = TorchSensitivity(model, [spec], sampler=sampler, settings=SensitivitySettings(samples=8, holdout=2))
+    noisy = spec.weight.copy()
+    noisy[:10] += 1.0
+    noisy[20:] -= 1.0
+    assert sens.layer_error(spec, fit_dense(noisy, "float32")) == 0.0
+    noisy[12] += 1.0
+    assert sens.layer_error(spec, fit_dense(noisy, "float32")) > 0.0
+
+
+def _onnx_linear_models():
+    """A MatMul with a stored (in, out) weight, a Gemm with transB=1, a padded strided grouped Conv."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    r = np.random.default_rng(3)
+    models = []
+    w = r.standard_normal((48, 40)).astype(np.float32)
+    mix = r.standard_normal((48, 48)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "mix"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 40])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(mix, "mix")])
+    models.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    g = r.standard_normal((32, 48)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "g"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+                              [numpy_helper.from_array(g, "g")])
+    models.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    c = r.standard_normal((16, 4, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "c"], ["y"], group=2, pads=[1, 0, 1, 2], strides=[2, 1])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 9, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(c, "c")])
+    models.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return models
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_onnx_moments_make_the_cost_the_measured_output_error(index):
+    """One linear layer: after calibrating with one probe, every candidate's predicted cost is its
+    measured output error (exact moments, in_axis 0 and 1, conv pads/strides/groups, fixed batch)."""
+    from riem_compiler.frontend.onnx_frontend import find_onnx_layers
+    from riem_compiler.passes.sensitivity import OnnxSensitivity
+
+    model = _onnx_linear_models()[index]
+    specs = [s for s in find_onnx_layers(model, rc.Config(min_weight_size=0, quiet=True))[0] if s.name != "mix"]
+    sens = OnnxSensitivity(model, specs, SensitivitySettings(samples=16, holdout=4))
+    spec = specs[0]
+    assert sens.layers[spec.name].moments in ("linear", "conv")
+    sens.calibrate(spec, rtn_m.fit_rtn(spec.weight, 2, None), "rtn2")
+    for bits in (3, 4, 8):
+        cw = rtn_m.fit_rtn(spec.weight, bits, None)
+        measured = sens.measure({spec.name: methods.decode(cw)})
+        assert sens.cost(spec, cw, methods.relative_error(spec.weight, cw)) == pytest.approx(measured, rel=1e-3)
+
+
+def test_onnx_auto_plans_on_output_error():
+    from riem_compiler.examples import DIGITS_CNN_ONNX
+
+    res = rc.optimize(str(DIGITS_CNN_ONNX), method="auto", ratio=1 / 8, quiet=True, steps=30)
+    plan = res.report.auto
+    assert plan["objective"] == "output" and plan["sensitivity"]["inputs"] == "gaussian"
+    assert set(plan["measured"]) >= {"knapsack"} and plan["source"] in plan["measured"]
+    assert plan["nbytes"] <= plan["budget_bytes"] == int(plan["fp32_bytes"] / 8)
