@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "seed, settings and thread count (default: torch's current setting locally, 1 on Ray)")
     g.add_argument("--error-ceiling", type=_finite_float, default=1.0,
                    help="keep a layer dense when its relative weight error is above this (default 1.0)")
+    g.add_argument("--sensitivity", choices=("output", "weight"), default="output",
+                   help="auto: what a candidate costs: its predicted share of the model's output error, measured "
+                        "on synthetic inputs (output, default), or its size-weighted weight error (weight)")
+    g.add_argument("--sensitivity-samples", type=int, default=32, metavar="N",
+                   help="auto: synthetic inputs for the output sensitivity, and as many held out (default 32)")
     g.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="leave layers whose name matches this glob dense (repeat the flag for more)")
     g.add_argument("--ignore-type", action="append", default=[], metavar="KIND",
@@ -181,5 +186,6 @@ def _config_from_args(args):
                   executor=args.executor, ray_address=args.ray_address, threads=args.threads, lr=args.lr,
                   k_branches=args.k_branches, recompute=args.recompute, refine=args.refine,
                   refine_steps=args.refine_steps, method_options=_method_options(args),
-                  onnx_format=args.onnx_format)
+                  onnx_format=args.onnx_format, sensitivity=args.sensitivity,
+                  sensitivity_samples=args.sensitivity_samples)
 
