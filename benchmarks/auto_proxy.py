@@ -217,16 +217,17 @@ def main(argv=None) -> int:
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "date": time.strftime("%Y-%m-%d %H:%M"), "models": {}}
     rows, corr = [], []
-    for name in args.models:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.models:  # written after each model: a long run keeps what it finished
         model_rows, info = run_model(name, args.plans, args.seed)
         rows += model_rows
         meta["models"][name] = info
         corr += correlations(rows, name)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "auto_proxy.json").write_text(json.dumps({"meta": meta, "correlations": corr, "rows": rows}, indent=1) + "\n")
-    (out / "auto_proxy.md").write_text(markdown(rows, corr, meta))
-    plot(rows, out / "auto_proxy.png")
+        (out / "auto_proxy.json").write_text(json.dumps({"meta": meta, "correlations": corr, "rows": rows},
+                                                        indent=1) + "\n")
+        (out / "auto_proxy.md").write_text(markdown(rows, corr, meta))
+        plot(rows, out / "auto_proxy.png")
     print((out / "auto_proxy.md").read_text())
     return 0
 
