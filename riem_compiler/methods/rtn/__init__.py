@@ -3,7 +3,17 @@ group of `group_size` consecutive inputs; codes bit-packed (riem_compiler/bitpac
 offset of 2**(bits-1) (the ONNX DequantizeLinear zero point for unsigned codes).
 
 Groups run along the layer's input axis (`LayerSpec.in_axis`), as the runtimes' fused low-bit
-matmuls (onnxruntime MatMulNBits) need. For a weight stored (in, out), e.g. the right operand of
+matmuls (onnxruntime MatMulNBits) need.
+
+At a ratio, `fit` takes per layer the setting with the lowest weight error whose stored bytes fit
+(`best_rtn`): every bit width 2-8, one scale per row (float32, or float16 where that is what fits)
+or float16 scales per group of 16-1024 inputs (for each width the finest grouping that fits). The
+old first-fit ladder (8-bit per row, then 4-bit groups of `group_size`, ...) wasted budgets that
+miss a rung by a hair: int8 per row is 1/4 of fp32 plus its scales, so ratio 1/4 fell to 4 bits;
+now it gets 7-bit codes. Codes of 5-7 bits (and 3/2) have no standard ONNX integer type, so with
+onnx_format "standard" or "ort" the choice is first among the 8/4-bit settings those formats write
+natively (float32 row scales or float16 groups), and only where none fits among all of them.
+`choose="ladder"` keeps the old first fit. For a weight stored (in, out), e.g. the right operand of
 an ONNX MatMul, the quantised matrix is its transpose: meta "transposed" is True and the codes
 and scales describe W.T, rows = outputs."""
 from __future__ import annotations
@@ -20,20 +30,31 @@ from riem_compiler.errors import InputError
 from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 
-BITS = (8, 4, 3, 2)
+BITS = (8, 7, 6, 5, 4, 3, 2)
 # (bits, group_size) from most to fewest bytes; `rtn_settings_for_ratio` takes the first that fits.
 LADDER = ((8, None), (4, 128), (4, None), (3, 128), (3, None), (2, 128), (2, None))
+# the groups `best_rtn` tries (float16 scales), finest first
+GROUPS = (16, 32, 64, 128, 256, 512, 1024)
+NATIVE_BITS = (8, 4)  # the widths with a standard ONNX integer type (rtn/native.py)
+CHOICES = ("best", "ladder")
 
 
 @dataclass(frozen=True)
 class RTNSettings:
-    """group_size: the group of the ladder's grouped rungs (bits and grouping follow the ratio)."""
+    """choose: "best" (the lowest-error setting that fits the ratio, `best_rtn`) or "ladder" (the
+    first LADDER rung that fits; 8/4-bit rungs have native ONNX forms). group_size: the group of
+    the ladder's grouped rungs. onnx_format (from rc.Config): "standard"/"ort" make "best" prefer
+    the settings those formats write natively."""
 
     group_size: int = 128
+    choose: str = "best"
+    onnx_format: str = "functions"
 
     def __post_init__(self):
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise InputError(f"rtn group_size must be a positive integer; got {self.group_size!r}")
+        if self.choose not in CHOICES:
+            raise InputError(f"rtn choose must be one of {CHOICES}; got {self.choose!r}")
 
 
 def _rtn_layout(shape, group_size: int | None, transposed: bool = False) -> tuple[int, int, int]:
@@ -42,15 +63,22 @@ def _rtn_layout(shape, group_size: int | None, transposed: bool = False) -> tupl
     return n, d, (d if group_size is None else int(group_size))
 
 
-def rtn_scale_dtype(group_size: int | None) -> str:
-    """float32 for one scale per row (negligible bytes), float16 per group."""
+def rtn_scale_dtype(group_size: int | None, scale_dtype: str | None = None) -> str:
+    """The given scale dtype, else float32 for one scale per row (negligible bytes on wide rows),
+    float16 per group."""
+    if scale_dtype is not None:
+        if scale_dtype not in ("float32", "float16"):
+            raise InputError(f"rtn scale_dtype must be 'float32' or 'float16'; got {scale_dtype!r}")
+        return scale_dtype
     return "float32" if group_size is None else "float16"
 
 
-def rtn_nbytes(shape, bits: int, group_size: int | None = 128, transposed: bool = False) -> int:
+def rtn_nbytes(shape, bits: int, group_size: int | None = 128, transposed: bool = False,
+               scale_dtype: str | None = None) -> int:
     n, d, g = _rtn_layout(shape, group_size, transposed)
     groups = math.ceil(d / g)
-    return bitpack.packed_nbytes(n * d, bits) + n * groups * np.dtype(rtn_scale_dtype(group_size)).itemsize
+    return (bitpack.packed_nbytes(n * d, bits)
+            + n * groups * np.dtype(rtn_scale_dtype(group_size, scale_dtype)).itemsize)
 
 
 def rtn_settings_for_ratio(ratio: float, shape=None, group_size: int = 128,
@@ -78,10 +106,28 @@ def rtn_settings_for_ratio(ratio: float, shape=None, group_size: int = 128,
     return None
 
 
-def fit_rtn(weight, bits: int = 8, group_size: int | None = None, in_axis: int = 1) -> CompressedWeight:
+def _quantise(M: np.ndarray, bits: int, g: int, sdtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(signed codes int64, scale (rows, groups) in sdtype, float32 scale per column) of the
+    (rows, cols) matrix M with groups of g columns (the last may be shorter)."""
+    n, d = M.shape
+    groups = math.ceil(d / g)
+    qmax = (1 << (bits - 1)) - 1
+    padded = np.zeros((n, groups * g), dtype=np.float32)
+    padded[:, :d] = M
+    absmax = np.abs(padded.reshape(n, groups, g)).max(axis=2)
+    tiny = np.finfo(sdtype).smallest_subnormal
+    scale = np.maximum(absmax / qmax, tiny).astype(sdtype)  # codes use the stored (rounded) scale
+    scale_cols = np.repeat(scale.astype(np.float32), g, axis=1)[:, :d]
+    codes = np.clip(np.rint(M / scale_cols), -qmax, qmax).astype(np.int64)
+    return codes, scale, scale_cols
+
+
+def fit_rtn(weight, bits: int = 8, group_size: int | None = None, in_axis: int = 1,
+            scale_dtype: str | None = None) -> CompressedWeight:
     """Round-to-nearest symmetric quantisation: codes in [-(2**(bits-1)-1), 2**(bits-1)-1],
     scale = max|w| / (2**(bits-1)-1) per output (group_size None) or per group of consecutive
-    inputs (the last group may be shorter). in_axis 0 (a 2-D (in, out) weight) quantises W.T."""
+    inputs (the last group may be shorter). in_axis 0 (a 2-D (in, out) weight) quantises W.T.
+    scale_dtype None: float32 per row, float16 per group (`rtn_scale_dtype`)."""
     if bits not in BITS:
         raise InputError(f"rtn bits must be one of {BITS}, got {bits}")
     if group_size is not None and group_size < 1:
@@ -89,23 +135,68 @@ def fit_rtn(weight, bits: int = 8, group_size: int | None = None, in_axis: int =
     shape, transposed = weight_layout(weight, in_axis, "rtn")
     M = np.ascontiguousarray(matrix(weight).T) if transposed else matrix(weight)
     n, d, g = _rtn_layout(shape, group_size, transposed)
-    groups = math.ceil(d / g)
-    qmax = (1 << (bits - 1)) - 1
+    sdtype = rtn_scale_dtype(group_size, scale_dtype)
+    codes, scale, _ = _quantise(M, bits, g, sdtype)
     offset = 1 << (bits - 1)
-    padded = np.zeros((n, groups * g), dtype=np.float32)
-    padded[:, :d] = M
-    absmax = np.abs(padded.reshape(n, groups, g)).max(axis=2)
-    sdtype = rtn_scale_dtype(group_size)
-    tiny = np.finfo(sdtype).smallest_subnormal
-    scale = np.maximum(absmax / qmax, tiny).astype(sdtype)  # codes use the stored (rounded) scale
-    scale_cols = np.repeat(scale.astype(np.float32), g, axis=1)[:, :d]
-    codes = np.clip(np.rint(M / scale_cols), -qmax, qmax).astype(np.int64) + offset
-    arrays = {"codes": bitpack.pack(codes, bits),
+    arrays = {"codes": bitpack.pack(codes + offset, bits),
               "scale": scale.reshape(n) if group_size is None else scale}
     meta = {"bits": bits, "group_size": group_size, "offset": offset, "scale_dtype": sdtype}
     if transposed:
         meta["transposed"] = True
     return CompressedWeight("rtn", shape, meta, arrays)
+
+
+def rtn_layouts_within(shape, ratio: float, transposed: bool = False, widths: int = 2, bits_allowed=BITS,
+                       row_scales=("float32", "float16")):
+    """The (bits, group_size, scale_dtype) settings `best_rtn` compares: for each bit width of
+    `bits_allowed` from the most, one scale per row (the first of `row_scales` that fits) and the
+    finest GROUPS grouping (narrower than the row) whose bytes fit ratio * fp32 bytes; the first
+    `widths` bit widths that have any. Lower widths are not tried: one bit less doubles the
+    rounding error, which finer scales do not win back."""
+    from riem_compiler.methods.base import fp32_bytes as fp32
+
+    budget = ratio * fp32(shape)
+    _, d = quantised_shape(shape, transposed)
+    out, seen = [], 0
+    for bits in sorted(bits_allowed, reverse=True):
+        found = []
+        for sdtype in row_scales:
+            if rtn_nbytes(shape, bits, None, transposed, sdtype) <= budget:
+                found.append((bits, None, sdtype))
+                break
+        group = next((g for g in GROUPS if g < d and rtn_nbytes(shape, bits, g, transposed) <= budget), None)
+        if group is not None:
+            found.append((bits, group, "float16"))
+        if found:
+            out += found
+            seen += 1
+            if seen == widths:
+                break
+    return out
+
+
+def best_rtn(weight, ratio: float, in_axis: int = 1, native: bool = False) -> CompressedWeight | None:
+    """The rtn fit with the lowest relative weight error among `rtn_layouts_within` (fewer bytes
+    on a tie); None when not even 2 bits per row fits. native: among the settings with a standard
+    ONNX form first (NATIVE_BITS, float32 row scales), all of them only when none of those fits."""
+    shape, transposed = weight_layout(weight, in_axis, "rtn")
+    layouts = rtn_layouts_within(shape, ratio, transposed, bits_allowed=NATIVE_BITS,
+                                 row_scales=("float32",)) if native else []
+    layouts = layouts or rtn_layouts_within(shape, ratio, transposed)
+    M = np.ascontiguousarray(matrix(weight).T) if transposed else matrix(weight)
+    norm = float(np.sqrt(np.sum(np.square(M, dtype=np.float64))))
+    best = None
+    for bits, group, sdtype in layouts:
+        codes, _, scale_cols = _quantise(M, bits, M.shape[1] if group is None else group, sdtype)
+        err = float(np.sqrt(np.sum(np.square(codes * scale_cols - M, dtype=np.float64))))
+        err = err / norm if norm > 0 else err
+        key = (err, rtn_nbytes(shape, bits, group, transposed, sdtype))
+        if best is None or key < best[0]:
+            best = (key, (bits, group, sdtype))
+    if best is None:
+        return None
+    bits, group, sdtype = best[1]
+    return fit_rtn(weight, bits, group, in_axis, sdtype)
 
 
 def decode_rtn(cw: CompressedWeight, t: dict) -> torch.Tensor:
@@ -128,11 +219,16 @@ class RTN(Method):
 
     def fit(self, spec, ratio, settings, index=0):
         shape = spec.shape
-        setting = rtn_settings_for_ratio(ratio, shape, settings.group_size, spec.in_axis == 0)
-        if setting is None:
+        if settings.choose == "best":
+            cw = best_rtn(spec.weight, ratio, spec.in_axis, native=settings.onnx_format != "functions")
+        else:
+            setting = rtn_settings_for_ratio(ratio, shape, settings.group_size, spec.in_axis == 0)
+            cw = None if setting is None else fit_rtn(spec.weight, *setting, in_axis=spec.in_axis)
+        if cw is None:
             raise InputError(f"ratio {ratio} is too small for 2-bit RTN of shape {shape} "
-                             f"({rtn_nbytes(shape, 2, None, spec.in_axis == 0)} bytes needed); raise the ratio")
-        return within_ratio(spec, ratio, fit_rtn(spec.weight, *setting, in_axis=spec.in_axis))
+                             f"({rtn_nbytes(shape, 2, None, spec.in_axis == 0, 'float16')} bytes needed); "
+                             "raise the ratio")
+        return within_ratio(spec, ratio, cw)
 
     def candidates(self, spec, budget_ratio, options, attempt):
         group_size = options.get("group_size", 128)
@@ -140,13 +236,16 @@ class RTN(Method):
             group = None if group is None else group_size
             attempt(spec.name, f"rtn{bits}" + ("" if group is None else f"/g{group}"), fit_rtn, spec.weight, bits,
                     group, spec.in_axis)
+        # the lowest-error setting that fits the budget itself (what fit gives at this ratio)
+        attempt(spec.name, f"rtn best@{budget_ratio:g}", best_rtn, spec.weight, budget_ratio, spec.in_axis)
 
     def decode_torch(self, cw, tensors):
         return decode_rtn(cw, tensors)
 
     def label(self, cw):
         m = cw.meta
-        return f"rtn{m['bits']}" + ("" if m["group_size"] is None else f"/g{m['group_size']}")
+        half = m["group_size"] is None and m.get("scale_dtype") == "float16"
+        return f"rtn{m['bits']}" + ("/f16" if half else "" if m["group_size"] is None else f"/g{m['group_size']}")
 
     def trainable(self, cw, param_name=""):
         # only the float scales train; the packed codes stay fixed buffers
