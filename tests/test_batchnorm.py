@@ -113,11 +113,26 @@ def test_unfoldable_batchnorms_are_kept_with_reasons():
     assert kept.keys() == reasons.keys()
 
 
-def test_exported_program_batchnorm_is_reported():
-    model = _randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
-    ep = torch.export.export(model, (_x(),))
-    _, out = fold_batchnorm(ep.module())
-    assert out.kept and "functional batch_norm" in out.kept[0][1]
+def test_exported_program_folds_functional_batchnorm(tmp_path):
+    def build():
+        return _randomise_bn(nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                           nn.Conv2d(16, 16, 3, bias=True), nn.BatchNorm2d(16),
+                                           nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8)))
+    model = build()
+    x = _x(4).repeat(1, 1, 2, 2)
+    gm = torch.export.export(model, (x,)).module()
+    folded, out = fold_batchnorm(gm)
+    assert len(out.folded) == 3 and not out.kept
+    assert not any("batch_norm" in str(n.target) for n in folded.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    ep = torch.export.export(model, (x,))
+    res = rc.optimize(ep, (x,), method="rtn", ratio=0.3, min_weight_size=0, quiet=True)
+    assert len(res.report.preprocess["batchnorm"]["folded"]) == 3 and res.report.output_error < 0.2
+    res.save(tmp_path / "art")
+    loaded = rc.load(tmp_path / "art", model=torch.export.export(build().train(), (x,)))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), res.model(x))
 
 
 def _onnx_model(with_bias: bool, extra_use: bool = False) -> onnx.ModelProto:

@@ -80,10 +80,14 @@ def fold_batchnorm(model: nn.Module, example_inputs: tuple | None = None) -> tup
     calls = module_calls(gm)
     linear_dims = _linear_output_dims(out, example_inputs)
     pairs = []
+    graph_folds = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _FUNCTIONAL_BN:
-            outcome.kept.append((node.name, "functional batch_norm op in the graph (e.g. from torch.export); "
-                                            "folding works on nn.BatchNorm modules"))
+            conv, reason = _functional_problem(gm, node)
+            if reason:
+                outcome.kept.append((node.name, reason))
+            else:
+                graph_folds.append((conv, node))
             continue
         if node.op != "call_module" or node.target not in bns:
             continue
@@ -99,7 +103,11 @@ def fold_batchnorm(model: nn.Module, example_inputs: tuple | None = None) -> tup
         outcome.stats[layer_name] = _fold_into(layer, bn)
         set_submodule(out, bn_name, nn.Identity())
         outcome.folded.append((layer_name, bn_name))
+    for conv, node in graph_folds:  # only in a GraphModule: `out` is then `gm`
+        outcome.stats[conv.name] = _fold_graph_node(gm, conv, node)
+        outcome.folded.append((conv.name, node.name))
     if isinstance(out, torch.fx.GraphModule):
+        out.graph.lint()
         out.recompile()
     _log(outcome)
     return out, outcome
@@ -164,6 +172,110 @@ def _linear_output_dims(model: nn.Module, example_inputs) -> dict[str, int]:
     return dims
 
 
+# ----------------------------------------------------------------------------- functional (torch.export graphs)
+
+_aten = torch.ops.aten
+GRAPH_CONVS = (_aten.conv1d.default, _aten.conv2d.default)
+
+
+def _attr(gm, node):
+    """The tensor a get_attr node reads, or None (an argument that is None stays None)."""
+    if node is None:
+        return None
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        raise ValueError("not a get_attr")
+    return _get_attr(gm, node.target)
+
+
+def _get_attr(gm, target: str):
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def _sole_reader(gm, node) -> bool:
+    """`node` is a get_attr whose tensor no other node reads."""
+    return (isinstance(node, torch.fx.Node) and node.op == "get_attr" and len(node.users) == 1
+            and sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target) == 1)
+
+
+def _functional_problem(gm, node):
+    """(conv node, "") when aten.batch_norm at `node` folds exactly into its input conv, else (None, reason)."""
+    if node.target is not _aten.batch_norm.default:
+        return None, f"functional {node.target} is not folded (only aten.batch_norm from torch.export graphs)"
+    args = list(node.args) + [None] * 9
+    inp, weight, bias, mean, var, training = args[:6]
+    if training:
+        return None, "batch_norm in training mode (batch statistics)"
+    try:
+        if _attr(gm, mean) is None or _attr(gm, var) is None:
+            return None, "batch_norm without running statistics"
+        _attr(gm, weight), _attr(gm, bias)
+    except ValueError:
+        return None, "batch_norm parameters are not constants of the graph"
+    if not isinstance(inp, torch.fx.Node) or inp.op != "call_function" or inp.target not in GRAPH_CONVS:
+        return None, "its input is not the output of an aten conv1d/conv2d"
+    if len(inp.users) != 1:
+        return None, f"{inp.name}'s output feeds more than this batch_norm"
+    conv_args = list(inp.args) + [None] * 3
+    if not _sole_reader(gm, conv_args[1]) or not isinstance(_attr(gm, conv_args[1]), nn.Parameter):
+        return None, f"{inp.name}'s weight is not a parameter only it reads"
+    if conv_args[2] is not None and not _sole_reader(gm, conv_args[2]):
+        return None, f"{inp.name}'s bias is not a parameter only it reads"
+    return inp, ""
+
+
+def _fold_graph_node(gm, conv, node) -> tuple[np.ndarray, np.ndarray]:
+    """Fold aten.batch_norm `node` into aten conv `conv` of `gm`, in place (gm is the pass's copy)."""
+    args = list(node.args) + [None] * 9
+    weight, bias, mean, var, eps = (_attr(gm, args[1]), _attr(gm, args[2]), _attr(gm, args[3]),
+                                    _attr(gm, args[4]), float(args[7] if args[7] is not None else 1e-5))
+    bn = nn.BatchNorm1d(mean.numel(), eps=eps, affine=weight is not None)
+    with torch.no_grad():
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        if weight is not None:
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias if bias is not None else torch.zeros_like(weight))
+    conv_args = list(conv.args)
+    w_node = conv_args[1]
+    holder = _ConvView(_get_attr(gm, w_node.target),
+                       _get_attr(gm, conv_args[2].target) if len(conv_args) > 2 and conv_args[2] is not None else None)
+    stats = _fold_into(holder, bn.eval())
+    if len(conv_args) < 3 or conv_args[2] is None:
+        target = graph_bias_name(gm, w_node.target)
+        owner, _, attr = target.rpartition(".")
+        (gm.get_submodule(owner) if owner else gm).register_parameter(attr, holder.bias)
+        with gm.graph.inserting_before(conv):
+            b_node = gm.graph.get_attr(target)
+        conv_args = conv_args + [None] * (3 - len(conv_args))
+        conv_args[2] = b_node
+        conv.args = tuple(conv_args)
+    node.replace_all_uses_with(conv)
+    readers = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    gm.graph.erase_node(node)
+    for r in readers:
+        if r.op == "get_attr" and not r.users:
+            gm.graph.erase_node(r)
+    return stats
+
+
+class _ConvView:
+    """weight/bias of a functional conv, in the shape `_fold_into` works on."""
+
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+
+def graph_bias_name(gm, weight_target: str) -> str:
+    """Where a functional conv without bias gets the folded one: beside its weight ("0.weight" ->
+    "0.bias"), or "<weight>_bn_bias" when that name is taken."""
+    owner, _, attr = weight_target.rpartition(".")
+    base = "bias" if attr == "weight" else f"{attr}_bn_bias"
+    module = gm.get_submodule(owner) if owner else gm
+    name = base if not hasattr(module, base) else f"{attr}_bn_bias"
+    return f"{owner}.{name}" if owner else name
+
+
 def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(s, mean, beta) in float64: y = (x - mean) * s + beta."""
     var = bn.running_var.detach().double()
@@ -196,12 +308,17 @@ def apply_fold_structure(model: nn.Module, folded: list) -> nn.Module:
     """For `load(model=fresh)`: give a copy of `model` the structure folding gave the compressed
     one (a bias on each folded layer, nn.Identity for its BatchNorm); values come from the artifact."""
     out = copy.deepcopy(model)
+    graph_nodes = {n.name: n for n in out.graph.nodes} if isinstance(out, torch.fx.GraphModule) else {}
     for layer_name, bn_name in folded:
+        if bn_name in graph_nodes and graph_nodes[bn_name].op == "call_function":  # a functional fold
+            _fold_graph_node(out, graph_nodes[layer_name], graph_nodes[bn_name])
+            continue
         layer = out.get_submodule(layer_name)
         if layer.bias is None:
             channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
             layer.bias = nn.Parameter(torch.zeros(channels, dtype=layer.weight.dtype))
         set_submodule(out, bn_name, nn.Identity())
     if isinstance(out, torch.fx.GraphModule):
+        out.graph.lint()
         out.recompile()
     return out
