@@ -193,7 +193,7 @@ def test_equalization_keeps_float_outputs_and_balances_ranges():
     model = _randomise_bn(Net())
     x = _x()
     folded, out = fold_batchnorm(model, (x,))
-    eq = dfq.equalize(folded, out.stats)
+    folded, eq = dfq.equalize(folded, out.stats)
     assert ["c1", "dw"] in [list(p) for p in eq.pairs] and ["dw", "pw"] in [list(p) for p in eq.pairs]
     assert eq.clips == [{"module": "act", "channels": 16, "dim": 1}]  # ReLU6 became a per-channel clip
     assert isinstance(folded.act, dfq.ChannelClip) and not torch.all(folded.act.upper == 6)
@@ -203,6 +203,41 @@ def test_equalization_keeps_float_outputs_and_balances_ranges():
         r1 = dfq.out_ranges(folded.get_submodule(first))
         r2 = dfq.in_ranges(folded.get_submodule(second))
         torch.testing.assert_close(r1, r2, rtol=1e-3, atol=0)
+
+
+class Inverted(nn.Module):
+    """MobileNet-style block: one nn.ReLU6 module called twice, asymmetric ZeroPad2d before the depthwise conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.b0 = nn.Conv2d(8, 48, 1, bias=False), nn.BatchNorm2d(48)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.dw, self.b1 = nn.Conv2d(48, 48, 3, stride=2, groups=48, bias=False), nn.BatchNorm2d(48)
+        self.project, self.b2 = nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        h = self.act(self.b0(self.expand(x)))
+        h = self.act(self.b1(self.dw(self.pad(h))))
+        return self.b2(self.project(h))
+
+
+def test_equalization_with_a_shared_relu6_round_trips(tmp_path):
+    model = _randomise_bn(Inverted())
+    x = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(3)) * 3
+    folded, out = fold_batchnorm(model, (x,))
+    eq_model, eq = dfq.equalize(folded, out.stats)
+    assert isinstance(eq_model, torch.fx.GraphModule) and len(eq.clips) == 2
+    assert all("node" in c for c in eq.clips) and eq.pairs == [("expand", "dw"), ("dw", "project")]
+    with torch.no_grad():
+        torch.testing.assert_close(eq_model(x), model(x), rtol=1e-4, atol=1e-4)
+    res = rc.optimize(model, (x,), method="rtn", ratio=0.3, min_weight_size=0, equalize=True,
+                      bias_correction=True, quiet=True)
+    assert res.report.preprocess["bias_correction"]["corrected"] == ["dw", "project"]
+    res.save(tmp_path / "art")
+    loaded = rc.load(tmp_path / "art", model=Inverted())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), res.model(x))
 
 
 def test_clipped_normal_mean_matches_sampling():

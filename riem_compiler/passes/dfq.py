@@ -35,7 +35,8 @@ from riem_compiler.passes.batchnorm import module_calls, set_submodule, trace
 log = logging.getLogger("riem_compiler.dfq")
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
-PASS_MODULES = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d)  # commute with positive channel scales
+# commute with positive per-channel scales
+PASS_MODULES = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.ZeroPad1d, nn.ZeroPad2d)
 PASS_FUNCTIONS = (F.dropout, F.max_pool1d, F.max_pool2d)
 RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 DEAD_TOL = 1e-3  # a channel is dead when its BatchNorm output std is below this times the layer's median
@@ -68,6 +69,7 @@ class Link:
     second: str
     act: str  # "relu" | "relu6" | "clip" | "none"
     act_module: str = ""  # the nn.ReLU6 / ChannelClip module, when act is one
+    act_node: str = ""  # the activation's graph node (a shared nn.ReLU6 gets a ChannelClip per call)
     pooled: bool = False  # a max pool in between (fine for scaling, not for expectations)
 
 
@@ -117,7 +119,7 @@ def find_links(model: nn.Module) -> tuple[list[Link], list[tuple[str, str]]]:
     for node in gm.graph.nodes:
         if _kind(gm, node, model) != "layer" or calls[node.target] != 1:
             continue
-        act, act_module, pooled, cur = "none", "", False, node
+        act, act_module, act_node, pooled, cur = "none", "", "", False, node
         while True:
             nxt = _one_user(cur)
             if nxt is None or not nxt.args or nxt.args[0] is not cur:
@@ -127,7 +129,7 @@ def find_links(model: nn.Module) -> tuple[list[Link], list[tuple[str, str]]]:
                 pooled = pooled or kind == "pool"
                 cur = nxt
             elif kind in ("relu", "relu6", "clip") and act == "none":
-                act, act_module, cur = kind, nxt.target if nxt.op == "call_module" else "", nxt
+                act, act_module, act_node, cur = kind, nxt.target if nxt.op == "call_module" else "", nxt.name, nxt
             elif kind == "layer":
                 second = model.get_submodule(nxt.target)
                 first = model.get_submodule(node.target)
@@ -135,10 +137,10 @@ def find_links(model: nn.Module) -> tuple[list[Link], list[tuple[str, str]]]:
                     skipped.append((node.target, f"{nxt.target} is called more than once"))
                 elif isinstance(first, nn.Linear) != isinstance(second, nn.Linear):
                     skipped.append((node.target, "conv <-> linear (a flatten would be needed)"))
-                elif act_module and calls.get(act_module, 0) != 1:
-                    skipped.append((node.target, f"activation module {act_module} is shared"))
+                elif act == "clip" and calls.get(act_module, 0) != 1:
+                    skipped.append((node.target, f"ChannelClip {act_module} is shared"))
                 else:
-                    links.append(Link(node.target, nxt.target, act, act_module, pooled))
+                    links.append(Link(node.target, nxt.target, act, act_module, act_node, pooled))
                 break
             else:
                 break
@@ -206,18 +208,31 @@ class EqualizeOutcome:
                 "skipped": [list(s) for s in self.skipped], "sweeps": self.sweeps}
 
 
-def equalize(model: nn.Module, stats: dict | None = None, tol: float = 1e-4) -> EqualizeOutcome:
-    """Cross-layer equalisation of `model` IN PLACE (pass a copy). `stats` (layer -> (mean, std)
-    of its output, from folding) are scaled along so later passes see the equalised channels."""
+def equalize(model: nn.Module, stats: dict | None = None, tol: float = 1e-4) -> tuple[nn.Module, EqualizeOutcome]:
+    """Cross-layer equalisation of `model` IN PLACE (pass a copy); returns (model, outcome). `stats`
+    (layer -> (mean, std) of its output, from folding) are scaled along so later passes see the
+    equalised channels. An nn.ReLU6 module called at several places needs one clip per call: then the
+    model returned is its fx GraphModule (same parameter names) with those calls retargeted."""
     links, skipped = find_links(model)
     outcome = EqualizeOutcome(skipped=skipped)
-    for link in links:
-        if link.act == "relu6":
-            mod_channels = _out_channels(model.get_submodule(link.first))
-            dim = -1 if isinstance(model.get_submodule(link.first), nn.Linear) else 1
-            set_submodule(model, link.act_module, ChannelClip(mod_channels, dim))
-            outcome.clips.append({"module": link.act_module, "channels": mod_channels, "dim": dim})
-            link.act = "clip"
+    relu6 = [link for link in links if link.act == "relu6"]
+    calls = module_calls(trace(model)) if relu6 else {}
+    if any(calls.get(link.act_module, 0) > 1 for link in relu6) and not isinstance(model, torch.fx.GraphModule):
+        model = trace(model)
+    nodes = {n.name: n for n in model.graph.nodes} if isinstance(model, torch.fx.GraphModule) else {}
+    for link in relu6:
+        first = model.get_submodule(link.first)
+        clip = ChannelClip(_out_channels(first), -1 if isinstance(first, nn.Linear) else 1)
+        entry = {"module": link.act_module, "channels": clip.upper.numel(), "dim": clip.dim}
+        if calls.get(link.act_module, 0) > 1:  # shared: a clip of its own for this call
+            entry["module"] = f"{link.act_node}_clip"
+            entry["node"] = link.act_node
+            model.add_submodule(entry["module"], clip)
+            nodes[link.act_node].target = entry["module"]
+        else:
+            set_submodule(model, link.act_module, clip)
+        outcome.clips.append(entry)
+        link.act, link.act_module = "clip", entry["module"]
     for sweep in range(MAX_SWEEPS):
         worst = 0.0
         for link in links:
@@ -239,16 +254,28 @@ def equalize(model: nn.Module, stats: dict | None = None, tol: float = 1e-4) -> 
             break
     outcome.pairs = [(link.first, link.second) for link in links]
     if isinstance(model, torch.fx.GraphModule):
+        model.graph.lint()
         model.recompile()
     log.info("equalised %d layer pairs in %d sweeps", len(links), outcome.sweeps)
-    return outcome
+    return model, outcome
 
 
 def apply_clip_structure(model: nn.Module, clips: list[dict]) -> nn.Module:
-    """For `load(model=fresh)`: the ReLU6 modules equalisation turned into ChannelClips."""
+    """For `load(model=fresh)`: the ReLU6 modules equalisation turned into ChannelClips (a copy; a
+    GraphModule when calls of a shared ReLU6 were retargeted, as `equalize` did)."""
     out = copy.deepcopy(model)
+    if any("node" in c for c in clips):
+        out = trace(out)
+        nodes = {n.name: n for n in out.graph.nodes}
     for c in clips:
-        set_submodule(out, c["module"], ChannelClip(int(c["channels"]), int(c["dim"])))
+        clip = ChannelClip(int(c["channels"]), int(c["dim"]))
+        if "node" in c:
+            out.add_submodule(c["module"], clip)
+            nodes[c["node"]].target = c["module"]
+        else:
+            set_submodule(out, c["module"], clip)
+    if isinstance(out, torch.fx.GraphModule):
+        out.recompile()
     return out
 
 

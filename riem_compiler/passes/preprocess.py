@@ -43,7 +43,8 @@ def prepare_torch(model: nn.Module, example_inputs, cfg) -> Prepared:
     if cfg.dead_channels:
         prepared.record["dead_channels"] = dfq.dead_channels(prepared.model, prepared.stats)
     if cfg.equalize:
-        prepared.record["equalize"] = dfq.equalize(prepared.model, prepared.stats).to_dict()
+        prepared.model, outcome = dfq.equalize(prepared.model, prepared.stats)
+        prepared.record["equalize"] = outcome.to_dict()
     return prepared
 
 
