@@ -8,12 +8,14 @@ For each model, method and budget, one compression per preprocessing variant:
   fold+bc       + bias correction from BatchNorm statistics
   fold+cle+bc   + both
   all           fold + dead + cle + bc
-Metrics: top-1 on the fixed 360-image digits test split (original 0.994 / 0.997), the relative output
-error against the original on those images, the mean relative weight error of the compressed layers
+Metrics: top-1 on the fixed 360-image digits test split (original 0.994 / 0.997), or for effnet_lite2
+top-1 agreement with the original on 56 natural-image crops; the relative output error against the
+original on those inputs, the mean relative weight error of the compressed layers
 (measured on the weights that were fitted: folded or not), and the stored ratio of those layers.
 
     python benchmarks/dfq.py --threads 1                       # rtn, affine at 1/8 and 1/16
     python benchmarks/dfq.py --methods rtn affine rotq vq auto --budgets 0.125 0.0625 --threads 1
+    python benchmarks/dfq.py --models effnet_lite2 --methods rtn affine --budgets 0.25 0.125 --threads 2
 
 Writes benchmarks/results/dfq.{md,json}.
 """
@@ -46,12 +48,47 @@ VARIANTS = {
     "fold+cle+bc": {"equalize": True, "bias_correction": True},
     "all": {"dead_channels": True, "equalize": True, "bias_correction": True},
 }
-LOADERS = {"digits_cnn": bm.digits_cnn, "digits_resnet8": bm.digits_resnet8}
+LOADERS = {"digits_cnn": bm.digits_cnn, "digits_resnet8": bm.digits_resnet8, "effnet_lite2": None}
 
 
-def run_one(model, x_te, method: str, budget: float, options: dict, steps: int) -> dict:
+class Task:
+    """A model, its evaluation inputs and its metric: digits top-1 on the test split, or for
+    EfficientNet-Lite2 (benchmarks/imagenet.py, from the ImageNet benchmark work) top-1 agreement
+    with the original on its 56 natural-image crops (top-5 agreement and softmax KL in the JSON)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        if name == "effnet_lite2":
+            try:
+                from benchmarks import imagenet
+            except ImportError as exc:
+                raise SystemExit(f"effnet_lite2 needs benchmarks/imagenet.py (the ImageNet benchmark): {exc}")
+            self.imagenet = imagenet
+            self.model = imagenet.load_effnet_lite2()
+            self.x = imagenet.agreement_inputs()[0]
+            self.reference = imagenet.logits(self.model, self.x)
+        else:
+            self.model = LOADERS[name]()
+            self.x = bm.digits_data()[2]
+
+    def original_score(self) -> float:
+        return 1.0 if self.name == "effnet_lite2" else round(bm.digits_accuracy(self.model), 4)
+
+    def evaluate(self, model) -> dict:
+        """The metric(s) and the relative output error against the original on the task's inputs."""
+        if self.name != "effnet_lite2":
+            return {"top1": round(bm.digits_accuracy(model), 4),
+                    "output_error": round(model_output_error(self.model, model, (self.x,)), 4)}
+        out = self.imagenet.logits(model, self.x)
+        got = self.imagenet.agreement(self.reference, out)
+        return {"top1": round(got["top1_agree"], 4), "top5": round(got["top5_agree"], 4), "kl": round(got["kl"], 4),
+                "output_error": round(float((out - self.reference).norm() / self.reference.norm()), 4)}
+
+
+def run_one(task: Task, method: str, budget: float, options: dict, steps: int) -> dict:
+    model, x_te = task.model, task.x
     t0 = time.perf_counter()
-    res = rc.optimize(model, (x_te[:8],), method=method, ratio=budget, quiet=True, cache_dir=None,
+    res = rc.optimize(model, (x_te[:4],), method=method, ratio=budget, quiet=True, cache_dir=None,
                       steps=steps, **options)
     seconds = time.perf_counter() - t0
     comp = res.report.compressed
@@ -61,8 +98,7 @@ def run_one(model, x_te, method: str, budget: float, options: dict, steps: int) 
     pre = res.report.preprocess or {}
     errors = [r.rel_error for r in comp if r.rel_error is not None]
     with torch.no_grad():
-        row.update(top1=round(bm.digits_accuracy(res.model), 4),
-                   output_error=round(model_output_error(model, res.model, (x_te,)), 4),
+        row.update(**task.evaluate(res.model),
                    weight_error=round(float(np.mean(errors)), 4) if errors else None,
                    ratio=round(sum(r.bytes_after for r in comp) / sum(r.bytes_before for r in comp), 4),
                    folded=len(pre.get("batchnorm", {}).get("folded", [])),
@@ -73,8 +109,8 @@ def run_one(model, x_te, method: str, budget: float, options: dict, steps: int) 
 
 
 def markdown(rows: list[dict], runs: list[dict]) -> str:
-    lines = ["# BatchNorm folding and DFQ preprocessing on the digits nets", "",
-             "Cells: top-1 / output error vs the original (relative, test split) / mean relative weight error "
+    lines = ["# BatchNorm folding and DFQ preprocessing (digits nets, EfficientNet-Lite2)", "",
+             "Cells: top-1 (effnet_lite2: top-1 agreement with the original on 56 natural-image crops) / output error vs the original (relative, test split) / mean relative weight error "
              "of the compressed layers. Ratio: stored / fp32 bytes of those layers. Runs (each row's `run` in "
              "dfq.json names its run):", ""]
     for meta in runs:
@@ -104,7 +140,7 @@ def markdown(rows: list[dict], runs: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(LOADERS), choices=list(LOADERS))
+    p.add_argument("--models", nargs="+", default=["digits_cnn", "digits_resnet8"], choices=list(LOADERS))
     p.add_argument("--methods", nargs="+", default=["rtn", "affine"])
     p.add_argument("--budgets", nargs="+", type=float, default=[1 / 8, 1 / 16])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -117,16 +153,15 @@ def main(argv=None) -> int:
             "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "threads": args.threads,
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": args.steps, "originals": {}}
-    x_te = bm.digits_data()[2]
     rows = []
     for name in args.models:
-        model = LOADERS[name]()
-        meta["originals"][name] = round(bm.digits_accuracy(model), 4)
+        task = Task(name)
+        meta["originals"][name] = task.original_score()
         for method in args.methods:
             for budget in args.budgets:
                 for variant in args.variants:
                     row = {"model": name, "method": method, "budget": budget, "variant": variant,
-                           **run_one(model, x_te, method, budget, VARIANTS[variant], args.steps)}
+                           **run_one(task, method, budget, VARIANTS[variant], args.steps)}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     out = Path(args.out)

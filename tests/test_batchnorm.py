@@ -208,13 +208,14 @@ def test_equalization_keeps_float_outputs_and_balances_ranges():
 class Inverted(nn.Module):
     """MobileNet-style block: one nn.ReLU6 module called twice, asymmetric ZeroPad2d before the depthwise conv."""
 
-    def __init__(self):
+    def __init__(self, functional: bool = False):
         super().__init__()
+        self.functional = functional
         self.expand, self.b0 = nn.Conv2d(8, 48, 1, bias=False), nn.BatchNorm2d(48)
         self.pad = nn.ZeroPad2d((0, 1, 0, 1))
         self.dw, self.b1 = nn.Conv2d(48, 48, 3, stride=2, groups=48, bias=False), nn.BatchNorm2d(48)
         self.project, self.b2 = nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16)
-        self.act = nn.ReLU6()
+        self.act = F.relu6 if functional else nn.ReLU6()
 
     def forward(self, x):
         h = self.act(self.b0(self.expand(x)))
@@ -222,8 +223,9 @@ class Inverted(nn.Module):
         return self.b2(self.project(h))
 
 
-def test_equalization_with_a_shared_relu6_round_trips(tmp_path):
-    model = _randomise_bn(Inverted())
+@pytest.mark.parametrize("functional", [False, True])
+def test_equalization_with_a_shared_or_functional_relu6_round_trips(tmp_path, functional):
+    model = _randomise_bn(Inverted(functional))
     x = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(3)) * 3
     folded, out = fold_batchnorm(model, (x,))
     eq_model, eq = dfq.equalize(folded, out.stats)
@@ -235,7 +237,7 @@ def test_equalization_with_a_shared_relu6_round_trips(tmp_path):
                       bias_correction=True, quiet=True)
     assert res.report.preprocess["bias_correction"]["corrected"] == ["dw", "project"]
     res.save(tmp_path / "art")
-    loaded = rc.load(tmp_path / "art", model=Inverted())
+    loaded = rc.load(tmp_path / "art", model=Inverted(functional))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), res.model(x))
 
@@ -321,3 +323,38 @@ def test_options_are_validated_and_off_switch_keeps_batchnorm():
     args = build_parser().parse_args(["m.onnx", "--no-fold-batchnorm", "--equalize", "--no-cache"])
     cfg = _config_from_args(args)
     assert (cfg.fold_batchnorm, cfg.equalize, cfg.bias_correction) == (False, True, False)
+
+
+def test_clipped_normal_moments_match_sampling():
+    mu, sd = np.array([-1.0, 0.5, 3.0, 7.0]), np.array([1.0, 2.0, 0.5, 3.0])
+    z = np.random.default_rng(0).normal(size=(400000, 1)) * sd + mu
+    mean, std = dfq.clipped_normal_moments(mu, sd, 0.0, 6.0)
+    np.testing.assert_allclose(mean, np.clip(z, 0, 6).mean(0), atol=0.01)
+    np.testing.assert_allclose(std, np.clip(z, 0, 6).std(0), atol=0.01)
+
+
+class _Res(nn.Module):
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.twice = twice
+        self.a, self.ba = nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)
+        self.b, self.bb = nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)
+        self.c, self.bc = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.ba(self.a(x)) + self.bb(self.b(x)))
+        y = self.fc(F.relu6(self.bc(self.c(h))).mean((2, 3)))
+        return (y, self.a(x)) if self.twice else y
+
+
+def test_expected_inputs_through_residual_sums_and_means():
+    folded, out = fold_batchnorm(_randomise_bn(_Res(twice=False)))
+    expected, why = dfq.expected_inputs(folded, out.stats)
+    (ma, sa), (mb, sb), (mc, sc) = out.stats["a"], out.stats["b"], out.stats["c"]
+    np.testing.assert_allclose(expected["c"], dfq.clipped_normal_mean(ma + mb, np.sqrt(sa ** 2 + sb ** 2)))
+    np.testing.assert_allclose(expected["fc"], dfq.clipped_normal_mean(mc, sc, 0.0, 6.0))
+    assert "a" in why and "b" in why  # the model's input has no statistics
+    folded, out = fold_batchnorm(_randomise_bn(_Res(twice=True)))
+    expected, why = dfq.expected_inputs(folded, out.stats)
+    assert "called more than once" in why["a"] and "a" not in expected

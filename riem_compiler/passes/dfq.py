@@ -13,8 +13,9 @@ Equalization and Bias Correction"), for PyTorch models after BatchNorm folding.
   its bias set to beta; where the constant after the activation is 0, or the next layer sees no
   padding, it is moved into the next layer's bias and that layer's input column is zeroed too.
 - `bias_corrections`: after fitting, the expected output shift (W_hat - W) E[x] of each layer,
-  E[x] from the previous layer's BatchNorm statistics N(beta, gamma^2) through its activation
-  (clipped-normal mean for ReLU / ReLU6), subtracted from the layer's bias.
+  subtracted from its bias. E[x] comes from BatchNorm statistics: a folded layer's output is taken
+  as N(beta, gamma^2), ReLU / ReLU6 give clipped-normal moments, residual sums add them, spatial
+  means keep them (`node_moments`).
 
 All three walk an fx trace of the (already copied) model and work on module layers.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,6 +100,8 @@ def _kind(gm, node, model: nn.Module) -> str:
     elif node.op == "call_function":
         if node.target in RELU_FUNCTIONS:
             return "relu"
+        if node.target is F.relu6:
+            return "relu6"
         if node.target in (F.max_pool1d, F.max_pool2d):
             return "pool"
         if node.target in PASS_FUNCTIONS:
@@ -217,18 +221,19 @@ def equalize(model: nn.Module, stats: dict | None = None, tol: float = 1e-4) -> 
     outcome = EqualizeOutcome(skipped=skipped)
     relu6 = [link for link in links if link.act == "relu6"]
     calls = module_calls(trace(model)) if relu6 else {}
-    if any(calls.get(link.act_module, 0) > 1 for link in relu6) and not isinstance(model, torch.fx.GraphModule):
+    per_call = [link for link in relu6 if not link.act_module or calls.get(link.act_module, 0) > 1]
+    if per_call and not isinstance(model, torch.fx.GraphModule):
         model = trace(model)
     nodes = {n.name: n for n in model.graph.nodes} if isinstance(model, torch.fx.GraphModule) else {}
     for link in relu6:
         first = model.get_submodule(link.first)
         clip = ChannelClip(_out_channels(first), -1 if isinstance(first, nn.Linear) else 1)
         entry = {"module": link.act_module, "channels": clip.upper.numel(), "dim": clip.dim}
-        if calls.get(link.act_module, 0) > 1:  # shared: a clip of its own for this call
+        if link in per_call:  # functional or shared: a clip of its own for this call
             entry["module"] = f"{link.act_node}_clip"
             entry["node"] = link.act_node
             model.add_submodule(entry["module"], clip)
-            nodes[link.act_node].target = entry["module"]
+            _to_module_call(nodes[link.act_node], entry["module"])
         else:
             set_submodule(model, link.act_module, clip)
         outcome.clips.append(entry)
@@ -260,6 +265,11 @@ def equalize(model: nn.Module, stats: dict | None = None, tol: float = 1e-4) -> 
     return model, outcome
 
 
+def _to_module_call(node, target: str) -> None:
+    """Make an activation node (module call or F.relu6) call the module `target` on its input."""
+    node.op, node.target, node.args, node.kwargs = "call_module", target, (node.args[0],), {}
+
+
 def apply_clip_structure(model: nn.Module, clips: list[dict]) -> nn.Module:
     """For `load(model=fresh)`: the ReLU6 modules equalisation turned into ChannelClips (a copy; a
     GraphModule when calls of a shared ReLU6 were retargeted, as `equalize` did)."""
@@ -271,7 +281,7 @@ def apply_clip_structure(model: nn.Module, clips: list[dict]) -> nn.Module:
         clip = ChannelClip(int(c["channels"]), int(c["dim"]))
         if "node" in c:
             out.add_submodule(c["module"], clip)
-            nodes[c["node"]].target = c["module"]
+            _to_module_call(nodes[c["node"]], c["module"])
         else:
             set_submodule(out, c["module"], clip)
     if isinstance(out, torch.fx.GraphModule):
@@ -373,28 +383,101 @@ def clipped_normal_mean(mu: np.ndarray, sd: np.ndarray, lower: float | np.ndarra
     return out
 
 
+def clipped_normal_moments(mu, sd, lower=0.0, upper=np.inf) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of clip(z, lower, upper) for z ~ N(mu, sd^2), elementwise."""
+    mu, sd = np.asarray(mu, np.float64), np.asarray(sd, np.float64)
+    lower = np.broadcast_to(np.asarray(lower, np.float64), mu.shape)
+    upper = np.broadcast_to(np.asarray(upper, np.float64), mu.shape)
+    mean = clipped_normal_mean(mu, sd, lower, upper)
+    second = np.clip(mu, lower, upper) ** 2
+    pos = sd > 0
+    m, s, lo, hi = mu[pos], sd[pos], lower[pos], upper[pos]
+    a, b = (lo - m) / s, (hi - m) / s
+    with np.errstate(invalid="ignore"):
+        pa, pb = _phi(a), _phi(b)
+        ta = np.where(np.isfinite(a), a * pa, 0.0)
+        tb = np.where(np.isfinite(b), b * pb, 0.0)
+        mass = _cdf(b) - _cdf(a)
+        inner = m * m * mass + 2 * m * s * (pa - pb) + s * s * (mass + ta - tb)
+        low_part = np.where(np.isfinite(lo), lo * lo * _cdf(a), 0.0)
+        high_part = np.where(np.isfinite(hi), hi * hi * (1 - _cdf(b)), 0.0)
+    second[pos] = inner + low_part + high_part
+    return mean, np.sqrt(np.maximum(second - mean ** 2, 0.0))
+
+
+_ADDS = (operator.add, torch.add)
+_MEANS = (torch.mean,)
+
+
+def _spatial_mean_dims(node) -> bool:
+    """x.mean((2, 3)) / torch.mean(x, dim=...) / adaptive_avg_pool to 1: a per-channel average."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if isinstance(dims, int):
+        dims = (dims,)
+    return isinstance(dims, (tuple, list)) and len(dims) > 0 and all(isinstance(d, int) and d >= 2 for d in dims)
+
+
+def node_moments(model: nn.Module, stats: dict) -> tuple[torch.fx.GraphModule, dict[str, tuple]]:
+    """Per-channel (mean, std) of every graph value that follows from BatchNorm statistics: a
+    folded layer's output is N(beta, gamma^2); ReLU/ReLU6/ChannelClip give clipped-normal moments;
+    Identity/Dropout/zero padding and spatial means keep the channel means; a sum of two such values
+    adds means and variances (taken as independent). Max pooling, flattening and the rest end it."""
+    gm = trace(model)
+    known: dict[str, tuple] = {}
+    for node in gm.graph.nodes:
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        src = known.get(args[0].name) if args else None
+        kind = _kind(gm, node, model) if node.op in ("call_module", "call_function", "call_method") else ""
+        if kind == "layer":
+            if node.target in stats:
+                mean, std = stats[node.target]
+                known[node.name] = (np.asarray(mean, np.float64), np.asarray(std, np.float64))
+        elif src is None:
+            continue
+        elif kind == "pass" or (node.op == "call_module" and isinstance(model.get_submodule(node.target),
+                                                                        nn.AdaptiveAvgPool2d)):
+            known[node.name] = src
+        elif kind == "relu":
+            known[node.name] = clipped_normal_moments(*src)
+        elif kind == "relu6":
+            known[node.name] = clipped_normal_moments(*src, 0.0, 6.0)
+        elif kind == "clip":
+            known[node.name] = clipped_normal_moments(*src, 0.0, model.get_submodule(node.target).upper.double().numpy())
+        elif (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add"):
+            other = known.get(node.args[1].name) if len(node.args) > 1 and isinstance(node.args[1], torch.fx.Node) else None
+            if other is not None and other[0].shape == src[0].shape and not node.kwargs:
+                known[node.name] = (src[0] + other[0], np.sqrt(src[1] ** 2 + other[1] ** 2))
+        elif ((node.op == "call_method" and node.target == "mean") or
+              (node.op == "call_function" and node.target in _MEANS)) and _spatial_mean_dims(node):
+            known[node.name] = src
+    return gm, known
+
+
 def expected_inputs(model: nn.Module, stats: dict) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Layer2 -> E[input channel] for every link whose Layer1 has BatchNorm statistics and no max
-    pool in between (E[max] is not the clipped-normal mean); and layer -> why not, for the others."""
-    links, _ = find_links(model)
+    """Layer module -> E[input channel] where it follows from BatchNorm statistics (`node_moments`);
+    and layer -> why not, for the others."""
+    try:
+        gm, known = node_moments(model, stats)
+    except Exception as exc:  # fx cannot trace every model
+        return {}, {"*": f"fx could not trace the model ({type(exc).__name__})"}
     out, why = {}, {}
-    for link in links:
-        if link.first not in stats:
-            why[link.second] = f"its input ({link.first}) has no BatchNorm statistics"
+    calls = module_calls(gm)
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or _kind(gm, node, model) != "layer":
             continue
-        if link.pooled:
-            why[link.second] = "a max pool lies between it and the BatchNorm statistics"
+        if calls[node.target] != 1:
+            why[node.target] = "called more than once"
             continue
-        mean, std = stats[link.first]
-        if link.act == "relu":
-            e = clipped_normal_mean(mean, std)
-        elif link.act == "relu6":
-            e = clipped_normal_mean(mean, std, 0.0, 6.0)
-        elif link.act == "clip":
-            e = clipped_normal_mean(mean, std, 0.0, model.get_submodule(link.act_module).upper.double().numpy())
+        src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        moments = known.get(src.name) if src is not None else None
+        layer = model.get_submodule(node.target)
+        fan_in = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        if moments is None:
+            why[node.target] = "its input's distribution does not follow from BatchNorm statistics"
+        elif moments[0].shape != (fan_in,):
+            why[node.target] = f"its input has {moments[0].shape} channel statistics, it reads {fan_in} channels"
         else:
-            e = np.asarray(mean, np.float64)
-        out[link.second] = e
+            out[node.target] = moments[0]
     return out, why
 
 
