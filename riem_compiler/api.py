@@ -39,6 +39,9 @@ class Result:
     source: str  # "torch" | "onnx"
     example_inputs: tuple | None = None
     original: object = field(default=None, repr=False)
+    # the float model that was compressed: `original` after BatchNorm folding / equalisation (the same
+    # outputs, the structure of `model`); refinement compares layer outputs against it
+    prepared: object = field(default=None, repr=False)
 
     def save(self, directory) -> Path:
         """Compact artifact: compressed.safetensors (+ rest.safetensors for torch, model.onnx for
@@ -116,8 +119,9 @@ def torch_model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _torch_sensitivity(model, specs, example_inputs, input_sampler, cfg: Config):
-    """auto's output sensitivity for a torch model, or None (with a warning) when it cannot be made."""
+def _torch_sensitivity(model, specs, example_inputs, input_sampler, cfg: Config, input_model=None):
+    """auto's output sensitivity for a torch model, or None (with a warning) when it cannot be made;
+    synthetic inputs come from input_model (the user's model, before BatchNorm folding)."""
     if cfg.method != "auto" or cfg.sensitivity != "output":
         return None
     if example_inputs is None and input_sampler is None:
@@ -127,7 +131,7 @@ def _torch_sensitivity(model, specs, example_inputs, input_sampler, cfg: Config)
     from riem_compiler.passes.sensitivity import TorchSensitivity
 
     try:
-        return TorchSensitivity(model, specs, example_inputs, input_sampler, _sensitivity_settings(cfg))
+        return TorchSensitivity(model, specs, example_inputs, input_sampler, _sensitivity_settings(cfg), input_model)
     except InputError as exc:
         log.warning("auto: no output sensitivity (%s); planning on weight error instead", exc)
         return None
@@ -156,10 +160,13 @@ def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None) -> R
     from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
     from riem_compiler.passes.rewrite_torch import apply_compressed
 
+    from riem_compiler.passes.preprocess import correct_biases, prepare_torch
+
     model = as_module(graph)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    det = find_torch_layers(model, cfg)
+    prepared = prepare_torch(model, example_inputs, cfg)
+    det = find_torch_layers(prepared.model, cfg)
     tensors, total = torch_tensors(model), torch_model_bytes(model)
     if not det.layers:
         log.warning("nothing to compress in %s: no Linear/Conv/MatMul weight passed the filters; "
@@ -167,16 +174,20 @@ def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None) -> R
         return Result(model, Report(_skipped_records(det.skipped, tensors), model_bytes_before=total), {}, [], cfg,
                       "torch", example_inputs, model)
     plan: dict = {}
-    sensitivity = _torch_sensitivity(model, det.layers, example_inputs, input_sampler, cfg)
+    sensitivity = _torch_sensitivity(prepared.model, det.layers, example_inputs, input_sampler, cfg, model)
     compressed, records = compress_specs(det.layers, cfg, sensitivity=sensitivity, plan=plan)
-    new_model = apply_compressed(model, det.layers, compressed, det.graph_module, cfg.recompute) if compressed else model
+    new_model = (apply_compressed(prepared.model, det.layers, compressed, det.graph_module, cfg.recompute)
+                 if compressed else model)
     report = Report(records + _skipped_records(det.skipped, tensors), model_bytes_before=total,
-                    auto=plan or None)
+                    preprocess=prepared.record or None, auto=plan or None)
+    if cfg.bias_correction and compressed:
+        report.preprocess["bias_correction"] = correct_biases(prepared, new_model, det.layers, compressed)
     if example_inputs is not None and compressed:
         report.output_error = model_output_error(model, new_model, example_inputs)
     if not compressed:
         log.warning("no layer was compressed; the model is returned unchanged (see the report)")
-    result = Result(new_model, report, compressed, det.layers, cfg, "torch", example_inputs, model)
+    result = Result(new_model, report, compressed, det.layers, cfg, "torch", example_inputs, model,
+                    prepared.model)
     if cfg.refine and compressed:
         if example_inputs is None:
             raise InputError("refine=True needs example_inputs (their shapes seed the synthetic inputs)")
@@ -192,23 +203,33 @@ def _optimize_onnx(graph, cfg: Config) -> Result:
     from riem_compiler.codegen.onnx_rewrite import rewrite_onnx
     from riem_compiler.frontend.onnx_frontend import find_onnx_layers, load_onnx, tensor_sizes
 
-    model = load_onnx(graph)
-    specs, skipped = find_onnx_layers(model, cfg)
+    model = original = load_onnx(graph)
     tensors = tensor_sizes(model)
     total = sum(nbytes for _, nbytes in tensors.values())
+    preprocess = None
+    if cfg.equalize or cfg.dead_channels or cfg.bias_correction:
+        raise InputError("equalize, dead_channels and bias_correction work on PyTorch models; for ONNX input "
+                         "only fold_batchnorm is available (drop those options)")
+    if cfg.fold_batchnorm:
+        from riem_compiler.passes.batchnorm_onnx import fold_batchnorm_onnx
+
+        model, fold = fold_batchnorm_onnx(model)
+        preprocess = {"batchnorm": fold}
+    specs, skipped = find_onnx_layers(model, cfg)
     if not specs:
         log.warning("nothing to compress in the ONNX model; it is returned unchanged")
-        return Result(model, Report(_skipped_records(skipped, tensors), model_bytes_before=total), {}, [], cfg,
-                      "onnx", None, model)
+        return Result(original, Report(_skipped_records(skipped, tensors), model_bytes_before=total), {}, [], cfg,
+                      "onnx", None, original)
     plan: dict = {}
     compressed, records = compress_specs(specs, cfg, sensitivity=_onnx_sensitivity(model, specs, cfg), plan=plan)
     new_model = rewrite_onnx(model, specs, compressed, cfg.onnx_format) if compressed else model
-    report = Report(records + _skipped_records(skipped, tensors), model_bytes_before=total, auto=plan or None)
+    report = Report(records + _skipped_records(skipped, tensors), model_bytes_before=total, preprocess=preprocess,
+                    auto=plan or None)
     if compressed and cfg.onnx_format != "functions":
         from riem_compiler.codegen.onnx_export import record_onnx_forms
 
         record_onnx_forms(report, new_model)
-    return Result(new_model, report, compressed, specs, cfg, "onnx", None, model)
+    return Result(new_model, report, compressed, specs, cfg, "onnx", None, original, model)
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -301,8 +322,10 @@ def _rebuild_torch(path: Path, manifest: dict, compressed: dict[str, CompressedW
     from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
     from riem_compiler.passes.rewrite_torch import apply_compressed
 
+    from riem_compiler.passes.preprocess import replay_structure
+
     cfg = Config(**{**manifest["config"], "quiet": True})
-    module = as_module(model)
+    module = replay_structure(as_module(model), manifest.get("report", {}).get("preprocess"))
     det = find_torch_layers(module, Config(min_weight_size=0, quiet=True, compress_embeddings=True))
     specs = [s for s in det.layers if s.name in compressed]
     missing = sorted(set(compressed) - {s.name for s in specs})

@@ -14,6 +14,7 @@ METHODS = (*methods.SELECTABLE, methods.PLANNER)  # what `method=` takes
 FLOAT_FIELDS = ("ratio", "time_budget_s", "lr", "error_ceiling")  # each must be finite
 NONE_ALLOWED = ("time_budget_s",)  # None: no cap
 SENSITIVITIES = ("output", "weight")  # auto's candidate cost (passes/sensitivity.py)
+PREPROCESS_FIELDS = ("fold_batchnorm", "dead_channels", "equalize", "bias_correction")
 ONNX_FORMATS = ("functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 
@@ -50,6 +51,13 @@ class Config:
     ray_address: str | None = None  # Ray cluster address; None starts/joins a local one
     threads: int | None = None  # torch threads per fit (Ray: CPUs per task); None: current setting locally, 1 on Ray
     cache_dir: str | None = None  # fitted-layer cache (resumable runs); None disables it
+    # data-free preprocessing (torch; ONNX: fold_batchnorm only), riem_compiler/passes/batchnorm.py and dfq.py:
+    # fold BatchNorm into the preceding Conv/Linear where exact; DFQ's dead-channel handling, cross-layer
+    # equalisation and bias correction from BatchNorm statistics (dead channels and bias correction need folding)
+    fold_batchnorm: bool = True
+    dead_channels: bool = False
+    equalize: bool = False
+    bias_correction: bool = False
     refine: bool = False  # data-free refinement toward the original's outputs (torch, needs example_inputs)
     refine_steps: int = 200
     # method="auto": what a candidate costs. "output": its predicted share of the model's output error
@@ -109,8 +117,13 @@ class Config:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InputError(f"threads must be a positive integer or None; got {self.threads!r}")
         self._validate_method_options()
-        if not isinstance(self.compress_embeddings, bool):
-            raise InputError(f"compress_embeddings must be True or False; got {self.compress_embeddings!r}")
+        for name in ("compress_embeddings", *PREPROCESS_FIELDS):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        needs_fold = [n for n in ("dead_channels", "bias_correction") if getattr(self, n)]
+        if needs_fold and not self.fold_batchnorm:
+            raise InputError(f"{needs_fold[0]}=True works from folded BatchNorm statistics; "
+                             "set fold_batchnorm=True or drop it")
         if self.min_weight_size < 0:
             raise InputError(f"min_weight_size must be >= 0; got {self.min_weight_size!r}")
 

@@ -27,6 +27,9 @@ class Report:
     # every parameter, buffer and initializer of the whole model, not just the layers above
     model_bytes_before: int | None = None
     refine: dict | None = None  # refinement outcome (held-out errors, steps done / planned), when it ran
+    # data-free preprocessing: BatchNorms folded / kept (with reasons), dead channels, equalised pairs,
+    # bias-corrected layers (riem_compiler/passes/preprocess.py); None when none ran
+    preprocess: dict | None = None
     # method="auto": the plan (objective, plans compared and their measured output errors, per layer the
     # candidates with their errors and costs, the sensitivity measurements), see passes/auto.AutoResult
     auto: dict | None = None
@@ -87,6 +90,8 @@ class Report:
         data = {"layers": [asdict(r) for r in self.layers], "totals": self.totals()}
         if self.refine is not None:
             data["refine"] = self.refine
+        if self.preprocess is not None:
+            data["preprocess"] = self.preprocess
         if self.auto is not None:
             data["auto"] = self.auto
         return data
@@ -103,7 +108,7 @@ class Report:
         layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in data["layers"]]
         totals = data.get("totals", {})
         return cls(layers, totals.get("output_error"), totals.get("model_bytes_before"), data.get("refine"),
-                   data.get("auto"))
+                   data.get("preprocess"), data.get("auto"))
 
     def rows(self) -> list[list[str]]:
         rows = []
@@ -117,6 +122,10 @@ class Report:
         rows.append(["TOTAL", f"{t['compressed']}/{t['layers']} layers", "", f"ratio={t['ratio']:.4f}",
                      _kib(t["bytes_before"]), _kib(t["bytes_after"]), "", f"{t['fit_seconds']:.1f}",
                      "" if self.output_error is None else f"output error {self.output_error:.4f}"])
+        folded = (self.preprocess or {}).get("batchnorm", {})
+        if folded:
+            rows.append(["BATCHNORM", f"{len(folded['folded'])} folded", "", f"{len(folded['kept'])} kept",
+                         "", "", "", "", "; ".join(f"{n}: {r}" for n, r in folded["kept"][:3])])
         if self.model_bytes_before is not None:
             rows.append(["WHOLE MODEL", "all tensors", "", f"ratio={self.model_ratio:.4f}",
                          _kib(self.model_bytes_before), _kib(self.model_bytes_after), "", "",

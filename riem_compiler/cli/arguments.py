@@ -96,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RieM metric branches K (default 6; ONNX export needs 6)")
     g.add_argument("--recompute", action="store_true",
                    help="torch/TVM models decode the weight on every call instead of once (saves memory)")
+    g.add_argument("--no-fold-batchnorm", action="store_true",
+                   help="keep BatchNorm layers as they are (default: fold each into the preceding Conv/Linear where "
+                        "exact, before fitting; the report lists those kept and why)")
+    g.add_argument("--dead-channels", action="store_true",
+                   help="DFQ: zero the weights of channels whose BatchNorm output is constant, moving the constant "
+                        "into a bias (PyTorch input)")
+    g.add_argument("--equalize", action="store_true",
+                   help="DFQ: cross-layer equalisation of channel ranges over Conv/Linear -> ReLU(6) -> Conv/Linear "
+                        "(PyTorch input; the float model's outputs stay the same)")
+    g.add_argument("--bias-correction", action="store_true",
+                   help="DFQ: correct each layer's bias by its expected output shift after compression, from "
+                        "BatchNorm statistics (PyTorch input)")
     g.add_argument("--refine", action="store_true",
                    help="data-free refinement toward the original's outputs on synthetic inputs (PyTorch input)")
     g.add_argument("--refine-steps", type=int, default=200, metavar="N", help="refinement steps (default 200)")
@@ -186,6 +198,8 @@ def _config_from_args(args):
                   executor=args.executor, ray_address=args.ray_address, threads=args.threads, lr=args.lr,
                   k_branches=args.k_branches, recompute=args.recompute, refine=args.refine,
                   refine_steps=args.refine_steps, method_options=_method_options(args),
+                  fold_batchnorm=not args.no_fold_batchnorm, dead_channels=args.dead_channels,
+                  equalize=args.equalize, bias_correction=args.bias_correction,
                   onnx_format=args.onnx_format, sensitivity=args.sensitivity,
                   sensitivity_samples=args.sensitivity_samples)
 

@@ -279,7 +279,20 @@ def refine_result(result, settings: RefineSettings | None = None, example_inputs
     if result.original is None:
         raise InputError("the Result has no original model to refine toward")
     inputs = example_inputs if example_inputs is not None else result.example_inputs
-    outcome = refine_torch(result.original, result.model, settings, inputs)
+    # inputs are made from the user's model (its BatchNorm statistics); the teacher is the float model
+    # that was compressed (BatchNorm folded, equalised: same outputs, same layers as result.model)
+    teacher = getattr(result, "prepared", None) or result.original
+    synthetic = None
+    if teacher is not result.original:
+        s = settings or RefineSettings()
+        s.validate()
+        was_training = result.original.training
+        result.original.eval()
+        try:
+            synthetic = make_synthetic(result.original, inputs, s)
+        finally:
+            result.original.train(was_training)
+    outcome = refine_torch(teacher, result.model, settings, inputs, synthetic)
     if outcome.kept:
         result.model = outcome.model
         result.compressed = {k: outcome.compressed[k] for k in result.compressed}

@@ -258,14 +258,17 @@ class TorchSensitivity(Sensitivity):
     """Sensitivities of the layers of one torch model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, specs: list[LayerSpec], example_inputs=None, sampler=None,
-                 settings: SensitivitySettings | None = None):
+                 settings: SensitivitySettings | None = None, input_model: nn.Module | None = None):
+        """input_model: the model whose statistics shape the synthetic inputs when it is not `model`
+        itself (the user's model, whose BatchNorms were folded away in `model`)."""
         super().__init__(specs, settings)
         s = self.settings
         t0 = time.perf_counter()
         self.model = copy.deepcopy(model).eval()  # probes swap weights in place: never in the user's model
-        self.inputs, self.input_mode = probe_inputs(self.model, example_inputs, s.samples, s.seed, sampler,
+        source = self.model if input_model is None else input_model
+        self.inputs, self.input_mode = probe_inputs(source, example_inputs, s.samples, s.seed, sampler,
                                                     s.inversion_steps)
-        self.holdout, _ = probe_inputs(self.model, example_inputs, s.holdout, s.seed + 7919, sampler,
+        self.holdout, _ = probe_inputs(source, example_inputs, s.holdout, s.seed + 7919, sampler,
                                        s.inversion_steps)
         self.tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
                         **dict(self.model.named_buffers(remove_duplicate=False))}

@@ -1,0 +1,71 @@
+"""Run the data-free preprocessing a config asks for, in order, and replay its structure at load.
+
+Before fitting: BatchNorm folding (`fold_batchnorm`), dead channels (`dead_channels`), cross-layer
+equalisation (`equalize`). After fitting: bias correction (`bias_correction`), on the rewritten model.
+Each works on a copy of the user's model; what each did goes into the report (`Report.preprocess`),
+which `load(model=fresh)` reads back to give a fresh instance the same structure.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from riem_compiler.passes import batchnorm, dfq
+
+log = logging.getLogger("riem_compiler.preprocess")
+
+
+@dataclass
+class Prepared:
+    """The float model the pass compresses (output-equivalent to the user's) and what was done."""
+
+    model: nn.Module
+    record: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict, repr=False)  # layer -> (mean, std) of its folded output
+
+
+def wanted(cfg) -> bool:
+    return cfg.fold_batchnorm or cfg.equalize or cfg.dead_channels or cfg.bias_correction
+
+
+def prepare_torch(model: nn.Module, example_inputs, cfg) -> Prepared:
+    """A copy of `model` folded / cleaned / equalised as `cfg` says (the input is never modified)."""
+    if not wanted(cfg):
+        return Prepared(model)
+    if cfg.fold_batchnorm:
+        out, fold = batchnorm.fold_batchnorm(model, example_inputs)
+        prepared = Prepared(out, {"batchnorm": fold.to_dict()}, fold.stats)
+    else:
+        prepared = Prepared(copy.deepcopy(model))
+    if cfg.dead_channels:
+        prepared.record["dead_channels"] = dfq.dead_channels(prepared.model, prepared.stats)
+    if cfg.equalize:
+        prepared.model, outcome = dfq.equalize(prepared.model, prepared.stats)
+        prepared.record["equalize"] = outcome.to_dict()
+    return prepared
+
+
+def correct_biases(prepared: Prepared, new_model: nn.Module, specs, compressed) -> dict:
+    """Bias correction on the rewritten model (in place); returns the report entry."""
+    from riem_compiler import methods
+
+    hats = {s.name: methods.decode(compressed[s.name]) for s in specs if s.name in compressed and s.module}
+    shifts, skipped = dfq.bias_corrections(prepared.model, specs, hats, prepared.stats)
+    dfq.apply_bias_corrections(new_model, shifts)
+    log.info("bias correction: %d layers corrected, %d not", len(shifts), len(skipped))
+    return {"corrected": sorted(shifts), "skipped": [[k, v] for k, v in sorted(skipped.items())]}
+
+
+def replay_structure(model: nn.Module, record: dict | None) -> nn.Module:
+    """For `load(model=fresh)`: the structure the preprocessing gave the compressed model (folded
+    BatchNorms as nn.Identity with a bias on their layer, ChannelClips for equalised ReLU6s), so
+    the artifact's state-dict keys match. Values come from the artifact."""
+    if not record:
+        return model
+    folded = record.get("batchnorm", {}).get("folded", [])
+    clips = record.get("equalize", {}).get("relu6_clips", [])
+    out = batchnorm.apply_fold_structure(model, folded) if folded else model
+    return dfq.apply_clip_structure(out, clips) if clips else out
