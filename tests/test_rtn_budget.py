@@ -127,6 +127,13 @@ def test_optimize_at_quarter_uses_the_budget():
         torch.testing.assert_close(res.model(x), ref, rtol=0.05, atol=0.05)
 
 
+def test_huge_weights_skip_overflowing_float16_scales():
+    w = _weight((64, 128), seed=7) * 1e8  # float16 scales would be inf
+    cw = rtn_m.best_rtn(w, 0.25)
+    assert cw.arrays["scale"].dtype == np.float32 and np.isfinite(methods.decode(cw)).all()
+    assert methods.relative_error(w, cw) < 0.02
+
+
 def test_bad_choice_is_an_input_error():
     with pytest.raises(InputError, match="choose"):
         rtn_m.RTNSettings(choose="first")

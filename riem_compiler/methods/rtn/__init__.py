@@ -83,7 +83,8 @@ def rtn_nbytes(shape, bits: int, group_size: int | None = 128, transposed: bool 
 
 def rtn_settings_for_ratio(ratio: float, shape=None, group_size: int = 128,
                           transposed: bool = False) -> tuple[int, int | None] | None:
-    """Most precise (bits, group_size) from LADDER whose stored bytes fit ratio * fp32 bytes.
+    """Most precise (bits, group_size) from LADDER whose stored bytes fit ratio * fp32 bytes
+    (`choose="ladder"`; the default fit takes `best_rtn`, which does not waste these margins).
 
     With `shape` the exact bytes of that weight are used: 4-bit codes plus float16 group scales
     cost a little over 1/8 of fp32, and int8 per channel a little over 1/4, so ratio 0.25 gets
@@ -187,9 +188,12 @@ def best_rtn(weight, ratio: float, in_axis: int = 1, native: bool = False) -> Co
     norm = float(np.sqrt(np.sum(np.square(M, dtype=np.float64))))
     best = None
     for bits, group, sdtype in layouts:
-        codes, _, scale_cols = _quantise(M, bits, M.shape[1] if group is None else group, sdtype)
-        err = float(np.sqrt(np.sum(np.square(codes * scale_cols - M, dtype=np.float64))))
+        with np.errstate(over="ignore", invalid="ignore"):
+            codes, _, scale_cols = _quantise(M, bits, M.shape[1] if group is None else group, sdtype)
+            err = float(np.sqrt(np.sum(np.square(codes * scale_cols - M, dtype=np.float64))))
         err = err / norm if norm > 0 else err
+        if not np.isfinite(err):  # float16 scales overflow on weights beyond ~4e6
+            continue
         key = (err, rtn_nbytes(shape, bits, group, transposed, sdtype))
         if best is None or key < best[0]:
             best = (key, (bits, group, sdtype))
