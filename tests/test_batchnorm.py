@@ -2,6 +2,7 @@
 equalisation keeps the float outputs, bias correction removes the expected output shift, dead
 channels cost nothing, the input model is never touched, and artifacts still load."""
 import copy
+import re
 
 import numpy as np
 import onnx
@@ -301,6 +302,7 @@ def test_round_trip_with_folding(tmp_path, options):
     res = rc.optimize(model, (x,), method="rtn", ratio=0.3, min_weight_size=0, quiet=True, **options)
     assert _same_state(model, before) and isinstance(model.b1, nn.BatchNorm2d)
     assert len(res.report.preprocess["batchnorm"]["folded"]) == 5
+    assert re.search(r"BATCHNORM +5 folded", str(res.report)) and rc.Report.from_dict(res.report.to_dict()).preprocess
     assert res.report.output_error < 0.1
     res.save(tmp_path / "art")
     fresh = Net()  # train mode, random init: only the architecture matters
@@ -318,6 +320,9 @@ def test_options_are_validated_and_off_switch_keeps_batchnorm():
     model = _randomise_bn(Net())
     res = rc.optimize(model, (_x(),), method="rtn", ratio=0.3, min_weight_size=0, fold_batchnorm=False, quiet=True)
     assert res.report.preprocess is None and isinstance(res.model.b1, nn.BatchNorm2d)
+    plain = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    res = rc.optimize(plain, method="rtn", ratio=0.3, min_weight_size=0, quiet=True)
+    assert res.report.preprocess is None and res.prepared is plain  # no BatchNorm: no copy made
     from riem_compiler.cli.arguments import _config_from_args, build_parser
 
     args = build_parser().parse_args(["m.onnx", "--no-fold-batchnorm", "--equalize", "--no-cache"])

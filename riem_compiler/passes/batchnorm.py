@@ -65,6 +65,15 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Any BatchNorm module, or (in a GraphModule) any functional batch_norm node."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return True
+    return isinstance(model, torch.fx.GraphModule) and any(
+        n.op == "call_function" and getattr(n.target, "__name__", "").split(".")[0] in _FUNCTIONAL_BN
+        for n in model.graph.nodes)
+
+
 def fold_batchnorm(model: nn.Module, example_inputs: tuple | None = None) -> tuple[nn.Module, FoldOutcome]:
     """A copy of `model` with every exactly foldable Layer -> BatchNorm pair folded; the input is
     never modified. Returns (copy, outcome); with nothing to fold the copy is still a copy."""
