@@ -119,9 +119,8 @@ def torch_model_bytes(model: torch.nn.Module) -> int:
 
 def _optimize_torch(graph, example_inputs, cfg: Config) -> Result:
     from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
-    from riem_compiler.passes.rewrite_torch import apply_compressed
-
     from riem_compiler.passes.preprocess import correct_biases, prepare_torch
+    from riem_compiler.passes.rewrite_torch import apply_compressed
 
     model = as_module(graph)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
@@ -276,9 +275,8 @@ def load(path, device: str = "cpu", model=None, fast_start: bool = True):
 
 def _rebuild_torch(path: Path, manifest: dict, compressed: dict[str, CompressedWeight], model, device):
     from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
-    from riem_compiler.passes.rewrite_torch import apply_compressed
-
     from riem_compiler.passes.preprocess import replay_structure
+    from riem_compiler.passes.rewrite_torch import apply_compressed
 
     cfg = Config(**{**manifest["config"], "quiet": True})
     module = replay_structure(as_module(model), manifest.get("report", {}).get("preprocess"))

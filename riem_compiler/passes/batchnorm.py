@@ -113,7 +113,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: tuple | None = None) -> tup
         set_submodule(out, bn_name, nn.Identity())
         outcome.folded.append((layer_name, bn_name))
     for conv, node in graph_folds:  # only in a GraphModule: `out` is then `gm`
-        outcome.stats[conv.name] = _fold_graph_node(gm, conv, node)
+        _fold_graph_node(gm, conv, node)  # no stats: the DFQ passes work on module layers
         outcome.folded.append((conv.name, node.name))
     if isinstance(out, torch.fx.GraphModule):
         out.graph.lint()
