@@ -171,7 +171,7 @@ def _optimize_onnx(graph, cfg: Config) -> Result:
         from riem_compiler.passes.batchnorm_onnx import fold_batchnorm_onnx
 
         model, fold = fold_batchnorm_onnx(model)
-        preprocess = {"batchnorm": fold}
+        preprocess = {"batchnorm": fold} if fold["folded"] or fold["kept"] else None
     specs, skipped = find_onnx_layers(model, cfg)
     if not specs:
         log.warning("nothing to compress in the ONNX model; it is returned unchanged")

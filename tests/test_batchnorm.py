@@ -189,6 +189,13 @@ def test_onnx_fold_keeps_a_shared_conv_output_and_compresses_folded_weights():
     np.testing.assert_allclose(res.specs[0].weight, w1)  # the weight compressed is the folded one
     with pytest.raises(InputError, match="PyTorch"):
         rc.optimize(_onnx_model(True), method="rtn", equalize=True, quiet=True)
+    plain = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["out"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 32])],
+        [numpy_helper.from_array(np.ones((64, 32), np.float32), "W")]), opset_imports=[helper.make_opsetid("", 17)])
+    assert fold_batchnorm_onnx(plain)[0] is plain  # nothing to fold: no copy
+    assert rc.optimize(plain, method="rtn", ratio=0.3, quiet=True).report.preprocess is None
 
 
 def test_equalization_keeps_float_outputs_and_balances_ranges():
