@@ -113,7 +113,7 @@ def markdown(rows: list[dict], runs: list[dict]) -> str:
              "Cells: top-1 (effnet_lite2: top-1 agreement with the original on 56 natural-image crops) / output error vs the original (relative, test split) / mean relative weight error "
              "of the compressed layers. Ratio: stored / fp32 bytes of those layers. Runs (each row's `run` in "
              "dfq.json names its run):", ""]
-    for meta in runs:
+    for meta in sorted(runs, key=lambda m: m["date"]):
         lines.append(f"- {meta['date']}: `{meta['command']}`; {meta['machine']}, torch threads {meta['threads']}, "
                      f"load average at start {' '.join(str(x) for x in meta['load_average_at_start'])}; "
                      f"originals {', '.join(f'{k} top-1 {v}' for k, v in meta['originals'].items())}; "

@@ -158,9 +158,8 @@ def _onnx_sensitivity(model, specs, cfg: Config):
 
 def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None) -> Result:
     from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
-    from riem_compiler.passes.rewrite_torch import apply_compressed
-
     from riem_compiler.passes.preprocess import correct_biases, prepare_torch
+    from riem_compiler.passes.rewrite_torch import apply_compressed
 
     model = as_module(graph)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
@@ -214,7 +213,7 @@ def _optimize_onnx(graph, cfg: Config) -> Result:
         from riem_compiler.passes.batchnorm_onnx import fold_batchnorm_onnx
 
         model, fold = fold_batchnorm_onnx(model)
-        preprocess = {"batchnorm": fold}
+        preprocess = {"batchnorm": fold} if fold["folded"] or fold["kept"] else None
     specs, skipped = find_onnx_layers(model, cfg)
     if not specs:
         log.warning("nothing to compress in the ONNX model; it is returned unchanged")
@@ -320,9 +319,8 @@ def load(path, device: str = "cpu", model=None, fast_start: bool = True):
 
 def _rebuild_torch(path: Path, manifest: dict, compressed: dict[str, CompressedWeight], model, device):
     from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
-    from riem_compiler.passes.rewrite_torch import apply_compressed
-
     from riem_compiler.passes.preprocess import replay_structure
+    from riem_compiler.passes.rewrite_torch import apply_compressed
 
     cfg = Config(**{**manifest["config"], "quiet": True})
     module = replay_structure(as_module(model), manifest.get("report", {}).get("preprocess"))

@@ -2,6 +2,7 @@
 equalisation keeps the float outputs, bias correction removes the expected output shift, dead
 channels cost nothing, the input model is never touched, and artifacts still load."""
 import copy
+import re
 
 import numpy as np
 import onnx
@@ -127,7 +128,8 @@ def test_exported_program_folds_functional_batchnorm(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
     ep = torch.export.export(model, (x,))
-    res = rc.optimize(ep, (x,), method="rtn", ratio=0.3, min_weight_size=0, quiet=True)
+    res = rc.optimize(ep, (x,), method="rtn", ratio=0.3, min_weight_size=0, quiet=True, dead_channels=True,
+                      equalize=True, bias_correction=True)  # the DFQ passes find no module layers here: no-ops
     assert len(res.report.preprocess["batchnorm"]["folded"]) == 3 and res.report.output_error < 0.2
     res.save(tmp_path / "art")
     loaded = rc.load(tmp_path / "art", model=torch.export.export(build().train(), (x,)))
@@ -187,6 +189,13 @@ def test_onnx_fold_keeps_a_shared_conv_output_and_compresses_folded_weights():
     np.testing.assert_allclose(res.specs[0].weight, w1)  # the weight compressed is the folded one
     with pytest.raises(InputError, match="PyTorch"):
         rc.optimize(_onnx_model(True), method="rtn", equalize=True, quiet=True)
+    plain = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["out"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 32])],
+        [numpy_helper.from_array(np.ones((64, 32), np.float32), "W")]), opset_imports=[helper.make_opsetid("", 17)])
+    assert fold_batchnorm_onnx(plain)[0] is plain  # nothing to fold: no copy
+    assert rc.optimize(plain, method="rtn", ratio=0.3, quiet=True).report.preprocess is None
 
 
 def test_equalization_keeps_float_outputs_and_balances_ranges():
@@ -301,6 +310,7 @@ def test_round_trip_with_folding(tmp_path, options):
     res = rc.optimize(model, (x,), method="rtn", ratio=0.3, min_weight_size=0, quiet=True, **options)
     assert _same_state(model, before) and isinstance(model.b1, nn.BatchNorm2d)
     assert len(res.report.preprocess["batchnorm"]["folded"]) == 5
+    assert re.search(r"BATCHNORM +5 folded", str(res.report)) and rc.Report.from_dict(res.report.to_dict()).preprocess
     assert res.report.output_error < 0.1
     res.save(tmp_path / "art")
     fresh = Net()  # train mode, random init: only the architecture matters
@@ -318,6 +328,9 @@ def test_options_are_validated_and_off_switch_keeps_batchnorm():
     model = _randomise_bn(Net())
     res = rc.optimize(model, (_x(),), method="rtn", ratio=0.3, min_weight_size=0, fold_batchnorm=False, quiet=True)
     assert res.report.preprocess is None and isinstance(res.model.b1, nn.BatchNorm2d)
+    plain = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    res = rc.optimize(plain, method="rtn", ratio=0.3, min_weight_size=0, quiet=True)
+    assert res.report.preprocess is None and res.prepared is plain  # no BatchNorm: no copy made
     from riem_compiler.cli.arguments import _config_from_args, build_parser
 
     args = build_parser().parse_args(["m.onnx", "--no-fold-batchnorm", "--equalize", "--no-cache"])

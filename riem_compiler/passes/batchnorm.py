@@ -65,6 +65,15 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Any BatchNorm module, or (in a GraphModule) any functional batch_norm node."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return True
+    return isinstance(model, torch.fx.GraphModule) and any(
+        n.op == "call_function" and getattr(n.target, "__name__", "").split(".")[0] in _FUNCTIONAL_BN
+        for n in model.graph.nodes)
+
+
 def fold_batchnorm(model: nn.Module, example_inputs: tuple | None = None) -> tuple[nn.Module, FoldOutcome]:
     """A copy of `model` with every exactly foldable Layer -> BatchNorm pair folded; the input is
     never modified. Returns (copy, outcome); with nothing to fold the copy is still a copy."""
@@ -104,7 +113,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: tuple | None = None) -> tup
         set_submodule(out, bn_name, nn.Identity())
         outcome.folded.append((layer_name, bn_name))
     for conv, node in graph_folds:  # only in a GraphModule: `out` is then `gm`
-        outcome.stats[conv.name] = _fold_graph_node(gm, conv, node)
+        _fold_graph_node(gm, conv, node)  # no stats: the DFQ passes work on module layers
         outcome.folded.append((conv.name, node.name))
     if isinstance(out, torch.fx.GraphModule):
         out.graph.lint()

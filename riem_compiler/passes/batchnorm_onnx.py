@@ -38,7 +38,13 @@ def _label(node: onnx.NodeProto) -> str:
 
 
 def fold_batchnorm_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """(folded copy, {"folded": [[conv, bn], ...], "kept": [[bn, reason], ...]})."""
+    """(folded copy, {"folded": [[conv, bn], ...], "kept": [[bn, reason], ...]}); the model itself
+    when it has no BatchNormalization."""
+    is_bn = lambda n: n.op_type == "BatchNormalization" and n.domain in DEFAULT_DOMAINS  # noqa: E731
+    nested = [[_label(n), "inside a control-flow subgraph (only the main graph is folded)"]
+              for path, g in iter_graphs(model.graph) if path for n in g.node if is_bn(n)]
+    if not any(is_bn(n) for n in model.graph.node):
+        return model, {"folded": [], "kept": nested}
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -46,7 +52,7 @@ def fold_batchnorm_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     graph_inputs = {i.name for i in graph.input}
     producer = {o: n for n in graph.node for o in n.output}
     uses = _uses(out)
-    folded, kept, drop = [], [], []
+    folded, kept, drop = [], list(nested), []
     for bn in graph.node:
         if bn.op_type != "BatchNormalization" or bn.domain not in DEFAULT_DOMAINS:
             continue

@@ -35,6 +35,8 @@ def prepare_torch(model: nn.Module, example_inputs, cfg) -> Prepared:
     """A copy of `model` folded / cleaned / equalised as `cfg` says (the input is never modified)."""
     if not wanted(cfg):
         return Prepared(model)
+    if not (cfg.equalize or cfg.dead_channels or cfg.bias_correction) and not batchnorm.has_batchnorm(model):
+        return Prepared(model)  # nothing to fold: no copy, no trace (large models without BatchNorm)
     if cfg.fold_batchnorm:
         out, fold = batchnorm.fold_batchnorm(model, example_inputs)
         prepared = Prepared(out, {"batchnorm": fold.to_dict()}, fold.stats)
