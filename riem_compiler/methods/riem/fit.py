@@ -33,7 +33,7 @@ class FitSettings:
     time_budget_s: float | None = None  # wall-clock guard; None: the steps alone decide the result
     lr: float = 3e-2
     init_scale: float = 3.0
-    block: int = 1024          # rows/cols per step when the matrix is larger
+    block: int = 256           # rows/cols sampled per step when the matrix is larger (fit_curve.md: more, cheaper steps win)
     qat_fraction: float = 0.25  # last fraction of steps with fake-quantised states
     seed: int = 0
     device: str = "cpu"
@@ -60,7 +60,15 @@ def _features(a, b, U, beta):
     return phi
 
 
-CHUNK_FLOATS = 1 << 16  # elements per (rows x N_in x m) working chunk of the fused step: stays in cache
+# elements per (rows x N_in x m) working chunk of the fused step: on CPU a few MB (stays in cache,
+# few enough ops that dispatch overhead stays small); on a GPU large, so each branch is one kernel
+CHUNK_FLOATS = 1 << 19
+CHUNK_FLOATS_GPU = 1 << 26
+
+
+def _chunk_rows(A: torch.Tensor, n_in: int) -> int:
+    per = CHUNK_FLOATS if A.device.type == "cpu" else CHUNK_FLOATS_GPU
+    return max(1, per // (n_in * A.shape[-1]))
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -78,7 +86,7 @@ class _FusedLoss(torch.autograd.Function):
     def forward(ctx, A, B, target):
         k_branches, n_out, m = A.shape
         n_in = B.shape[1]
-        rows = max(1, CHUNK_FLOATS // (n_in * m))
+        rows = _chunk_rows(A, n_in)
         phi = torch.empty(n_out, n_in, m, dtype=A.dtype, device=A.device)
         buf = torch.empty(min(rows, n_out), n_in, m, dtype=A.dtype, device=A.device)
         for r in range(0, n_out, rows):
@@ -101,7 +109,7 @@ class _FusedLoss(torch.autograd.Function):
         A, B, resid, v = ctx.saved_tensors
         k_branches, n_out, m = A.shape
         n_in = B.shape[1]
-        rows = max(1, CHUNK_FLOATS // (n_in * m))
+        rows = _chunk_rows(A, n_in)
         G = resid * (grad * 2.0 / resid.numel())  # dL/dW_hat
         gA = torch.empty_like(A)
         gB = torch.zeros_like(B)
