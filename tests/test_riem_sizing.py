@@ -108,5 +108,16 @@ def test_auto_state_bits_only_for_riem():
     with pytest.raises(InputError, match="state_bits"):
         RieMSettings(state_bits=5)
     with pytest.raises(InputError, match="pilot_steps"):
-        RieMSettings(pilot_steps=0)
+        RieMSettings(pilot_steps=-1)
     assert rc.Config(method="riem", state_bits="auto").state_bits == "auto"
+
+
+def test_cli_takes_auto_state_bits_and_pilot_steps():
+    from riem_compiler.cli.arguments import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["m.onnx", "--no-cache", "--state-bits", "auto", "--riem-pilot-steps", "7",
+                                      "--riem-sizing", "search"])
+    config = _config_from_args(args)
+    settings = rc.methods.get("riem").settings(config)
+    assert config.state_bits == "auto" and settings.pilot_steps == 7 and settings.searched
+    assert _config_from_args(build_parser().parse_args(["m.onnx", "--no-cache", "--state-bits", "6"])).state_bits == 6
