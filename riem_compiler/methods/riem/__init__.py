@@ -19,7 +19,7 @@ ONNX_BRANCHES = 6  # riem.K_BRANCHES; the RieMMatrix ONNX body sums this many Ri
 class RieMSettings:
     """Sizing (state_bits, metric_dtype, m, k_branches, sizing) and fitting (steps, lr, time cap,
     seed, device) of a RieM fit. sizing "search" (default): short pilot fits (pilot_steps each;
-    0: steps // 10, at least 20) choose among the shapes of riem.size_candidates, which never
+    0: steps // 10, at least 1) choose among the shapes of riem.size_candidates, which never
     leave a state dimension dead (q <= k_branches * m), and among state widths 8/6/4 when
     state_bits is "auto"; "max_q": q is the largest that fits the ratio at width m; "balanced": m
     grows until q <= k_branches * m (riem.choose_size). m is used by "max_q" and "balanced"."""
@@ -34,7 +34,7 @@ class RieMSettings:
     seed: int = 0
     device: str = "cpu"
     sizing: str = "search"
-    pilot_steps: int = 0  # steps of each pilot fit of the search; 0: steps // 10, at least 20
+    pilot_steps: int = 0  # steps of each pilot fit of the search; 0: steps // 10 (at least 1)
 
     def __post_init__(self):
         from riem_compiler.errors import InputError
@@ -52,7 +52,7 @@ class RieMSettings:
         return self.sizing == "search" or self.state_bits == "auto"
 
     def pilot_budget(self) -> int:
-        return self.pilot_steps or max(20, self.steps // 10)
+        return self.pilot_steps or max(1, self.steps // 10)
 
 
 def fit_settings(settings: RieMSettings, index: int = 0):
