@@ -46,12 +46,16 @@ def minilm_weights(layers: list[int], kinds: list[str]) -> dict[str, np.ndarray]
     return {f"minilm.{l}.{k}": tensors[f"encoder.layer.{l}.{k}.weight"] for l in layers for k in kinds}
 
 
-def digits_weights() -> dict[str, np.ndarray]:
-    from benchmarks.models import digits_cnn
+def digits_weights(nets=("digits_cnn", "digits_resnet8")) -> dict[str, np.ndarray]:
+    """Weights (>= 1024 entries) of the trained digits nets, as stored (BatchNorm not folded)."""
+    from benchmarks import models
 
-    model = digits_cnn(pretrained=True)
-    return {f"digits_cnn.{n}": p.detach().numpy().copy() for n, p in model.named_parameters()
-            if p.dim() >= 2 and p.numel() >= 1024}
+    out = {}
+    for net in nets:
+        model = getattr(models, net)(pretrained=True)
+        out.update({f"{net}.{n}": p.detach().numpy().copy() for n, p in model.named_parameters()
+                    if p.dim() >= 2 and p.numel() >= 1024})
+    return out
 
 
 def rel_err(w: np.ndarray, approx: np.ndarray) -> float:
@@ -128,7 +132,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
               "| budget | layers | method | mean rel. error | RieM-8bit better on | mean / SVD-int8 | worst / SVD-int8 | "
               "<= 0.6x SVD-int8 |", "|---|---|---|---|---|---|---|---|"]
     for budget in sorted({r["budget"] for r in rows}, reverse=True):
-        for group in ("minilm", "digits"):
+        for group in dict.fromkeys(r["layer"].split(".")[0] for r in rows):
             sel = [r for r in rows if r["budget"] == budget and r["layer"].startswith(group)]
             if not sel:
                 continue
@@ -155,6 +159,7 @@ def main(argv=None):
                    help="RieM sizing rules to fit side by side (riem.choose_size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-digits", action="store_true")
+    p.add_argument("--digits-nets", nargs="+", default=["digits_cnn", "digits_resnet8"])
     p.add_argument("--riem-bits", nargs="+", default=["8"], choices=["32", "16", "8", "6", "4", "auto"],
                    help="RieM state bit widths to fit (auto: 8/6/4 chosen by pilot fits)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -170,7 +175,7 @@ def main(argv=None):
         kinds, args.steps = ["attention.self.query", "intermediate.dense"], 200
     weights = minilm_weights(args.layers, kinds)
     if not args.no_digits:
-        weights.update(digits_weights())
+        weights.update(digits_weights(args.digits_nets))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
             "threads": torch.get_num_threads(), "steps": args.steps, "time_budget": args.time_budget,
             "m": args.m, "seed": args.seed, "note": args.note}
