@@ -17,10 +17,8 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

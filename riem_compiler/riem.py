@@ -255,7 +255,7 @@ def size_candidates(
     budget = ratio * n_out * n_in * 4
     out: list[tuple[int, int, int]] = []
     for bits in bits_options:
-        def largest_q(m):
+        def largest_q(m, bits=bits):
             if stored_nbytes(n_out, n_in, 1, m, bits, metric_dtype, k_branches) > budget:
                 return 0
             lo, hi = 1, max(1, min(k_branches * m, 4 * min(n_out, n_in)))
