@@ -1,12 +1,16 @@
-"""One-shot GPU check for the TVM CUDA path (run it on a machine with an NVIDIA GPU).
+"""One-shot GPU check: RieM fits on the GPU, and the TVM CUDA path (run it on a machine with an NVIDIA GPU).
 
-Builds the digits CNN and all-MiniLM-L6-v2 (compressed, few fitting steps) for target cuda in
+First fits the all-MiniLM-L6-v2 layer-0 query (384x384) and intermediate (1536x384) matrices at 1/4
+with device="cpu" and device="cuda" (same shape, steps and seed): steps/s, error of each, and
+whether two CUDA fits are bit-identical. Without a GPU only the CPU fits run, the CUDA parts are
+skipped with a message, and the results go to gpu_check_nogpu.md/.json instead. Then it builds the digits CNN and all-MiniLM-L6-v2 (compressed, few fitting steps) for target cuda in
 both modes (decode-once, fused), loads them on the GPU, compares outputs with torch, times
 TVM against torch eager on the same GPU, and writes benchmarks/results/gpu_check.md/.json.
 Budget: a few minutes on one GPU (fitting runs on the GPU when torch sees one).
 
     python benchmarks/gpu_check.py                 # everything, dlight default schedules
-    python benchmarks/gpu_check.py --quick         # digits CNN only
+    python benchmarks/gpu_check.py --quick         # digits CNN only (and the query fit)
+    python benchmarks/gpu_check.py --fit-steps-check 3000   # longer CPU/GPU fit comparison
     python benchmarks/gpu_check.py --tune-trials 64 --models digits_cnn   # MetaSchedule on the GPU
 
 The library embeds CUDA C; TVM compiles it when loading: with NVRTC when the `cuda-bindings`
@@ -94,12 +98,60 @@ def check_model(name: str, batch: int, args, work: Path, arch: str) -> dict:
     return row
 
 
-def write(rows, meta, name):
+def fit_check(args, cuda: bool) -> list[dict]:
+    """Fit MiniLM layer-0 matrices on CPU and (when present) on the GPU with the same settings."""
+    from fit_fidelity import minilm_weights
+
+    from riem_compiler import riem
+    from riem_compiler.methods.riem.fit import FitSettings, fit_riem
+
+    torch.set_num_threads(args.cpu_threads)
+    rows = []
+    for kind in args.fit_layers.split(","):
+        w = minilm_weights([0], [kind])[f"minilm.0.{kind}"]
+        q, m, bits = riem.size_candidates(w.shape[0], w.shape[1], 0.25, (8,), "float16")[0]
+        row = {"layer": f"minilm.0.{kind}", "shape": "x".join(map(str, w.shape)), "q": q, "m": m,
+               "state_bits": bits, "steps": args.fit_steps_check, "cpu_threads": args.cpu_threads}
+        for device in ("cpu", "cuda") if cuda else ("cpu",):
+            settings = FitSettings(steps=args.fit_steps_check, seed=0, device=device)
+            res = fit_riem(w, q, m, bits, "float16", settings)
+            row[f"{device}_s"] = res.seconds
+            row[f"{device}_steps_s"] = res.steps / res.seconds
+            row[f"{device}_rel_error"] = res.rel_error
+            if device == "cuda":
+                again = fit_riem(w, q, m, bits, "float16", settings)
+                row["cuda_repeat_identical"] = all(
+                    np.array_equal(res.weight.arrays[k], again.weight.arrays[k]) for k in res.weight.arrays)
+        if not cuda:
+            row["cuda"] = "skipped: no CUDA GPU (torch.cuda.is_available() is False)"
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def fit_lines(fit_rows) -> list[str]:
+    from tvm_latency import _f
+
+    lines = ["## RieM fits, CPU vs GPU (same shape, steps, seed)", "",
+             "| layer | shape | q | m | steps | CPU steps/s | CPU err | GPU steps/s | GPU err | GPU speedup | "
+             "GPU repeat bit-identical |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in fit_rows:
+        speed = f"{r['cuda_steps_s'] / r['cpu_steps_s']:.1f}x" if "cuda_steps_s" in r else "-"
+        lines.append(f"| {r['layer']} | {r['shape']} | {r['q']} | {r['m']} | {r['steps']} | "
+                     f"{_f(r, 'cpu_steps_s', '{:.1f}')} | {_f(r, 'cpu_rel_error', '{:.4f}')} | "
+                     f"{_f(r, 'cuda_steps_s', '{:.1f}')} | {_f(r, 'cuda_rel_error', '{:.4f}')} | {speed} | "
+                     f"{r.get('cuda_repeat_identical', r.get('cuda', '-'))} |")
+    return lines + [""]
+
+
+def write(rows, meta, name, fit_rows=()):
     from tvm_latency import _f
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    lines = [f"# TVM CUDA check ({name})", "", "```", json.dumps(meta), "```", "",
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "fit_rows": list(fit_rows), "rows": rows},
+                                                     indent=2) + "\n")
+    lines = [f"# GPU check ({name})", "", "```", json.dumps(meta), "```", "", *fit_lines(fit_rows),
+             "## TVM CUDA artifacts vs torch on the same GPU", "",
              "| model | batch | torch GPU ms | decode-once ms | fused ms | decode at load ms | max rel err (d/f) | errors |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -121,11 +173,27 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--fit-steps", type=int, default=100)
     p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials (decode-once build)")
+    p.add_argument("--fit-layers", default="attention.self.query,intermediate.dense",
+                   help="MiniLM layer-0 matrices fitted on CPU and GPU")
+    p.add_argument("--fit-steps-check", type=int, default=1000, help="steps of each CPU/GPU comparison fit")
+    p.add_argument("--cpu-threads", type=int, default=min(8, os.cpu_count() or 1), help="torch threads of the CPU fits")
+    p.add_argument("--skip-fit-check", action="store_true", help="only the TVM CUDA builds")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("tvm").setLevel(logging.WARNING)
-    if not torch.cuda.is_available():
-        sys.exit("gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False)")
+    has_gpu = torch.cuda.is_available()
+    if args.quick:
+        args.fit_layers = args.fit_layers.split(",")[0]
+    t_start = time.perf_counter()
+    fit_rows = [] if args.skip_fit_check else fit_check(args, has_gpu)
+    if not has_gpu:
+        meta = {"gpu": None, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                "elapsed_s": time.perf_counter() - t_start,
+                "skipped": "CUDA fits and TVM CUDA builds: torch.cuda.is_available() is False"}
+        write([], meta, "gpu_check_nogpu", fit_rows)
+        print("gpu_check.py: no CUDA GPU here; ran the CPU fits only and skipped the CUDA fits and the TVM CUDA "
+              "builds (results in benchmarks/results/gpu_check_nogpu.md). Run it on a GPU machine.")
+        return
     if "TVM_CUDA_COMPILE_MODE" not in os.environ and shutil.which("nvcc"):
         try:
             import cuda.bindings  # noqa: F401  (NVRTC path)
@@ -141,13 +209,13 @@ def main() -> None:
         args.models, args.batches = "digits_cnn", "1"
     name = "gpu_check_quick" if args.quick else "gpu_check"
     rows = []
-    t_start = time.perf_counter()
+    write(rows, meta, name, fit_rows)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         for model_name in args.models.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
                 rows.append(check_model(model_name, batch, args, Path(tmp), arch))
                 meta["elapsed_s"] = time.perf_counter() - t_start
-                write(rows, meta, name)
+                write(rows, meta, name, fit_rows)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ class Config:
 
     ratio: float = 0.25
     method: str = "riem"
-    state_bits: int = 8
+    state_bits: int | str = 8  # "auto" (method riem): 8/6/4 chosen per layer by pilot fits
     metric_dtype: str = "float16"
     m: int = 16
     k_branches: int = riem.K_BRANCHES
@@ -90,8 +90,9 @@ class Config:
             raise InputError(f"ratio must be a number in (0, 1), the stored fraction of fp32 bytes; got {self.ratio!r}")
         if self.method not in METHODS:
             raise InputError(f"method must be one of {METHODS}; got {self.method!r}")
-        if self.state_bits not in riem.STATE_BITS:
-            raise InputError(f"state_bits must be one of {riem.STATE_BITS}; got {self.state_bits!r}")
+        if self.state_bits not in riem.STATE_BITS and not (self.state_bits == "auto" and self.method == "riem"):
+            raise InputError(f"state_bits must be one of {riem.STATE_BITS}, or 'auto' with method='riem' (chosen "
+                             f"per layer among {riem.AUTO_STATE_BITS} by pilot fits); got {self.state_bits!r}")
         if self.metric_dtype not in riem.METRIC_DTYPES:
             raise InputError(f"metric_dtype must be one of {riem.METRIC_DTYPES}; got {self.metric_dtype!r}")
         if self.sensitivity not in SENSITIVITIES:

@@ -184,7 +184,7 @@ def stored_nbytes(
     return states + metric * np.dtype(metric_dtype).itemsize
 
 
-SIZINGS = ("max_q", "balanced")
+SIZINGS = ("max_q", "balanced", "search")
 MAX_M = 32  # the widest metric net "balanced" sizing grows to (step cost grows with m)
 
 
@@ -202,6 +202,9 @@ def choose_size(
     (benchmarks/results/fit_fidelity.md): q150/m16 0.279 vs q128/m22 0.188 relative error."""
     if sizing not in SIZINGS:
         raise ValueError(f"sizing must be one of {SIZINGS}, got {sizing!r}")
+    if sizing == "search":  # without pilot fits: the first candidate the search would try
+        found = size_candidates(n_out, n_in, ratio, (state_bits,), metric_dtype, k_branches)
+        return found[0][:2] if found else None
     size = _max_q(n_out, n_in, ratio, state_bits, metric_dtype, m, k_branches)
     if sizing == "max_q" or size is None:
         return size
@@ -231,3 +234,54 @@ def _max_q(n_out: int, n_in: int, ratio: float, state_bits: int, metric_dtype: s
                 hi = mid - 1
         return lo, m_try
     return None
+
+
+AUTO_STATE_BITS = (8, 6, 4)  # state widths state_bits="auto" chooses among
+SEARCH_MAX_M = 48  # widest metric net the search tries (step cost grows linearly with m)
+SEARCH_WIDER = (1.0, 1.3)  # metric widths tried per bit width, as multiples of the balanced width
+
+
+def size_candidates(
+    n_out: int, n_in: int, ratio: float, bits_options, metric_dtype: str,
+    k_branches: int = K_BRANCHES, wider=SEARCH_WIDER, max_m: int = SEARCH_MAX_M,
+) -> list[tuple[int, int, int]]:
+    """Shapes (q, m, state_bits) within ratio * fp32 bytes, none with dead state dimensions.
+
+    W_hat sees a state only through k_branches * m numbers, so q <= k_branches * m. Per bit width
+    the balanced width m* is the narrowest m whose largest fitting q is at most k_branches * m
+    (narrower: dead dimensions; wider: fewer states per byte); the candidates are m* times each
+    factor in `wider`, each with its largest fitting q (capped at k_branches * m when even max_m
+    leaves dead dimensions). Ordered by bit width as given, then width; pilot fits choose."""
+    budget = ratio * n_out * n_in * 4
+    out: list[tuple[int, int, int]] = []
+    for bits in bits_options:
+        def largest_q(m, bits=bits):
+            if stored_nbytes(n_out, n_in, 1, m, bits, metric_dtype, k_branches) > budget:
+                return 0
+            lo, hi = 1, max(1, min(k_branches * m, 4 * min(n_out, n_in)))
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if stored_nbytes(n_out, n_in, mid, m, bits, metric_dtype, k_branches) <= budget:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return lo
+        # largest_q(m) is capped at k_branches * m; the balanced width is the first m where the
+        # cap does not bind (or the last m that still fits anything)
+        m_star = None
+        for m in range(1, max_m + 1):
+            q = largest_q(m)
+            if q == 0:
+                break
+            m_star = m
+            uncapped = stored_nbytes(n_out, n_in, q + 1, m, bits, metric_dtype, k_branches) > budget
+            if uncapped:
+                break
+        if m_star is None:
+            continue
+        for factor in wider:
+            m = min(max_m, max(m_star, round(m_star * factor)))
+            q = largest_q(m)
+            if q > 0 and not any(c[1:] == (m, bits) for c in out):
+                out.append((q, m, bits))
+    return out

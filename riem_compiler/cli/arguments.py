@@ -11,6 +11,10 @@ from riem_compiler.cli.common import EXIT_INPUT, PROG
 TARGETS = ("onnx", "tvm-llvm", "tvm-cuda")
 
 
+def _state_bits(text: str):
+    return "auto" if text == "auto" else int(text)
+
+
 def _finite_float(text: str) -> float:
     """argparse type: a float that is not nan or +-inf (nan would silently disable checks)."""
     try:
@@ -58,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ratio", type=_finite_float, default=0.25,
                    help="stored bytes per layer as a fraction of fp32 bytes; for auto the global budget (default 0.25)")
     g.add_argument("--method", choices=METHODS, default="riem", help="compression method (default: riem)")
-    g.add_argument("--state-bits", type=int, default=8, help="RieM state bit width (default 8)")
+    g.add_argument("--state-bits", type=_state_bits, default=8,
+                   help="RieM state bit width, or auto (riem: 8/6/4 chosen per layer by pilot fits; default 8)")
     g.add_argument("--metric-dtype", default="float16", help="RieM metric network dtype: float16|float32")
     g.add_argument("--metric-units", type=int, default=16, metavar="M", help="RieM metric width m (default 16)")
     g.add_argument("--steps", type=int, default=1000, help="RieM fitting steps per layer (default 1000)")

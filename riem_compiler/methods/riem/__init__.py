@@ -6,6 +6,7 @@ in `tvm.py` (reached through `tvm_kernel`, imported only when a TVM artifact is 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from riem_compiler import riem
@@ -17,10 +18,13 @@ ONNX_BRANCHES = 6  # riem.K_BRANCHES; the RieMMatrix ONNX body sums this many Ri
 @dataclass(frozen=True)
 class RieMSettings:
     """Sizing (state_bits, metric_dtype, m, k_branches, sizing) and fitting (steps, lr, time cap,
-    seed, device) of a RieM fit. sizing "max_q": q is the largest that fits the ratio at width m;
-    "balanced": m grows until q <= k_branches * m (no dead state dimensions; riem.choose_size)."""
+    seed, device) of a RieM fit. sizing "search" (default): short pilot fits (pilot_steps each;
+    0: steps // 10, at least 1) choose among the shapes of riem.size_candidates, which never
+    leave a state dimension dead (q <= k_branches * m), and among state widths 8/6/4 when
+    state_bits is "auto"; "max_q": q is the largest that fits the ratio at width m; "balanced": m
+    grows until q <= k_branches * m (riem.choose_size). m is used by "max_q" and "balanced"."""
 
-    state_bits: int = 8
+    state_bits: int | str = 8
     metric_dtype: str = "float16"
     m: int = 16
     k_branches: int = riem.K_BRANCHES
@@ -29,13 +33,26 @@ class RieMSettings:
     time_budget_s: float | None = None
     seed: int = 0
     device: str = "cpu"
-    sizing: str = "max_q"
+    sizing: str = "search"
+    pilot_steps: int = 0  # steps of each pilot fit of the search; 0: steps // 10 (at least 1)
 
     def __post_init__(self):
-        if self.sizing not in riem.SIZINGS:
-            from riem_compiler.errors import InputError
+        from riem_compiler.errors import InputError
 
+        if self.sizing not in riem.SIZINGS:
             raise InputError(f"riem sizing must be one of {riem.SIZINGS}; got {self.sizing!r}")
+        if self.state_bits != "auto" and self.state_bits not in riem.STATE_BITS:
+            raise InputError(f"riem state_bits must be one of {riem.STATE_BITS} or 'auto'; got {self.state_bits!r}")
+        if isinstance(self.pilot_steps, bool) or not isinstance(self.pilot_steps, int) or self.pilot_steps < 0:
+            raise InputError(f"riem pilot_steps must be a positive integer, or 0 for steps // 10; got {self.pilot_steps!r}")
+
+    @property
+    def searched(self) -> bool:
+        """Whether fits choose their shape by pilot fits (sizing "search", or state_bits "auto")."""
+        return self.sizing == "search" or self.state_bits == "auto"
+
+    def pilot_budget(self) -> int:
+        return self.pilot_steps or max(1, self.steps // 10)
 
 
 def fit_settings(settings: RieMSettings, index: int = 0):
@@ -43,6 +60,27 @@ def fit_settings(settings: RieMSettings, index: int = 0):
 
     return FitSettings(steps=settings.steps, time_budget_s=settings.time_budget_s, lr=settings.lr,
                        seed=settings.seed + index, device=settings.device)
+
+
+def choose_shape(weight, ratio: float, settings: RieMSettings, index: int = 0) -> tuple[int, int, int, dict]:
+    """(q, m, state_bits, report fields) for one weight at `ratio`: pilot-fit search when
+    settings.searched (sizing.search_size: chosen and runner-up in the report), else the rule of
+    riem.choose_size. Raises ValueError when nothing fits the ratio. Also for callers outside
+    this method (e.g. auto's RieM candidates)."""
+    n_out, n_in = int(weight.shape[0]), int(math.prod(weight.shape[1:]))
+    if settings.searched:
+        from riem_compiler.methods.riem.sizing import search_size
+
+        choice = search_size(weight, ratio, settings.state_bits, settings.metric_dtype,
+                             fit_settings(settings, index), settings.pilot_budget(), settings.k_branches)
+        if choice is None:
+            raise ValueError(f"too small: even q=1 needs more than {ratio:g} of its fp32 bytes")
+        return choice.q, choice.m, choice.state_bits, choice.report()
+    size = riem.choose_size(n_out, n_in, ratio, settings.state_bits, settings.metric_dtype, settings.m,
+                            settings.k_branches, settings.sizing)
+    if size is None:
+        raise ValueError(f"too small: even q=1 needs more than {ratio:g} of its fp32 bytes")
+    return size[0], size[1], settings.state_bits, {}
 
 
 class RieM(Method):
@@ -53,15 +91,10 @@ class RieM(Method):
     def fit(self, spec, ratio, settings, index=0):
         from riem_compiler.methods.riem.fit import fit_riem
 
-        n_out, n_in = spec.matrix_shape
-        size = riem.choose_size(n_out, n_in, ratio, settings.state_bits, settings.metric_dtype, settings.m,
-                                settings.k_branches, settings.sizing)
-        if size is None:
-            raise ValueError(f"too small: even q=1 needs more than {ratio:g} of its fp32 bytes")
-        q, m = size
-        res = fit_riem(spec.weight, q, m, settings.state_bits, settings.metric_dtype, fit_settings(settings, index),
+        q, m, bits, extra = choose_shape(spec.weight, ratio, settings, index)
+        res = fit_riem(spec.weight, q, m, bits, settings.metric_dtype, fit_settings(settings, index),
                        settings.k_branches)
-        report = {"q": q, "m": m, "state_bits": settings.state_bits, "steps": res.steps}
+        report = {"q": q, "m": m, "state_bits": bits, "steps": res.steps, **extra}
         if res.time_capped:
             report.update(steps_planned=res.steps_planned, time_capped=True)
         return Fitted(res.weight, res.rel_error, report)

@@ -33,7 +33,7 @@ class FitSettings:
     time_budget_s: float | None = None  # wall-clock guard; None: the steps alone decide the result
     lr: float = 3e-2
     init_scale: float = 3.0
-    block: int = 1024          # rows/cols per step when the matrix is larger
+    block: int = 256           # rows/cols sampled per step when the matrix is larger (fit_curve.md: more, cheaper steps win)
     qat_fraction: float = 0.25  # last fraction of steps with fake-quantised states
     seed: int = 0
     device: str = "cpu"
@@ -58,6 +58,73 @@ def _features(a, b, U, beta):
         term = torch.sigmoid(A[k][:, None, :] + B[k][None, :, :])
         phi = term if phi is None else phi + term
     return phi
+
+
+# elements per (rows x N_in x m) working chunk of the fused step: on CPU a few MB (stays in cache,
+# few enough ops that dispatch overhead stays small); on a GPU large, so each branch is one kernel
+CHUNK_FLOATS = 1 << 19
+CHUNK_FLOATS_GPU = 1 << 26
+
+
+def _chunk_rows(A: torch.Tensor, n_in: int) -> int:
+    per = CHUNK_FLOATS if A.device.type == "cpu" else CHUNK_FLOATS_GPU
+    return max(1, per // (n_in * A.shape[-1]))
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Loss of one variable-projection step, mean((Phi v + c - T)^2) with (v, c) solved from Phi,
+    as a function of A (K, N_out, m) and B (K, N_in, m).
+
+    Autograd through `_features` stores K sigmoid tensors of N_out x N_in x m and walks each of
+    them several times. Here the forward keeps only Phi (the sum over branches, needed for the
+    readout solve), and the backward recomputes each branch's sigmoid in row chunks small enough
+    to stay in cache: dL/dA_k[i] = v * sum_j G_ij s(1-s), dL/dB_k[j] = v * sum_i G_ij s(1-s), with
+    G = dL/dW_hat. (v, c) are held fixed, as in the autograd form (variable projection: at the
+    least-squares optimum the loss is stationary in them). Deterministic: fixed chunk order."""
+
+    @staticmethod
+    def forward(ctx, A, B, target):
+        k_branches, n_out, m = A.shape
+        n_in = B.shape[1]
+        rows = _chunk_rows(A, n_in)
+        phi = torch.empty(n_out, n_in, m, dtype=A.dtype, device=A.device)
+        buf = torch.empty(min(rows, n_out), n_in, m, dtype=A.dtype, device=A.device)
+        for r in range(0, n_out, rows):
+            p = phi[r:r + rows]
+            z = buf[: p.shape[0]]
+            for k in range(k_branches):
+                torch.add(A[k, r:r + rows, None, :], B[k, None, :, :], out=z)
+                if k == 0:
+                    torch.sigmoid(z, out=p)
+                else:
+                    p.add_(z.sigmoid_())
+        v, c = _solve_readout(phi, target)
+        resid = phi @ v + c - target
+        del phi
+        ctx.save_for_backward(A, B, resid, v)
+        return (resid * resid).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        A, B, resid, v = ctx.saved_tensors
+        k_branches, n_out, m = A.shape
+        n_in = B.shape[1]
+        rows = _chunk_rows(A, n_in)
+        G = resid * (grad * 2.0 / resid.numel())  # dL/dW_hat
+        gA = torch.empty_like(A)
+        gB = torch.zeros_like(B)
+        buf = torch.empty(min(rows, n_out), n_in, m, dtype=A.dtype, device=A.device)
+        for r in range(0, n_out, rows):
+            z = buf[: min(rows, n_out - r)]
+            g = G[r:r + rows, :, None]
+            for k in range(k_branches):
+                torch.add(A[k, r:r + rows, None, :], B[k, None, :, :], out=z)
+                z.sigmoid_()
+                z.addcmul_(z, z, value=-1.0)  # s (1 - s)
+                z.mul_(g)
+                torch.sum(z, 1, out=gA[k, r:r + rows])
+                gB[k] += z.sum(0)
+        return gA * v, gB * v, None
 
 
 def _solve_readout(phi: torch.Tensor, target: torch.Tensor, ridge: float = 1e-6):
@@ -153,10 +220,9 @@ def fit_riem(
             rows = torch.randperm(n_out, generator=gen)[: s.block].to(dev)
             cols = torch.randperm(n_in, generator=gen)[: s.block].to(dev)
             aa, bb, target = aa[rows], bb[cols], Wn[rows][:, cols]
-        phi = _features(aa, bb, U, beta)
-        with torch.no_grad():
-            v, c = _solve_readout(phi.detach(), target)
-        loss = ((phi @ v + c - target) ** 2).mean()
+        A = torch.einsum("iq,kmq->kim", aa, U) + beta[:, None, :]
+        B = torch.einsum("kjq,kmq->kjm", riem.shifted_states(bb, k_branches), U)
+        loss = _FusedLoss.apply(A, B, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
