@@ -339,11 +339,10 @@ class RiemReuse:
                 self.fits[weight_key(spec.weight, ratio)] = cw
 
     def fitter(self, cfg: Config):
-        from riem_compiler.passes.auto import riem_fitter
+        from riem_compiler.passes.auto import riem_method_fitter
         from riem_compiler import methods
-        from riem_compiler.methods.riem import fit_settings
 
-        fresh = riem_fitter(fit_settings(methods.get("riem").settings(cfg)), cfg.state_bits, cfg.metric_dtype, cfg.m, cfg.k_branches)
+        fresh = riem_method_fitter(methods.get("riem").settings(cfg))
 
         def fit(weight, ratio):
             key = weight_key(weight, ratio)

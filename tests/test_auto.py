@@ -174,14 +174,14 @@ def test_compress_auto_default_grid_fits_riem_from_config(monkeypatch):
     from riem_compiler.config import Config
 
     made, fitted = [], []
-    real = auto.riem_fitter
+    real = auto.riem_method_fitter
 
-    def spy(settings, state_bits, metric_dtype, m, k_branches, sizing="max_q"):
-        made.append((settings.steps, state_bits, metric_dtype, m))
-        fit = real(settings, state_bits, metric_dtype, m, k_branches)
+    def spy(settings):
+        made.append((settings.steps, settings.state_bits, settings.metric_dtype, settings.m))
+        fit = real(settings)
         return lambda w, r: fitted.append(r) or fit(w, r)
 
-    monkeypatch.setattr(auto, "riem_fitter", spy)
+    monkeypatch.setattr(auto, "riem_method_fitter", spy)
     specs = _specs()[1:2]
     config = Config(method="auto", ratio=0.2, steps=10, time_budget_s=5.0, m=8, quiet=True)
     compressed, records = auto.compress_auto(specs, config)
