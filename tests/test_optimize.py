@@ -33,7 +33,8 @@ def cnn_result():
     model = structured(CNN())
     x = torch.randn(4, 3, 8, 8)
     # the 3x3 convs with few channels are below min_weight_size: kept, and reported as kept
-    return model, x, rc.optimize(model, (x,), ratio=0.5, steps=200, time_budget_s=600, min_weight_size=2048, quiet=True)
+    # 400 steps: the sampled, fused fit with pilot sizing reaches 0.17 output error here (0.27 at 300)
+    return model, x, rc.optimize(model, (x,), ratio=0.5, steps=400, time_budget_s=600, min_weight_size=2048, quiet=True)
 
 
 def with_weights(model, compressed):
@@ -91,7 +92,7 @@ def test_rewritten_model_runs_under_torch_export(cnn_result):
 
 def test_recompute_mode_matches_cached(cnn_result):
     model, x, res = cnn_result
-    recomputing = rc.optimize(model, (x,), ratio=0.5, steps=200, time_budget_s=600, min_weight_size=2048, recompute=True, quiet=True)
+    recomputing = rc.optimize(model, (x,), ratio=0.5, steps=400, time_budget_s=600, min_weight_size=2048, recompute=True, quiet=True)
     with torch.no_grad():
         torch.testing.assert_close(recomputing.model(x), res.model(x))
     assert all(m.recompute for m in recomputing.model.modules() if isinstance(m, RieMWeight))

@@ -245,8 +245,8 @@ def test_settings_validate_and_take_cli_strings():
 
 def test_beats_rtn_at_equal_bytes_on_heavy_tailed_weights():
     """Student-t(3) entries: rtn's max-abs scales waste levels on outliers, the rotation spreads
-    them. Measured: at 1/8 rtn3/g128 0.433 vs rotq3/g32 0.157; at 1/10 rtn3/g128 0.433 vs
-    rotq3/g128 0.175."""
+    them. Measured: at 1/8 rtn (its lowest-error setting within the budget) 0.245 vs rotq3/g32
+    0.157 (the old first-fit rtn3/g128: 0.433)."""
     w = heavy_tailed((128, 256), seed=4)
     spec = LayerSpec("w", "linear", w)
     rtn = methods.get("rtn")
@@ -254,7 +254,7 @@ def test_beats_rtn_at_equal_bytes_on_heavy_tailed_weights():
         a = rtn.fit(spec, ratio, rtn.settings(rc.Config()))
         b = METHOD.fit(spec, ratio, METHOD.settings(rc.Config()))
         assert b.weight.nbytes <= ratio * w.size * 4
-        assert b.rel_error < 0.5 * a.rel_error, (ratio, a.rel_error, b.rel_error)
+        assert b.rel_error < 0.7 * a.rel_error, (ratio, a.rel_error, b.rel_error)
 
 
 def test_rotation_helps_on_outliers():
