@@ -199,7 +199,6 @@ class Sensitivity:
                 self.moments[name] = moment
         self.kinds = {name: x.moments for name, x in self.layers.items()}
 
-
     def layer_error(self, spec: LayerSpec, cw: CompressedWeight) -> float | None:
         """E over the synthetic inputs of ||(W - W_hat) x||^2 for this layer (None without moments)."""
         moment = self.moments.get(spec.name)
