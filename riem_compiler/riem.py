@@ -218,21 +218,31 @@ def choose_size(
     return size
 
 
+def _largest_q(n_out: int, n_in: int, m: int, state_bits: int, metric_dtype: str, k_branches: int,
+               budget: float, cap: int | None = None) -> int:
+    """Largest q <= min(cap, 4 * min(n_out, n_in)) whose stored bytes fit `budget` (binary search);
+    0 when even q=1 does not fit."""
+    if stored_nbytes(n_out, n_in, 1, m, state_bits, metric_dtype, k_branches) > budget:
+        return 0
+    limit = 4 * min(n_out, n_in)
+    lo, hi = 1, max(1, limit if cap is None else min(cap, limit))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if stored_nbytes(n_out, n_in, mid, m, state_bits, metric_dtype, k_branches) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _max_q(n_out: int, n_in: int, ratio: float, state_bits: int, metric_dtype: str, m: int,
            k_branches: int) -> tuple[int, int] | None:
     """Largest q (with m shrunk if the metric net alone is too big) within ratio * fp32 bytes."""
     budget = ratio * n_out * n_in * 4
     for m_try in sorted({m, max(1, m // 2), max(1, m // 4), 1}, reverse=True):
-        if stored_nbytes(n_out, n_in, 1, m_try, state_bits, metric_dtype, k_branches) > budget:
-            continue
-        lo, hi = 1, max(1, min(n_out, n_in) * 4)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if stored_nbytes(n_out, n_in, mid, m_try, state_bits, metric_dtype, k_branches) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo, m_try
+        q = _largest_q(n_out, n_in, m_try, state_bits, metric_dtype, k_branches, budget)
+        if q:
+            return q, m_try
     return None
 
 
@@ -256,16 +266,7 @@ def size_candidates(
     out: list[tuple[int, int, int]] = []
     for bits in bits_options:
         def largest_q(m, bits=bits):
-            if stored_nbytes(n_out, n_in, 1, m, bits, metric_dtype, k_branches) > budget:
-                return 0
-            lo, hi = 1, max(1, min(k_branches * m, 4 * min(n_out, n_in)))
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if stored_nbytes(n_out, n_in, mid, m, bits, metric_dtype, k_branches) <= budget:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            return lo
+            return _largest_q(n_out, n_in, m, bits, metric_dtype, k_branches, budget, cap=k_branches * m)
         # largest_q(m) is capped at k_branches * m; the balanced width is the first m where the
         # cap does not bind (or the last m that still fits anything)
         m_star = None
