@@ -10,7 +10,6 @@ from riem_compiler.passes import auto
 from riem_compiler import methods
 from riem_compiler.methods import rtn as rtn_m
 from riem_compiler.methods import svd as svd_m
-from riem_compiler.methods.riem.fit import FitSettings
 from riem_compiler.methods import decode
 
 
@@ -125,7 +124,8 @@ def test_riem_candidates_through_callable():
 
     def fit(weight, ratio):
         calls.append(ratio)
-        return auto.riem_fitter(FitSettings(steps=20, seed=0), state_bits=8, m=8)(weight, ratio)
+        settings = methods.get("riem").Settings(steps=20, seed=0, state_bits=8, m=8, sizing="max_q")
+        return auto.riem_method_fitter(settings)(weight, ratio)
 
     grid = auto.CandidateGrid(riem_fit=fit, riem_ratios=(0.25,), svd_ratios=(0.25,), rtn=((8, None), (4, 32)))
     result = auto.choose_methods_detailed(specs, 0.2, grid)

@@ -28,7 +28,6 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from riem_compiler import riem
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LayerSpec
@@ -54,22 +53,6 @@ def family(cw: CompressedWeight) -> str:
 def label(cw: CompressedWeight) -> str:
     """Short human name of a candidate, e.g. rtn4/g128, svd8 r93, tucker2 r(18,9), riem8 q12 m16."""
     return methods.get(cw.method).label(cw)
-
-
-def riem_fitter(settings=None, state_bits: int = 8, metric_dtype: str = "float16", m: int = 16,
-                k_branches: int = riem.K_BRANCHES, sizing: str = "max_q") -> RiemFit:
-    """A RiemFit that sizes q (and m) with riem.choose_size and fits with fit_riem(settings)."""
-    from riem_compiler.methods.riem.fit import fit_riem
-
-    def fit(weight: np.ndarray, ratio: float) -> CompressedWeight | None:
-        n_out, n_in = weight.shape[0], int(np.prod(weight.shape[1:]))
-        size = riem.choose_size(n_out, n_in, ratio, state_bits, metric_dtype, m, k_branches, sizing)
-        if size is None:
-            return None
-        q, m_fit = size
-        return fit_riem(weight, q, m_fit, state_bits, metric_dtype, settings, k_branches).weight
-
-    return fit
 
 
 @dataclass
