@@ -355,8 +355,12 @@ class OnnxSensitivity(Sensitivity):
             work.graph.input.append(helper.make_tensor_value_info(spec.name, t.data_type, list(t.dims)))
         taps = {}  # layer name -> (activation tensor name, how to read it)
         producers = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+        users: dict[str, list] = {}  # tensor name -> the nodes that read it
+        for node in graph.node:
+            for name in dict.fromkeys(node.input):
+                users.setdefault(name, []).append(node)
         for spec in specs:
-            tap = self._tap(spec, graph)
+            tap = self._tap(spec, users.get(spec.name, []))
             kind = "none" if tap is None or tap[0] not in producers else tap[1]
             self.layers[spec.name] = LayerSensitivity(spec.name, kind if kind == "none" else kind.split(":")[0])
             if kind != "none":
@@ -416,9 +420,9 @@ class OnnxSensitivity(Sensitivity):
         return batches
 
     @staticmethod
-    def _tap(spec: LayerSpec, graph):
-        """(activation name, how to read it, attrs) for a layer whose node reads the weight directly."""
-        users = [n for n in graph.node if spec.name in n.input]
+    def _tap(spec: LayerSpec, users: list):
+        """(activation name, how to read it, attrs) for a layer whose one node (of `users`, the
+        nodes that read the weight) reads it directly."""
         if len(users) != 1 or spec.attrs.get("chain"):
             return None
         node = users[0]
@@ -457,9 +461,9 @@ class OnnxSensitivity(Sensitivity):
         for batch, ref in zip(self.holdout if holdout else self.inputs,
                               self.reference_holdout if holdout else self.reference):
             out = self.session.run(self.output_names[:self.n_out], {**batch, **weights})
-            for o, r in zip(out, ref):
-                num += float(np.sum(np.square(np.asarray(o, np.float64) - np.asarray(r, np.float64))))
-                den += float(np.sum(np.square(np.asarray(r, np.float64))))
+            terms = squared_error_terms([torch.from_numpy(np.asarray(r)) for r in ref],
+                                        [torch.from_numpy(np.asarray(o)) for o in out])
+            num, den = num + terms[0], den + terms[1]
         return num / den if den > 0 else num
 
 
