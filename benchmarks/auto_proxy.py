@@ -226,9 +226,9 @@ def main(argv=None) -> int:
         rows = [r for r in old["rows"] if r["model"] not in args.models]
         corr = [c for c in old["correlations"] if c["model"] not in args.models]
         meta["models"] = {m: info for m, info in old["meta"]["models"].items() if m not in args.models}
-    for info in meta["models"].values():
-        info.setdefault("command", old["meta"]["command"])
-        info.setdefault("load_average_at_start", old["meta"]["load_average_at_start"])
+        for info in meta["models"].values():  # files from before per-model commands: the run's own
+            info.setdefault("command", old["meta"]["command"])
+            info.setdefault("load_average_at_start", old["meta"]["load_average_at_start"])
     for name in args.models:  # written after each model: a long run keeps what it finished
         model_rows, info = run_model(name, args.plans, args.seed)
         rows += model_rows
