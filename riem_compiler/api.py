@@ -119,41 +119,42 @@ def torch_model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _torch_sensitivity(model, specs, example_inputs, input_sampler, cfg: Config, input_model=None):
-    """auto's output sensitivity for a torch model, or None (with a warning) when it cannot be made;
-    synthetic inputs come from input_model (the user's model, before BatchNorm folding)."""
+def _sensitivity(cfg: Config, make):
+    """auto's output sensitivity, make(SensitivitySettings), or None when the config does not ask
+    for it or it cannot be made (then with a warning: auto plans on weight error)."""
     if cfg.method != "auto" or cfg.sensitivity != "output":
         return None
-    if example_inputs is None and input_sampler is None:
-        log.warning("auto: sensitivity='output' needs example_inputs or an input_sampler; planning on "
-                    "weight error instead")
-        return None
-    from riem_compiler.passes.sensitivity import TorchSensitivity
+    from riem_compiler.passes.sensitivity import SensitivitySettings
 
     try:
-        return TorchSensitivity(model, specs, example_inputs, input_sampler, _sensitivity_settings(cfg), input_model)
+        return make(SensitivitySettings(samples=cfg.sensitivity_samples, holdout=cfg.sensitivity_samples,
+                                        seed=cfg.seed))
     except InputError as exc:
         log.warning("auto: no output sensitivity (%s); planning on weight error instead", exc)
         return None
 
 
-def _sensitivity_settings(cfg: Config):
-    from riem_compiler.passes.sensitivity import SensitivitySettings
+def _torch_sensitivity(model, specs, example_inputs, input_sampler, cfg: Config, input_model=None):
+    """`_sensitivity` of a torch model; synthetic inputs come from input_model (the user's model,
+    before BatchNorm folding)."""
+    def make(settings):
+        from riem_compiler.passes.sensitivity import TorchSensitivity
 
-    return SensitivitySettings(samples=cfg.sensitivity_samples, holdout=cfg.sensitivity_samples, seed=cfg.seed)
+        if example_inputs is None and input_sampler is None:
+            raise InputError("sensitivity='output' needs example_inputs or an input_sampler")
+        return TorchSensitivity(model, specs, example_inputs, input_sampler, settings, input_model)
+
+    return _sensitivity(cfg, make)
 
 
 def _onnx_sensitivity(model, specs, cfg: Config):
-    """auto's output sensitivity for an ONNX model (run by onnxruntime on Gaussian inputs), or None."""
-    if cfg.method != "auto" or cfg.sensitivity != "output":
-        return None
-    from riem_compiler.passes.sensitivity import OnnxSensitivity
+    """`_sensitivity` of an ONNX model, run by onnxruntime on Gaussian inputs."""
+    def make(settings):
+        from riem_compiler.passes.sensitivity import OnnxSensitivity
 
-    try:
-        return OnnxSensitivity(model, specs, _sensitivity_settings(cfg))
-    except InputError as exc:
-        log.warning("auto: no output sensitivity (%s); planning on weight error instead", exc)
-        return None
+        return OnnxSensitivity(model, specs, settings)
+
+    return _sensitivity(cfg, make)
 
 
 def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None) -> Result:
