@@ -18,9 +18,11 @@ ratio instead of fitting them again; missing ones are fitted with the same setti
 X+refine for X in riem, svd, auto: X's model after data-free refinement (passes/refine.py).
 
 Peers (benchmarks/peers.py), run by their own PyPI code on the same weights: hqq-peer (hqq's
-half-quadratic quantiser) and nncf-peer (NNCF's data-free compress_weights), each at its best
-setting near the budget, its scales and zero points counted. Install them with
-`pip install -e ".[peers]"`; without them their rows say n/a and the run goes on.
+half-quadratic quantiser), nncf-peer (NNCF's data-free compress_weights), ort-peer (onnxruntime's
+MatMulNBitsQuantizer: blockwise RTN, HQQ, k-quant; Linear weights only) and torchao-peer (torchao's
+IntxWeightOnlyConfig, affine or HQQ qparams; Linear weights only), each at its best setting near
+the budget, its scales and zero points counted. Install them with `pip install -e ".[peers]"`;
+without them their rows say n/a and the run goes on.
 
 Writes benchmarks/results/accuracy.{md,json} and accuracy_<model>.png. Rows of (model, method)
 pairs that were not run this time are kept from the previous JSON (each row names its run), so
@@ -478,6 +480,10 @@ def run_peer(task: Task, method: str, budget: float, base: dict) -> dict:
     try:
         if method == "hqq-peer":
             got = peers.run_hqq(task.model, names, budget)
+        elif method == "ort-peer":
+            got = peers.run_ort(task.model, names, budget)
+        elif method == "torchao-peer":
+            got = peers.run_torchao(task.model, names, budget)
         else:
             got = peers.run_nncf(task.model, names, budget, task.example_inputs)
     except peers.PeerUnavailable as exc:
@@ -532,8 +538,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "every tensor its compressed model holds. whole = disk / the original's: the whole-model ratio "
              "beside the budget (embedding tables, LayerNorms and biases included).",
              "- *-peer rows (marked **peer**) are other projects' compressors run by their own code from PyPI "
-             "(benchmarks/peers.py) on the same weights: hqq's quantiser, NNCF's data-free compress_weights; "
-             "each at its setting within 1.07x of the budget with the lowest mean weight error (named in the "
+             "(benchmarks/peers.py) on the same weights: hqq's quantiser, NNCF's data-free compress_weights, "
+             "onnxruntime's MatMulNBitsQuantizer (RTN/HQQ/k-quant; conv weights stay float32 and count), torchao's "
+             "IntxWeightOnlyConfig (codes counted at their bit width; Linear weights only); each at its setting within 1.07x of the budget with the lowest mean weight error (named in the "
              "notes), scales and zero points counted.",
              "- run = when the row was measured; rows of one run are side by side on the same weights "
              "(commands per run below).",
