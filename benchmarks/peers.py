@@ -25,7 +25,9 @@
 A peer's setting for a budget: the candidates whose stored bytes over our compressible layers
 are within `OVER` of the budget, and among them the lowest size-weighted relative weight error
 (the peer is given its best setting near the budget, the row says if it is over). Peers that
-are not installed, or fail, give a row with the reason and the run goes on.
+are not installed, or fail, give a row with the reason and the run goes on. The onnxruntime and
+torchao peers keep each setting's size and error per weight across the budgets of a run, so their
+first budget's fit time includes sizing every setting and the later ones only the chosen one.
 """
 from __future__ import annotations
 
@@ -221,6 +223,11 @@ class _Rejected(RuntimeError):
 _STATS: dict[tuple, tuple[int, float]] = {}  # (peer, weight digest, setting) -> (stored bytes, relative error)
 
 
+def _dense_note(count: int, nbytes: int, fp32: int, kind: str) -> str:
+    return "" if not count else (f"; the {count} {kind} weight(s) it leaves float32 take {nbytes / fp32:.4f} "
+                                 "of fp32 (sizes above: of the rest)")
+
+
 def _digest(weight: torch.Tensor) -> str:
     w = weight.detach().float().contiguous().numpy()
     return hashlib.sha1(w.tobytes() + str(w.shape).encode()).hexdigest()
@@ -230,11 +237,13 @@ def _relative_error(decoded: torch.Tensor, weight: torch.Tensor) -> float:
     return float(torch.linalg.norm(decoded - weight.detach()) / max(float(torch.linalg.norm(weight.detach())), 1e-30))
 
 
-def _best_setting(peer: str, weights: dict, settings: list, budget: float, fp32: int, quantise, min_bits):
+def _best_setting(peer: str, weights: dict, settings: list, budget: float, fp32: int, quantise, min_bits,
+                  note: str = ""):
     """(size-weighted relative error, setting, stored bytes) of the setting with the lowest error among
     those within OVER x the budget, or PeerUnavailable. `quantise(weight, setting)` returns (decoded
-    weight, stored bytes) or raises _Rejected. Sizes and errors do not depend on the budget: they are
-    kept across the budgets of a run (the decoded weights are not, they are made again for the winner)."""
+    weight, stored bytes) or raises _Rejected; `note` ends the PeerUnavailable message. Sizes and errors
+    do not depend on the budget: they are kept across the budgets of a run (the decoded weights are
+    not, they are made again for the winner)."""
     digests = {name: _digest(w) for name, w in weights.items()}
     best, rejected, smallest = None, {}, None
     for setting in settings:
@@ -265,7 +274,7 @@ def _best_setting(peer: str, weights: dict, settings: list, budget: float, fp32:
     if best is None:
         least = "" if smallest is None else f" (the smallest stores {smallest / fp32:.4f} of fp32)"
         why = "" if not rejected else f"; {len(rejected)} settings refused, e.g. {next(iter(rejected.values()))[:80]}"
-        raise PeerUnavailable(f"no {peer} setting stores <= {OVER:g} x the budget{least}{why}")
+        raise PeerUnavailable(f"no {peer} setting stores <= {OVER:g} x the budget{least}{why}{note}")
     return best
 
 
@@ -372,7 +381,7 @@ def run_ort(model: torch.nn.Module, names: list[str], budget: float) -> dict:
     m_fp32 = fp32 - dense_bytes
     err, setting, size = _best_setting("onnxruntime", matrices, ORT_SETTINGS,
                                        (OVER * budget * fp32 - dense_bytes) / (OVER * m_fp32), m_fp32,
-                                       ort_quantise, lambda s: s[1])
+                                       ort_quantise, lambda s: s[1], _dense_note(len(dense), dense_bytes, fp32, "conv"))
     out = copy.deepcopy(model)
     params = dict(out.named_parameters())
     with torch.no_grad():
@@ -391,7 +400,12 @@ def run_ort(model: torch.nn.Module, names: list[str], budget: float) -> dict:
 def torchao_config(setting: tuple):
     """torchao's IntxWeightOnlyConfig for `setting` = (bits, group or None for per channel,
     qparams "asym" / "sym" / "hqq" (its HQQ scale-only qparams), scale dtype name)."""
-    from torchao.quantization import IntxWeightOnlyConfig, MappingType, PerAxis, PerGroup
+    from torchao.quantization import (
+        IntxWeightOnlyConfig,
+        MappingType,
+        PerAxis,
+        PerGroup,
+    )
     from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
         IntxChooseQParamsAlgorithm,
     )
@@ -464,7 +478,8 @@ def run_torchao(model: torch.nn.Module, names: list[str], budget: float) -> dict
     m_fp32 = fp32 - dense_bytes
     _, setting, size = _best_setting("torchao", matrices, TORCHAO_SETTINGS,
                                      (OVER * budget * fp32 - dense_bytes) / (OVER * m_fp32), m_fp32,
-                                     torchao_quantise, lambda s: s[0])
+                                     torchao_quantise, lambda s: s[0],
+                                     _dense_note(len(weights) - len(matrices), dense_bytes, fp32, "non-Linear"))
     out = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

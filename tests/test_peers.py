@@ -77,6 +77,8 @@ def test_ort_peer_leaves_conv_weights_float_and_counts_them():
     linear = peers.ort_quantise(model[2].weight.detach(), _setting_of(got["setting"]))[1]
     assert got["stored_bytes"] == 4 * conv.numel() + linear
     assert "1 conv weight(s) left float32" in got["setting"]
+    with pytest.raises(peers.PeerUnavailable, match="the 1 conv weight.s. it leaves float32 take 0.0"):
+        peers.run_ort(model, ["0.weight", "2.weight"], 1 / 64)
 
 
 def _setting_of(label):
