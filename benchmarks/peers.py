@@ -118,7 +118,10 @@ def run_hqq(model: torch.nn.Module, names: list[str], budget: float) -> dict:
         if best is None or err < best[0]:
             best = (err, (bits, group, axis), decoded, stored)
     if best is None:
-        least = "" if smallest is None else f" (the smallest stores {smallest / fp32:.4f} of fp32)"
+        narrowest = min(min_bits(setting) for setting in settings)
+        least = (f" (the smallest stores {smallest / fp32:.4f} of fp32)" if smallest is not None else
+                 f" (its narrowest codes, {narrowest} bits, are over {32 * OVER * budget:.2f} bits per weight)"
+                 if narrowest / 32 > OVER * budget else "")
         raise PeerUnavailable(f"no hqq setting that its packer accepts for these layers stores <= {OVER:g} x "
                               f"the budget{least}; {len(rejected)} settings rejected by hqq's packing")
     err, (bits, group, axis), decoded, stored = best
@@ -272,7 +275,10 @@ def _best_setting(peer: str, weights: dict, settings: list, budget: float, fp32:
         if best is None or err < best[0]:
             best = (err, setting, size)
     if best is None:
-        least = "" if smallest is None else f" (the smallest stores {smallest / fp32:.4f} of fp32)"
+        narrowest = min(min_bits(setting) for setting in settings)
+        least = (f" (the smallest stores {smallest / fp32:.4f} of fp32)" if smallest is not None else
+                 f" (its narrowest codes, {narrowest} bits, are over {32 * OVER * budget:.2f} bits per weight)"
+                 if narrowest / 32 > OVER * budget else "")
         why = "" if not rejected else f"; {len(rejected)} settings refused, e.g. {next(iter(rejected.values()))[:80]}"
         raise PeerUnavailable(f"no {peer} setting stores <= {OVER:g} x the budget{least}{why}{note}")
     return best
@@ -400,12 +406,7 @@ def run_ort(model: torch.nn.Module, names: list[str], budget: float) -> dict:
 def torchao_config(setting: tuple):
     """torchao's IntxWeightOnlyConfig for `setting` = (bits, group or None for per channel,
     qparams "asym" / "sym" / "hqq" (its HQQ scale-only qparams), scale dtype name)."""
-    from torchao.quantization import (
-        IntxWeightOnlyConfig,
-        MappingType,
-        PerAxis,
-        PerGroup,
-    )
+    from torchao.quantization import IntxWeightOnlyConfig, MappingType, PerAxis, PerGroup
     from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
         IntxChooseQParamsAlgorithm,
     )
@@ -446,7 +447,10 @@ def torchao_quantise(weight: torch.Tensor, setting: tuple) -> tuple[torch.Tensor
     qweight = linear.weight
     if not hasattr(qweight, "qdata"):
         raise _Rejected(f"torchao left {type(qweight).__name__}, not a quantized tensor")
-    return qweight.dequantize().detach().float(), torchao_stored_bytes(qweight, setting[0])
+    bits = setting[0]
+    if int(qweight.qdata.min()) < -(1 << (bits - 1)) or int(qweight.qdata.max()) >= 1 << (bits - 1):
+        raise _Rejected(f"torchao's codes exceed {bits} bits, so they cannot be sized packed at {bits} bits")
+    return qweight.dequantize().detach().float(), torchao_stored_bytes(qweight, bits)
 
 
 def _torchao_label(setting: tuple) -> str:

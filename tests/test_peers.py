@@ -89,8 +89,11 @@ def _setting_of(label):
 
 def test_ort_peer_says_why_when_no_setting_fits():
     pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
-    with pytest.raises(peers.PeerUnavailable, match="no onnxruntime setting stores <= 1.07 x the budget"):
+    with pytest.raises(peers.PeerUnavailable, match="no onnxruntime setting stores <= 1.07 x the budget "
+                       r"\(its narrowest codes, 2 bits, are over 0.54 bits per weight\)"):
         peers.run_ort(_model(), NAMES, 1 / 64)
+    with pytest.raises(peers.PeerUnavailable, match=r"the smallest stores 0.0\d+ of fp32"):
+        peers.run_ort(_model(), NAMES, 1 / 16)  # 2-bit codes fit, their scales do not
 
 
 # ----------------------------------------------------------------------------- torchao
