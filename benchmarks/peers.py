@@ -118,10 +118,7 @@ def run_hqq(model: torch.nn.Module, names: list[str], budget: float) -> dict:
         if best is None or err < best[0]:
             best = (err, (bits, group, axis), decoded, stored)
     if best is None:
-        narrowest = min(min_bits(setting) for setting in settings)
-        least = (f" (the smallest stores {smallest / fp32:.4f} of fp32)" if smallest is not None else
-                 f" (its narrowest codes, {narrowest} bits, are over {32 * OVER * budget:.2f} bits per weight)"
-                 if narrowest / 32 > OVER * budget else "")
+        least = "" if smallest is None else f" (the smallest stores {smallest / fp32:.4f} of fp32)"
         raise PeerUnavailable(f"no hqq setting that its packer accepts for these layers stores <= {OVER:g} x "
                               f"the budget{least}; {len(rejected)} settings rejected by hqq's packing")
     err, (bits, group, axis), decoded, stored = best

@@ -139,3 +139,14 @@ def test_torchao_peer_says_why_when_no_setting_fits():
     pytest.importorskip("torchao")
     with pytest.raises(peers.PeerUnavailable, match="no torchao setting stores <= 1.07 x the budget"):
         peers.run_torchao(_model(), NAMES, 1 / 64)
+
+
+# ----------------------------------------------------------------------------- the shared registry
+
+def test_every_peer_is_a_method_of_the_accuracy_benchmark_and_hqq_still_says_why():
+    from benchmarks import accuracy
+
+    assert {"ort-peer", "torchao-peer", "hqq-peer", "nncf-peer"} <= set(accuracy.PEER_METHODS)
+    pytest.importorskip("hqq")
+    with pytest.raises(peers.PeerUnavailable, match="no hqq setting"):
+        peers.run_hqq(_model(), NAMES, 1 / 64)
