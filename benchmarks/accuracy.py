@@ -34,6 +34,7 @@ models and methods can be run in separate invocations.
     python benchmarks/accuracy.py --quick                             # minutes; MiniLM at 1/8 only
     python benchmarks/accuracy.py --models effnet_lite2 --budgets 0.25 0.125 --methods rtn affine rotq vq \
         auto hqq-peer nncf-peer --stem imagenet --threads 2              # imagenet.md; riem takes hours here
+    python benchmarks/accuracy.py --models minilm --methods ort-peer torchao-peer --threads 1  # 2 min
     python benchmarks/accuracy.py --render-only                       # table and plots from the JSON
 """
 from __future__ import annotations
@@ -539,9 +540,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "beside the budget (embedding tables, LayerNorms and biases included).",
              "- *-peer rows (marked **peer**) are other projects' compressors run by their own code from PyPI "
              "(benchmarks/peers.py) on the same weights: hqq's quantiser, NNCF's data-free compress_weights, "
-             "onnxruntime's MatMulNBitsQuantizer (RTN/HQQ/k-quant; conv weights stay float32 and count), torchao's "
-             "IntxWeightOnlyConfig (codes counted at their bit width; Linear weights only); each at its setting within 1.07x of the budget with the lowest mean weight error (named in the "
-             "notes), scales and zero points counted.",
+             "onnxruntime's MatMulNBitsQuantizer (RTN/HQQ/k-quant; conv weights stay float32 and count), "
+             "torchao's IntxWeightOnlyConfig (codes counted at their bit width; Linear weights only); each at "
+             "its setting within 1.07x of the budget with the lowest mean weight error (named in the notes), "
+             "scales and zero points counted.",
              "- run = when the row was measured; rows of one run are side by side on the same weights "
              "(commands per run below).",
              "- fit s = wall time of the compression pass (X+refine: X's fit plus refinement; the synthetic "

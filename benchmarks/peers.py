@@ -382,9 +382,9 @@ def run_ort(model: torch.nn.Module, names: list[str], budget: float) -> dict:
         raise PeerUnavailable(f"the {len(dense)} conv weight(s) onnxruntime leaves float32 store "
                               f"{dense_bytes / fp32:.4f} of fp32, over the budget alone")
     m_fp32 = fp32 - dense_bytes
-    err, setting, size = _best_setting("onnxruntime", matrices, ORT_SETTINGS,
-                                       (OVER * budget * fp32 - dense_bytes) / (OVER * m_fp32), m_fp32,
-                                       ort_quantise, lambda s: s[1], _dense_note(len(dense), dense_bytes, fp32, "conv"))
+    _, setting, size = _best_setting("onnxruntime", matrices, ORT_SETTINGS,
+                                     (OVER * budget * fp32 - dense_bytes) / (OVER * m_fp32), m_fp32,
+                                     ort_quantise, lambda s: s[1], _dense_note(len(dense), dense_bytes, fp32, "conv"))
     out = copy.deepcopy(model)
     params = dict(out.named_parameters())
     with torch.no_grad():
