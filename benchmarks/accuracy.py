@@ -552,8 +552,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "- auto = method=\"auto\"; its RieM candidates reuse the riem fits of this run (same weight, "
              "same ratio, same fit settings). It plans on the output sensitivity (riem_compiler/passes/"
              "sensitivity.py: input second moments and a measured gain per layer on synthetic inputs, the "
-             "refinement's recipe below) and keeps the plan, among its knapsack plan and the single-method "
-             "plans, with the lowest held-out synthetic output error. auto-weight = the same candidates "
+             "refinement's recipe below) and keeps the plan with the lowest predicted output error (the "
+             "notes give that plan's measured held-out synthetic output error; from 2026-12-03 16:20 on "
+             "the measurement reports, it no longer picks the plan). auto-weight = the same candidates "
              "planned on the old proxy, the size-weighted relative weight error.",
              "- X+emb = X with compress_embeddings=True: the embedding tables join the compressible "
              "layers (and the ratio's denominator); compare its whole-model ratio with the peers'.",

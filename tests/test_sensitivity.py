@@ -133,6 +133,26 @@ def test_plan_is_optimal_against_brute_force_with_the_exact_linear_proxy():
         assert chosen == pytest.approx(best, rel=1e-4), ratio
 
 
+def test_measured_plan_errors_are_reported_but_the_predicted_cost_decides(monkeypatch):
+    """Far from the original the measured squared error saturates and prefers output-shrinking
+    plans (MiniLM at 1/24), so a plan that measures better but is predicted worse is not taken."""
+    model = Parallel().eval()
+    specs = _specs(model)
+    sens = TorchSensitivity(model, specs, (torch.randn(2, 144),), settings=SensitivitySettings(samples=64))
+    pools = {s.name: [rtn_m.fit_rtn(s.weight, b, None) for b in (8, 4, 2)] + [svd_m.fit_svd(s.weight, 0.25, 16)]
+             for s in specs}
+    honest = auto.choose_methods_detailed(specs, 0.2, lambda spec, r: pools[spec.name], sensitivity=sens)
+    assert honest.source == "knapsack" and set(honest.measured) > {"knapsack"}
+    # a measurement that flatters every plan after the first (the knapsack's) changes the report only
+    real, calls = TorchSensitivity.plan_error, []
+    monkeypatch.setattr(TorchSensitivity, "plan_error",
+                        lambda self, w: real(self, w) * (1.0 if not calls.append(1) and len(calls) == 1 else 1e-6))
+    flattered = auto.choose_methods_detailed(specs, 0.2, lambda spec, r: pools[spec.name], sensitivity=sens)
+    assert flattered.source == "knapsack"
+    assert [c.label for c in flattered.choices] == [c.label for c in honest.choices]
+    assert min(flattered.measured.values()) < flattered.measured["knapsack"]
+
+
 def test_error_ceiling_and_executor_are_honoured():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
