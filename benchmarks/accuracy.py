@@ -514,7 +514,10 @@ METRIC_NAMES = {"top1": "top-1", "ws353": "WS353 rho", "simlex": "SimLex rho", "
 
 
 def fmt_budget(b: float) -> str:
-    return "1" if b >= 1 else f"1/{round(1 / b)}"
+    """1/N for the budgets of the list; others (e.g. a peer's exact ratio) as a decimal."""
+    if b >= 1:
+        return "1"
+    return f"1/{round(1 / b)}" if abs(1 / b - round(1 / b)) < 1e-6 else f"{b:.4g}"
 
 
 def fmt_error(err: float | None) -> str:
