@@ -33,3 +33,9 @@ def test_render_only_rewrites_the_table_from_the_json(tmp_path):
     md = (tmp_path / "accuracy.md").read_text()
     assert "| 1/4 | svd | 0.9000 | 0.2470 |" in md
     assert (tmp_path / "accuracy_digits_cnn.png").stat().st_size > 1000
+
+
+def test_budgets_off_the_list_print_as_decimals_not_as_a_rounded_fraction():
+    assert [accuracy.fmt_budget(b) for b in accuracy.BUDGETS] == ["1/4", "1/8", "1/10", "1/16", "1/24", "1/32"]
+    assert accuracy.fmt_budget(1.0) == "1"
+    assert accuracy.fmt_budget(4.25 / 32) == "0.1328"  # a peer's exact ratio, not a second "1/8"
