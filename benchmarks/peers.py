@@ -281,6 +281,37 @@ def _best_setting(peer: str, weights: dict, settings: list, budget: float, fp32:
     return best
 
 
+
+def _best_partial_setting(peer: str, weights: dict, matrices: dict, settings: list, budget: float, quantise,
+                          min_bits, kind: str) -> tuple[tuple, int]:
+    """(setting, stored bytes of `matrices`) for a peer that quantises only `matrices` and leaves the
+    rest of `weights` (`kind`, e.g. conv) float32, counted fully: the search runs over the matrices
+    with the part of the budget the float32 weights leave."""
+    fp32 = sum(4 * w.numel() for w in weights.values())
+    dense_bytes = fp32 - sum(4 * w.numel() for w in matrices.values())
+    others = len(weights) - len(matrices)
+    if dense_bytes >= OVER * budget * fp32:
+        raise PeerUnavailable(f"the {others} {kind} weight(s) {peer} leaves float32 store "
+                              f"{dense_bytes / fp32:.4f} of fp32, over the budget alone")
+    m_fp32 = fp32 - dense_bytes
+    _, setting, size = _best_setting(peer, matrices, settings, (OVER * budget * fp32 - dense_bytes) / (OVER * m_fp32),
+                                     m_fp32, quantise, min_bits, _dense_note(others, dense_bytes, fp32, kind))
+    return setting, size
+
+
+def _partial_result(peer: str, model, out, weights: dict, matrices: dict, setting: tuple, size: int, label: str,
+                    kind: str) -> dict:
+    """run_hqq's fields for `out`, the peer's model: `size` bytes for `matrices` at `setting`, the rest of
+    `weights` float32 (error 0)."""
+    fp32 = sum(4 * w.numel() for w in weights.values())
+    stored = size + fp32 - sum(4 * w.numel() for w in matrices.values())
+    errs = [_STATS[(peer, _digest(w), setting)][1] if n in matrices else 0.0 for n, w in weights.items()]
+    err = float(np.average(errs, weights=[w.numel() for w in weights.values()]))
+    others = len(weights) - len(matrices)
+    label += f"; {others} {kind} weight(s) left float32" if others else ""
+    return {"model": out, "stored_bytes": stored, "fp32_bytes": fp32, "layer_error": err, "setting": label,
+            "whole_bytes": model_bytes(model) - fp32 + stored}
+
 # ----------------------------------------------------------------------------- onnxruntime MatMulNBits
 
 def _ort_matmul_model(weight: np.ndarray):
@@ -371,32 +402,17 @@ def run_ort(model: torch.nn.Module, names: list[str], budget: float) -> dict:
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # an INFO line per node otherwise
     logging.getLogger("neural_compressor").setLevel(logging.WARNING)
     weights = _named_weights(model, names)
-    fp32 = sum(4 * w.numel() for w in weights.values())
     matrices = {n: w for n, w in weights.items() if w.dim() == 2}
-    dense = {n: w for n, w in weights.items() if w.dim() != 2}
-    dense_bytes = sum(4 * w.numel() for w in dense.values())
     if not matrices:
         raise PeerUnavailable("onnxruntime's MatMulNBits quantizer has no 2-D (Linear) weight to quantise here")
-    # the search runs over the matrices, with the part of the budget the float32 conv weights leave
-    if dense_bytes >= OVER * budget * fp32:
-        raise PeerUnavailable(f"the {len(dense)} conv weight(s) onnxruntime leaves float32 store "
-                              f"{dense_bytes / fp32:.4f} of fp32, over the budget alone")
-    m_fp32 = fp32 - dense_bytes
-    _, setting, size = _best_setting("onnxruntime", matrices, ORT_SETTINGS,
-                                     (OVER * budget * fp32 - dense_bytes) / (OVER * m_fp32), m_fp32,
-                                     ort_quantise, lambda s: s[1], _dense_note(len(dense), dense_bytes, fp32, "conv"))
+    setting, size = _best_partial_setting("onnxruntime", weights, matrices, ORT_SETTINGS, budget, ort_quantise,
+                                          lambda s: s[1], "conv")
     out = copy.deepcopy(model)
     params = dict(out.named_parameters())
     with torch.no_grad():
         for name, w in matrices.items():
             params[name].copy_(ort_quantise(w, setting)[0])
-    stored = size + dense_bytes
-    errs = [_STATS[("onnxruntime", _digest(w), setting)][1] if n in matrices else 0.0 for n, w in weights.items()]
-    err = float(np.average(errs, weights=[w.numel() for w in weights.values()]))
-    label = _ort_label(setting) + (f"; {len(dense)} conv weight(s) left float32" if dense else "")
-    return {"model": out, "stored_bytes": stored, "fp32_bytes": fp32, "layer_error": err, "setting": label,
-            "whole_bytes": model_bytes(model) - fp32 + stored}
-
+    return _partial_result("onnxruntime", model, out, weights, matrices, setting, size, _ort_label(setting), "conv")
 
 # ----------------------------------------------------------------------------- torchao
 
@@ -466,21 +482,13 @@ def run_torchao(model: torch.nn.Module, names: list[str], budget: float) -> dict
     except ImportError as exc:
         raise PeerUnavailable(f"torchao is not installed ({exc}); pip install torchao==0.18.0") from exc
     weights = _named_weights(model, names)
-    fp32 = sum(4 * w.numel() for w in weights.values())
     linear = {f"{mod_name}.weight" if mod_name else "weight" for mod_name, mod in model.named_modules()
               if isinstance(mod, torch.nn.Linear)}
     matrices = {n: w for n, w in weights.items() if n in linear}
-    dense_bytes = fp32 - sum(4 * w.numel() for w in matrices.values())
     if not matrices:
         raise PeerUnavailable("torchao's IntxWeightOnlyConfig quantises nn.Linear weights; none here")
-    if dense_bytes >= OVER * budget * fp32:
-        raise PeerUnavailable(f"the {len(weights) - len(matrices)} non-Linear weight(s) torchao leaves float32 "
-                              f"store {dense_bytes / fp32:.4f} of fp32, over the budget alone")
-    m_fp32 = fp32 - dense_bytes
-    _, setting, size = _best_setting("torchao", matrices, TORCHAO_SETTINGS,
-                                     (OVER * budget * fp32 - dense_bytes) / (OVER * m_fp32), m_fp32,
-                                     torchao_quantise, lambda s: s[0],
-                                     _dense_note(len(weights) - len(matrices), dense_bytes, fp32, "non-Linear"))
+    setting, size = _best_partial_setting("torchao", weights, matrices, TORCHAO_SETTINGS, budget, torchao_quantise,
+                                          lambda s: s[0], "non-Linear")
     out = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -490,14 +498,8 @@ def run_torchao(model: torch.nn.Module, names: list[str], budget: float) -> dict
     params = dict(out.named_parameters())
     stored = sum(torchao_stored_bytes(params[n], setting[0]) for n in matrices)
     assert stored == size, (stored, size)  # quantize_ on the model stores what the search sized
-    errs = [_STATS[("torchao", _digest(w), setting)][1] if n in matrices else 0.0 for n, w in weights.items()]
-    err = float(np.average(errs, weights=[w.numel() for w in weights.values()]))
-    stored += dense_bytes
-    others = len(weights) - len(matrices)
-    label = _torchao_label(setting) + (f"; {others} non-Linear weight(s) left float32" if others else "")
-    return {"model": out, "stored_bytes": stored, "fp32_bytes": fp32, "layer_error": err, "setting": label,
-            "whole_bytes": model_bytes(model) - fp32 + stored}
-
+    return _partial_result("torchao", model, out, weights, matrices, setting, size, _torchao_label(setting),
+                           "non-Linear")
 
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer of a model as it is held (a peer's whole stored model:
