@@ -145,8 +145,12 @@ def test_measured_plan_errors_are_reported_but_the_predicted_cost_decides(monkey
     assert honest.source == "knapsack" and set(honest.measured) > {"knapsack"}
     # a measurement that flatters every plan after the first (the knapsack's) changes the report only
     real, calls = TorchSensitivity.plan_error, []
-    monkeypatch.setattr(TorchSensitivity, "plan_error",
-                        lambda self, w: real(self, w) * (1.0 if not calls.append(1) and len(calls) == 1 else 1e-6))
+
+    def flattering(self, weights):
+        calls.append(weights)
+        return real(self, weights) * (1.0 if len(calls) == 1 else 1e-6)
+
+    monkeypatch.setattr(TorchSensitivity, "plan_error", flattering)
     flattered = auto.choose_methods_detailed(specs, 0.2, lambda spec, r: pools[spec.name], sensitivity=sens)
     assert flattered.source == "knapsack"
     assert [c.label for c in flattered.choices] == [c.label for c in honest.choices]
