@@ -412,8 +412,9 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     extra = {"refine": outcome.to_dict(), "synthetic_seconds": synthetic.seconds,
                              "synthetic_mode": synthetic.mode}
                 elif base_method == "auto":
-                    # RieM candidates only when this run fits riem (they reuse its fits)
-                    riem_fit = reuse.fitter(cfg) if "riem" in order else None
+                    # RieM candidates only where the defaults offer them (Config.auto_riem), reusing
+                    # this run's riem fits when it made them
+                    riem_fit = reuse.fitter(cfg) if cfg.auto_riem else None
                     if memo is None:  # riem_fit keys its fits by weight and ratio, so one serves every budget
                         memo = MemoGrid(CandidateGrid(riem_fit=riem_fit))
                     memo.grid.riem_ratios = (budget / 2,) if mode.auto_riem_half[task.name] else ()
@@ -429,6 +430,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     fit_s = time.perf_counter() - t_fit
                     extra = {"auto_riem_reused": reuse.reused - before[0], "auto_riem_fitted": reuse.fitted - before[1],
                              "auto_riem_candidates": riem_fit is not None,
+                             "defaults_version": rc.config.DEFAULTS_VERSION,
                              "auto_dropped_candidates": grid.dropped, "auto_choices": {},
                              "auto_objective": plan.get("objective"), "auto_source": plan.get("source"),
                              "auto_measured": plan.get("measured", {}).get(plan.get("source")),

@@ -9,9 +9,15 @@ the TVM form `methods/tvm_common.unpack_code`):
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import numpy as np
+
+# set by `eager_numpy()`: unpack_torch may then read through numpy (4-8x faster), which tracing
+# for torch.export / ONNX could not follow
+_EAGER_NUMPY = contextvars.ContextVar("riem_compiler_bitpack_eager_numpy", default=False)
 
 LAYOUT = "little-endian bit stream; 8 bits: bytes; 16 bits: little-endian uint16"
 
@@ -38,8 +44,28 @@ def unpack(packed, bits: int, count: int) -> np.ndarray:
         return packed[:count].astype(np.int64)
     if bits == 16:
         return packed.view("<u2")[:count].astype(np.int64)
-    bit_stream = np.unpackbits(packed, bitorder="little")[: count * bits].reshape(count, bits)
-    return (bit_stream.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(axis=1)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        return ((packed[:, None] >> shifts) & mask).ravel()[:count].astype(np.int64)
+    # code j starts at stream bit j*bits and spans at most 3 bytes (bits <= 16, offset <= 7)
+    start = np.arange(count, dtype=np.int64) * bits
+    first = start >> 3
+    padded = np.zeros(len(packed) + 3, np.uint32)
+    padded[: len(packed)] = packed
+    window = padded[first] | (padded[first + 1] << 8) | (padded[first + 2] << 16)
+    return ((window >> (start & 7).astype(np.uint32)) & mask).astype(np.int64)
+
+
+@contextlib.contextmanager
+def eager_numpy():
+    """Within this block `unpack_torch` of CPU tensors reads through numpy (for eager decodes only,
+    e.g. scoring candidates; never around torch.export / ONNX tracing)."""
+    token = _EAGER_NUMPY.set(True)
+    try:
+        yield
+    finally:
+        _EAGER_NUMPY.reset(token)
 
 
 def unpack_torch(packed, bits: int, count: int):
@@ -48,6 +74,8 @@ def unpack_torch(packed, bits: int, count: int):
     byte is (byte // 2**(j*bits)) % 2**bits; otherwise the bit stream is read bit by bit."""
     import torch
 
+    if _EAGER_NUMPY.get() and packed.device.type == "cpu" and bits not in (8, 16):
+        return torch.from_numpy(unpack(packed.numpy(), bits, count).astype(np.float32))
     p = packed.reshape(-1, 1).to(torch.int32)
     if bits == 8:
         return p.reshape(-1)[:count].to(torch.float32)

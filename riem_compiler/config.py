@@ -15,6 +15,9 @@ FLOAT_FIELDS = ("ratio", "time_budget_s", "lr", "error_ceiling")  # each must be
 NONE_ALLOWED = ("time_budget_s",)  # None: no cap
 SENSITIVITIES = ("output", "weight")  # auto's candidate cost (passes/sensitivity.py)
 PREPROCESS_FIELDS = ("fold_batchnorm", "dead_channels", "equalize", "bias_correction")
+# the date Config's defaults last changed in a way that changes results (auto: RieM candidates opt-in,
+# one torch thread per fit job); results pages name it beside every row that runs the defaults
+DEFAULTS_VERSION = "2026-12-06"
 ONNX_FORMATS = ("functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 
@@ -49,7 +52,9 @@ class Config:
     quiet: bool = False
     executor: str = "local"  # "local" (in-process) or "ray"
     ray_address: str | None = None  # Ray cluster address; None starts/joins a local one
-    threads: int | None = None  # torch threads per fit (Ray: CPUs per task); None: current setting locally, 1 on Ray
+    # torch threads of every fit job (Ray: CPUs per task); None: 1. Results depend on it, never on the executor
+    threads: int | None = None
+    workers: int | None = None  # local executor: jobs at once (None: available cores // threads)
     cache_dir: str | None = None  # fitted-layer cache (resumable runs); None disables it
     # data-free preprocessing (torch; ONNX: fold_batchnorm only), riem_compiler/passes/batchnorm.py and dfq.py:
     # fold BatchNorm into the preceding Conv/Linear where exact; DFQ's dead-channel handling, cross-layer
@@ -65,6 +70,9 @@ class Config:
     # example_inputs or an input_sampler), "weight": the size-weighted relative weight error
     sensitivity: str = "output"
     sensitivity_samples: int = 32  # synthetic inputs for the sensitivity (and as many held out)
+    # method="auto": also offer RieM candidates (fitted at ratio/2 with the riem settings above). Off by
+    # default: they cost seconds to minutes per layer, 10-15x auto's whole run on MiniLM, and were rarely picked
+    auto_riem: bool = False
     # ONNX form of compressed weights: "functions" (decoder functions in domain riem_compiler) or
     # "standard" (standard ops where the method maps, e.g. rtn 8/4-bit -> DequantizeLinear)
     onnx_format: str = "functions"
@@ -115,10 +123,12 @@ class Config:
         bad = [t for t in self.ignore_types if t not in LAYER_KINDS]
         if bad:
             raise InputError(f"ignore_types has unknown kinds {bad}; known: {LAYER_KINDS}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise InputError(f"threads must be a positive integer or None; got {self.threads!r}")
+        for name in ("threads", "workers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive integer or None; got {value!r}")
         self._validate_method_options()
-        for name in ("compress_embeddings", *PREPROCESS_FIELDS):
+        for name in ("compress_embeddings", "auto_riem", *PREPROCESS_FIELDS):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False; got {getattr(self, name)!r}")
         needs_fold = [n for n in ("dead_channels", "bias_correction") if getattr(self, n)]

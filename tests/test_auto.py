@@ -183,7 +183,22 @@ def test_compress_auto_default_grid_fits_riem_from_config(monkeypatch):
 
     monkeypatch.setattr(auto, "riem_method_fitter", spy)
     specs = _specs()[1:2]
-    config = Config(method="auto", ratio=0.2, steps=10, time_budget_s=5.0, m=8, quiet=True)
+    config = Config(method="auto", ratio=0.2, steps=10, time_budget_s=5.0, m=8, quiet=True, auto_riem=True)
     compressed, records = auto.compress_auto(specs, config)
     assert made == [(10, 8, "float16", 8)] and sorted(fitted) == [0.1, 0.2]
     assert records[0].bytes_after <= 0.2 * specs[0].fp32_bytes
+
+
+def test_default_auto_offers_no_riem_candidates_and_reports_its_time_split(monkeypatch):
+    """RieM candidates are opt-in (auto_riem): they cost minutes per model and were rarely picked."""
+    from riem_compiler.config import Config
+
+    monkeypatch.setattr(auto, "riem_method_fitter", lambda settings: pytest.fail("RieM fitted by default"))
+    specs = _specs()[1:3]
+    plan = {}
+    compressed, records = auto.compress_auto(specs, Config(method="auto", ratio=0.2, quiet=True), plan=plan)
+    labels = {c["label"] for choice in plan["choices"] for c in choice["candidates"]}
+    assert labels and not any(lab.startswith("riem") for lab in labels)
+    timing = plan["timing"]
+    assert {"rtn", "vq", "affine"} <= set(timing["candidates"]) and timing["scoring"] > 0
+    assert all(v >= 0 for v in timing["candidates"].values())

@@ -228,3 +228,50 @@ def test_auto_on_ray_equals_local(ray_local):
     assert_same_fits(local.compressed, remote.compressed)
     assert [c["label"] for c in remote.report.auto["choices"]] == [c["label"] for c in local.report.auto["choices"]]
     assert torch.equal(remote.model(x), local.model(x))
+
+
+def test_default_settings_give_the_same_model_on_every_executor(ray_local):
+    """The reported defect: with every setting at its default, the local executor fitted with torch's
+    current thread count (2 here) and Ray with 1 per task, so the models differed (1.6e-2). Every fit
+    job now runs with Config.threads (default 1) torch threads, whatever the executor or the number
+    of local workers, while the driver keeps its own thread count."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 40),
+                                torch.nn.ReLU(), torch.nn.Linear(40, 32)).eval()
+    x = torch.randn(3, 64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opts = dict(ratio=0.4, seed=1, steps=40, min_weight_size=0, quiet=True)
+        two = rc.optimize(model, (x,), **opts)  # two workers on the 2 cores
+        one = rc.optimize(model, (x,), workers=1, **opts)
+        assert torch.get_num_threads() == 2  # restored after the fits
+        remote = rc.optimize(model, (x,), executor="ray", **opts)
+    finally:
+        torch.set_num_threads(previous)
+    assert len(two.compressed) == 3
+    assert_same_fits(two.compressed, one.compressed)
+    assert_same_fits(two.compressed, remote.compressed)
+    assert torch.equal(two.model(x), remote.model(x))
+
+
+def test_local_workers_run_jobs_side_by_side_and_report_every_result():
+    import threading
+
+    seen = set()
+
+    def job(i):
+        seen.add(threading.current_thread().name)
+        time.sleep(0.05)
+        if i == 3:
+            raise ValueError("bad layer")
+        return i, torch.get_num_threads()
+
+    out = list(LocalExecutor(num_threads=1, workers=2).map(job, [(i,) for i in range(6)],
+                                                           on_error=lambda args, exc: (args[0], str(exc))))
+    assert sorted(out, key=lambda r: r[0]) == [(0, 1), (1, 1), (2, 1), (3, "bad layer"), (4, 1), (5, 1)]
+    assert len(seen) == 2
+    with pytest.raises(InputError, match="workers"):
+        LocalExecutor(workers=0)
+    with pytest.raises(InputError, match="workers"):
+        rc.Config(workers=0)

@@ -203,9 +203,10 @@ def test_optimize_reports_the_plan_and_falls_back_without_inputs(caplog):
 
 
 def _timeless(value):
-    """The value without its "seconds" entries (timings differ from run to run; nothing else may)."""
+    """The value without its "seconds" and "timing" entries (timings differ from run to run; nothing
+    else may)."""
     if isinstance(value, dict):
-        return {k: _timeless(v) for k, v in value.items() if k != "seconds"}
+        return {k: _timeless(v) for k, v in value.items() if k not in ("seconds", "timing")}
     if isinstance(value, list):
         return [_timeless(v) for v in value]
     return value

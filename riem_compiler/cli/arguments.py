@@ -71,8 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optional wall-clock cap on each RieM fit, in seconds (default: none, --steps alone decide; "
                         "a fit the cap stops is worse, depends on machine load, and is flagged in the report)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads per layer fit (Ray: CPUs per task); results are bit-identical for the same "
-                        "seed, settings and thread count (default: torch's current setting locally, 1 on Ray)")
+                   help="torch threads of each layer fit (Ray: CPUs per task); results are bit-identical for the same "
+                        "seed, settings and thread count, whichever executor and worker count (default 1)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="local executor: layer fits at once (default: the available cores // --threads)")
+    g.add_argument("--auto-riem", action="store_true",
+                   help="auto: also offer RieM candidates (fitted at ratio/2; seconds to minutes per layer, "
+                        "rarely picked; default off)")
     g.add_argument("--error-ceiling", type=_finite_float, default=1.0,
                    help="keep a layer dense when its relative weight error is above this (default 1.0)")
     g.add_argument("--sensitivity", choices=("output", "weight"), default="output",
@@ -200,7 +205,8 @@ def _config_from_args(args):
                   ignore_types=tuple(args.ignore_type), min_weight_size=args.min_weight_size,
                   keep_first_last=args.keep_first_last, compress_embeddings=args.compress_embeddings,
                   quiet=args.quiet, cache_dir=cache_dir,
-                  executor=args.executor, ray_address=args.ray_address, threads=args.threads, lr=args.lr,
+                  executor=args.executor, ray_address=args.ray_address, threads=args.threads,
+                  workers=args.workers, auto_riem=args.auto_riem, lr=args.lr,
                   k_branches=args.k_branches, recompute=args.recompute, refine=args.refine,
                   refine_steps=args.refine_steps, method_options=_method_options(args),
                   fold_batchnorm=not args.no_fold_batchnorm, dead_channels=args.dead_channels,

@@ -45,8 +45,10 @@ def decode(cw) -> np.ndarray:
     """The float32 weight, in cw's shape (numpy)."""
     import torch
 
+    from riem_compiler.bitpack import eager_numpy
+
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in cw.arrays.items()}
-    with torch.no_grad():
+    with torch.no_grad(), eager_numpy():
         return decode_torch(cw, tensors).numpy()
 
 

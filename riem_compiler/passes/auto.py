@@ -38,6 +38,7 @@ from riem_compiler.frontend.layers import LayerSpec
 from riem_compiler import methods
 from riem_compiler.methods.dense import fit_dense
 from riem_compiler.methods.rtn import LADDER as RTN_LADDER
+from riem_compiler.metrics import relative_error
 
 log = logging.getLogger("riem_compiler.auto")
 
@@ -87,14 +88,21 @@ class CandidateGrid:
         options = self.method_options()
         # each fit is attempted on its own: one that raises is dropped (and counted), not the layer
         for method in methods.all_methods():
+            t0 = time.perf_counter()
             method.candidates(spec, budget_ratio, options.get(method.name, {}), out.attempt)
+            out.seconds[method.name] = out.seconds.get(method.name, 0.0) + time.perf_counter() - t0
         return out
 
 
 class CandidateList(list):
-    """A layer's candidates, plus `dropped`: how many candidate fits raised and were left out."""
+    """A layer's candidates, plus `dropped`: how many candidate fits raised and were left out, and
+    `seconds`: the fit time per method."""
 
     dropped: int = 0
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.seconds: dict[str, float] = {}
 
     def attempt(self, layer: str, what: str, fit: Callable, *args, keep: bool = True, **kwargs):
         """fit(*args, **kwargs), appended when keep and not None; on any Exception the candidate
@@ -118,6 +126,7 @@ class Candidate:
     nbytes: int
     rel_error: float
     cost: float = math.nan  # what the planner minimises: proxy weight * rel_error**2, or predicted output error
+    layer_error: float | None = None  # E||(W - W_hat) x||^2 on the sensitivity's moments (None: not measured)
 
 
 @dataclass
@@ -166,6 +175,9 @@ class AutoResult:
     measured: dict[str, float] = field(default_factory=dict)  # plan -> held-out output error (with sensitivity)
     sensitivity: dict = field(default_factory=dict)  # TorchSensitivity.summary()
     seconds: float = 0.0
+    # where the seconds went: "candidates" (method -> fit seconds summed over layers), "scoring",
+    # "candidate_jobs_wall", "probes" (sensitivity gains), "planning", "measurement" (plans end to end)
+    timing: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -180,7 +192,7 @@ class AutoResult:
         return {"budget_bytes": self.budget_bytes, "fp32_bytes": self.fp32_bytes, "nbytes": self.nbytes,
                 "objective": self.objective, "proxy": self.proxy, "source": self.source,
                 "single_method": self.single_method, "measured": self.measured, "sensitivity": self.sensitivity,
-                "seconds": round(self.seconds, 3), "dropped": self.dropped,
+                "seconds": round(self.seconds, 3), "timing": self.timing, "dropped": self.dropped,
                 "choices": [c.to_dict() for c in self.choices]}
 
     def table(self) -> str:
@@ -205,9 +217,11 @@ def riem_method_fitter(riem_settings) -> RiemFit:
 
 
 def default_grid(config, cache=None) -> CandidateGrid:
-    """auto's default candidates: the grid, with RieM fitted at config.ratio / 2 (and the budget)
-    sized and fitted as method="riem" would with the config's settings, through the fit cache
-    when one is given."""
+    """auto's default candidates: the grid; with config.auto_riem also RieM fitted at config.ratio / 2
+    (and the budget), sized and fitted as method="riem" would with the config's settings, through
+    the fit cache when one is given."""
+    if not config.auto_riem:
+        return CandidateGrid()
     fitter = riem_method_fitter(methods.get("riem").settings(config))
     if cache is not None:
         from riem_compiler.fit_cache import cached_riem_fit
@@ -278,16 +292,19 @@ def choose_methods(
 
 
 def layer_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: float,
-                     error_ceiling: float | None = None) -> tuple[str, list[Candidate], int, int, float]:
-    """One layer's scored candidates (an executor job): (name, pool, dropped, over ceiling, seconds)."""
+                     error_ceiling: float | None = None, moment_error=None) -> tuple[str, list[Candidate], int, int, float]:
+    """One layer's scored candidates (an executor job): (name, pool, dropped, over ceiling, seconds,
+    timing: seconds per method's candidate fits and "scoring"). moment_error: the sensitivity's
+    `MomentError` of this layer, scored from the same decode."""
     t0 = time.perf_counter()
-    pool, dropped = _evaluate_candidates(spec, source, budget_ratio)
+    timing: dict[str, float] = {}
+    pool, dropped = _evaluate_candidates(spec, source, budget_ratio, moment_error, timing)
     over = 0
     if error_ceiling is not None:
         kept = [c for c in pool if c.rel_error <= error_ceiling]
         over = len(pool) - len(kept)
         pool = kept or [_dense_candidate(spec)]
-    return spec.name, pool, dropped, over, time.perf_counter() - t0
+    return spec.name, pool, dropped, over, time.perf_counter() - t0, timing
 
 
 def choose_methods_detailed(
@@ -317,13 +334,20 @@ def choose_methods_detailed(
     bar = tqdm(total=sum(s.weight.size for s in specs), unit="w", unit_scale=True,
                desc="auto: candidates", disable=not progress, leave=False)
     sizes = {s.name: s.weight.size for s in specs}
-    jobs = [(spec, source, budget_ratio, error_ceiling) for spec in specs]
-    for name, pool, n_dropped, over, seconds in (executor or LocalExecutor()).map(layer_candidates, jobs):
+    jobs = [(spec, source, budget_ratio, error_ceiling, sensitivity.moment_error(spec) if sensitivity else None)
+            for spec in specs]
+    timing = {"candidates": {}, "scoring": 0.0}  # seconds summed over layers (over workers, not wall time)
+    t_jobs = time.perf_counter()
+    for name, pool, n_dropped, over, seconds, layer_timing in (executor or LocalExecutor()).map(layer_candidates, jobs):
         found[name] = (pool, n_dropped, over, seconds)
+        timing["scoring"] += layer_timing.pop("scoring", 0.0)
+        for method_name, sec in layer_timing.items():
+            timing["candidates"][method_name] = timing["candidates"].get(method_name, 0.0) + sec
         bar.set_postfix_str(name, refresh=False)
         bar.update(sizes[name])
         log.debug("%s: %d candidates (%d dropped, %d over the error ceiling)", name, len(pool), n_dropped, over)
     bar.close()
+    timing["candidate_jobs_wall"] = time.perf_counter() - t_jobs
     pools = [found[s.name][0] for s in specs]
     dropped = [found[s.name][1] for s in specs]
     over_ceiling = [found[s.name][2] for s in specs]
@@ -334,17 +358,20 @@ def choose_methods_detailed(
     if sum(over_ceiling):
         log.info("auto: %d candidate(s) above error_ceiling %g left out", sum(over_ceiling), error_ceiling)
 
+    t_probes = time.perf_counter()
     for i, (spec, pool) in enumerate(zip(specs, pools)):
         if sensitivity is None:
             for c in pool:
                 c.cost = float(weights[i] * c.rel_error ** 2)
             continue
         probe = _probe(pool, spec, budget_ratio)
-        info = sensitivity.calibrate(spec, probe.weight, probe.label)
+        info = sensitivity.calibrate(spec, probe.weight, probe.label, probe.layer_error)
         for c in pool:
-            c.cost = float(sensitivity.cost(spec, c.weight, c.rel_error))
+            c.cost = float(sensitivity.cost(spec, c.weight, c.rel_error, c.layer_error))
         seconds[i] += info.seconds
 
+    timing["probes"] = time.perf_counter() - t_probes
+    t_plan = time.perf_counter()
     plan = _knapsack(pools, budget, resolution)
     plans = {"knapsack": plan} if plan is not None else {}
     singles: dict[str, dict] = {}
@@ -360,6 +387,8 @@ def choose_methods_detailed(
         cheapest = sum(pool[0].nbytes for pool in pools)
         raise InputError(f"budget {budget} bytes ({budget_ratio} of {total_fp32} fp32 bytes) is too "
                          f"small: the cheapest candidates need {cheapest} bytes; raise the ratio")
+    timing["planning"] = time.perf_counter() - t_plan
+    t_measure = time.perf_counter()
     measured: dict[str, float] = {}
     if sensitivity is not None:  # measured end to end on held-out synthetic inputs, for the report
         for key, p in plans.items():
@@ -367,6 +396,7 @@ def choose_methods_detailed(
                                                     if pools[i][p[i]].nbytes < s.fp32_bytes})
             if key.startswith("single method "):
                 singles[key[len("single method "):]]["measured"] = measured[key]
+    timing["measurement"] = time.perf_counter() - t_measure
     plan_source = min(plans, key=lambda k: (_cost(pools, plans[k]), k != "knapsack"))  # knapsack wins ties
     plan = plans[plan_source]
     best_cost = _cost(pools, plan)
@@ -386,7 +416,9 @@ def choose_methods_detailed(
     result = AutoResult(choices, budget, total_fp32, best_cost, plan_source, singles,
                         objective="output" if sensitivity is not None else proxy, measured=measured,
                         sensitivity=sensitivity.summary() if sensitivity is not None else {},
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0,
+                        timing={k: (round(v, 3) if isinstance(v, float) else {m: round(x, 3) for m, x in v.items()})
+                                for k, v in timing.items()})
     log.info("auto: %d layers, %d / %d bytes (budget %d), %s %.4g via %s%s", len(specs), result.nbytes,
              total_fp32, budget, result.objective, best_cost, plan_source,
              f", measured output error {measured[plan_source]:.4g}" if measured else "")
@@ -408,8 +440,11 @@ def _dense_candidate(spec: LayerSpec) -> Candidate:
     return Candidate(dense, label(dense), family(dense), dense.nbytes, methods.relative_error(spec.weight, dense))
 
 
-def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: float) -> tuple[list[Candidate], int]:
+def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: float,
+                         moment_error=None, timing: dict | None = None) -> tuple[list[Candidate], int]:
     """(the layer's scored candidates sorted by (bytes, error), how many were dropped).
+
+    Each candidate is decoded once, for its relative error and (with moment_error) its layer error.
 
     A candidate is dropped, with a debug log, when the source could not fit it (CandidateGrid
     counts those), when scoring it raises, or when its error is not finite (e.g. float16
@@ -422,14 +457,21 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
         log.warning("%s: candidate source failed (%s: %s); only dense float32 is left",
                     spec.name, type(exc).__name__, exc)
         cands, n_dropped = [], 1
+    if timing is not None:
+        timing.update(getattr(cands, "seconds", {}))
+    t_score = time.perf_counter()
     pool = []
     for cw in cands:
         if tuple(cw.shape) != spec.shape:
             raise InputError(f"candidate {cw.method} for {spec.name} has shape {cw.shape}, "
                              f"expected {spec.shape}")
         try:
-            err = methods.relative_error(spec.weight, cw)
+            decoded = methods.decode(cw)
+            err = relative_error(spec.weight, decoded)
             cand = Candidate(cw, label(cw), family(cw), cw.nbytes, err)
+            if moment_error is not None and math.isfinite(err):
+                cand.layer_error = moment_error(np.asarray(spec.weight, np.float32) - decoded.reshape(spec.shape))
+            del decoded
         except Exception as exc:  # noqa: BLE001
             n_dropped += 1
             log.debug("%s: candidate %s dropped: scoring it raised %s: %s", spec.name, cw.method,
@@ -443,6 +485,8 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
     if not pool:
         pool.append(_dense_candidate(spec))
     pool.sort(key=lambda c: (c.nbytes, c.rel_error))
+    if timing is not None:
+        timing["scoring"] = time.perf_counter() - t_score
     return pool, n_dropped
 
 

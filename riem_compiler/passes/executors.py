@@ -1,8 +1,10 @@
 """Where per-layer fits run. An executor maps a job function over argument tuples and yields
 results as they finish (any order); the pass only needs `map`.
 
-`LocalExecutor` runs jobs in-process, one after another. `RayExecutor` runs each job as a Ray
-task on an existing cluster (or a local one it starts), for models that outgrow one machine.
+`LocalExecutor` runs jobs in-process, several at once on the available cores. `RayExecutor` runs
+each job as a Ray task on an existing cluster (or a local one it starts), for models that outgrow
+one machine. Every job runs torch with the same number of intra-op threads (`Config.threads`,
+default 1) in both, so the same settings and seed give the same model whichever executor runs it.
 
 Both accept `on_error(args, exc) -> result`: a job that raises (after Ray's retries) is turned
 into a result by it, so one bad layer does not sink the run. Without it the error propagates.
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from riem_compiler.errors import InputError
@@ -38,28 +42,54 @@ def _set_torch_threads(n: int | None) -> int | None:
     return previous
 
 
-class LocalExecutor:
-    """In-process, one layer after another (the default).
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity set where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
-    num_threads: torch threads while jobs run (restored afterwards); None keeps the current
-    setting. Results are bit-for-bit those of a RayExecutor whose tasks use as many CPUs.
+
+class LocalExecutor:
+    """In-process; up to `workers` jobs at once, each in its own thread (numpy and torch release
+    the GIL in their kernels, so independent layer fits use the cores side by side).
+
+    num_threads: torch intra-op threads of every job (None: 1). Results depend on it, never on
+    `workers` or on the order jobs finish, and are bit for bit those of a RayExecutor whose tasks
+    use as many threads. workers: jobs at once (None: the available cores // num_threads).
+    The calling thread's torch thread count is restored afterwards.
     """
 
-    def __init__(self, num_threads: int | None = None):
-        self.num_threads = num_threads
+    def __init__(self, num_threads: int | None = None, workers: int | None = None):
+        self.num_threads = max(1, int(num_threads or 1))
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise InputError(f"workers must be a positive integer or None; got {workers!r}")
+        self.workers = workers or max(1, available_cores() // self.num_threads)
+
+    def _run(self, fn: Callable, args: tuple, on_error: OnError | None):
+        _set_torch_threads(self.num_threads)  # per thread: torch's OpenMP count is thread-local
+        if on_error is None:
+            return fn(*args)
+        try:
+            return fn(*args)
+        except Exception as exc:  # one failed layer must not sink the run
+            return on_error(args, exc)
 
     def map(self, fn: Callable, jobs: Iterable[tuple], on_error: OnError | None = None) -> Iterator:
+        jobs = list(jobs)
         previous = _set_torch_threads(self.num_threads)
         try:
-            for args in jobs:
-                if on_error is None:
-                    yield fn(*args)
-                    continue
-                try:
-                    result = fn(*args)
-                except Exception as exc:  # one failed layer must not sink the run
-                    result = on_error(args, exc)
-                yield result
+            if self.workers == 1 or len(jobs) <= 1:
+                for args in jobs:
+                    yield self._run(fn, args, on_error)
+                return
+            pool = ThreadPoolExecutor(min(self.workers, len(jobs)), thread_name_prefix="riem-job")
+            try:
+                futures = [pool.submit(self._run, fn, args, on_error) for args in jobs]
+                for future in as_completed(futures):
+                    yield future.result()
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         finally:
             _set_torch_threads(previous)
 
@@ -232,6 +262,7 @@ def make_executor(config, **options) -> Executor:
     threads = getattr(config, "threads", None)
     if name == "local":
         options.setdefault("num_threads", threads)
+        options.setdefault("workers", getattr(config, "workers", None))
         return LocalExecutor(**options)
     if name == "ray":
         device = str(getattr(config, "device", "cpu"))

@@ -170,6 +170,27 @@ class _ModuleHook:
             self.moments.add(conv_patches(x.float(), m.kernel_size, m.stride, m.dilation, pad, m.groups, mode))
 
 
+@dataclass(frozen=True)
+class MomentError:
+    """E||(W - W_hat) x||^2 = tr(E M E^T) of one layer from its input second moments M."""
+
+    moment: torch.Tensor
+    embedding: bool  # moment holds row frequencies of a gathered table
+    in_axis: int
+
+    def __call__(self, error: np.ndarray) -> float:
+        """error: W - W_hat in the layer's weight shape."""
+        err = torch.from_numpy(np.ascontiguousarray(error, dtype=np.float32))
+        if self.embedding:
+            return float((self.moment.double() * err.double().pow(2).sum(1)).sum())
+        if self.in_axis == 0:  # stored (in, out): rows of the transpose meet the inputs
+            err = err.T
+        groups = self.moment.shape[0]
+        err = err.contiguous()
+        e = err.reshape(groups, err.shape[0] // groups, -1)
+        return float(torch.einsum("god,gde,goe->", e, self.moment, e).double())
+
+
 class Sensitivity:
     """Per-layer gains and moments, and the costs auto plans with; subclasses run the model
     (`measure`) and fill `moments` / `kinds` / `layers` / `specs`."""
@@ -199,30 +220,32 @@ class Sensitivity:
                 self.moments[name] = moment
         self.kinds = {name: x.moments for name, x in self.layers.items()}
 
-    def layer_error(self, spec: LayerSpec, cw: CompressedWeight) -> float | None:
-        """E over the synthetic inputs of ||(W - W_hat) x||^2 for this layer (None without moments)."""
+    def moment_error(self, spec: LayerSpec) -> "MomentError | None":
+        """This layer's E||(W - W_hat) x||^2 as a plain callable of W - W_hat (None without moments),
+        so that candidate jobs score it from the decode they already made."""
         moment = self.moments.get(spec.name)
         if moment is None:
             return None
-        err = torch.from_numpy(np.asarray(spec.weight, np.float32) - methods.decode(cw).reshape(spec.shape))
-        if self.layers[spec.name].moments == "embedding":
-            return float((moment.double() * err.double().pow(2).sum(1)).sum())
-        if spec.in_axis == 0:  # stored (in, out): rows of the transpose meet the inputs
-            err = err.T
-        groups = moment.shape[0]
-        err = err.contiguous()
-        e = err.reshape(groups, err.shape[0] // groups, -1)
-        return float(torch.einsum("god,gde,goe->", e, moment, e).double())
+        return MomentError(moment, self.layers[spec.name].moments == "embedding", spec.in_axis)
 
-    def calibrate(self, spec: LayerSpec, probe: CompressedWeight, probe_label: str) -> LayerSensitivity:
-        """Measure the layer's gain with one probe candidate swapped in."""
+    def layer_error(self, spec: LayerSpec, cw: CompressedWeight) -> float | None:
+        """E over the synthetic inputs of ||(W - W_hat) x||^2 for this layer (None without moments)."""
+        error_of = self.moment_error(spec)
+        if error_of is None:
+            return None
+        return error_of(np.asarray(spec.weight, np.float32) - methods.decode(cw).reshape(spec.shape))
+
+    def calibrate(self, spec: LayerSpec, probe: CompressedWeight, probe_label: str,
+                  layer_error: float | None = None) -> LayerSensitivity:
+        """Measure the layer's gain with one probe candidate swapped in (layer_error: the probe's
+        `layer_error`, when already computed)."""
         t0 = time.perf_counter()
         info = self.layers[spec.name]
         info.moments = self.kinds[spec.name]  # calibrating again (another budget) starts afresh
         decoded = methods.decode(probe).reshape(spec.shape)
         info.probe, info.probe_error = probe_label, self.measure({spec.name: decoded})
         info.probe_weight_error = methods.relative_error(spec.weight, probe)
-        layer_err = self.layer_error(spec, probe)
+        layer_err = self.layer_error(spec, probe) if layer_error is None else layer_error
         if info.moments != "none" and layer_err is not None and layer_err > 0:
             info.gain = info.probe_error / layer_err
         elif info.moments != "none":  # an exact probe says nothing about the gain: fall back
@@ -233,14 +256,15 @@ class Sensitivity:
         info.seconds = time.perf_counter() - t0
         return info
 
-    def cost(self, spec: LayerSpec, cw: CompressedWeight, rel_error: float) -> float:
-        """Predicted relative squared output error this candidate adds (calibrate first)."""
+    def cost(self, spec: LayerSpec, cw: CompressedWeight, rel_error: float, layer_error: float | None = None) -> float:
+        """Predicted relative squared output error this candidate adds (calibrate first; layer_error:
+        the candidate's `layer_error`, when already computed)."""
         info = self.layers[spec.name]
         if info.gain is None:
             raise RuntimeError(f"{spec.name}: calibrate() before cost()")
         if info.moments == "none":
             return info.gain * rel_error ** 2
-        return info.gain * self.layer_error(spec, cw)
+        return info.gain * (self.layer_error(spec, cw) if layer_error is None else layer_error)
 
     def plan_error(self, weights: dict[str, CompressedWeight]) -> float:
         """Measured relative squared output error of a whole plan on the held-out inputs."""

@@ -1,0 +1,38 @@
+"""The one bit-packing layout: numpy and torch readers agree with the writer, for every width,
+code counts that do not fill the last byte, and the fast numpy path of eager torch decodes."""
+import numpy as np
+import pytest
+import torch
+
+from riem_compiler import bitpack
+
+
+@pytest.mark.parametrize("bits", list(range(1, 17)))
+@pytest.mark.parametrize("count", [1, 3, 7, 8, 13, 1000, 4099])
+def test_every_reader_returns_the_written_codes(bits, count):
+    codes = np.random.default_rng(bits * 7919 + count).integers(0, 2 ** bits, count)
+    packed = bitpack.pack(codes, bits)
+    assert len(packed) == bitpack.packed_nbytes(count, bits)
+    np.testing.assert_array_equal(bitpack.unpack(packed, bits, count), codes)
+    traced = bitpack.unpack_torch(torch.from_numpy(packed), bits, count)
+    with bitpack.eager_numpy():
+        eager = bitpack.unpack_torch(torch.from_numpy(packed), bits, count)
+    assert traced.dtype == eager.dtype == torch.float32
+    np.testing.assert_array_equal(traced.numpy(), codes.astype(np.float32))
+    np.testing.assert_array_equal(eager.numpy(), codes.astype(np.float32))
+
+
+def test_eager_path_is_scoped_to_its_block():
+    packed = torch.from_numpy(bitpack.pack(np.arange(8) % 8, 3))
+    assert not bitpack._EAGER_NUMPY.get()
+    with bitpack.eager_numpy():
+        assert bitpack._EAGER_NUMPY.get()
+    assert not bitpack._EAGER_NUMPY.get()
+    # outside the block the reader is the traceable torch form (torch.export follows it)
+    prog = torch.export.export(_Unpack(), (packed,))
+    np.testing.assert_array_equal(prog.module()(packed).numpy(), np.arange(8) % 8)
+
+
+class _Unpack(torch.nn.Module):
+    def forward(self, packed):
+        return bitpack.unpack_torch(packed, 3, 8)
