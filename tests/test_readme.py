@@ -23,9 +23,11 @@ def test_readme_is_short_and_keeps_the_two_commands():
 
 
 def test_relative_links_point_at_files():
-    targets = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README)
-    missing = [t for t in targets if not (ROOT / t).exists()]
-    assert targets and not missing, missing
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = [(page.name, t) for page in pages
+               for t in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text())
+               if not (page.parent / t).exists()]
+    assert not missing, missing
 
 
 def test_riem_compile_lines_use_real_flags():
@@ -33,3 +35,20 @@ def test_riem_compile_lines_use_real_flags():
     used = {f for line in README.splitlines() if "riem-compile " in line
             for f in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", line.split("#")[0])}
     assert used and used <= flags, sorted(used - flags)
+
+
+def _slugs(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    heads = re.findall(r"^#+ (.+)$", text, flags=re.M)
+    return {"".join(c for c in h.lower() if c.isalnum() or c in " -_").replace(" ", "-") for h in heads}
+
+
+def test_anchors_of_links_exist():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    bad = []
+    for page in pages:
+        for target, anchor in re.findall(r"\]\(([^)#:]*\.md|)#([^)]+)\)", page.read_text()):
+            dest = page if not target else page.parent / target
+            if anchor not in _slugs(dest.read_text()):
+                bad.append((page.name, target, anchor))
+    assert not bad, bad
