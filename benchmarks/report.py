@@ -313,7 +313,7 @@ def render_accuracy(name: str, raw: dict) -> list[str]:
     doc = AccuracyDoc(name, raw)
     lines = ["Cells: the metric at each budget (stored bytes / fp32 bytes of the compressible layers). "
              "[x] after a value: the stored ratio, where it is over the budget (peers get their best "
-             "setting within 1.07x of it); an empty cell: not run. kind: auto = `method=\"auto\"`, "
+             "setting near it, benchmarks/peers.py); an empty cell: not run. kind: auto = `method=\"auto\"`, "
              "ours = one of our methods on its own, variant = auto's variants and refined models, peer = another "
              "project's compressor run by its own code. The run column names the run of the row's cells (and "
              "which budgets each run gave, where there are several); its command and load are listed under "
