@@ -493,8 +493,8 @@ def results_page(docs: dict[str, dict]) -> str:
     rendered = {f for f, _, _ in SECTIONS}
     rest = [n for n in docs if n not in rendered]
     lines += ["## Not rendered here", "",
-              "These results files are not rendered on this page yet (each has its `.md` beside it, "
-              "written by its own script):", ""]
+              "These results files are not rendered on this page yet (their scripts write markdown tables "
+              "into `benchmarks/results/` beside them):", ""]
     lines += [f"- `benchmarks/results/{n}`" for n in rest] + [""]
     text = "\n".join(lines)
     while "\n\n\n" in text:
