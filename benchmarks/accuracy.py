@@ -637,38 +637,12 @@ def top_classes_lines(mrows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], out_dir: Path, stem: str = "accuracy") -> list[Path]:
-    import matplotlib
+    """One figure per model in the style of the results pages (benchmarks/report.py): auto and our best
+    single method in strong colours, the peers dashed in one grey family, the rest grey."""
+    from benchmarks import report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for model in sorted({r["model"] for r in rows}):
-        mrows = [r for r in rows if r["model"] == model and "metrics" in r]
-        keys = list(mrows[0]["metrics"])
-        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            orig = [r for r in mrows if r["method"] == "original"]
-            if orig:
-                ax.axhline(orig[0]["metrics"][key], color="k", ls="--", lw=1, label="original (fp32)")
-            for method in METHODS:
-                pts = sorted((r["stored_bytes"], r["metrics"][key]) for r in mrows if r["method"] == method)
-                if pts:
-                    peer = method in PEER_METHODS
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if peer else "o",
-                            ls="--" if peer else "-", label=method)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("stored bytes of the compressible layers")
-            ax.set_ylabel(METRIC_NAMES.get(key, key))
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{model}: task metric vs stored bytes")
-        fig.tight_layout()
-        path = out_dir / f"{stem}_{model}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    doc = report.AccuracyDoc(f"{stem}.json", {"meta": {}, "rows": rows})
+    return [report.plot_model(doc, model, out_dir / f"{stem}_{model}.png") for model in doc.models()]
 
 
 def main(argv=None) -> int:
