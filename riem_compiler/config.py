@@ -15,7 +15,7 @@ FLOAT_FIELDS = ("ratio", "time_budget_s", "lr", "error_ceiling")  # each must be
 NONE_ALLOWED = ("time_budget_s",)  # None: no cap
 SENSITIVITIES = ("output", "weight")  # auto's candidate cost (passes/sensitivity.py)
 PREPROCESS_FIELDS = ("fold_batchnorm", "dead_channels", "equalize", "bias_correction")
-ONNX_FORMATS = ("functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
+ONNX_FORMATS = ("auto", "functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 
 @dataclass
@@ -65,9 +65,13 @@ class Config:
     # example_inputs or an input_sampler), "weight": the size-weighted relative weight error
     sensitivity: str = "output"
     sensitivity_samples: int = 32  # synthetic inputs for the sensitivity (and as many held out)
-    # ONNX form of compressed weights: "functions" (decoder functions in domain riem_compiler) or
-    # "standard" (standard ops where the method maps, e.g. rtn 8/4-bit -> DequantizeLinear)
-    onnx_format: str = "functions"
+    # ONNX form of compressed weights: "auto" (per layer the best native form that maps: onnxruntime
+    # MatMulNBits / GatherBlockQuantized, else blocked DequantizeLinear, else decoder functions; the
+    # report says which and why), "functions" (decoder functions in domain riem_compiler, which
+    # onnxruntime folds to dense float32 at session creation), "standard" (DequantizeLinear where the
+    # method maps, else functions) or "ort" (as "auto"). "standard" and "ort" also make rtn choose
+    # among the 8/4-bit settings those forms write; "auto" and "functions" leave it the lowest error
+    onnx_format: str = "auto"
     # per-method settings that are not fields above, e.g. {"svd": {"factor_bits": 8}, "rtn": {"group_size": 64}};
     # the fields each method takes are those of its Settings dataclass (riem_compiler.methods.<name>)
     method_options: dict = field(default_factory=dict)

@@ -148,11 +148,16 @@ def test_model_proto_and_artifact_directory(tmp_path):
     fast = OnnxRuntimeModel(model, fast_start=True)
     assert fast.decoded == names and calls_decoders(model)  # the caller's proto is not changed
     assert_close(fast(**feeds), OnnxRuntimeModel(model)(**feeds))
-    res = rc.optimize(net_model()[0], method="rtn", ratio=0.15, min_weight_size=0, quiet=True)
+    res = rc.optimize(net_model()[0], method="rtn", ratio=0.15, min_weight_size=0, quiet=True, onnx_format="functions")
     directory = res.save(tmp_path / "artifact")
     loaded = rc.load(directory)
     assert loaded.decoded == sorted(res.compressed)
     assert_close(loaded(**feeds), rc.load(directory, fast_start=False)(**feeds))
+    # the default form: only the weights left as decoder functions (here the Conv's) are decoded at load
+    res = rc.optimize(net_model()[0], method="rtn", ratio=0.15, min_weight_size=0, quiet=True)
+    directory = res.save(tmp_path / "artifact_default")
+    functions = sorted(r.name for r in res.report.compressed if r.settings["onnx_form"] == "functions")
+    assert functions == ["W_conv"] and rc.load(directory).decoded == functions
 
 
 def test_standard_and_plain_files_open_as_before(tmp_path):
