@@ -293,12 +293,12 @@ def load(path, device: str = "cpu", model=None, fast_start: bool = True):
       onnxruntime as plain initializers, which opens much faster and in far less memory than
       letting onnxruntime fold the decoders; fast_start=False runs the file's own decoders.
     - a directory from `Result.build_tvm`: the TVM module (decoded once at load).
+    A compressed weight that decodes to NaN or inf (a damaged or edited record: safetensors,
+    manifest, or the ONNX file's record) is refused with an InputError naming the layer.
     """
     p = Path(path)
     if p.is_file() and p.suffix == ".onnx":
-        from riem_compiler.codegen.ort_runner import OnnxRuntimeModel
-
-        return OnnxRuntimeModel(p, device=device, fast_start=fast_start)
+        return _load_onnx_file(p, device, fast_start)
     manifest_path = p / "manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{p}: not a riem_compiler artifact (no manifest.json) and not a .onnx file")
@@ -309,13 +309,46 @@ def load(path, device: str = "cpu", model=None, fast_start: bool = True):
         return load_tvm(p, device=device)
     manifest, compressed = read_artifact(p)
     if manifest["source"] == "onnx":
-        from riem_compiler.codegen.ort_runner import OnnxRuntimeModel
-
-        return OnnxRuntimeModel(p / "model.onnx", device=device, fast_start=fast_start)
+        return _load_onnx_file(p / "model.onnx", device, fast_start)
     if model is None:
         raise InputError(f"{p} holds the weights of a PyTorch model, not its code: call "
                          "riem_compiler.load(path, model=<fresh instance of the original model>)")
     return _rebuild_torch(p, manifest, compressed, model, device)
+
+
+def _load_onnx_file(path: Path, device: str, fast_start: bool):
+    """onnxruntime callable of a .onnx file whose compressed weights all decode to finite values
+    (fast start checks the ones it decodes; the others are decoded here once to check)."""
+    from riem_compiler.codegen.onnx_fast_load import check_record_finite
+    from riem_compiler.codegen.ort_runner import OnnxRuntimeModel
+
+    check_record_finite(path, skip_function_form=fast_start)
+    return OnnxRuntimeModel(path, device=device, fast_start=fast_start)
+
+
+def _check_decoded(path: Path, module) -> None:
+    """Decode every compressed weight of a rebuilt torch model once (kept as its cache unless it
+    recomputes), and refuse one that is not finite: a damaged or edited artifact record (a NaN scale
+    or zero point) would otherwise load and make the model output NaN."""
+    from riem_compiler.passes.rewrite_torch import RieMWeight
+
+    for mod in module.modules():
+        if not isinstance(mod, RieMWeight):
+            continue
+        with torch.no_grad():
+            try:
+                weight = mod.decode()
+            except Exception as exc:
+                text = str(exc).strip().splitlines()
+                raise InputError(f"{path}: layer {mod.param_name!r} cannot be decoded from the artifact "
+                                 f"({type(exc).__name__}: {text[0] if text else ''}); compress the original "
+                                 "model again or restore the artifact") from None
+        if not bool(torch.isfinite(weight).all()):
+            raise InputError(f"{path}: layer {mod.param_name!r} decodes to NaN or infinite weights (its arrays in "
+                             "compressed.safetensors or its meta in manifest.json are damaged or were edited); "
+                             "compress the original model again or restore the artifact")
+        if not mod.recompute:
+            mod._cache = weight
 
 
 def _rebuild_torch(path: Path, manifest: dict, compressed: dict[str, CompressedWeight], model, device):
@@ -340,4 +373,6 @@ def _rebuild_torch(path: Path, manifest: dict, compressed: dict[str, CompressedW
     _, unexpected = rebuilt.load_state_dict(rest, strict=False)  # RieM buffers came with apply_compressed
     if unexpected:
         raise InputError(f"{path}: artifact has weights {unexpected[:5]} the given model does not have")
-    return rebuilt.to(device).eval()
+    rebuilt = rebuilt.to(device).eval()
+    _check_decoded(path, rebuilt)
+    return rebuilt

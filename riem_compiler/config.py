@@ -16,9 +16,9 @@ NONE_ALLOWED = ("time_budget_s",)  # None: no cap
 SENSITIVITIES = ("output", "weight")  # auto's candidate cost (passes/sensitivity.py)
 PREPROCESS_FIELDS = ("fold_batchnorm", "dead_channels", "equalize", "bias_correction")
 # the date Config's defaults last changed in a way that changes results (auto: RieM candidates opt-in,
-# one torch thread per fit job); results pages name it beside every row that runs the defaults
+# one torch thread per fit job; ONNX export: native forms per layer); results pages name it
 DEFAULTS_VERSION = "2026-12-06"
-ONNX_FORMATS = ("functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
+ONNX_FORMATS = ("auto", "functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 
 @dataclass
@@ -73,9 +73,13 @@ class Config:
     # method="auto": also offer RieM candidates (fitted at ratio/2 with the riem settings above). Off by
     # default: they cost seconds to minutes per layer, 10-15x auto's whole run on MiniLM, and were rarely picked
     auto_riem: bool = False
-    # ONNX form of compressed weights: "functions" (decoder functions in domain riem_compiler) or
-    # "standard" (standard ops where the method maps, e.g. rtn 8/4-bit -> DequantizeLinear)
-    onnx_format: str = "functions"
+    # ONNX form of compressed weights: "auto" (per layer the best native form that maps: onnxruntime
+    # MatMulNBits / GatherBlockQuantized, else blocked DequantizeLinear, else decoder functions; the
+    # report says which and why), "functions" (decoder functions in domain riem_compiler, which
+    # onnxruntime folds to dense float32 at session creation), "standard" (DequantizeLinear where the
+    # method maps, else functions) or "ort" (as "auto"). "standard" and "ort" also make rtn choose
+    # among the 8/4-bit settings those forms write; "auto" and "functions" leave it the lowest error
+    onnx_format: str = "auto"
     # per-method settings that are not fields above, e.g. {"svd": {"factor_bits": 8}, "rtn": {"group_size": 64}};
     # the fields each method takes are those of its Settings dataclass (riem_compiler.methods.<name>)
     method_options: dict = field(default_factory=dict)

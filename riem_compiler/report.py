@@ -114,7 +114,8 @@ class Report:
         rows = []
         for r in self.layers:
             err = "-" if r.rel_error is None else f"{r.rel_error:.4f}"
-            setting = " ".join(f"{k}={v}" for k, v in r.settings.items())
+            # onnx_note (why a layer got its ONNX form) is one sentence per layer: report.json has it
+            setting = " ".join(f"{k}={v}" for k, v in r.settings.items() if k != "onnx_note")
             rows.append([r.name, "x".join(map(str, r.shape)), r.method if r.status == "compressed" else "kept",
                          setting, _kib(r.bytes_before), _kib(r.bytes_after), err, f"{r.fit_seconds:.1f}",
                          r.reason])

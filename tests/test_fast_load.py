@@ -148,11 +148,19 @@ def test_model_proto_and_artifact_directory(tmp_path):
     fast = OnnxRuntimeModel(model, fast_start=True)
     assert fast.decoded == names and calls_decoders(model)  # the caller's proto is not changed
     assert_close(fast(**feeds), OnnxRuntimeModel(model)(**feeds))
-    res = rc.optimize(net_model()[0], method="rtn", ratio=0.15, min_weight_size=0, quiet=True)
+    res = rc.optimize(net_model()[0], method="rtn", ratio=0.15, min_weight_size=0, quiet=True, onnx_format="functions")
     directory = res.save(tmp_path / "artifact")
     loaded = rc.load(directory)
     assert loaded.decoded == sorted(res.compressed)
     assert_close(loaded(**feeds), rc.load(directory, fast_start=False)(**feeds))
+    # the default form: only the weights left as decoder functions are decoded at load (here 3-bit codes;
+    # at 0.14 the MatMul weight gets 4-bit groups, MatMulNBits, and the Conv weight 4-bit rows, DequantizeLinear)
+    res = rc.optimize(net_model()[0], method="rtn", ratio=0.14, min_weight_size=0, quiet=True)
+    directory = res.save(tmp_path / "artifact_default")
+    forms = {r.name: r.settings["onnx_form"] for r in res.report.compressed}
+    functions = sorted(n for n, f in forms.items() if f == "functions")
+    assert functions and len(functions) < len(forms), forms
+    assert rc.load(directory).decoded == functions
 
 
 def test_standard_and_plain_files_open_as_before(tmp_path):

@@ -64,6 +64,21 @@ def test_standard_decode_equals_torch_decode(bits, group, shape):
         np.testing.assert_array_equal(run(native, {}, disable_opt=disable)[0], ref)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(24, 32), (8, 1, 3, 3)])
+def test_float16_row_scales_have_the_standard_form(bits, shape):
+    """rtn takes float16 row scales where a float32 scale per short row (a depthwise Conv's) does not fit:
+    Cast to float32, then DequantizeLinear, gives methods.decode exactly and reads back bit for bit."""
+    w = rand(shape, 2)
+    model = make_model([helper.make_node("Identity", ["W"], ["y"])], [], [vi("y", shape)], {"W": w})
+    cw = rtn_m.fit_rtn(w, bits, None, scale_dtype="float16")
+    native = rewrite_onnx(model, None, {"W": cw}, "standard")
+    onnx.checker.check_model(native, full_check=True)
+    assert onnx_forms(native) == {"W": {"onnx_form": "standard"}}
+    np.testing.assert_array_equal(run(native, {})[0], decode(cw).reshape(shape))
+    same_arrays(read_compressed_onnx(native), {"W": cw})
+
+
 @pytest.mark.parametrize("bits,group", LAYOUTS)
 @pytest.mark.parametrize("builder", [gemm_model, conv_model, matmul_right_model, chain_model, control_flow_model])
 def test_standard_form_runs_like_function_form(builder, bits, group):

@@ -52,10 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --allow-pickle) for --model-ref")
     p.add_argument("-o", "--output", metavar="OUT", help="output directory (created; files in it are replaced)")
     p.add_argument("--target", choices=TARGETS, default="onnx", help="artifact to write (default: onnx)")
-    p.add_argument("--onnx-format", choices=ONNX_FORMATS, default="functions",
-                   help="ONNX form of compressed weights: decoder functions (default); standard: opset-21 "
-                        "DequantizeLinear where a layout maps (8/4-bit RTN); ort: onnxruntime MatMulNBits for "
-                        "2/4/8-bit RTN matmul weights, else standard; the report says which form each layer got")
+    p.add_argument("--onnx-format", choices=ONNX_FORMATS, default="auto",
+                   help="ONNX form of compressed weights. auto (default): per layer the best native form that "
+                        "maps (onnxruntime MatMulNBits for RTN/affine MatMul/Gemm weights, GatherBlockQuantized "
+                        "for RTN tables, blocked DequantizeLinear for RTN Conv weights), else decoder functions "
+                        "(riem, vq, rotq, svd, ...); functions: decoder functions for every layer, which "
+                        "onnxruntime folds to dense float32 when it opens the file; standard: opset-21 "
+                        "DequantizeLinear where a layout maps (8/4-bit RTN); ort: as auto, and RTN also chooses among "
+                        "the 8/4-bit settings that map (at ratios above ~0.16 more weight error, e.g. 4-bit "
+                        "groups instead of 7-bit codes at 0.25). The report says which form each layer got "
+                        "and why")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     g = p.add_argument_group("compression")

@@ -55,7 +55,7 @@ def save_onnx(model: onnx.ModelProto, path) -> Path:
 def result_onnx(result, materialize: bool = False, onnx_format: str | None = None) -> onnx.ModelProto:
     """The compressed model of a Result as ONNX in `onnx_format` (None: the result's
     `config.onnx_format`), or plain ONNX with decoded weights when `materialize` is set."""
-    fmt = onnx_format or getattr(result.config, "onnx_format", "functions")
+    fmt = onnx_format or getattr(result.config, "onnx_format", "auto")
     check_onnx_format(fmt)  # before a torch export or materialising: a bad option fails at once
     if result.source == "onnx":
         model = result.model
@@ -79,9 +79,10 @@ def record_onnx_forms(report, model: onnx.ModelProto) -> dict:
 
 
 def export_result_onnx(result, path, materialize: bool = False, onnx_format: str | None = None) -> Path:
-    """`Result.export_onnx`: the compressed model as ONNX (decoder functions, or standard ops where
-    they map with onnx_format="standard"; see `result_onnx`), or plain ONNX with decoded weights
-    when `materialize` is set. The report records which form each layer got."""
+    """`Result.export_onnx`: the compressed model as ONNX in `onnx_format` (default the config's, "auto":
+    per layer MatMulNBits / GatherBlockQuantized / DequantizeLinear where the layout maps, else decoder
+    functions; see `result_onnx` and onnx_rewrite.py), or plain ONNX with decoded weights when
+    `materialize` is set. The report records which form each layer got."""
     model = result_onnx(result, materialize, onnx_format)
     if not materialize:
         record_onnx_forms(result.report, model)

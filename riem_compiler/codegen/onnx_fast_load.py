@@ -48,6 +48,8 @@ DOMAIN = "riem_compiler"  # = methods.onnx_common.DOMAIN
 PLACEHOLDER = "riem_compiler-fast-start"  # external-data location of a placeholder; never read
 MOVE_BYTES = 1 << 16  # main-graph initializers at least this big travel outside the serialised model
 _NUMERIC = "fiub"  # numpy dtype kinds an OrtValue takes from numpy
+NONFINITE = ("decodes to NaN or infinite weights (its stored arrays or metadata are damaged or were edited); "
+             "compress the original model again or restore the file")
 
 
 @dataclass
@@ -276,6 +278,8 @@ def _decode_all(weights: dict, dtypes: dict, workers: int | None, where: str) ->
         except Exception as e:  # a record that does not fit its method's layout
             text = str(e).strip().splitlines()
             _bad(where, name, f"cannot decode it as {cw.method} ({type(e).__name__}: {text[0] if text else ''})")
+        if not np.isfinite(weight).all():  # e.g. a NaN zero point: the model would output NaN
+            _bad(where, name, NONFINITE)
         return name, np.ascontiguousarray(weight.astype(helper.tensor_dtype_to_np_dtype(dtypes[name]), copy=False))
 
     torch.set_num_threads(1)
@@ -286,6 +290,53 @@ def _decode_all(weights: dict, dtypes: dict, workers: int | None, where: str) ->
             return dict(pool.map(one, weights.items()))
     finally:
         torch.set_num_threads(previous)
+
+
+def check_record_finite(path_or_model, skip_function_form: bool = False) -> None:
+    """Raise InputError (one line naming the weight) when a compressed weight recorded in the model
+    decodes to NaN or inf: a damaged or edited record (a NaN scale or zero point) would otherwise
+    open and make the model output NaN. skip_function_form: leave the function-form weights to fast
+    start, which decodes and checks them anyway. A file without a record costs a metadata read."""
+    from riem_compiler import methods
+    from riem_compiler.compressed import CompressedWeight
+    from riem_compiler.frontend.onnx_frontend import iter_graphs, load_onnx
+
+    is_proto = isinstance(path_or_model, onnx.ModelProto)
+    where = "ONNX model" if is_proto else str(path_or_model)
+    if is_proto:
+        raw = next((p.value for p in path_or_model.metadata_props if p.key == META_KEY), None)
+    else:
+        try:
+            raw = _file_metadata(path_or_model).get(META_KEY)
+        except (OSError, ValueError):
+            return  # not readable this way: onnxruntime says what is wrong with the file
+    if raw is None:
+        return
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        names = None  # _entries below says what is wrong
+    if isinstance(names, dict) and skip_function_form:
+        names = {n: e for n, e in names.items() if not _is_function_form(e)}
+        if not names:
+            return
+    model = path_or_model if is_proto else load_onnx(path_or_model)
+    entries = _entries(model, where)
+    arrays = _stored_arrays([g for _, g in iter_graphs(model.graph)])
+    for name, e in entries.items():
+        if skip_function_form and _is_function_form(e):
+            continue
+        try:
+            stored = {k: np.array(numpy_helper.to_array(arrays[n])) for k, n in e["arrays"].items()}
+            if e.get("onnx_form") in ("standard", "ort"):
+                stored = methods.get(e["method"]).onnx_native_arrays(e["meta"], tuple(e["shape"]), e["encoding"],
+                                                                     stored)
+            weight = methods.decode(CompressedWeight(e["method"], tuple(e["shape"]), e["meta"], stored))
+        except Exception as exc:  # a record that does not fit the file or its method's layout
+            text = str(exc).strip().splitlines()
+            _bad(where, name, f"cannot decode it ({type(exc).__name__}: {text[0] if text else ''})")
+        if not np.isfinite(weight).all():
+            _bad(where, name, NONFINITE)
 
 
 def _placeholder(name: str, array: np.ndarray) -> onnx.TensorProto:

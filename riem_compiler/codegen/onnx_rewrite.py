@@ -50,6 +50,15 @@ Design:
   MatMulNBits nodes ("onnx_form": "ort"; the float16 scales and float zero points are Cast to
   float32; the replaced nodes are kept in the metadata for `materialize_onnx`); the others get
   the standard form where they have one, else the function form, with an "onnx_note".
+- onnx_format="auto" (the default of `Config.onnx_format` and the CLI): per weight the best native
+  form that maps for the setting the method chose (unlike "standard"/"ort", it does not make rtn
+  prefer 8/4-bit settings: at 1/4 rtn keeps 7-bit codes, which have no native form), in the order
+  of "ort": MatMulNBits (rtn/affine MatMul/Gemm weights) or
+  GatherBlockQuantized (rtn tables), else the blocked DequantizeLinear of "standard" (rtn Conv
+  weights, and matmul weights whose layout MatMulNBits does not take), else the decoder function.
+  Every metadata entry then says "onnx_format": "auto", its "onnx_form", and in "onnx_note" why
+  (which op, or why no native form maps); the report copies both into the layer's settings. For the
+  same compressed weights the file is the one "ort" writes, apart from those notes.
 - Embedding tables (a weight whose every use is a row Gather, onnx_gather.py): "standard" writes
   the row-major DequantizeLinear (`Method.onnx_native(..., table=True)`); "ort" replaces each
   Gather by com.microsoft GatherBlockQuantized (`Method.onnx_gather`; rtn 4/8-bit), restored by
@@ -96,7 +105,8 @@ def check_onnx_format(onnx_format: str) -> None:
     """ONNX_FORMATS (defined with the option, in riem_compiler.config): "functions", every weight
     a decoder-function call; "standard", weights whose method has a standard-op form
     (`Method.onnx_native`, e.g. rtn 8/4-bit -> DequantizeLinear) get it, the others keep the
-    function form (the metadata entry and the report say which, and why)."""
+    function form (the metadata entry and the report say which, and why); "ort" and "auto" (the
+    default), MatMulNBits / GatherBlockQuantized where they map, else as "standard"."""
     if onnx_format not in ONNX_FORMATS:
         from riem_compiler.errors import InputError
 
@@ -131,7 +141,8 @@ def function_protos(op_types, opset: int) -> list[onnx.FunctionProto]:
 def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict, onnx_format: str = "functions") -> onnx.ModelProto:
     """A copy of `model` where each weight in `compressed` is produced by its decoder function
     (or, with onnx_format="standard", by standard ops where its method has such a form; with
-    "ort", consumed by MatMulNBits nodes where it can be, else as with "standard").
+    "ort" or "auto", consumed by MatMulNBits nodes where it can be, else as with "standard"; "auto"
+    also notes why for every weight).
 
     specs: the LayerSpecs the frontend found (only those names are rewritten), or None to
     rewrite every name in `compressed` (weights are located by initializer/Constant name).
@@ -160,9 +171,10 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict, onnx_format: s
                          "the name); they cannot be replaced")
     opset = default_opset(out) or 0
     tables = _table_names(out, wanted)
-    ort_forms, notes = _matmul_forms(out, wanted, tables) if onnx_format == "ort" else ({}, {})
+    per_layer = onnx_format in ("ort", "auto")  # MatMulNBits / GatherBlockQuantized, else standard, else functions
+    ort_forms, notes = _matmul_forms(out, wanted, tables) if per_layer else ({}, {})
     rest = {n: cw for n, cw in wanted.items() if n not in ort_forms}
-    native, standard_notes = _native_forms(rest, "standard" if onnx_format == "ort" else onnx_format, tables)
+    native, standard_notes = _native_forms(rest, "standard" if per_layer else onnx_format, tables)
     for name, why in standard_notes.items():
         notes[name] = f"{notes[name]}; {why}" if name in notes else why
     need = max((d.opset for d in native.values()), default=0)
@@ -191,11 +203,54 @@ def rewrite_onnx(model: onnx.ModelProto, specs, compressed: dict, onnx_format: s
     for proto in function_protos(sorted(state.op_types), opset):
         if (proto.domain, proto.name) not in present:
             out.functions.append(proto)
+    if onnx_format == "auto":
+        for name, entry in state.entries.items():
+            _note_auto_choice(entry, state.notes.get(name))
     _write_meta(out, {**_read_meta(out), **state.entries})
     log.info("ONNX: %d weights replaced by decoder functions, %d by standard ops, %d by MatMulNBits/GatherBlockQuantized",
              len(state.entries) - len(state.native) - len(state.ort), len(state.native), len(state.ort))
     check_rewritten(model, out)
     return out
+
+
+def _note_auto_choice(entry: dict, why_not: str | None) -> None:
+    """onnx_format "auto": mark the entry and say in "onnx_note" which form it got and why."""
+    form = entry.get("onnx_form", "functions")
+    entry["onnx_format"] = "auto"
+    entry["onnx_form"] = form
+    if form == "ort":
+        op = "GatherBlockQuantized" if "data" in entry["arrays"] else "MatMulNBits"
+        uses = "row Gathers" if op == "GatherBlockQuantized" else "MatMul/Gemm"
+        meta = entry.get("meta", {})
+        layout = ""
+        if "bits" in meta:
+            group = meta.get("group_size")
+            layout = f" ({meta['bits']}-bit, " + ("a scale per row" if group is None else f"groups of {group}") + ")"
+        entry["onnx_note"] = f"com.microsoft.{op}: every use is a {uses} its {entry['method']} layout{layout} maps to"
+    elif form == "standard":
+        entry["onnx_note"] = "DequantizeLinear" + (f"; {why_not}" if why_not else "")
+    elif _has_native_form(entry["method"]):
+        entry["onnx_note"] = why_not or "no native form maps"
+        if _prefers_native(entry["method"]):
+            entry["onnx_note"] += "; onnx_format 'ort' makes it choose among the settings that map"
+    else:
+        entry["onnx_note"] = (f"method {entry['method']!r} has no native ONNX form (MatMulNBits, GatherBlockQuantized "
+                              "or DequantizeLinear): decoder function")
+
+
+def _prefers_native(method: str) -> bool:
+    """Whether the method's settings take onnx_format (rtn: "standard"/"ort" prefer native settings)."""
+    import dataclasses
+
+    return "onnx_format" in {f.name for f in dataclasses.fields(methods.get(method).Settings)}
+
+
+def _has_native_form(method: str) -> bool:
+    """Whether the method overrides any of the native-form hooks of `Method`."""
+    from riem_compiler.methods.base import Method
+
+    cls = type(methods.get(method))
+    return any(getattr(cls, hook) is not getattr(Method, hook) for hook in ("onnx_native", "onnx_matmul", "onnx_gather"))
 
 
 def check_rewritten(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
@@ -560,8 +615,9 @@ def _ort_decoder(name: str, tensor: onnx.TensorProto, graph, state: _RewriteStat
 
 
 def onnx_forms(model: onnx.ModelProto) -> dict:
-    """Weight name -> {"onnx_form": "standard" | "functions", "onnx_note": why (functions only)}
-    for the weights of a model rewritten with onnx_format other than "functions"."""
+    """Weight name -> {"onnx_form": "ort" | "standard" | "functions", "onnx_note": why (functions
+    only; every form with onnx_format "auto")} for the weights of a model rewritten with onnx_format
+    other than "functions"."""
     return {name: {k: e[k] for k in ("onnx_form", "onnx_note") if k in e}
             for name, e in _read_meta(model).items() if "onnx_form" in e}
 
@@ -572,7 +628,8 @@ def convert_onnx_format(model: onnx.ModelProto, onnx_format: str) -> onnx.ModelP
     check_onnx_format(onnx_format)
     entries = _read_meta(model)
     forms = {e.get("onnx_form") for e in entries.values()}
-    current = "ort" if "ort" in forms else "standard" if "standard" in forms else "functions"
+    current = ("auto" if any(e.get("onnx_format") == "auto" for e in entries.values())
+               else "ort" if "ort" in forms else "standard" if "standard" in forms else "functions")
     if not entries or current == onnx_format:
         return model
     compressed = read_compressed_onnx(model)

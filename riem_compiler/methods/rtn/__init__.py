@@ -12,7 +12,11 @@ old first-fit ladder (8-bit per row, then 4-bit groups of `group_size`, ...) was
 miss a rung by a hair: int8 per row is 1/4 of fp32 plus its scales, so ratio 1/4 fell to 4 bits;
 now it gets 7-bit codes. Codes of 5-7 bits (and 3/2) have no standard ONNX integer type, so with
 onnx_format "standard" or "ort" the choice is first among the 8/4-bit settings those formats write
-natively (float32 row scales or float16 groups), and only where none fits among all of them.
+natively (float32 row scales or float16 groups along the inputs, the reduction axis of a MatMul), and
+only where none fits among all of them. onnx_format "auto" (the default) and "functions" take the
+lowest-error setting of all; "auto" then writes it natively where its layout maps (4/8-bit). What
+the native preference costs: benchmarks/results/onnx_default.md (at 1/4, 4-bit groups of 16 instead
+of 7-bit codes: about 9x the weight error).
 `choose="ladder"` keeps the old first fit. For a weight stored (in, out), e.g. the right operand of
 an ONNX MatMul, the quantised matrix is its transpose: meta "transposed" is True and the codes
 and scales describe W.T, rows = outputs."""
@@ -37,6 +41,7 @@ LADDER = ((8, None), (4, 128), (4, None), (3, 128), (3, None), (2, 128), (2, Non
 GROUPS = (16, 32, 64, 128, 256, 512, 1024)
 NATIVE_BITS = (8, 4)  # the widths with a standard ONNX integer type (rtn/native.py)
 CHOICES = ("best", "ladder")
+NATIVE_FIRST = ("standard", "ort")  # the onnx_format values that make "best" prefer natively written settings
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,11 @@ class RTNSettings:
     """choose: "best" (the lowest-error setting that fits the ratio, `best_rtn`) or "ladder" (the
     first LADDER rung that fits; 8/4-bit rungs have native ONNX forms). group_size: the group of
     the ladder's grouped rungs. onnx_format (from rc.Config): "standard"/"ort" make "best" prefer
-    the settings those formats write natively."""
+    the settings those formats write natively; "auto" and "functions" do not."""
 
     group_size: int = 128
     choose: str = "best"
-    onnx_format: str = "functions"
+    onnx_format: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.group_size, int) or self.group_size < 1:
@@ -224,7 +229,7 @@ class RTN(Method):
     def fit(self, spec, ratio, settings, index=0):
         shape = spec.shape
         if settings.choose == "best":
-            cw = best_rtn(spec.weight, ratio, spec.in_axis, native=settings.onnx_format != "functions")
+            cw = best_rtn(spec.weight, ratio, spec.in_axis, native=settings.onnx_format in NATIVE_FIRST)
         else:
             setting = rtn_settings_for_ratio(ratio, shape, settings.group_size, spec.in_axis == 0)
             cw = None if setting is None else fit_rtn(spec.weight, *setting, in_axis=spec.in_axis)

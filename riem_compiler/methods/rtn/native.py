@@ -15,7 +15,8 @@ per call. A weight stored (out, in) (Gemm transB=1, torch's Linear) gets a Trans
 DequantizeLinear; onnxruntime folds it into the Gemm (or cancels it against the Transpose torch's
 exporter puts before a MatMul) before fusing. Float16 group scales are stored as they are and
 Cast to float32 before the DequantizeLinear (a float32 output is what MatMulNBits fuses; the
-Cast is constant-folded at session creation). Measured in benchmarks/results/onnx_size_latency.md.
+Cast is constant-folded at session creation); so are float16 row scales (rtn takes them where a
+float32 scale per short row, e.g. a depthwise or small Conv's, does not fit the budget). Measured in benchmarks/results/onnx_size_latency.md.
 Weights of more than 2 dims (convolutions) use the (rows, cols) view, blocked along axis 1, then
 a Reshape. 3/2-bit codes do not map (no int3/int2 in ONNX) and keep the function form.
 
@@ -60,13 +61,11 @@ def native_rtn(cw, onnx_format: str, table: bool = False):
     transposed = is_transposed(cw)
     rows, cols = quantised_shape(cw.shape, transposed)
     scale = np.asarray(cw.arrays["scale"])
-    if group is None and scale.dtype != np.float32:
-        return "per-row scale is not float32"
     q = _signed_codes(cw, bits, rows * cols).reshape(rows, cols)
     scale = scale.reshape(rows) if group is None else scale.reshape(rows, -1)
     nodes, constants = [], {}
     scale_input = "scale"
-    if scale.dtype != np.float32:  # float16 group scales: a float32 product for MatMulNBits
+    if scale.dtype != np.float32:  # float16 scales (groups, or rows): a float32 product for MatMulNBits
         nodes.append(("Cast", ["scale"], {"to": 1}))
         scale_input = None
     if table and len(cw.shape) == 2 and not transposed:  # row-major: a Gather reads rows
