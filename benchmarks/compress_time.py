@@ -207,8 +207,8 @@ def render(doc: dict) -> str:
     for run in doc.get("runs", []):
         lines.append(f"- {run['date']}: `{run['command']}`, {run['machine']}; load average (1, 5, 15 min) "
                      f"before {run['load_before']}, after {run.get('load_after')}")
-    lines += ["", "| model | method | budget | weights (M) | seconds | peak RSS MB | fp32 weights MB | stored | notes | run |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | method | budget | weights (M) | seconds | peak RSS MB | peak - loaded MB | fp32 weights MB | stored | notes | run |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         notes = r.get("error") or r.get("setting") or ""
         if r.get("auto_picked"):
@@ -216,9 +216,10 @@ def render(doc: dict) -> str:
         lines.append(f"| {r['model']} | {r['method']} | 1/{round(1 / r['ratio'])} | {r.get('params', 0) / 1e6:.1f} | "
                      f"{r['seconds']:.1f} | " if r.get("seconds") is not None else
                      f"| {r['model']} | {r['method']} | 1/{round(1 / r['ratio'])} | {r.get('params', 0) / 1e6:.1f} | - | ")
-        lines[-1] += (f"{r.get('peak_rss_mb', math.nan):.0f} | {r.get('fp32_weight_mb', math.nan):.0f} | "
+        lines[-1] += f"{r.get('peak_rss_mb', math.nan):.0f} | {r.get('peak_rss_mb', math.nan) - r.get('rss_loaded_mb', math.nan):.0f} | "
+        lines[-1] += (f"{r.get('fp32_weight_mb', math.nan):.0f} | "
                       f"{r['stored_ratio']:.4f} | " if r.get("stored_ratio") is not None else
-                      f"{r.get('peak_rss_mb', math.nan):.0f} | {r.get('fp32_weight_mb', math.nan):.0f} | - | ") + \
+                      f"{r.get('fp32_weight_mb', math.nan):.0f} | - | ") + \
             f"{notes} | {r.get('run', '')} |"
     split = [r for r in doc["rows"] if r.get("auto_timing")]
     if split:
@@ -240,7 +241,7 @@ def render(doc: dict) -> str:
                   f"Random N(0, 0.02) weights with real layer shapes, budget 1/{round(1 / LADDER_BUDGET)}; "
                   "time ~ params^k fitted by least squares over the ladder, extrapolated to a 7B decoder "
                   f"({PARAMS_7B / 1e9:.1f}e9 linear weights) on this machine.", "",
-                  "| method | points | k (time growth) | 7B extrapolation | peak RSS / fp32 weights (largest point) |",
+                  "| method | points | k (time growth) | 7B extrapolation | (peak - loaded RSS) / fp32 weights (largest point) |",
                   "|---|---|---|---|---|"]
         for method in sorted({r["method"] for r in ladder}):
             rows = sorted([r for r in ladder if r["method"] == method and r.get("seconds")], key=lambda r: r["params"])
@@ -252,7 +253,7 @@ def render(doc: dict) -> str:
             hours = math.exp(c) * PARAMS_7B ** k / 3600
             big = rows[-1]
             lines.append(f"| {method} | {len(rows)} | {k:.2f} | {hours:.1f} h | "
-                         f"{big['peak_rss_mb'] / big['fp32_weight_mb']:.2f}x ({big['model']}) |")
+                         f"{(big['peak_rss_mb'] - big['rss_loaded_mb']) / big['fp32_weight_mb']:.2f}x ({big['model']}) |")
     return "\n".join(lines) + "\n"
 
 

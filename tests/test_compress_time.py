@@ -1,0 +1,41 @@
+"""benchmarks/compress_time.py: the growth exponent, the page it writes, and one real measurement."""
+import math
+
+import pytest
+
+from benchmarks import compress_time as ct
+
+
+def test_growth_exponent_recovers_a_power_law():
+    rows = [{"params": p, "seconds": 3e-6 * p ** 1.3} for p in (1e6, 4e6, 2e7)]
+    k, c = ct.growth_exponent(rows)
+    assert k == pytest.approx(1.3, abs=1e-9) and math.exp(c) == pytest.approx(3e-6, rel=1e-6)
+    assert ct.growth_exponent(rows[:1]) is None
+
+
+def test_page_names_its_runs_and_auto_split():
+    run = {"date": "2026-12-06 20:00 UTC", "command": "python -m benchmarks.compress_time", "machine": "x",
+           "load_before": [1, 1, 1], "load_after": [2, 2, 2]}
+    rows = [{"model": "minilm", "method": "auto", "ratio": 0.125, "params": 2.2e7, "seconds": 12.5, "peak_rss_mb": 900,
+             "rss_loaded_mb": 700, "fp32_weight_mb": 84, "stored_ratio": 0.1249, "run": run["date"],
+             "auto_picked": {"vq": 20, "rotq": 16}, "auto_sensitivity_seconds": 3.0,
+             "auto_timing": {"candidates": {"vq": 5.0, "rtn": 1.0}, "scoring": 1.5, "candidate_jobs_wall": 4.0,
+                             "probes": 2.0, "planning": 0.1, "measurement": 1.0}},
+            {"model": "minilm", "method": "nncf-peer", "ratio": 0.0625, "params": 2.2e7,
+             "error": "no setting", "run": run["date"]}]
+    for m, (p, s) in {"bert-base x1": (7e6, 3.0), "bert-base x4": (2.8e7, 12.0)}.items():
+        rows.append({"model": m, "method": "auto", "ratio": 0.125, "params": p, "seconds": s, "peak_rss_mb": 600,
+                     "rss_loaded_mb": 500, "fp32_weight_mb": p * 4 / 2**20, "run": run["date"]})
+    page = ct.render({"runs": [run], "rows": rows})
+    assert "`python -m benchmarks.compress_time`" in page and "[2, 2, 2]" in page
+    assert "| minilm | auto | 1/8 | 22.0 | 12.5 | 900 | 200 | 84 | 0.1249 | picked rotq x16, vq x20 |" in page
+    assert "| minilm | nncf-peer | 1/16 | 22.0 | - |" in page and "no setting" in page
+    assert "| minilm | 1/8 | 12.5 | 3.0 | 4.0 | vq 5.0, rtn 1.0 | 1.5 | 2.0 | 0.1 | 1.0 |" in page
+    assert "| auto | 2 | 1.00 |" in page  # time grows linearly on these two points
+
+
+def test_one_real_measurement_in_process():
+    row = ct.measure_one("bert-base x1", "rtn", 0.125)
+    assert "error" not in row, row
+    assert row["params"] == 4 * 768 * 768 + 2 * 768 * 3072
+    assert 0.12 < row["stored_ratio"] <= 0.125 and row["seconds"] > 0 and row["peak_rss_mb"] >= row["rss_loaded_mb"] > 0
