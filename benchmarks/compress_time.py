@@ -18,6 +18,8 @@ tokens): BERT-base blocks (768 / 3072), 1B-decoder blocks (2048 / 5632, gated ML
 7B-decoder block (4096 / 11008). Seconds and peak RSS against parameter count, a least-squares
 growth exponent (time ~ params^k), and the extrapolation to a 7B decoder (6.5e9 linear weights).
 
+A method written `auto@w1` runs with `workers=1` (one local worker instead of one per core).
+
 Usage:
     python -m benchmarks.compress_time                     # everything (hours with riem)
     python -m benchmarks.compress_time --models minilm --methods auto rtn nncf-peer
@@ -132,7 +134,7 @@ def _run_peer(peer: str, model, x, ratio: float) -> dict:
         if peer == "hqq-peer":
             peers.hqq_quantise(w.detach(), bits, 64, 1)
         else:
-            peers.torchao_quantise(w.detach(), (bits, 64, "asymmetric", None))
+            peers.torchao_quantise(w.detach(), (bits, 64, "asym", "float16"))
     return {"seconds": time.perf_counter() - t0, "setting": f"{bits}-bit g64 over {len(weights)} Linear weights"}
 
 
@@ -153,8 +155,11 @@ def measure_one(model_name: str, method: str, ratio: float) -> dict:
         if method in PEERS:
             out.update(_run_peer(method, model, x, ratio))
         else:
+            # "auto@w1": auto on one local worker (the default uses every core)
+            base, _, workers = method.partition("@w")
+            options = {"workers": int(workers)} if workers else {}
             t0 = time.perf_counter()
-            res = rc.optimize(model, example_inputs=x, ratio=ratio, method=method, quiet=True)
+            res = rc.optimize(model, example_inputs=x, ratio=ratio, method=base, quiet=True, **options)
             out["seconds"] = time.perf_counter() - t0
             out["stored_ratio"] = res.report.bytes_after / max(res.report.bytes_before, 1)
             auto = getattr(res.report, "auto", None) or {}

@@ -282,6 +282,13 @@ def render_accuracy_model(doc: AccuracyDoc, model: str) -> list[str]:
                                              for k, v in orig["metrics"].items())
                      + f"; whole file {fmt_bytes(orig.get('artifact_bytes'))} (run {orig.get('run', NOT_RECORDED)}).")
         lines.append("")
+    auto_rows = [r for r in comp if r["method"] == "auto" and "error" not in r]
+    if auto_rows:
+        versions = sorted({str(r.get("defaults_version", NOT_RECORDED)) for r in auto_rows})
+        riem = sorted({"with RieM candidates" if r.get("auto_riem_candidates") else "without RieM candidates"
+                       for r in auto_rows if "auto_riem_candidates" in r})
+        lines += [f"`auto` rows: defaults version {', '.join(versions)}"
+                  + (f" ({', '.join(riem)})" if riem else "") + ".", ""]
     primary = primary_metric(model, rows)
     for key in sorted(keys, key=lambda k: (k != primary, keys.index(k))):
         lines += [f"#### {METRIC_NAMES.get(key, key)}", ""]
@@ -452,6 +459,14 @@ def render_fit_fidelity(name: str, doc: dict) -> list[str]:
     return lines
 
 
+def render_compress_time(name: str, doc: dict) -> list[str]:
+    """benchmarks/compress_time.py's own page, headings one level down."""
+    from benchmarks.compress_time import render
+
+    lines = render(doc).splitlines()[2:]  # without its title
+    return ["#" + line if line.startswith("## ") else line for line in lines] + [""]
+
+
 SECTIONS = [
     ("accuracy.json", "Task accuracy against stored bytes (MiniLM, digits nets, peers)", render_accuracy),
     ("imagenet.json", "A pretrained ImageNet CNN", render_accuracy),
@@ -461,6 +476,7 @@ SECTIONS = [
     ("tvm_latency.json", "TVM latency (MiniLM)", render_tvm_latency),
     ("tvm_latency_digits.json", "TVM latency (digits CNN)", render_tvm_latency),
     ("fit_fidelity.json", "Weight error at equal bytes, per layer", render_fit_fidelity),
+    ("compress_time.json", "Time and memory to compress", render_compress_time),
 ]
 
 
