@@ -17,7 +17,8 @@ Two forms:
   a byte, groups that do not divide the row, grouping along the output axis, codebooks): the
   method's decode expression W(i, k) is a spatial block inlined into the matmul's reduction.
   Schedule (LLVM): parallel over output rows; vectorised over output rows where the stored
-  layout is contiguous along them (grouping along the output axis), else scalar.
+  layout is contiguous along them (grouping along the output axis), else over the reduction
+  (per row `lanes` partial sums, then their sum).
 
 CUDA: the same PrimFuncs, unscheduled; the build's dlight GPU rules (GEMV, LowBatchGEMV, Matmul)
 schedule them.
@@ -148,7 +149,22 @@ def schedule_element_cpu(func, along_rows: bool):
     y = sch.get_sblock("y")
     b, i, k = sch.get_loops(y)
     rows = int(sch.get(i).extent)
-    lanes = next((v for v in LANE_CHOICES if rows % v == 0), None) if along_rows else None
+    if not along_rows:  # vector lanes over the reduction: per row, `lanes` partial sums, then their sum
+        cols = int(sch.get(k).extent)
+        lanes = next((v for v in LANE_CHOICES if cols % v == 0), None)
+        sch.reorder(i, b)
+        sch.parallel(i)
+        if lanes is None:
+            return scheduled(sch)
+        ko, ki = sch.split(k, [None, lanes])
+        rf = sch.rfactor(ki, factor_axis=2)  # rf[b, i, lane]: lanes contiguous
+        ri, rb, rko, rki = sch.get_loops(rf)
+        sch.parallel(ri)
+        sch.vectorize(rki)
+        init = sch.decompose_reduction(rf, rko)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return scheduled(sch)
+    lanes = next((v for v in LANE_CHOICES if rows % v == 0), None)
     if lanes is None:
         sch.reorder(i, b)
         sch.parallel(i)
