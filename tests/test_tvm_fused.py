@@ -71,6 +71,20 @@ def test_riem_stays_decode_once_and_says_why():
     assert isinstance(why, str) and "decode-once" in why and "sigmoid" in why
 
 
+def test_batch_regime_choice():
+    """Mode "auto" on LLVM: fused up to FUSED_CPU_MAX_ROWS activation rows, decode-once above (with
+    the reason); mode "fused" (for_memory) and CUDA keep the fused kernel at any batch."""
+    from riem_compiler.methods.base import FUSED_CPU_MAX_ROWS
+
+    cw = CASES[0][1]()
+    rtn = methods.get("rtn")
+    assert not isinstance(rtn.tvm_fused(cw, FUSED_CPU_MAX_ROWS, "k", "llvm"), str)
+    why = rtn.tvm_fused(cw, FUSED_CPU_MAX_ROWS + 1, "k", "llvm")
+    assert isinstance(why, str) and "batch regime" in why
+    assert not isinstance(rtn.tvm_fused(cw, 32, "k", "llvm", for_memory=True), str)
+    assert not isinstance(rtn.tvm_fused(cw, 32, "k", "cuda"), str)
+
+
 @pytest.mark.parametrize("label", ["rtn4-g32", "rtn3-g20-odd", "affine2-out-g16", "vq-d4"])
 def test_fused_kernel_cuda_source_compiles(label, tmp_path):
     """Each form builds for cuda sm_90 (dlight GPU rules) and nvcc compiles its source."""

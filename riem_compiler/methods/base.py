@@ -101,6 +101,12 @@ class NativeGather:
     cast_scales: bool = False
 
 
+# build_tvm mode "auto" on LLVM: fused dequantise-matmul kernels up to this many activation rows per
+# call (batch x tokens); above it the weight is decoded once at load (tvm_lowbit.md: on the 4x4096 MLP
+# the fused rtn kernel beat decode-once at batch 1 and lost at batch 8 and 32)
+FUSED_CPU_MAX_ROWS = 4
+
+
 def settings_key(settings) -> str:
     """sha256 of a settings dataclass (its type name and every field): the fit-cache key part."""
     data = {"type": type(settings).__name__, **dataclasses.asdict(settings)}
@@ -211,6 +217,10 @@ class Method:
             return f"method {self.name!r} has no fused dequantise-matmul kernel"
         if len(cw.shape) != 2:
             return f"a {len(cw.shape)}-D weight (conv) is not a matmul operand"
+        if not for_memory and target_kind == "llvm" and rows > FUSED_CPU_MAX_ROWS:
+            return (f"batch regime: {rows} rows per call > {FUSED_CPU_MAX_ROWS}; the CPU fused kernel decodes per tile "
+                    "of output rows and loses to the dense matmul there (benchmarks/results/tvm_lowbit.md), so "
+                    "decoded once at load (mode='fused' keeps it compact)")
         return kernel(cw, int(rows), name, target_kind=target_kind)
 
 

@@ -86,39 +86,46 @@ def packed_rows_te(x: te.Tensor, codes: te.Tensor, bits: int, rows: int, cols: i
 
 
 def schedule_packed_rows_cpu(func):
-    """LLVM schedule of a packed_rows_te PrimFunc (see the module docstring)."""
+    """LLVM schedule of a packed_rows_te PrimFunc (see the module docstring). With more than one
+    batch row, a tile of `tile` output rows shares each activation vector (loaded once for the
+    tile), so x is streamed rows/tile times instead of once per output row."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     y, acc, lanes = sch.get_sblock("y"), sch.get_sblock("acc"), sch.get_sblock("lanes")
     b, i = sch.get_loops(y)[:2]
-    sch.reorder(i, b)
-    sch.parallel(i)
-    sch.compute_at(lanes, i, preserve_unit_loops=True)
-    _, lb, _, ll, lc, lt = sch.get_loops(lanes)
-    sch.reorder(lb, lc, lt, ll)
+    batch, rows = int(sch.get(b).extent), int(sch.get(i).extent)
+    tile = 1 if batch == 1 else next((t for t in (8, 4, 2) if rows % t == 0), 1)
+    io, ii = sch.split(i, [None, tile])
+    sch.reorder(io, ii, b)
+    sch.parallel(io)
+    sch.compute_at(lanes, io, preserve_unit_loops=True)
+    _, lb, li, ll, lc, lt = sch.get_loops(lanes)
+    sch.reorder(lb, li, lc, lt, ll)
     sch.vectorize(ll)
     sch.decompose_reduction(lanes, lc)
-    sch.compute_at(acc, i, preserve_unit_loops=True)
-    # under i: batch, the unit row loop, chains, code in byte, lanes; then the reductions
-    _, ab, _, ac, at, al, g, ko = sch.get_loops(acc)
-    sch.reorder(g, ko, ac, at, ab, al)  # one decode per (row, byte vector) feeds every batch row
+    sch.compute_at(acc, io, preserve_unit_loops=True)
+    # under io: batch, rows of the tile, chains, code in byte, lanes; then the reductions
+    _, ab, ai, ac, at, al, g, ko = sch.get_loops(acc)
+    sch.reorder(g, ko, ac, at, ab, ai, al)  # one decode per (row, byte vector) feeds every batch row
     sch.unroll(ac)
     sch.unroll(at)
+    sch.unroll(ai)
     sch.vectorize(al)
-    # the decoded vectors of one (group, byte block): decoded once into registers, then used by
-    # every batch row
+    # the decoded vectors of one (group, byte block) for the tile's rows: decoded once, then used
+    # by every batch row
     dec = sch.get_sblock("decode")
     sch.compute_at(dec, ko, preserve_unit_loops=True)
-    dl = sch.get_loops(dec)[-4:]  # unit row, code in byte, unit group, bytes
+    dl = sch.get_loops(dec)[-4:]  # rows of the tile, code in byte, unit group, bytes
     dlo, dli = sch.split(dl[3], [None, int(sch.get(al).extent)])
+    sch.unroll(dl[0])
     sch.unroll(dl[1])
     sch.unroll(dlo)
     sch.vectorize(dli)
     sch.set_scope(dec, 0, "local")
     init = sch.decompose_reduction(acc, g)
     sch.vectorize(sch.get_loops(init)[-1])
-    # per-row accumulators on the stack: registers for LLVM, which then sees that they alias
+    # accumulators on the stack: registers for LLVM (or L1), which then sees that they alias
     # neither the codes nor x and keeps one decode for every batch row
     sch.set_scope(acc, 0, "local")
     sch.set_scope(lanes, 0, "local")
