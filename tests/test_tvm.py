@@ -490,10 +490,11 @@ def _check_compact_artifact(res: _Result, out: Path, decode: str) -> None:
         assert row["dense_bytes"] == 4 * int(np.prod(cw.shape))
         if name in compact:
             assert row["storage"] == "compact" and row["reason"] is None and row["artifact_bytes"] == cw.nbytes
-            fusable = len(cw.shape) == 2 and cw.method in ("rtn", "affine", "vq")  # a fused kernel when 2-D
-            if decode == "auto":  # the build's default: fused where the method has a kernel, else once at load
-                assert row["decode"] == ("fused into the matmul" if fusable else "once at load")
-                assert (row["why"] is None) == fusable
+            if decode == "auto":  # the build's default: fused where the method's kernel pays, else once at load
+                assert row["decode"] in ("fused into the matmul", "once at load")
+                assert (row["why"] is None) == (row["decode"] == "fused into the matmul")
+                if len(cw.shape) != 2 or cw.method not in ("rtn", "affine", "vq"):
+                    assert row["decode"] == "once at load"
             else:
                 assert row["decode"] == decode or (decode == "per call" and row["decode"] == "fused into the matmul")
         else:

@@ -221,7 +221,12 @@ class Method:
             return (f"batch regime: {rows} rows per call > {FUSED_CPU_MAX_ROWS}; the CPU fused kernel decodes per tile "
                     "of output rows and loses to the dense matmul there (benchmarks/results/tvm_lowbit.md), so "
                     "decoded once at load (mode='fused' keeps it compact)")
-        return kernel(cw, int(rows), name, target_kind=target_kind)
+        func = kernel(cw, int(rows), name, target_kind=target_kind)
+        if not for_memory and not isinstance(func, str) and func.attrs is not None \
+                and func.attrs.get("riem.fused_slower_than_decode_once", False):
+            return ("this layout's fused CPU kernel gathers a code per weight and measured slower than decoding "
+                    "once (benchmarks/results/tvm_lowbit.md), so decoded once at load (mode='fused' keeps it compact)")
+        return func
 
 
 def within_ratio(spec, ratio: float, cw: CompressedWeight) -> Fitted:

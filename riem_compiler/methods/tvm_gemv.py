@@ -28,6 +28,11 @@ from __future__ import annotations
 from tvm import te, tirx
 
 LANE_CHOICES = (16, 8, 4)
+# PrimFunc attribute of a CPU kernel that gathers codes per weight (the element form along the
+# reduction: vq's codebook, rtn/affine codes that straddle bytes): measured slower than decoding
+# once (tvm_lowbit.md: vq at 1/16, 4x4096 MLP, batch 1: 234 ms fused vs 55 ms decode-once), so
+# mode "auto" decodes such weights once at load
+SLOW_ON_CPU = "riem.fused_slower_than_decode_once"
 F32 = "float32"
 
 
@@ -157,6 +162,7 @@ def schedule_element_cpu(func, along_rows: bool):
     b, i, k = sch.get_loops(y)
     rows = int(sch.get(i).extent)
     if not along_rows:  # vector lanes over the reduction: per row, `lanes` partial sums, then their sum
+        sch.mod["main"] = sch.mod["main"].with_attr(SLOW_ON_CPU, True)
         cols = int(sch.get(k).extent)
         lanes = next((v for v in LANE_CHOICES if cols % v == 0), None)
         sch.reorder(i, b)
