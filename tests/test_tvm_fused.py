@@ -18,6 +18,7 @@ from riem_compiler.codegen.tvm_build import TvmBuildOptions, build_tvm, compile_
 from riem_compiler.codegen.tvm_runtime import load_tvm  # noqa: E402
 from riem_compiler.methods.affine import fit_affine  # noqa: E402
 from riem_compiler.methods.rtn import fit_rtn  # noqa: E402
+from riem_compiler.methods.svd import fit_svd  # noqa: E402
 from riem_compiler.methods.vq import fit_vq  # noqa: E402
 
 
@@ -40,6 +41,8 @@ CASES = [
     ("affine3-odd", lambda: fit_affine(_weight((11, 27), 8), 3, 8, iterations=3), 1),
     ("vq-d4", lambda: fit_vq(_weight((32, 64), 9), 4, 6, iterations=2), 2),
     ("vq-d8-tail", lambda: fit_vq(_weight((10, 44), 10), 8, 5, iterations=2), 1),
+    ("svd-int8", lambda: fit_svd(_weight((40, 64), 11), 0.3, 8), 2),
+    ("svd-f16-odd", lambda: fit_svd(_weight((21, 35), 12), 0.5, 16), 1),
 ]
 
 
@@ -86,7 +89,7 @@ def test_batch_regime_choice():
     assert not isinstance(rtn.tvm_fused(cw, 32, "k", "cuda"), str)
 
 
-@pytest.mark.parametrize("label", ["rtn4-g32", "rtn3-g20-odd", "affine2-out-g16", "vq-d4"])
+@pytest.mark.parametrize("label", ["rtn4-g32", "rtn3-g20-odd", "affine2-out-g16", "vq-d4", "svd-int8"])
 def test_fused_kernel_cuda_source_compiles(label, tmp_path):
     """Each form builds for cuda sm_90 (dlight GPU rules) and nvcc compiles its source."""
     from riem_compiler.codegen.tvm_pipeline import _default_schedules, cuda_sources

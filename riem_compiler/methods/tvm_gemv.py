@@ -163,19 +163,7 @@ def schedule_element_cpu(func, along_rows: bool):
     rows = int(sch.get(i).extent)
     if not along_rows:  # vector lanes over the reduction: per row, `lanes` partial sums, then their sum
         sch.mod["main"] = sch.mod["main"].with_attr(SLOW_ON_CPU, True)
-        cols = int(sch.get(k).extent)
-        lanes = next((v for v in LANE_CHOICES if cols % v == 0), None)
-        sch.reorder(i, b)
-        sch.parallel(i)
-        if lanes is None:
-            return scheduled(sch)
-        ko, ki = sch.split(k, [None, lanes])
-        rf = sch.rfactor(ki, factor_axis=2)  # rf[b, i, lane]: lanes contiguous
-        ri, rb, rko, rki = sch.get_loops(rf)
-        sch.parallel(ri)
-        sch.vectorize(rki)
-        init = sch.decompose_reduction(rf, rko)
-        sch.vectorize(sch.get_loops(init)[-1])
+        schedule_row_reduction(sch, "y")
         return scheduled(sch)
     lanes = next((v for v in LANE_CHOICES if rows % v == 0), None)
     if lanes is None:
@@ -194,6 +182,26 @@ def scheduled(sch):
     """The schedule's PrimFunc, marked scheduled for this project's passes ("tir.is_scheduled") and
     for dlight ("tirx.is_scheduled" in TVM 0.27), so neither reschedules it."""
     return sch.mod["main"].with_attr("tir.is_scheduled", True).with_attr("tirx.is_scheduled", True)
+
+
+def schedule_row_reduction(sch, block: str) -> None:
+    """A block out[b, i] = sum_k ...: parallel over i; where the reduction splits into vector lanes,
+    per row `lanes` contiguous partial sums (rfactor) reduced at the end."""
+    blk = sch.get_sblock(block)
+    b, i, k = sch.get_loops(blk)
+    sch.reorder(i, b)
+    sch.parallel(i)
+    cols = int(sch.get(k).extent)
+    lanes = next((v for v in LANE_CHOICES if cols % v == 0), None)
+    if lanes is None:
+        return
+    ko, ki = sch.split(k, [None, lanes])
+    rf = sch.rfactor(ki, factor_axis=2)  # rf[b, i, lane]: lanes contiguous
+    ri, _, rko, rki = sch.get_loops(rf)
+    sch.parallel(ri)
+    sch.vectorize(rki)
+    init = sch.decompose_reduction(rf, rko)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def primfunc(inputs, y, name: str):
