@@ -30,7 +30,7 @@ from tvm import te, tirx
 LANE_CHOICES = (16, 8, 4)
 # PrimFunc attribute of a CPU kernel that gathers codes per weight (the element form along the
 # reduction: vq's codebook, rtn/affine codes that straddle bytes): measured slower than decoding
-# once (tvm_lowbit.md: vq at 1/16, 4x4096 MLP, batch 1: 234 ms fused vs 55 ms decode-once), so
+# once (tvm_lowbit.md: vq at 1/16, 4x4096 MLP, batch 1: 155 ms fused vs 39 ms decode-once), so
 # mode "auto" decodes such weights once at load
 SLOW_ON_CPU = "riem.fused_slower_than_decode_once"
 F32 = "float32"
