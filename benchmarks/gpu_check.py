@@ -6,6 +6,10 @@ whether two CUDA fits are bit-identical. Without a GPU only the CPU fits run, th
 skipped with a message, and the results go to gpu_check_nogpu.md/.json instead. Then it builds the digits CNN and all-MiniLM-L6-v2 (compressed, few fitting steps) for target cuda in
 both modes (decode-once, fused), loads them on the GPU, compares outputs with torch, times
 TVM against torch eager on the same GPU, and writes benchmarks/results/gpu_check.md/.json.
+Then the fused dequantise-matmul kernels alone (rtn 4-bit g128, affine 2-bit g64, vq at 1/16 on
+an N x N weight, batch 1 and 32; dlight GPU schedules): outputs against torch decode + matmul
+on the GPU, and the time of each. Without a GPU those kernels are only built for sm_90 and their
+source compiled with nvcc (when installed).
 Budget: a few minutes on one GPU (fitting runs on the GPU when torch sees one).
 
     python benchmarks/gpu_check.py                 # everything, dlight default schedules
@@ -75,7 +79,7 @@ def check_model(name: str, batch: int, args, work: Path, arch: str) -> dict:
         ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float().cpu().numpy()
         row["torch_gpu_ms"] = cuda_time_ms(lambda: dense(*gpu_inputs))
     np_inputs = [t.numpy() for t in inputs]
-    for mode in ("decode-once", "fused"):
+    for mode in ("auto", "decode-once", "fused"):
         key = mode.replace("-", "_")
         try:
             out = work / f"{name}_b{batch}_{mode}"
@@ -96,6 +100,93 @@ def check_model(name: str, batch: int, args, work: Path, arch: str) -> dict:
             row[f"{key}_error"] = f"{type(err).__name__}: {err}"[:2000]
             traceback.print_exc()
     return row
+
+
+FUSED_CASES = ("rtn4-g128", "affine2-g64", "vq-d8-12bit")
+
+
+def _fused_weight(label: str, n: int):
+    from riem_compiler.methods.affine import fit_affine
+    from riem_compiler.methods.rtn import fit_rtn
+    from riem_compiler.methods.vq import fit_vq
+
+    w = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32) / np.sqrt(n)
+    if label == "rtn4-g128":
+        return fit_rtn(w, 4, 128)
+    if label == "affine2-g64":
+        return fit_affine(w, 2, 64, iterations=5)
+    return fit_vq(w, 8, 12, iterations=4)  # a 12-bit code per 8 weights (1.5 bits/weight) + codebook + scales
+
+
+def fused_kernel_check(args, arch: str, gpu: bool) -> list[dict]:
+    """Each fused kernel built for cuda (dlight rules); on a GPU: max relative error against torch
+    decode + matmul on the GPU and both times; without one: build + nvcc only."""
+    import tvm
+
+    from riem_compiler import methods
+    from riem_compiler.codegen.tvm_pipeline import _default_schedules, compile_cuda_source, cuda_sources
+
+    rows = []
+    target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+    for label in FUSED_CASES:
+        cw = _fused_weight(label, args.fused_size)
+        method = methods.get(cw.method)
+        names = method.tvm_kernel().array_names(cw)
+        for batch in (int(b) for b in args.batches.split(",")):
+            row = {"kernel": label, "shape": list(cw.shape), "batch": batch, "arch": arch,
+                   "stored_bytes": cw.nbytes, "dense_bytes": 4 * int(np.prod(cw.shape))}
+            try:
+                kernel = method.tvm_fused(cw, batch, "fused_k", "cuda")
+                mod = _default_schedules(tvm.IRModule({"fused_k": kernel}), target)
+                ex = tvm.compile(mod, target=target)
+                if not gpu:
+                    if shutil.which("nvcc"):
+                        with tempfile.TemporaryDirectory() as tmp:
+                            src = Path(tmp) / "k.cu"
+                            src.write_text("\n".join(cuda_sources(ex)))
+                            row["nvcc_cubin_bytes"] = len(compile_cuda_source(src, arch))
+                    row["built"] = True
+                else:
+                    dev = tvm.cuda(0)
+                    x = np.random.default_rng(batch).standard_normal((batch, cw.shape[1])).astype(np.float32)
+                    args_dev = [tvm.runtime.tensor(x, dev)] + [
+                        tvm.runtime.tensor(np.ascontiguousarray(cw.arrays[n]), dev) for n in names]
+                    y = tvm.runtime.tensor(np.zeros((batch, cw.shape[0]), np.float32), dev)
+                    ex.mod["fused_k"](*args_dev, y)
+                    dev.sync()
+                    tens = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in cw.arrays.items()}
+                    xt = torch.from_numpy(x).cuda()
+                    with torch.no_grad():
+                        ref = (xt @ method.decode_torch(cw, tens).reshape(cw.shape).T).cpu().numpy()
+                        row["torch_decode_matmul_ms"] = cuda_time_ms(
+                            lambda: xt @ method.decode_torch(cw, tens).reshape(cw.shape).T)
+                        wd = method.decode_torch(cw, tens).reshape(cw.shape)
+                        row["torch_dense_matmul_ms"] = cuda_time_ms(lambda: xt @ wd.T)
+                    row["max_rel_err"] = float(np.abs(y.numpy() - ref).max() / (np.abs(ref).max() + 1e-12))
+                    row["ok"] = bool(row["max_rel_err"] < 1e-4)
+                    timer = ex.mod.time_evaluator("fused_k", dev, number=50, repeat=5)
+                    row["tvm_fused_ms"] = 1e3 * float(np.median(timer(*args_dev, y).results))
+            except Exception as err:  # record and go on
+                row["error"] = f"{type(err).__name__}: {err}"[:2000]
+                traceback.print_exc()
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def fused_lines(rows) -> list[str]:
+    from tvm_latency import _f
+
+    lines = ["## Fused dequantise-matmul kernels (TVM cuda, dlight) vs torch decode + matmul", "",
+             "| kernel | shape | batch | stored/dense bytes | TVM fused ms | torch decode+matmul ms | "
+             "torch dense matmul ms | max rel err | built / nvcc | error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {'x'.join(map(str, r['shape']))} | {r['batch']} | "
+                     f"{r['stored_bytes'] / r['dense_bytes']:.3f} | {_f(r, 'tvm_fused_ms', '{:.4f}')} | "
+                     f"{_f(r, 'torch_decode_matmul_ms', '{:.4f}')} | {_f(r, 'torch_dense_matmul_ms', '{:.4f}')} | "
+                     f"{_f(r, 'max_rel_err', '{:.1e}')} | {r.get('built', '-')} / {r.get('nvcc_cubin_bytes', '-')} | "
+                     f"{r.get('error', '-')[:80]} |")
+    return lines + [""]
 
 
 def fit_check(args, cuda: bool) -> list[dict]:
@@ -144,23 +235,25 @@ def fit_lines(fit_rows) -> list[str]:
     return lines + [""]
 
 
-def write(rows, meta, name, fit_rows=()):
+def write(rows, meta, name, fit_rows=(), fused_rows=()):
     from tvm_latency import _f
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "fit_rows": list(fit_rows), "rows": rows},
-                                                     indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "fit_rows": list(fit_rows), "rows": rows,
+                                                      "fused_rows": list(fused_rows)}, indent=2) + "\n")
     lines = [f"# GPU check ({name})", "", "```", json.dumps(meta), "```", "", *fit_lines(fit_rows),
+             *(fused_lines(fused_rows) if fused_rows else []),
              "## TVM CUDA artifacts vs torch on the same GPU", "",
-             "| model | batch | torch GPU ms | decode-once ms | fused ms | decode at load ms | max rel err (d/f) | errors |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | batch | torch GPU ms | auto ms | decode-once ms | fused ms | decode at load ms | "
+             "max rel err (a/d/f) | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(k, fmt="{:.3f}"):
             return _f(r, k, fmt)
-        errs = "; ".join(r[k][:80] for k in ("decode_once_error", "fused_error") if k in r) or "-"
-        lines.append(f"| {r['model']} | {r['batch']} | {f('torch_gpu_ms')} | {f('decode_once_ms')} | {f('fused_ms')} | "
-                     f"{f('decode_once_decode_ms', '{:.1f}')} | {f('decode_once_max_rel_err', '{:.1e}')} / "
-                     f"{f('fused_max_rel_err', '{:.1e}')} | {errs} |")
+        errs = "; ".join(r[k][:80] for k in ("auto_error", "decode_once_error", "fused_error") if k in r) or "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {f('torch_gpu_ms')} | {f('auto_ms')} | {f('decode_once_ms')} | "
+                     f"{f('fused_ms')} | {f('decode_once_decode_ms', '{:.1f}')} | {f('auto_max_rel_err', '{:.1e}')} / "
+                     f"{f('decode_once_max_rel_err', '{:.1e}')} / {f('fused_max_rel_err', '{:.1e}')} | {errs} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -178,6 +271,8 @@ def main() -> None:
     p.add_argument("--fit-steps-check", type=int, default=1000, help="steps of each CPU/GPU comparison fit")
     p.add_argument("--cpu-threads", type=int, default=min(8, os.cpu_count() or 1), help="torch threads of the CPU fits")
     p.add_argument("--skip-fit-check", action="store_true", help="only the TVM CUDA builds")
+    p.add_argument("--skip-fused-kernels", action="store_true", help="no fused dequantise-matmul kernel check")
+    p.add_argument("--fused-size", type=int, default=4096, help="N of the N x N weights of the fused kernel check")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("tvm").setLevel(logging.WARNING)
@@ -187,10 +282,12 @@ def main() -> None:
     t_start = time.perf_counter()
     fit_rows = [] if args.skip_fit_check else fit_check(args, has_gpu)
     if not has_gpu:
+        fused_rows = [] if args.skip_fused_kernels else fused_kernel_check(args, "sm_90", False)
         meta = {"gpu": None, "torch": torch.__version__, "cpu_count": os.cpu_count(),
                 "elapsed_s": time.perf_counter() - t_start,
-                "skipped": "CUDA fits and TVM CUDA builds: torch.cuda.is_available() is False"}
-        write([], meta, "gpu_check_nogpu", fit_rows)
+                "skipped": "CUDA fits and TVM CUDA runs: torch.cuda.is_available() is False (fused kernels "
+                           "built for sm_90 and nvcc-compiled only)"}
+        write([], meta, "gpu_check_nogpu", fit_rows, fused_rows)
         print("gpu_check.py: no CUDA GPU here; ran the CPU fits only and skipped the CUDA fits and the TVM CUDA "
               "builds (results in benchmarks/results/gpu_check_nogpu.md). Run it on a GPU machine.")
         return
@@ -209,13 +306,14 @@ def main() -> None:
         args.models, args.batches = "digits_cnn", "1"
     name = "gpu_check_quick" if args.quick else "gpu_check"
     rows = []
-    write(rows, meta, name, fit_rows)
+    fused_rows = [] if args.skip_fused_kernels else fused_kernel_check(args, arch, True)
+    write(rows, meta, name, fit_rows, fused_rows)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         for model_name in args.models.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
                 rows.append(check_model(model_name, batch, args, Path(tmp), arch))
                 meta["elapsed_s"] = time.perf_counter() - t_start
-                write(rows, meta, name, fit_rows)
+                write(rows, meta, name, fit_rows, fused_rows)
 
 
 if __name__ == "__main__":

@@ -309,7 +309,8 @@ def test_default_build_lifts_transposes_and_matches_torch(tmp_path):
     with torch.no_grad():
         ref = model(x).numpy()
     outs = {}
-    for label, opts in (("default", {}), ("stock", {"cpu_schedules": False, "lift_params": False})):
+    for label, opts in (("default", {}), ("stock", {"cpu_schedules": False, "lift_params": False,
+                                                    "mode": "decode-once"})):
         out = build_tvm(res, tmp_path / label, target="llvm", **opts)
         manifest = json.loads((out / "manifest.json").read_text())
         assert (manifest["transform_params"] is not None) == (label == "default")
@@ -489,7 +490,13 @@ def _check_compact_artifact(res: _Result, out: Path, decode: str) -> None:
         assert row["dense_bytes"] == 4 * int(np.prod(cw.shape))
         if name in compact:
             assert row["storage"] == "compact" and row["reason"] is None and row["artifact_bytes"] == cw.nbytes
-            assert row["decode"] == decode or (decode == "per call" and row["decode"] == "fused into the matmul")
+            if decode == "auto":  # the build's default: fused where the method's kernel pays, else once at load
+                assert row["decode"] in ("fused into the matmul", "once at load")
+                assert (row["why"] is None) == (row["decode"] == "fused into the matmul")
+                if len(cw.shape) != 2 or cw.method not in ("rtn", "affine", "vq", "svd"):
+                    assert row["decode"] == "once at load"
+            else:
+                assert row["decode"] == decode or (decode == "per call" and row["decode"] == "fused into the matmul")
         else:
             assert row["storage"] == "dense" and "by choice" in row["reason"] and row["decode"] is None
             assert row["artifact_bytes"] == row["dense_bytes"]
@@ -500,10 +507,11 @@ def _check_compact_artifact(res: _Result, out: Path, decode: str) -> None:
 @pytest.mark.parametrize("plan", ["rtn", "svd", "tucker2", "auto"])
 def test_every_method_builds_a_compact_artifact(plan, tmp_path):
     """build_tvm of an rtn / svd / tucker2 / mixed (auto-like) result stores the compact arrays,
-    decodes them once at load, and matches the compressed torch model."""
+    runs the fused kernel of each rtn Linear weight and decodes the others once at load (the
+    default mode "auto"), and matches the compressed torch model."""
     res = _mixed_result(plan)
     out = build_tvm(res, tmp_path / plan, target="llvm", num_cores=2)
-    _check_compact_artifact(res, out, "once at load")
+    _check_compact_artifact(res, out, "auto")
     x = res.example_inputs[0]
     with torch.no_grad():
         ref = res.model(x).numpy()
@@ -512,14 +520,14 @@ def test_every_method_builds_a_compact_artifact(plan, tmp_path):
 
 
 def test_fused_mode_decodes_other_methods_per_call(tmp_path):
-    """Fused mode keeps every compact weight compact: the 2-D riem weight gets the fused
-    matmul kernel, rtn / svd / tucker2 are decoded per call; outputs match torch."""
+    """Fused mode keeps every compact weight compact: the 2-D riem, rtn and svd weights get their
+    fused matmul kernels, the tucker2 conv weight is decoded per call; outputs match torch."""
     res = _mixed_result("auto")
     out = build_tvm(res, tmp_path / "fused", target="llvm", mode="fused", num_cores=2)
     _check_compact_artifact(res, out, "per call")
     layers = {row["name"]: row["decode"] for row in json.loads((out / "manifest.json").read_text())["layers"]}
-    assert layers == {"conv1.weight": None, "conv2.weight": "per call", "fc1.weight": "per call",
-                      "fc2.weight": "per call", "fc3.weight": "fused into the matmul"}
+    assert layers == {"conv1.weight": None, "conv2.weight": "per call", "fc1.weight": "fused into the matmul",
+                      "fc2.weight": "fused into the matmul", "fc3.weight": "fused into the matmul"}
     x = res.example_inputs[0]
     with torch.no_grad():
         ref = res.model(x).numpy()
@@ -530,9 +538,9 @@ def test_cuda_build_compiles_every_method_kernel(tmp_path):
     res = _mixed_result("cuda")
     out = build_tvm(res, tmp_path / "cuda", target="cuda", arch="sm_80")
     src = (out / "cuda_source.cu").read_text()
-    for kernel in ("rtn_decode", "svd_decode", "tucker2_decode"):
+    for kernel in ("rtn_decode", "rtn_fused_linear", "svd_decode", "tucker2_decode"):
         assert kernel in src
-    _check_compact_artifact(res, out, "once at load")
+    _check_compact_artifact(res, out, "auto")
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed: CUDA source generated but not compiled")
     assert len(compile_cuda_source(out / "cuda_source.cu", arch="sm_80")) > 0
@@ -565,7 +573,7 @@ def test_auto_result_from_optimize_builds_compact(tmp_path):
     res = rc.optimize(net, (x,), method="auto", ratio=0.05, steps=5, min_weight_size=0, quiet=True)
     assert len({cw.method for cw in res.compressed.values()}) > 1
     out = res.build_tvm(tmp_path / "auto", target="llvm")
-    _check_compact_artifact(res, out, "once at load")
+    _check_compact_artifact(res, out, "auto")
     with torch.no_grad():
         ref = res.model(x).numpy()
     np.testing.assert_allclose(load_tvm(out)(x.numpy()), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

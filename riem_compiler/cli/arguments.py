@@ -158,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = p.add_argument_group("TVM targets")
     b.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials (0: default schedules)")
-    b.add_argument("--tvm-mode", choices=("decode-once", "fused"), default="decode-once",
-                   help="decode weights once at load (default) or reconstruct inside each call")
+    b.add_argument("--tvm-mode", choices=("auto", "decode-once", "fused"), default="auto",
+                   help="auto (default): per layer, a fused dequantise-matmul kernel where the method has one "
+                        "(rtn, affine, vq), else decode once at load; decode-once: every weight decoded at load; "
+                        "fused: every weight kept compact (fused kernels, other decodes per call)")
     b.add_argument("--arch", default="sm_80", help="CUDA architecture for tvm-cuda (default sm_80)")
 
     o = p.add_argument_group("output control")

@@ -10,9 +10,14 @@ module's kernel, one `call_tir` per weight, named `<method>_decode_<index>`.
   reconstruction costs K*m sigmoids per weight element, ~100x a multiply-add, so recomputing it
   per call only pays where memory is the constraint.)
 - fused: `main` takes the compact arrays, so no dense copy of those weights stays resident.
-  A 2-D weight whose kernel module has `fused_linear_primfunc` (riem) has its matmul replaced
-  by one kernel that reconstructs W a tile of rows at a time; every other compact weight (rtn, affine,
-  svd, tucker2, riem conv) is decoded per call inside `main` into a transient buffer.
+  A 2-D weight whose method offers a fused kernel (`Method.tvm_fused`: rtn, affine, riem...) has
+  its matmul replaced by one kernel that decodes W inside the reduction (riem: a tile of rows at
+  a time); every other compact weight (svd, tucker2, conv weights) is decoded per call inside
+  `main` into a transient buffer.
+- auto (the default): per layer, the fused kernel where the method offers one for this weight
+  and batch (RieM says no: its decode costs far more than the matmul), else decode once at load:
+  the fused main of above, with the remaining decodes lifted out of `main` into the function the
+  runtime runs once at load (`LiftTransformParams`).
 """
 from __future__ import annotations
 
@@ -87,10 +92,14 @@ def _add_decode_function(mod, kernel_weights: dict[str, CompressedWeight], sched
     return bb.get()
 
 
-def _make_fused_main(imp: _Imported, kernel_weights: dict[str, CompressedWeight], target_kind: str):
+def _make_fused_main(imp: _Imported, kernel_weights: dict[str, CompressedWeight], target_kind: str,
+                     for_memory: bool = True):
     """main(inputs, dense params that stay, compact arrays): compact weights decoded inside main;
-    2-D weights of a method with a fused linear kernel go through that reconstruct-and-multiply
-    kernel. Returns (module, names of the weights that got a fused kernel)."""
+    a 2-D weight consumed as matmul(x, W^T) goes through its method's fused dequantise-matmul
+    kernel when the method offers one (`Method.tvm_fused`; for_memory as there). The other compact
+    weights are decoded inside main (mode "fused": per call; mode "auto" lifts those decodes to
+    load time afterwards). Returns (module, names of the weights that got a fused kernel,
+    {weight: why it did not} for the others)."""
     from tvm import relax
     from tvm.relax.dpl import is_op, wildcard
 
@@ -134,10 +143,10 @@ def _make_fused_main(imp: _Imported, kernel_weights: dict[str, CompressedWeight]
     by_gv = {decode_gvs[n].name_hint: (idx, n) for idx, n in enumerate(kernel_weights)}
     w_pat = wildcard()
     mm_pat = is_op("relax.matmul")(wildcard(), is_op("relax.permute_dims")(w_pat))
-    x_pat = mm_pat.args[0] if hasattr(mm_pat, "args") else None
 
     bb2 = relax.BlockBuilder(mod)
     fused_cache: dict[tuple, object] = {}
+    reasons: dict[str, str] = {}
 
     def rewriter(expr, matches):
         call = matches[mm_pat]
@@ -150,20 +159,20 @@ def _make_fused_main(imp: _Imported, kernel_weights: dict[str, CompressedWeight]
             return expr
         idx, name = by_gv[gv.name_hint]
         cw = kernel_weights[name]
-        fused_kernel = getattr(kernel_module(cw), "fused_linear_primfunc", None)
-        if len(cw.shape) != 2 or fused_kernel is None:
-            return expr
         xshape = [int(s) for s in x.ty.shape]
         rows = int(np.prod(xshape[:-1]))
         key = (name, rows)
         if key not in fused_cache:
             fname = f"{cw.method}_fused_linear_{idx}_{rows}"
-            fused_cache[key] = bb2.add_func(fused_kernel(cw, rows, fname, target_kind=target_kind), fname)
+            kernel = methods.get(cw.method).tvm_fused(cw, rows, fname, target_kind, for_memory=for_memory)
+            if isinstance(kernel, str):
+                reasons[name] = kernel
+                return expr
+            fused_cache[key] = bb2.add_func(kernel.with_attr("op_pattern", OPAQUE_PATTERN), fname)
         x2 = relax.op.reshape(x, [rows, xshape[-1]])
         y = relax.call_tir(fused_cache[key], [x2] + list(w.args[1].fields), _tensor_sinfo([rows, cw.shape[0]], "float32"))
         return relax.op.reshape(y, xshape[:-1] + [cw.shape[0]])
 
-    del x_pat
     from tvm.relax.dpl import rewrite_call
 
     new_main = rewrite_call(mm_pat, rewriter, mod["main"])
@@ -171,7 +180,14 @@ def _make_fused_main(imp: _Imported, kernel_weights: dict[str, CompressedWeight]
     mod["main"] = new_main
     mod = relax.transform.Normalize()(mod)
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
-    return mod, sorted({name for name, _ in fused_cache})
+    fused = sorted({name for name, _ in fused_cache})
+    for name, cw in kernel_weights.items():
+        if name not in fused and name not in reasons:
+            reasons[name] = (f"a {len(cw.shape)}-D weight (conv) is not a matmul operand" if len(cw.shape) != 2
+                             else "not used as the weight of a matmul x @ W.T")
+    for name in fused:  # a weight fused at one use and refused at another still has its decode
+        reasons.pop(name, None)
+    return mod, fused, reasons
 
 
 def _safe(name: str) -> str:

@@ -36,7 +36,7 @@ __all__ = ["TvmBuildOptions", "build_tvm", "compile_cuda_source", "make_target"]
 log = logging.getLogger("riem_compiler.tvm_build")
 
 
-def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode: str = "decode-once",
+def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode: str = "auto",
               arch: str = "sm_80", **options) -> Path:
     """Compile `result` (an `optimize` Result from a torch model) to a TVM artifact directory:
     model.so (export_library), params.safetensors, manifest.json, and tuning/ (the MetaSchedule
@@ -46,11 +46,20 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
     as `auto` makes) is stored as exactly its CompressedWeight arrays and decoded by that
     kernel; a weight without one (method "dense", kept dense by choice) is stored as its float32
     parameter. The manifest's "layers" lists per weight: compact or dense (and why), where it
-    is decoded, and its bytes. mode="decode-once" (default) decodes every compact weight once
-    at load; mode="fused" keeps them compact in memory: 2-D riem weights get the fused
-    reconstruct-and-multiply kernel, every other compact weight (rtn, affine, svd, tucker2, riem conv)
-    is decoded per call into a transient buffer, a plain dequantise for rtn and affine but a full
-    reconstruction per call for the others, so fused only pays where memory is the limit."""
+    is decoded (fused into the matmul, once at load, per call) and why, and its bytes.
+
+    mode="auto" (default) picks per layer and batch regime: a 2-D weight consumed by a matmul
+    whose method offers a fused dequantise-matmul kernel that pays for it (`Method.tvm_fused`: rtn
+    and affine with byte-aligned 2/4/8-bit codes, svd as two thin matmuls; up to 4 activation rows
+    per call on CPU, any batch on CUDA) runs that kernel, so the weight stays in its stored bytes
+    at run time; every
+    other compact weight is decoded once at load, with the method's reason in the manifest (riem:
+    its decode costs far more than the matmul; vq and straddling codes: the CPU kernel gathers a
+    code per weight; larger batches; tucker2 and conv weights: no fused kernel).
+    mode="decode-once" decodes every compact weight once at load; mode="fused" keeps every one
+    compact: fused kernels where a method has one (riem's included), the others decoded per
+    call into a transient buffer, a full reconstruction per call for svd / tucker2 / riem conv,
+    so fused only pays where memory is the limit."""
     import tvm
     from safetensors.numpy import save_file
 
@@ -103,9 +112,15 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
             mod = relax.transform.LiftTransformParams()(mod)
             lifted = LIFTED_NAME if LIFTED_NAME in _entry_functions(mod) else None
         mod = _add_decode_function(mod, kernel_weights, schedule_cpu=False)
-        fused = []
+        fused, why = [], {name: "mode 'decode-once'" for name in kernel_weights}
     else:
-        mod, fused = _make_fused_main(imp, kernel_weights, "cuda" if tgt.kind.name == "cuda" else "llvm")
+        mod, fused, why = _make_fused_main(imp, kernel_weights, "cuda" if tgt.kind.name == "cuda" else "llvm",
+                                           for_memory=opts.mode == "fused")
+        if opts.mode == "auto":  # decodes of the weights not fused, and weight transposes, run once at load
+            from tvm import relax
+
+            mod = relax.transform.LiftTransformParams()(mod)
+            lifted = LIFTED_NAME if LIFTED_NAME in _entry_functions(mod) else None
     mod = _legalize_and_fuse(mod, tgt)
     decode_schedules = decode_kernel_schedules(kernel_weights)  # kernel name -> its method's CPU schedule
     baked = dense_constants(mod, [cw.shape for cw in kernel_weights.values()])
@@ -151,7 +166,10 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
         compressed_manifest.append({"name": name, "method": cw.method, "shape": list(cw.shape), "meta": cw.meta,
                                     "arrays": names})
     save_file(arrays, str(out / PARAMS_NAME))
-    layers = _layer_storage(result, imp, kernel_weights, stored_dense, opts.mode, fused)
+    layers = _layer_storage(result, imp, kernel_weights, stored_dense, opts.mode, fused, why)
+    for row in layers:
+        log.info("%s (%s): %s%s", row["name"], row["label"], row["decode"] or "stored dense",
+                 f" ({row['why']})" if row["why"] else "")
 
     info.seconds_total = time.perf_counter() - t_start
     manifest = {
@@ -182,9 +200,11 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
     return out
 
 
-def _layer_storage(result, imp, kernel_weights: dict, stored_dense: dict, mode: str, fused) -> list[dict]:
+def _layer_storage(result, imp, kernel_weights: dict, stored_dense: dict, mode: str, fused, why: dict) -> list[dict]:
     """Per compressed weight (in parameter order): how the artifact stores it and why, where it
-    is decoded, and its bytes: stored (the CompressedWeight), in the artifact, dense float32."""
+    is decoded and why there (`why`: a fused kernel's absence, from the method), its bytes:
+    stored (the CompressedWeight), in the artifact, dense float32, and resident at run time (the
+    stored bytes when fused, the decoded float32 weight when decoded once)."""
     rows = []
     for name in imp.param_names:
         cw = result.compressed.get(name)
@@ -193,15 +213,17 @@ def _layer_storage(result, imp, kernel_weights: dict, stored_dense: dict, mode: 
         compact = name in kernel_weights
         if not compact:
             decode = None
-        elif mode == "decode-once":
-            decode = "once at load"
+        elif name in fused:
+            decode = "fused into the matmul"
         else:
-            decode = "fused into the matmul" if name in fused else "per call"
+            decode = "per call" if mode == "fused" else "once at load"
         rows.append({
             "name": name, "method": cw.method, "label": methods.get(cw.method).label(cw),
             "storage": "compact" if compact else "dense", "reason": stored_dense.get(name), "decode": decode,
+            "why": None if not compact or name in fused else why.get(name),
             "stored_bytes": cw.nbytes,
             "artifact_bytes": cw.nbytes if compact else int(imp.param_values[name].nbytes),
             "dense_bytes": 4 * int(np.prod(cw.shape)),
+            "resident_bytes": cw.nbytes if name in fused or decode == "per call" else 4 * int(np.prod(cw.shape)),
         })
     return rows

@@ -24,7 +24,7 @@ from riem_compiler.codegen import tvm_schedules as ts
 
 log = logging.getLogger("riem_compiler.tvm_build")  # the TVM build's logger, as before the split
 
-MODES = ("decode-once", "fused")
+MODES = ("auto", "decode-once", "fused")
 TARGETS = ("llvm", "cuda")
 LIFTED_NAME = "main_transform_params"  # what relax.transform.LiftTransformParams names it
 
@@ -37,7 +37,7 @@ class TvmBuildOptions:
 
     target: str = "llvm"
     tune_trials: int = 0
-    mode: str = "decode-once"
+    mode: str = "auto"
     arch: str = "sm_80"
     mcpu: str | None = None  # llvm: None = this machine's CPU
     num_cores: int | None = None  # llvm: None = os.cpu_count()
@@ -45,7 +45,9 @@ class TvmBuildOptions:
     max_trials_per_task: int | None = None
     tune_tasks: int | None = None  # tune only the N heaviest tasks (by FLOPs); None = all
     cpu_schedules: bool = True  # llvm: hand schedules for matmul/elementwise kernels (tvm_schedules)
-    lift_params: bool = True  # decode-once: weight layout changes (transposes) run once at load
+    # decode-once: weight layout changes (transposes) run once at load; mode "auto" always lifts
+    # (its decode-once weights are decoded by the lifted function)
+    lift_params: bool = True
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -179,15 +181,37 @@ def _apply_database(mod, target, db_dir: Path):
         return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
 
 
+def _guarded(rule):
+    """A dlight rule that declines (None) where its analysis raises instead of answering no
+    (dlight's GEMV analysis asserts on a decode that reads a two-byte window of packed codes),
+    so the next rule gets the function."""
+    from tvm.s_tir import dlight as dl
+
+    class Guarded(dl.ScheduleRule):
+        def apply(self, func, target, tunable):
+            try:
+                return rule.apply(func, target, tunable)
+            except Exception as err:  # noqa: BLE001 - the rule does not apply
+                log.debug("%s declined: %s", type(rule).__name__, err)
+                return None
+
+        def apply_config(self, func, config):
+            return rule.apply_config(func, config)
+
+    return Guarded()
+
+
 def _default_schedules(mod, target):
-    """Whatever is still unscheduled: dlight GPU rules on CUDA, dlight CPU rules where they apply on LLVM."""
+    """Whatever is still unscheduled: dlight GPU rules on CUDA (the fused dequantise-matmul
+    kernels go to GEMV / LowBatchGEMV / Matmul), dlight CPU rules where they apply on LLVM."""
     from tvm.s_tir import dlight as dl
 
     with target:
         if target.kind.name == "cuda":
-            rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+            rules = [_guarded(r) for r in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
+                                           dl.gpu.GeneralReduction())] + [dl.gpu.Fallback()]
         else:
-            rules = [dl.cpu.GEMV(), dl.cpu.Reduction()]
+            rules = [_guarded(dl.cpu.GEMV()), _guarded(dl.cpu.Reduction())]
         return dl.ApplyDefaultSchedule(*rules)(mod)
 
 

@@ -62,7 +62,7 @@ class TvmModel:
                 params.append(put(tensors[f"param::{entry['name']}"]))
             elif self.manifest["mode"] == "decode-once":
                 params.append(decoded[entry["index"]])
-        if self.manifest["mode"] == "fused":
+        if self.manifest["mode"] != "decode-once":  # fused, auto: main takes the compact arrays
             params.extend(compact)
         lifted = self.manifest.get("transform_params")
         if lifted:  # weight layout changes (e.g. transposes for matmul), once, at load

@@ -101,6 +101,12 @@ class NativeGather:
     cast_scales: bool = False
 
 
+# build_tvm mode "auto" on LLVM: fused dequantise-matmul kernels up to this many activation rows per
+# call (batch x tokens); above it the weight is decoded once at load (tvm_lowbit.md: on the 4x4096 MLP
+# the fused rtn kernel beat decode-once at batch 1 and lost at batch 8 and 32)
+FUSED_CPU_MAX_ROWS = 4
+
+
 def settings_key(settings) -> str:
     """sha256 of a settings dataclass (its type name and every field): the fit-cache key part."""
     data = {"type": type(settings).__name__, **dataclasses.asdict(settings)}
@@ -191,10 +197,36 @@ class Method:
         array_names(cw) -> keys of cw.arrays in the kernel's argument order;
         decode_primfunc(cw, name) -> PrimFunc(those arrays..., W float32 in cw.shape);
         schedule_decode_cpu(func) -> the scheduled PrimFunc (LLVM target, no tuning record);
-        fused_linear_primfunc(cw, rows, name, target_kind) -> y = x W^T with W rebuilt inside
-            the kernel (optional: fused mode uses it for 2-D weights; riem has one).
+        fused_linear_primfunc(cw, rows, name, target_kind) -> y = x W^T with W decoded inside
+            the reduction (optional; a PrimFunc, or a str saying why not for this weight), see
+            `tvm_fused`.
         """
         return None
+
+    def tvm_fused(self, cw: CompressedWeight, rows: int, name: str, target_kind: str, for_memory: bool = False):
+        """The fused dequantise-matmul PrimFunc y (rows, out) = x (rows, in) W^T for one 2-D weight,
+        the weight read in its stored form inside the reduction, or a str saying why this weight is
+        decoded once at load instead. for_memory: the build asks to keep weights compact even where
+        the per-call decode costs more than the matmul (mode "fused"); otherwise (mode "auto") a
+        method says no where fusing would be slower than decoding once."""
+        module = self.tvm_kernel()
+        if module is None:
+            return self.tvm_dense_reason or f"method {self.name!r} has no TVM kernel"
+        kernel = getattr(module, "fused_linear_primfunc", None)
+        if kernel is None:
+            return f"method {self.name!r} has no fused dequantise-matmul kernel"
+        if len(cw.shape) != 2:
+            return f"a {len(cw.shape)}-D weight (conv) is not a matmul operand"
+        if not for_memory and target_kind == "llvm" and rows > FUSED_CPU_MAX_ROWS:
+            return (f"batch regime: {rows} rows per call > {FUSED_CPU_MAX_ROWS}; the CPU fused kernel decodes per tile "
+                    "of output rows and loses to the dense matmul there (benchmarks/results/tvm_lowbit.md), so "
+                    "decoded once at load (mode='fused' keeps it compact)")
+        func = kernel(cw, int(rows), name, target_kind=target_kind)
+        if not for_memory and not isinstance(func, str) and func.attrs is not None \
+                and func.attrs.get("riem.fused_slower_than_decode_once", False):
+            return ("this layout's fused CPU kernel gathers a code per weight and measured slower than decoding "
+                    "once (benchmarks/results/tvm_lowbit.md), so decoded once at load (mode='fused' keeps it compact)")
+        return func
 
 
 def within_ratio(spec, ratio: float, cw: CompressedWeight) -> Fitted:

@@ -35,6 +35,10 @@ def unpack_code(packed: te.Tensor, n, bits: int):
         return packed[n * 2].astype("int32") + packed[n * 2 + 1].astype("int32") * 256
     if not 1 <= bits <= 9:
         raise ValueError(f"bit width {bits} is not readable from two bytes")
+    if 8 % bits == 0:  # a code never straddles a byte: one byte read (a plain access for dlight)
+        pos = n * bits
+        byte = packed[tirx.floordiv(pos, 8)].astype("int32")
+        return tirx.bitwise_and(tirx.shift_right(byte, tirx.floormod(pos, 8).astype("int32")), (1 << bits) - 1)
     # When the second byte would run past the end it is never needed (the code fits in the
     # first), so clamping the index keeps the read in bounds without a branch.
     last = int(packed.shape[0]) - 1

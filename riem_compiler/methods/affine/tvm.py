@@ -7,7 +7,11 @@ written straight into the weight's shape; G is the weight's matrix view, or its 
 meta "transposed" / "axis" say so (then matrix element (i, j) is G[j, i]). The arithmetic is
 `decode_affine`'s, in float32.
 
-Codegen's interface: `array_names`, `decode_primfunc`, `schedule_decode_cpu`.
+Codegen's interface: `array_names`, `decode_primfunc`, `schedule_decode_cpu`, and
+`fused_linear_primfunc` (y = x W^T, dequantised inside the reduction, tvm_gemv.py): groups
+along the reduction axis with 2/4/8-bit byte-aligned rows take the packed-rows form; grouping
+along the output axis (the grouped matrix is W^T) takes the element form vectorised over output
+rows, along which its codes, scales and zero points are contiguous.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from tvm import te, tirx
 
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.methods import tvm_common as tc
+from riem_compiler.methods import tvm_gemv as tg
 from riem_compiler.methods.affine.layout import affine_layout, flipped
 from riem_compiler.methods.rtn.layout import is_transposed
 
@@ -32,6 +37,11 @@ def decode_te(cw: CompressedWeight) -> tuple[list[te.Tensor], te.Tensor]:
     """Inputs (in `array_names` order) and the float32 weight in cw.shape."""
     names = array_names(cw)
     ph = tc.placeholders(cw, names)
+    return [ph[n] for n in names], tc.matrix_weight(cw, decode_element(cw, ph))
+
+
+def decode_element(cw: CompressedWeight, ph: dict):
+    """element(i, j): the float32 matrix-view element from the stored arrays (placeholders `ph`)."""
     flip = flipped(is_transposed(cw), cw.meta["axis"])
     _, cols, group, groups = affine_layout(cw.shape, cw.meta["group_size"], flip)
     bits = int(cw.meta["bits"])
@@ -42,7 +52,7 @@ def decode_te(cw: CompressedWeight) -> tuple[list[te.Tensor], te.Tensor]:
         code = tc.unpack_code(ph["codes"], r * cols + c, bits).astype("float32")
         return (code - tc.flat_load(ph["zero"], k).astype("float32")) * tc.flat_load(ph["scale"], k).astype("float32")
 
-    return [ph[n] for n in names], tc.matrix_weight(cw, element)
+    return element
 
 
 def decode_primfunc(cw: CompressedWeight, name: str):
@@ -52,3 +62,29 @@ def decode_primfunc(cw: CompressedWeight, name: str):
 
 
 schedule_decode_cpu = tc.schedule_decode_cpu
+
+
+def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kind: str = "llvm"):
+    """PrimFunc(x (rows, cols), codes, scale, zero, y (rows, out)) = x W^T with W dequantised
+    inside the reduction; scheduled for LLVM, left to dlight's GPU rules for cuda."""
+    if len(cw.shape) != 2:
+        return f"a {len(cw.shape)}-D weight is not a matmul operand"
+    names = array_names(cw)
+    ph = tc.placeholders(cw, names)
+    n_out, cols = cw.matrix_shape
+    x = te.placeholder((int(rows), cols), "float32", name="x")
+    inputs = [x] + [ph[n] for n in names]
+    flip = flipped(is_transposed(cw), cw.meta["axis"])
+    bits = int(cw.meta["bits"])
+    if not flip and target_kind == "llvm":
+        _, _, group, groups = affine_layout(cw.shape, cw.meta["group_size"], flip)
+        layout = tg.packed_rows_layout(bits, cols, cw.meta["group_size"])
+        if not isinstance(layout, str):
+            def at(arr):
+                return lambda i, g: tc.flat_load(ph[arr], i * groups + g).astype("float32")
+
+            y = tg.packed_rows_te(x, ph["codes"], bits, n_out, cols, layout, at("scale"), at("zero"))
+            return tg.schedule_packed_rows_cpu(tg.primfunc(inputs, y, name))
+    y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph))
+    func = tg.primfunc(inputs, y, name)
+    return tg.schedule_element_cpu(func, along_rows=flip) if target_kind == "llvm" else func

@@ -160,5 +160,13 @@ class RieM(Method):
 
         return tvm
 
+    def tvm_fused(self, cw, rows: int, name: str, target_kind: str, for_memory: bool = False):
+        """RieM stays decode-once unless the build asks to save memory (mode "fused"): rebuilding a
+        weight element costs about 6m sigmoids, 25-300x the multiply-add it feeds."""
+        if not for_memory:
+            return (f"RieM stays decode-once: rebuilding each weight element costs ~{6 * int(cw.meta.get('m', 16))} "
+                    "sigmoids per call, far more than the matmul (mode='fused' fuses it to save memory)")
+        return super().tvm_fused(cw, rows, name, target_kind, for_memory)
+
 
 METHOD = RieM()

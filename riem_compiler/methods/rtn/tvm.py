@@ -9,7 +9,9 @@ Codes are read in the bitpack.py layout (8 bits a byte; 4/3/2 bits from a two-by
 3-bit codes that straddle bytes need no branch); the arithmetic is `decode_rtn`'s, in float32.
 
 Codegen's interface (as for every method's kernel module): `array_names`, `decode_primfunc`,
-`schedule_decode_cpu`.
+`schedule_decode_cpu`, and `fused_linear_primfunc`: y = x W^T with the dequantisation inside the
+reduction (tvm_gemv.py: the packed-rows form for 2/4/8 bits with byte-aligned rows and groups,
+else the element form), so the weight stays in its stored bytes at run time.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from tvm import te, tirx
 
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.methods import tvm_common as tc
+from riem_compiler.methods import tvm_gemv as tg
 
 ARRAYS = ("codes", "scale")
 
@@ -35,6 +38,11 @@ def decode_te(cw: CompressedWeight) -> tuple[list[te.Tensor], te.Tensor]:
     """Inputs (in `array_names` order) and the float32 weight in cw.shape."""
     names = array_names(cw)
     ph = tc.placeholders(cw, names)
+    return [ph[n] for n in names], tc.matrix_weight(cw, decode_element(cw, ph))
+
+
+def decode_element(cw: CompressedWeight, ph: dict):
+    """element(i, j): the float32 matrix-view element from the stored arrays (placeholders `ph`)."""
     _, cols = cw.matrix_shape
     bits = int(cw.meta["bits"])
     group = cw.meta.get("group_size")
@@ -47,7 +55,7 @@ def decode_te(cw: CompressedWeight) -> tuple[list[te.Tensor], te.Tensor]:
         g = 0 if group is None else tirx.floordiv(j, int(group))
         return code * tc.flat_load(scale, i * n_groups + g).astype("float32")
 
-    return [ph[n] for n in names], tc.matrix_weight(cw, element)
+    return element
 
 
 def decode_primfunc(cw: CompressedWeight, name: str):
@@ -57,3 +65,31 @@ def decode_primfunc(cw: CompressedWeight, name: str):
 
 
 schedule_decode_cpu = tc.schedule_decode_cpu
+
+
+def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kind: str = "llvm"):
+    """PrimFunc(x (rows, cols), codes, scale, y (rows, out)) = x W^T with W decoded inside the
+    reduction; scheduled for LLVM, left to dlight's GPU rules for cuda (there the element form,
+    the pattern those rules recognise). A str says why not."""
+    if len(cw.shape) != 2:
+        return f"a {len(cw.shape)}-D weight is not a matmul operand"
+    names = array_names(cw)
+    ph = tc.placeholders(cw, names)
+    n_out, cols = cw.matrix_shape
+    bits = int(cw.meta["bits"])
+    group = cw.meta.get("group_size")
+    n_groups = 1 if group is None else -(-cols // int(group))
+    offset = tirx.const(float(cw.meta["offset"]), "float32")
+    codes, scale = ph["codes"], ph["scale"]
+    x = te.placeholder((int(rows), cols), "float32", name="x")
+
+    def scale_at(i, g):
+        return tc.flat_load(scale, i * n_groups + g).astype("float32")
+
+    layout = tg.packed_rows_layout(bits, cols, group)
+    if not isinstance(layout, str) and target_kind == "llvm":
+        y = tg.packed_rows_te(x, codes, bits, n_out, cols, layout, scale_at, lambda i, g: offset)
+        return tg.schedule_packed_rows_cpu(tg.primfunc([x, codes, scale], y, name))
+    y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph))
+    func = tg.primfunc([x, codes, scale], y, name)
+    return tg.schedule_element_cpu(func, along_rows=False) if target_kind == "llvm" else func

@@ -6,6 +6,9 @@
 over the matrix view (rows, cols), written straight into the weight's shape; `decode_vq`'s
 arithmetic in float32. Codes in the bitpack.py layout: tvm_common's reader up to 9 bits, a
 three-byte window for 10..15 (a code of up to 15 bits spans at most three bytes).
+
+`fused_linear_primfunc`: y = x W^T with the codebook lookup inside the reduction (tvm_gemv.py's
+element form), so only the codes, the codebook and the scales are resident.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from tvm import te, tirx
 
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.methods import tvm_common as tc
+from riem_compiler.methods import tvm_gemv as tg
 
 ARRAYS = ("codes", "codebook", "scale", "gain")
 
@@ -43,6 +47,12 @@ def decode_te(cw: CompressedWeight) -> tuple[list[te.Tensor], te.Tensor]:
     """Inputs (in `array_names` order) and the float32 weight in cw.shape."""
     names = array_names(cw)
     ph = tc.placeholders(cw, names)
+    return [ph[n] for n in names], tc.matrix_weight(cw, decode_element(cw, ph))
+
+
+def decode_element(cw: CompressedWeight, ph: dict):
+    """element(i, j): the float32 matrix-view element from the stored arrays (placeholders `ph`)."""
+    names = array_names(cw)
     _, cols = cw.matrix_shape
     dim, bits = int(cw.meta["dim"]), int(cw.meta["bits"])
     vectors = -(-cols // dim)
@@ -53,7 +63,7 @@ def decode_te(cw: CompressedWeight) -> tuple[list[te.Tensor], te.Tensor]:
         row_scale = scale[i].astype("float32") * gain[0]
         return codebook[code, tirx.floormod(j, dim)].astype("float32") * row_scale
 
-    return [ph[n] for n in names], tc.matrix_weight(cw, element)
+    return element
 
 
 def decode_primfunc(cw: CompressedWeight, name: str):
@@ -63,3 +73,17 @@ def decode_primfunc(cw: CompressedWeight, name: str):
 
 
 schedule_decode_cpu = tc.schedule_decode_cpu
+
+
+def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kind: str = "llvm"):
+    """PrimFunc(x (rows, cols), codes, codebook, scale, gain, y (rows, out)) = x W^T with the
+    codebook lookup inside the reduction; scheduled for LLVM, left to dlight's GPU rules for cuda."""
+    if len(cw.shape) != 2:
+        return f"a {len(cw.shape)}-D weight is not a matmul operand"
+    names = array_names(cw)
+    ph = tc.placeholders(cw, names)
+    n_out, cols = cw.matrix_shape
+    x = te.placeholder((int(rows), cols), "float32", name="x")
+    y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph))
+    func = tg.primfunc([x] + [ph[n] for n in names], y, name)
+    return tg.schedule_element_cpu(func, along_rows=False) if target_kind == "llvm" else func

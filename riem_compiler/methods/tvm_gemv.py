@@ -1,0 +1,209 @@
+"""Shared pieces of the fused dequantise-matmul kernels (`fused_linear_primfunc` in a method's
+`<method>/tvm.py`): y[b, i] = sum_k x[b, k] * W[i, k], with W decoded inside the reduction from
+the stored arrays, never written to memory. One TIR PrimFunc per weight and batch size.
+
+Two forms:
+
+- packed rows (`packed_rows_te`), the fast form: codes of 2, 4 or 8 bits whose rows and groups
+  start on a byte boundary (the grouped matrix is the weight's (out, in) view, groups along the
+  reduction). The reduction runs over (group, byte block, code within the byte): a vector of
+  `lanes` consecutive bytes of one row is loaded once, the codes of each byte are taken with a
+  constant shift (the loop over the codes of a byte is unrolled), and the activation is read
+  de-interleaved (x_split[b, t, byte] = x[b, byte * codes_per_byte + t], built in the same
+  function), so every load is contiguous. The group's scale and zero point are loaded once per
+  group. Schedule (LLVM): parallel over output rows, batch inside (one decode feeds every row of
+  x), lanes vectorised, a per-row accumulator of `lanes` partial sums reduced at the end.
+- element form (`element_linear_te`), for everything else (3/5/6/7 bits, tails that do not fill
+  a byte, groups that do not divide the row, grouping along the output axis, codebooks): the
+  method's decode expression W(i, k) is a spatial block inlined into the matmul's reduction.
+  Schedule (LLVM): parallel over output rows; vectorised over output rows where the stored
+  layout is contiguous along them (grouping along the output axis), else over the reduction
+  (per row `lanes` partial sums, then their sum).
+
+CUDA: the same PrimFuncs, unscheduled; the build's dlight GPU rules (GEMV, LowBatchGEMV, Matmul)
+schedule them.
+"""
+from __future__ import annotations
+
+from tvm import te, tirx
+
+LANE_CHOICES = (16, 8, 4)
+# PrimFunc attribute of a CPU kernel that gathers codes per weight (the element form along the
+# reduction: vq's codebook, rtn/affine codes that straddle bytes): measured slower than decoding
+# once (tvm_lowbit.md: vq at 1/16, 4x4096 MLP, batch 1: 155 ms fused vs 39 ms decode-once), so
+# mode "auto" decodes such weights once at load
+SLOW_ON_CPU = "riem.fused_slower_than_decode_once"
+F32 = "float32"
+
+
+def packed_rows_layout(bits: int, cols: int, group: int | None):
+    """(codes per byte, group, groups, bytes per group, lanes) when the packed-rows form applies, else
+    a str saying why not."""
+    if bits not in (2, 4, 8):
+        return f"{bits}-bit codes straddle bytes"
+    cpb = 8 // bits
+    g = cols if group is None else int(group)
+    if cols % g:
+        return f"group {g} does not divide the row ({cols})"
+    if g % cpb:
+        return f"a group of {g} does not fill whole bytes"
+    gb = g // cpb
+    lanes = next((v for v in LANE_CHOICES if gb % v == 0), None)
+    if lanes is None:
+        return f"a group's {gb} bytes do not split into vector lanes"
+    return cpb, g, cols // g, gb, lanes
+
+
+def packed_rows_te(x: te.Tensor, codes: te.Tensor, bits: int, rows: int, cols: int, layout, scale_at, zero_at):
+    """y (batch, rows) = x W^T with W[i, k] = (code(i, k) - zero_at(i, g)) * scale_at(i, g), g = k // group,
+    codes in the bitpack layout over the (rows, cols) matrix. `layout` from packed_rows_layout.
+
+    Partial sums acc[b, i, c, t, lane]: `chains` independent vector accumulators (c) per code
+    position in the byte (t), so consecutive fused multiply-adds do not wait on each other."""
+    cpb, _, n_groups, gb, lanes = layout
+    blocks = gb // lanes
+    batch = int(x.shape[0])
+    chains = next(c for c in (4, 2, 1) if blocks % c == 0 and (c * cpb * batch <= 8 or c == 1))
+    row_bytes = cols // cpb
+    mask = (1 << bits) - 1
+    xs = te.compute((batch, cpb, row_bytes), lambda b, t, kb: x[b, kb * cpb + t], name="x_split")
+    g = te.reduce_axis((0, n_groups), name="g")
+    ko = te.reduce_axis((0, blocks // chains), name="ko")
+
+    def decode(i, t, grp, kk):
+        byte = codes[i * row_bytes + grp * gb + kk].astype("int32")
+        code = byte if bits == 8 else tirx.bitwise_and(tirx.shift_right(byte, t * bits), mask)
+        return (code.astype(F32) - zero_at(i, grp)) * scale_at(i, grp)
+
+    dec = te.compute((rows, cpb, n_groups, gb), decode, name="decode")
+
+    def acc(b, i, c, t, lane):
+        kk = (ko * chains + c) * lanes + lane
+        return te.sum(xs[b, t, g * gb + kk] * dec[i, t, g, kk], axis=[g, ko])
+
+    part = te.compute((batch, rows, chains, cpb, lanes), acc, name="acc")
+    rc = te.reduce_axis((0, chains), name="rc")
+    rt = te.reduce_axis((0, cpb), name="rt")
+    lane_sums = te.compute((batch, rows, lanes), lambda b, i, lane: te.sum(part[b, i, rc, rt, lane], axis=[rc, rt]),
+                           name="lanes")
+    rl = te.reduce_axis((0, lanes), name="rl")
+    return te.compute((batch, rows), lambda b, i: te.sum(lane_sums[b, i, rl], axis=rl), name="y")
+
+
+def schedule_packed_rows_cpu(func):
+    """LLVM schedule of a packed_rows_te PrimFunc (see the module docstring). With more than one
+    batch row, a tile of `tile` output rows shares each activation vector (loaded once for the
+    tile), so x is streamed rows/tile times instead of once per output row."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    y, acc, lanes = sch.get_sblock("y"), sch.get_sblock("acc"), sch.get_sblock("lanes")
+    b, i = sch.get_loops(y)[:2]
+    batch, rows = int(sch.get(b).extent), int(sch.get(i).extent)
+    tile = 1 if batch == 1 else next((t for t in (8, 4, 2) if rows % t == 0), 1)
+    io, ii = sch.split(i, [None, tile])
+    sch.reorder(io, ii, b)
+    sch.parallel(io)
+    sch.compute_at(lanes, io, preserve_unit_loops=True)
+    _, lb, li, ll, lc, lt = sch.get_loops(lanes)
+    sch.reorder(lb, li, lc, lt, ll)
+    sch.vectorize(ll)
+    sch.decompose_reduction(lanes, lc)
+    sch.compute_at(acc, io, preserve_unit_loops=True)
+    # under io: batch, rows of the tile, chains, code in byte, lanes; then the reductions
+    _, ab, ai, ac, at, al, g, ko = sch.get_loops(acc)
+    sch.reorder(g, ko, ac, at, ab, ai, al)  # one decode per (row, byte vector) feeds every batch row
+    sch.unroll(ac)
+    sch.unroll(at)
+    sch.unroll(ai)
+    sch.vectorize(al)
+    # the decoded vectors of one (group, byte block) for the tile's rows: decoded once, then used
+    # by every batch row
+    dec = sch.get_sblock("decode")
+    sch.compute_at(dec, ko, preserve_unit_loops=True)
+    dl = sch.get_loops(dec)[-4:]  # rows of the tile, code in byte, unit group, bytes
+    dlo, dli = sch.split(dl[3], [None, int(sch.get(al).extent)])
+    sch.unroll(dl[0])
+    sch.unroll(dl[1])
+    sch.unroll(dlo)
+    sch.vectorize(dli)
+    sch.set_scope(dec, 0, "local")
+    init = sch.decompose_reduction(acc, g)
+    sch.vectorize(sch.get_loops(init)[-1])
+    # accumulators on the stack: registers for LLVM (or L1), which then sees that they alias
+    # neither the codes nor x and keeps one decode for every batch row
+    sch.set_scope(acc, 0, "local")
+    sch.set_scope(lanes, 0, "local")
+    xs = sch.get_sblock("x_split")
+    sch.fuse(*sch.get_loops(xs))
+    return scheduled(sch)
+
+
+def element_linear_te(x: te.Tensor, rows: int, cols: int, element):
+    """y (batch, rows) = x W^T with W[i, k] = element(i, k), a spatial block ("decode") that the
+    schedule inlines into the reduction."""
+    batch = int(x.shape[0])
+    w = te.compute((rows, cols), lambda i, k: element(i, k), name="decode")
+    k = te.reduce_axis((0, cols), name="k")
+    return te.compute((batch, rows), lambda b, i: te.sum(x[b, k] * w[i, k], axis=k), name="y")
+
+
+def schedule_element_cpu(func, along_rows: bool):
+    """LLVM schedule of an element_linear_te PrimFunc: the decode inlined into the reduction,
+    parallel over output rows; with `along_rows` (codes contiguous along the output rows) a
+    block of output rows is vectorised and the reduction runs outside it."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(blk).name_hint != "y":
+            sch.compute_inline(blk)
+    y = sch.get_sblock("y")
+    b, i, k = sch.get_loops(y)
+    rows = int(sch.get(i).extent)
+    if not along_rows:  # vector lanes over the reduction: per row, `lanes` partial sums, then their sum
+        sch.mod["main"] = sch.mod["main"].with_attr(SLOW_ON_CPU, True)
+        schedule_row_reduction(sch, "y")
+        return scheduled(sch)
+    lanes = next((v for v in LANE_CHOICES if rows % v == 0), None)
+    if lanes is None:
+        sch.reorder(i, b)
+        sch.parallel(i)
+        return scheduled(sch)
+    io, ii = sch.split(i, [None, lanes])
+    sch.reorder(io, b, k, ii)
+    sch.parallel(io)
+    sch.vectorize(ii)
+    sch.decompose_reduction(y, k)
+    return scheduled(sch)
+
+
+def scheduled(sch):
+    """The schedule's PrimFunc, marked scheduled for this project's passes ("tir.is_scheduled") and
+    for dlight ("tirx.is_scheduled" in TVM 0.27), so neither reschedules it."""
+    return sch.mod["main"].with_attr("tir.is_scheduled", True).with_attr("tirx.is_scheduled", True)
+
+
+def schedule_row_reduction(sch, block: str) -> None:
+    """A block out[b, i] = sum_k ...: parallel over i; where the reduction splits into vector lanes,
+    per row `lanes` contiguous partial sums (rfactor) reduced at the end."""
+    blk = sch.get_sblock(block)
+    b, i, k = sch.get_loops(blk)
+    sch.reorder(i, b)
+    sch.parallel(i)
+    cols = int(sch.get(k).extent)
+    lanes = next((v for v in LANE_CHOICES if cols % v == 0), None)
+    if lanes is None:
+        return
+    ko, ki = sch.split(k, [None, lanes])
+    rf = sch.rfactor(ki, factor_axis=2)  # rf[b, i, lane]: lanes contiguous
+    ri, _, rko, rki = sch.get_loops(rf)
+    sch.parallel(ri)
+    sch.vectorize(rki)
+    init = sch.decompose_reduction(rf, rko)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def primfunc(inputs, y, name: str):
+    """te.create_prim_func named `name` (TVM names it "main")."""
+    return te.create_prim_func(list(inputs) + [y]).with_attr("global_symbol", name)

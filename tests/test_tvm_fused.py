@@ -1,0 +1,183 @@
+"""Fused dequantise-matmul TVM kernels (methods/<method>/tvm.py `fused_linear_primfunc`,
+tvm_gemv.py): numerics against numpy decode + matmul (odd shapes, tails that do not fill a
+byte, groups that do not divide the row, both affine axes, batch > 1), CUDA source that nvcc
+compiles, and build_tvm's per-layer choice (fused / decoded once, and why) with resident bytes."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from riem_compiler import methods  # noqa: E402
+from riem_compiler.codegen.tvm_build import TvmBuildOptions, build_tvm, compile_cuda_source, make_target  # noqa: E402
+from riem_compiler.codegen.tvm_runtime import load_tvm  # noqa: E402
+from riem_compiler.methods.affine import fit_affine  # noqa: E402
+from riem_compiler.methods.rtn import fit_rtn  # noqa: E402
+from riem_compiler.methods.svd import fit_svd  # noqa: E402
+from riem_compiler.methods.vq import fit_vq  # noqa: E402
+
+
+def _weight(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# (label, fit, batch): the packed-rows form (2/4/8 bits, byte-aligned rows and groups) and the
+# element form (3 bits, a row that ends mid-byte, a group that does not divide the row, the
+# output-axis affine grouping, codebooks)
+CASES = [
+    ("rtn4-g32", lambda: fit_rtn(_weight((24, 96)), 4, 32), 1),
+    ("rtn2-row", lambda: fit_rtn(_weight((20, 64), 1), 2, None), 3),
+    ("rtn8-g16", lambda: fit_rtn(_weight((17, 48), 2), 8, 16), 2),
+    ("rtn3-g20-odd", lambda: fit_rtn(_weight((13, 45), 3), 3, 20), 2),
+    ("rtn4-tail", lambda: fit_rtn(_weight((9, 37), 4), 4, None), 1),
+    ("rtn4-g24-ragged", lambda: fit_rtn(_weight((16, 40), 5), 4, 24), 3),
+    ("affine4-in-g32", lambda: fit_affine(_weight((24, 128), 6), 4, 32, iterations=3), 1),
+    ("affine2-out-g16", lambda: fit_affine(_weight((48, 30), 7), 2, 16, axis="out", iterations=3), 2),
+    ("affine3-odd", lambda: fit_affine(_weight((11, 27), 8), 3, 8, iterations=3), 1),
+    ("vq-d4", lambda: fit_vq(_weight((32, 64), 9), 4, 6, iterations=2), 2),
+    ("vq-d8-tail", lambda: fit_vq(_weight((10, 44), 10), 8, 5, iterations=2), 1),
+    ("svd-int8", lambda: fit_svd(_weight((40, 64), 11), 0.3, 8), 2),
+    ("svd-f16-odd", lambda: fit_svd(_weight((21, 35), 12), 0.5, 16), 1),
+]
+
+
+def _fused_kernel(cw, batch, target_kind="llvm"):
+    """The fused kernel itself (for_memory: also where mode "auto" would decode once instead)."""
+    kernel = methods.get(cw.method).tvm_fused(cw, batch, "fused_k", target_kind, for_memory=True)
+    assert not isinstance(kernel, str), kernel
+    return kernel
+
+
+@pytest.mark.parametrize("label,fit,batch", CASES, ids=[c[0] for c in CASES])
+def test_fused_kernel_matches_decode_then_matmul(label, fit, batch):
+    cw = fit()
+    kernel = _fused_kernel(cw, batch)
+    lib = tvm.compile(tvm.IRModule({"fused_k": kernel}), target=make_target(TvmBuildOptions(num_cores=2)))
+    rows, cols = cw.matrix_shape
+    x = np.random.default_rng(batch).standard_normal((batch, cols)).astype(np.float32)
+    names = methods.get(cw.method).tvm_kernel().array_names(cw)
+    args = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(np.ascontiguousarray(cw.arrays[n])) for n in names]
+    y = tvm.runtime.tensor(np.zeros((batch, rows), np.float32))
+    lib["fused_k"](*args, y)
+    ref = x @ methods.decode(cw).reshape(rows, cols).T
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_riem_stays_decode_once_and_says_why():
+    from tests.test_tvm import random_riem
+
+    why = methods.get("riem").tvm_fused(random_riem((8, 16)), 1, "k", "llvm")
+    assert isinstance(why, str) and "decode-once" in why and "sigmoid" in why
+
+
+def test_batch_regime_choice():
+    """Mode "auto" on LLVM: fused up to FUSED_CPU_MAX_ROWS activation rows, decode-once above (with
+    the reason); mode "fused" (for_memory) and CUDA keep the fused kernel at any batch."""
+    from riem_compiler.methods.base import FUSED_CPU_MAX_ROWS
+
+    cw = CASES[0][1]()
+    rtn = methods.get("rtn")
+    assert not isinstance(rtn.tvm_fused(cw, FUSED_CPU_MAX_ROWS, "k", "llvm"), str)
+    why = rtn.tvm_fused(cw, FUSED_CPU_MAX_ROWS + 1, "k", "llvm")
+    assert isinstance(why, str) and "batch regime" in why
+    assert not isinstance(rtn.tvm_fused(cw, 32, "k", "llvm", for_memory=True), str)
+    assert not isinstance(rtn.tvm_fused(cw, 32, "k", "cuda"), str)
+
+
+@pytest.mark.parametrize("label", ["rtn4-g32", "rtn3-g20-odd", "affine2-out-g16", "vq-d4", "svd-int8"])
+def test_fused_kernel_cuda_source_compiles(label, tmp_path):
+    """Each form builds for cuda sm_90 (dlight GPU rules) and nvcc compiles its source."""
+    from riem_compiler.codegen.tvm_pipeline import _default_schedules, cuda_sources
+
+    fit, batch = next((f, b) for name, f, b in CASES if name == label)
+    cw = fit()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    mod = _default_schedules(tvm.IRModule({"fused_k": _fused_kernel(cw, batch, "cuda")}), target)
+    assert mod["fused_k"].attrs.get("tirx.is_scheduled", False)
+    ex = tvm.compile(mod, target=target)
+
+    src = "\n".join(cuda_sources(ex))
+    assert "fused_k" in src
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: CUDA source generated but not compiled")
+    (tmp_path / "k.cu").write_text(src)
+    assert len(compile_cuda_source(tmp_path / "k.cu", arch="sm_90")) > 0
+
+
+# ----------------------------------------------------------------------------- build_tvm's per-layer choice
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, 96)
+        self.fc2 = torch.nn.Linear(96, 64)
+        self.fc3 = torch.nn.Linear(64, 40)
+        self.fc4 = torch.nn.Linear(40, 10)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.fc1(x))
+        return self.fc4(torch.relu(self.fc3(torch.relu(self.fc2(h)))))
+
+
+@pytest.fixture(scope="module")
+def mlp_result():
+    from riem_compiler.frontend.layers import LayerSpec
+    from riem_compiler.passes.rewrite_torch import apply_compressed
+    from tests.test_tvm import _Result, random_riem
+
+    torch.manual_seed(0)
+    net = MLP().eval()
+    specs = [LayerSpec(f"{m}.weight", "linear", getattr(net, m).weight.detach().numpy(), module=m)
+             for m in ("fc1", "fc2", "fc3", "fc4")]
+    w = {s.name: s.weight for s in specs}
+    compressed = {"fc1.weight": fit_rtn(w["fc1.weight"], 4, 32),
+                  "fc2.weight": fit_affine(w["fc2.weight"], 2, 16, axis="out", iterations=3),
+                  "fc3.weight": fit_vq(w["fc3.weight"], 4, 6, iterations=2),
+                  "fc4.weight": random_riem((10, 40), q=4, bits=8, seed=3)}
+    model = apply_compressed(net, specs, compressed).eval()
+    return _Result(model, compressed, (torch.randn(3, 64),), net)
+
+
+@pytest.fixture(scope="module")
+def auto_artifact(mlp_result, tmp_path_factory):
+    return build_tvm(mlp_result, tmp_path_factory.mktemp("auto") / "art", target="llvm", num_cores=2)
+
+
+def test_auto_build_fuses_per_layer_and_says_why(mlp_result, auto_artifact):
+    manifest = json.loads((auto_artifact / "manifest.json").read_text())
+    assert manifest["mode"] == "auto"
+    layers = {row["name"]: row for row in manifest["layers"]}
+    for name in ("fc1.weight", "fc2.weight"):  # rtn packed rows; affine grouped along the outputs
+        assert layers[name]["decode"] == "fused into the matmul" and layers[name]["why"] is None
+        assert layers[name]["resident_bytes"] == mlp_result.compressed[name].nbytes
+    # vq's CPU kernel gathers a code per weight (slower than decode-once); riem stays decode-once
+    assert layers["fc3.weight"]["decode"] == "once at load" and "slower" in layers["fc3.weight"]["why"]
+    assert layers["fc4.weight"]["decode"] == "once at load" and "decode-once" in layers["fc4.weight"]["why"]
+    for name in ("fc3.weight", "fc4.weight"):
+        assert layers[name]["resident_bytes"] == layers[name]["dense_bytes"]
+    assert any(k.startswith("rtn_fused_linear") for k in manifest["build"]["kernels"])
+    x = mlp_result.example_inputs[0]
+    with torch.no_grad():
+        ref = mlp_result.model(x).numpy()
+    got = load_tvm(auto_artifact)(x.numpy())
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_auto_artifact_holds_the_stored_bytes(mlp_result, auto_artifact):
+    """The runtime keeps the fused weights as exactly their stored arrays: the parameters main
+    receives for them are the compact arrays, no float32 copy of those weights; the others are
+    held decoded (float32)."""
+    model = load_tvm(auto_artifact)
+    fused = {n: cw for n, cw in mlp_result.compressed.items() if n in ("fc1.weight", "fc2.weight")}
+    dense_shapes = [tuple(cw.shape) for cw in fused.values()] + [tuple(cw.shape)[::-1] for cw in fused.values()]
+    held = [tuple(int(s) for s in p.shape) for p in model.params]
+    assert not any(s in dense_shapes for s in held), held
+    param_bytes = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in model.params)
+    decoded_and_biases = sum(4 * p.numel() for n, p in mlp_result.original.state_dict().items()
+                             if n not in fused)
+    assert param_bytes == sum(cw.nbytes for cw in fused.values()) + decoded_and_biases
