@@ -54,7 +54,9 @@ def fit_fields(config) -> dict:
     from riem_compiler.methods.base import settings_key
 
     names = list(methods.MODULES) if config.method == methods.PLANNER else [config.method]
-    return {**{name: getattr(config, name) for name in FIT_FIELDS},
+    fields = {name: getattr(config, name) for name in FIT_FIELDS}
+    fields["threads"] = fields["threads"] or 1  # None means 1 thread per fit job
+    return {**fields,
             "settings": {n: settings_key(methods.get(n).settings(config)) for n in names}}
 
 

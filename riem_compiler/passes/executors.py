@@ -14,7 +14,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import queue
+import threading
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from riem_compiler.errors import InputError
@@ -83,15 +84,41 @@ class LocalExecutor:
                 for args in jobs:
                     yield self._run(fn, args, on_error)
                 return
-            pool = ThreadPoolExecutor(min(self.workers, len(jobs)), thread_name_prefix="riem-job")
-            try:
-                futures = [pool.submit(self._run, fn, args, on_error) for args in jobs]
-                for future in as_completed(futures):
-                    yield future.result()
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+            yield from self._side_by_side(fn, jobs, on_error)
         finally:
             _set_torch_threads(previous)
+
+    def _side_by_side(self, fn: Callable, jobs: list[tuple], on_error: OnError | None) -> Iterator:
+        """Jobs on daemon threads, results yielded as they finish. When the caller stops (an
+        exception, Ctrl-C) no further job starts, and a job still running is abandoned rather
+        than waited for: its thread ends with the process."""
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for args in jobs:
+            todo.put(args)
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def work():
+            while not stop.is_set():
+                try:
+                    args = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((True, self._run(fn, args, on_error)))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    done.put((False, exc))
+
+        for k in range(min(self.workers, len(jobs))):
+            threading.Thread(target=work, name=f"riem-job-{k}", daemon=True).start()
+        try:
+            for _ in jobs:
+                ok, value = done.get()
+                if not ok:
+                    raise value
+                yield value
+        finally:
+            stop.set()
 
 
 def _is_plain(value) -> bool:
