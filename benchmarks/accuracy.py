@@ -431,6 +431,9 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     extra = {"auto_riem_reused": reuse.reused - before[0], "auto_riem_fitted": reuse.fitted - before[1],
                              "auto_riem_candidates": riem_fit is not None,
                              "defaults_version": rc.config.DEFAULTS_VERSION,
+                             "auto_inputs": ("random word-piece ids (random_token_sampler, passed as input_sampler)"
+                                             if task.refine_settings({}).input_sampler is not None
+                                             else "the default synthetic inputs"),
                              "auto_dropped_candidates": grid.dropped, "auto_choices": {},
                              "auto_objective": plan.get("objective"), "auto_source": plan.get("source"),
                              "auto_measured": plan.get("measured", {}).get(plan.get("source")),

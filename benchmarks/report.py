@@ -287,8 +287,10 @@ def render_accuracy_model(doc: AccuracyDoc, model: str) -> list[str]:
         versions = sorted({str(r.get("defaults_version", NOT_RECORDED)) for r in auto_rows})
         riem = sorted({"with RieM candidates" if r.get("auto_riem_candidates") else "without RieM candidates"
                        for r in auto_rows if "auto_riem_candidates" in r})
+        inputs = sorted({r["auto_inputs"] for r in auto_rows if r.get("auto_inputs")})
         lines += [f"`auto` rows: defaults version {', '.join(versions)}"
-                  + (f" ({', '.join(riem)})" if riem else "") + ".", ""]
+                  + (f" ({', '.join(riem)})" if riem else "")
+                  + (f"; sensitivity inputs: {', '.join(inputs)}" if inputs else "") + ".", ""]
     primary = primary_metric(model, rows)
     for key in sorted(keys, key=lambda k: (k != primary, keys.index(k))):
         lines += [f"#### {METRIC_NAMES.get(key, key)}", ""]
