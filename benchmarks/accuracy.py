@@ -13,8 +13,9 @@ Models and data (all offline):
 
 Methods at each budget (stored bytes / fp32 bytes of the compressible layers):
 riem (8-bit states), svd (16-bit factors), rtn, tucker2 (Tucker-2 on KxK convs, svd on the other
-layers), auto (method="auto"; its RieM candidates reuse this run's riem fits of the same weight and
-ratio instead of fitting them again; missing ones are fitted with the same settings), and
+layers), auto (method="auto" with default settings: no RieM candidates), auto+riem (auto_riem=True:
+RieM candidates too, reusing this run's riem fits of the same weight and ratio instead of fitting
+them again; missing ones are fitted with the same settings), and
 X+refine for X in riem, svd, auto: X's model after data-free refinement (passes/refine.py).
 
 Peers (benchmarks/peers.py), run by their own PyPI code on the same weights: hqq-peer (hqq's
@@ -73,7 +74,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 24, 1 / 32)
 MODELS = ("digits_cnn", "digits_resnet8", "minilm", "effnet_lite2")
 PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
-METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto-weight", "auto+emb",
+METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto+riem", "auto-weight", "auto+emb",
            *PEER_METHODS, "riem+refine", "svd+refine", "auto+refine")
 
 
@@ -372,7 +373,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                  time.perf_counter() - t0, **task.notes})
     log.info("%s original: %s", task.name, orig_metrics)
     reuse = RiemReuse()
-    memo = None  # auto's candidate fits, shared by its budgets
+    memos: dict[bool, MemoGrid] = {}  # auto's candidate fits (with / without RieM), shared by its budgets
     sensitivities = Sensitivities()
     synthetic = None
     refine_fields = mode.refine[task.name]
@@ -385,10 +386,11 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
             if method in PEER_METHODS:
                 rows.append(run_peer(task, method, budget, base))
                 continue
-            base_method = method.removesuffix("+refine").removesuffix("+emb").removesuffix("-weight")
+            base_method = (method.removesuffix("+refine").removesuffix("+emb").removesuffix("-weight")
+                           .removesuffix("+riem"))
             cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
                          time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0,
-                         compress_embeddings=method.endswith("+emb"))
+                         compress_embeddings=method.endswith("+emb"), auto_riem=method.endswith("+riem"))
             row = {**base, "method": method, "budget": budget}
             extra = {}
             t_fit = time.perf_counter()
@@ -415,8 +417,9 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     # RieM candidates only where the defaults offer them (Config.auto_riem), reusing
                     # this run's riem fits when it made them
                     riem_fit = reuse.fitter(cfg) if cfg.auto_riem else None
-                    if memo is None:  # riem_fit keys its fits by weight and ratio, so one serves every budget
-                        memo = MemoGrid(CandidateGrid(riem_fit=riem_fit))
+                    # riem_fit keys its fits by weight and ratio, so one grid serves every budget (one
+                    # grid with RieM candidates, one without)
+                    memo = memos.setdefault(riem_fit is not None, MemoGrid(CandidateGrid(riem_fit=riem_fit)))
                     memo.grid.riem_ratios = (budget / 2,) if mode.auto_riem_half[task.name] else ()
                     grid = DropBroken(memo)
                     before = (reuse.reused, reuse.fitted)

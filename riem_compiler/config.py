@@ -71,7 +71,8 @@ class Config:
     sensitivity: str = "output"
     sensitivity_samples: int = 32  # synthetic inputs for the sensitivity (and as many held out)
     # method="auto": also offer RieM candidates (fitted at ratio/2 with the riem settings above). Off by
-    # default: they cost seconds to minutes per layer, 10-15x auto's whole run on MiniLM, and were rarely picked
+    # default: they cost seconds to minutes per layer, 10-15x auto's whole run on MiniLM where they did not help
+    # (on the digits CNNs at 1/24-1/32 they did: docs/AUTO.md)
     auto_riem: bool = False
     # ONNX form of compressed weights: "auto" (per layer the best native form that maps: onnxruntime
     # MatMulNBits / GatherBlockQuantized, else blocked DequantizeLinear, else decoder functions; the

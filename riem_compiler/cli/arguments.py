@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="local executor: layer fits at once (default: the available cores // --threads)")
     g.add_argument("--auto-riem", action="store_true",
-                   help="auto: also offer RieM candidates (fitted at ratio/2; seconds to minutes per layer, "
-                        "rarely picked; default off)")
+                   help="auto: also offer RieM candidates (fitted at ratio/2; seconds to minutes per layer; "
+                        "they help small CNNs at very low budgets; default off)")
     g.add_argument("--error-ceiling", type=_finite_float, default=1.0,
                    help="keep a layer dense when its relative weight error is above this (default 1.0)")
     g.add_argument("--sensitivity", choices=("output", "weight"), default="output",
