@@ -100,11 +100,9 @@ def load(model_name: str):
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return math.nan
+    from benchmarks.onnx_forms import rss_bytes
+
+    return rss_bytes() / 2**20
 
 
 def _peak_rss_mb() -> float:
@@ -205,6 +203,10 @@ def growth_exponent(rows: list[dict]) -> tuple[float, float] | None:
     return float(k), float(c)
 
 
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def render(doc: dict) -> str:
     lines = ["# Compression time and memory", "",
              "Each row is its own child process: wall seconds of the compression alone, peak RSS of that "
@@ -218,14 +220,11 @@ def render(doc: dict) -> str:
         notes = r.get("error") or r.get("setting") or ""
         if r.get("auto_picked"):
             notes = "picked " + ", ".join(f"{k} x{v}" for k, v in sorted(r["auto_picked"].items()))
-        lines.append(f"| {r['model']} | {r['method']} | 1/{round(1 / r['ratio'])} | {r.get('params', 0) / 1e6:.1f} | "
-                     f"{r['seconds']:.1f} | " if r.get("seconds") is not None else
-                     f"| {r['model']} | {r['method']} | 1/{round(1 / r['ratio'])} | {r.get('params', 0) / 1e6:.1f} | - | ")
-        lines[-1] += f"{r.get('peak_rss_mb', math.nan):.0f} | {r.get('peak_rss_mb', math.nan) - r.get('rss_loaded_mb', math.nan):.0f} | "
-        lines[-1] += (f"{r.get('fp32_weight_mb', math.nan):.0f} | "
-                      f"{r['stored_ratio']:.4f} | " if r.get("stored_ratio") is not None else
-                      f"{r.get('fp32_weight_mb', math.nan):.0f} | - | ") + \
-            f"{notes} | {r.get('run', '')} |"
+        peak, loaded = r.get("peak_rss_mb", math.nan), r.get("rss_loaded_mb", math.nan)
+        cells = [r["model"], r["method"], f"1/{round(1 / r['ratio'])}", f"{r.get('params', 0) / 1e6:.1f}",
+                 _num(r.get("seconds"), ".1f"), f"{peak:.0f}", f"{peak - loaded:.0f}",
+                 f"{r.get('fp32_weight_mb', math.nan):.0f}", _num(r.get("stored_ratio"), ".4f"), notes, r.get("run", "")]
+        lines.append("| " + " | ".join(cells) + " |")
     split = [r for r in doc["rows"] if r.get("auto_timing")]
     if split:
         lines += ["", "## Where auto's time goes", "",

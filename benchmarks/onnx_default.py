@@ -37,29 +37,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
+
+from benchmarks.onnx_forms import mlp  # noqa: E402  (onnx_forms.py's MLP at the chosen width)
 FORMS = ("functions", "auto", "ort")
 FORMS_SCRIPT = ROOT / "benchmarks" / "onnx_forms.py"
-
-
-def mlp(n: int, layers: int = 4):
-    """onnx_forms.py's MLP at width n (MatMul weights (in, out), Relu between, dynamic batch)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    g = np.random.default_rng(0)
-    nodes, inits, x = [], [], "X"
-    for i in range(layers):
-        inits.append(numpy_helper.from_array((g.standard_normal((n, n)) / n ** 0.5).astype(np.float32), f"W{i}"))
-        nodes.append(helper.make_node("MatMul", [x, f"W{i}"], [f"h{i}"]))
-        if i < layers - 1:
-            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"]))
-            x = f"r{i}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", n])],
-                              [helper.make_tensor_value_info(f"h{layers - 1}", TensorProto.FLOAT, ["batch", n])],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    feeds = {f"X@{b}": g.standard_normal((b, n)).astype(np.float32) for b in (1, 32)}
-    return model, feeds
 
 
 def labels(res) -> str:

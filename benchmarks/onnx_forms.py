@@ -96,11 +96,12 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def mlp4096(tmp: Path):
+def mlp(n: int, layers: int = 4, name: str = "mlp"):
+    """(ONNX model, feeds): `layers` MatMuls of n x n N(0, 1/n) weights stored (in, out), Relu
+    between, dynamic batch; feeds "X@1" and "X@32". Seeded: every caller gets the same weights."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = np.random.default_rng(0)
-    n, layers = 4096, 4
     nodes, inits, x = [], [], "X"
     for i in range(layers):
         inits.append(numpy_helper.from_array((g.standard_normal((n, n)) / n ** 0.5).astype(np.float32), f"W{i}"))
@@ -108,12 +109,16 @@ def mlp4096(tmp: Path):
         if i < layers - 1:
             nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"]))
             x = f"r{i}"
-    graph = helper.make_graph(nodes, "mlp4096", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", n])],
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", n])],
                               [helper.make_tensor_value_info(f"h{layers - 1}", TensorProto.FLOAT, ["batch", n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     feeds = {f"X@{b}": g.standard_normal((b, n)).astype(np.float32) for b in (1, 32)}
     return model, feeds
+
+
+def mlp4096(tmp: Path):
+    return mlp(4096, name="mlp4096")
 
 
 def minilm(tmp: Path):

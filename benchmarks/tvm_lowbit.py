@@ -44,19 +44,13 @@ sys.path.insert(0, str(ROOT))
 RESULTS = HERE / "results"
 N, LAYERS = 4096, 4
 
+from benchmarks.onnx_forms import rss_bytes  # noqa: E402
+
 SETTINGS = {  # label -> (method, ratio, method options)
     "rtn4-g128": ("rtn", 0.13, {"rtn": {"group_size": 128, "choose": "ladder"}}),
     "affine2-g64": ("affine", 0.09, {"affine": {"bits": 2, "group_size": 64, "iterations": 5}}),
     "vq-1/16": ("vq", 1 / 16, {"vq": {"iterations": 4}}),
 }
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _median_ms(fn, runs: int) -> float:

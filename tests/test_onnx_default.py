@@ -18,6 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import riem_compiler as rc
+from benchmarks.onnx_forms import mlp
 from riem_compiler.codegen.onnx_export import DOMAIN, META_KEY, convert_onnx_format, onnx_forms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,30 +172,12 @@ def _session_rss(path) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
-def mlp(n: int = 2048, layers: int = 4) -> onnx.ModelProto:
-    """benchmarks/onnx_forms.py's MLP: MatMuls with Relu between, dynamic batch."""
-    g = np.random.default_rng(0)
-    nodes, inits, x = [], [], "X"
-    for i in range(layers):
-        inits.append(numpy_helper.from_array((g.standard_normal((n, n)) / n ** 0.5).astype(np.float32), f"W{i}"))
-        nodes.append(helper.make_node("MatMul", [x, f"W{i}"], [f"h{i}"]))
-        if i < layers - 1:
-            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"]))
-            x = f"r{i}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", n])],
-                              [helper.make_tensor_value_info(f"h{layers - 1}", TensorProto.FLOAT, ["batch", n])],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
 def test_cli_default_opens_in_a_third_of_the_dense_memory(tmp_path):
     """Issue 23: the CLI with no --onnx-format, rtn at 0.15 on the 4x2048^2 MLP: stock onnxruntime's
     resident memory added by opening the file is at most 0.35x the dense file's (measured 0.28x; on a
     4x1024^2 MLP it is 0.39x, the fixed part of a session weighs more there)."""
     dense = tmp_path / "mlp.onnx"
-    onnx.save(mlp(), str(dense))
+    onnx.save(mlp(2048)[0], str(dense))  # benchmarks/onnx_forms.py's MLP
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "riem_compiler", str(dense), "-o", str(out), "--method", "rtn",
                            "--ratio", "0.15", "--no-cache", "--no-plot", "--no-verify", "--quiet"],

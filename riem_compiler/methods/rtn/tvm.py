@@ -71,8 +71,6 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
     """PrimFunc(x (rows, cols), codes, scale, y (rows, out)) = x W^T with W decoded inside the
     reduction; scheduled for LLVM, left to dlight's GPU rules for cuda (there the element form,
     the pattern those rules recognise). A str says why not."""
-    if len(cw.shape) != 2:
-        return f"a {len(cw.shape)}-D weight is not a matmul operand"
     names = array_names(cw)
     ph = tc.placeholders(cw, names)
     n_out, cols = cw.matrix_shape
