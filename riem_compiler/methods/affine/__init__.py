@@ -44,6 +44,9 @@ AUTO_LADDER = ((4, 64), (4, 128), (3, 64), (3, 128), (2, 64), (2, 128), (1, 128)
 BETA0 = 1.0
 KAPPA = 1.1
 F16_TINY = float(np.finfo(np.float16).smallest_subnormal)
+# the solver stops once an iteration lowers the total squared error by less than this share of it
+# (MiniLM's weights: 1-2 bit groups stop after 8-19 of 30 iterations, at most +0.07% error)
+CONVERGED = 1e-4
 
 
 def _int_or_none(name: str, value):
@@ -105,8 +108,8 @@ def _shrink_lp(x: np.ndarray, beta: float, p: float) -> np.ndarray:
     """Generalised soft-threshold: the proximal step of |x|^p / beta (p = 1: soft threshold)."""
     a = np.abs(x)
     with np.errstate(divide="ignore"):
-        thresh = np.power(a, p - 1.0) / beta if p < 1 else 1.0 / beta
-    return np.sign(x) * np.maximum(a - thresh, 0.0)
+        a -= np.power(a, p - 1.0) / beta if p < 1 else 1.0 / beta
+    return np.copysign(np.maximum(a, 0.0, out=a), x, out=a)
 
 
 def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_norm: float = 0.7,
@@ -115,22 +118,26 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
 
     Groups are `group` consecutive columns (the last may be shorter; padding is masked out).
     iterations 0 gives min-max asymmetric quantisation; update_scale False keeps the min-max
-    scale and updates only the zero (HQQ's own solver)."""
-    G = np.asarray(G, dtype=np.float64)
+    scale and updates only the zero (HQQ's own solver). The iterations stop early once one
+    improves the total squared error by less than CONVERGED of it.
+
+    The iterations run in float32 (scale and zero are float16 anyway): the same errors as float64
+    to 5 digits on MiniLM's weights, 3.3x faster; per-group errors are summed in float64."""
+    G = np.asarray(G, dtype=np.float32)
     rows, cols = G.shape
     groups = math.ceil(cols / group)
-    X = np.zeros((rows, groups * group))
+    X = np.zeros((rows, groups * group), np.float32)
     X[:, :cols] = G
     X = X.reshape(rows, groups, group)
     mask = (np.arange(groups * group) < cols).reshape(groups, group)
-    m = mask.astype(np.float64)
-    count = m.sum(axis=1)
+    m = None if mask.all() else mask.astype(np.float32)  # padding to mask out, if any
+    count = mask.sum(axis=1).astype(np.float32)
     qmax = float((1 << bits) - 1)
     if not np.isfinite(X).all():
         raise ValueError("affine needs a finite weight")
 
-    lo = np.where(mask, X, np.inf).min(axis=2)
-    hi = np.where(mask, X, -np.inf).max(axis=2)
+    lo = np.where(mask, X, np.inf).min(axis=2).astype(np.float64)
+    hi = np.where(mask, X, -np.inf).max(axis=2).astype(np.float64)
     s = (hi - lo) / qmax
     s = np.where(s > 0, s, np.abs(hi))  # a constant group: code 0 stands for the constant
     s16 = _f16(np.maximum(s, F16_TINY))
@@ -144,28 +151,39 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
     if not (np.isfinite(s16).all() and np.isfinite(z16).all()):
         raise ValueError("affine scale/zero exceed the float16 range for this weight")
 
+    def masked(a):
+        if m is not None:
+            a *= m
+        return a
+
     def quantise(s16, z16):
-        s, z = s16.astype(np.float64)[..., None], z16.astype(np.float64)[..., None]
+        s, z = s16.astype(np.float32)[..., None], z16.astype(np.float32)[..., None]
         with np.errstate(over="ignore", invalid="ignore"):
-            q = np.clip(np.rint(X / s + z), 0.0, qmax)
-            err = (np.square(X - (q - z) * s) * m).sum(axis=2)
+            q = X / s
+            q += z
+            np.clip(np.rint(q, out=q), 0.0, qmax, out=q)
+            r = (q - z) * s
+            r -= X
+            err = masked(np.square(r, out=r)).sum(axis=2, dtype=np.float64)
         return q, err
 
     q, err = quantise(s16, z16)
     best_q, best_s, best_z, best_err = q, s16, z16, err
-    s, z = s16.astype(np.float64), z16.astype(np.float64)
+    s, z = s16.astype(np.float32), z16.astype(np.float32)
     beta = BETA0
     for _ in range(iterations):
         # error in code units, split into its sparse (lp) part and the rest
-        e = X / s[..., None] + z[..., None] - q
-        outlier = _shrink_lp(e, beta, lp_norm) * m
+        e = X / s[..., None]
+        e += z[..., None]
+        e -= q
+        outlier = masked(_shrink_lp(e, beta, lp_norm))
         target = X - outlier * s[..., None]  # the weights the codes should explain
         # closed-form scale and zero: least squares target ~ s * q - s * z in each group
-        q_mean = (q * m).sum(axis=2) / count
-        t_mean = (target * m).sum(axis=2) / count
-        dq = (q - q_mean[..., None]) * m
-        var = np.square(dq).sum(axis=2)
-        cov = (dq * target).sum(axis=2)
+        q_mean = masked(q.copy()).sum(axis=2) / count
+        t_mean = masked(target.copy()).sum(axis=2) / count
+        dq = masked(q - q_mean[..., None])
+        var = np.einsum("rgk,rgk->rg", dq, dq)
+        cov = np.einsum("rgk,rgk->rg", dq, target)
         with np.errstate(divide="ignore", invalid="ignore"):
             slope = np.where(var > 0, cov / np.where(var > 0, var, 1.0), 0.0)
             ok = (slope > 0) & update_scale
@@ -175,14 +193,17 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
         s16_new, z16_new = _f16(np.maximum(s, F16_TINY)), _f16(z)
         q, err = quantise(s16_new, z16_new)
         better = err < best_err  # nan (non-finite scale/zero) is never better
+        before = best_err.sum()
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, s16_new, best_s)
         best_z = np.where(better, z16_new, best_z)
         best_q = np.where(better[..., None], q, best_q)
-        s, z = s16_new.astype(np.float64), z16_new.astype(np.float64)
+        s, z = s16_new.astype(np.float32), z16_new.astype(np.float32)
         if not (np.isfinite(s).all() and np.isfinite(z).all()):
-            s, z = best_s.astype(np.float64), best_z.astype(np.float64)
+            s, z = best_s.astype(np.float32), best_z.astype(np.float32)
             q, _ = quantise(best_s, best_z)
+        if before - best_err.sum() <= CONVERGED * before:
+            break
     codes = best_q.reshape(rows, groups * group)[:, :cols].astype(np.int64)
     return codes, best_s, best_z
 
