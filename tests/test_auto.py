@@ -202,3 +202,22 @@ def test_default_auto_offers_no_riem_candidates_and_reports_its_time_split(monke
     timing = plan["timing"]
     assert {"rtn", "vq", "affine"} <= set(timing["candidates"]) and timing["scoring"] > 0
     assert all(v >= 0 for v in timing["candidates"].values())
+
+
+@pytest.mark.parametrize("ratio", [0.08, 0.2, 0.3])
+def test_freeing_unpickable_candidates_changes_no_plan(ratio, monkeypatch):
+    """Jobs free the arrays of candidates no plan can pick: the plan, its measured single-method
+    plans and the probe are those of a run that keeps every candidate, and most arrays are freed."""
+    specs = _specs()
+    freed = auto.choose_methods_detailed(specs, ratio)
+    monkeypatch.setattr(auto, "_free_unpickable", lambda pool, spec, budget_ratio: None)
+    kept = auto.choose_methods_detailed(specs, ratio)
+    assert [c.label for c in freed.choices] == [c.label for c in kept.choices]
+    assert freed.source == kept.source and freed.single_method == kept.single_method
+    for f, k in zip(freed.choices, kept.choices):
+        assert [(c.label, c.nbytes, c.rel_error) for c in f.candidates] == \
+            [(c.label, c.nbytes, c.rel_error) for c in k.candidates]
+        np.testing.assert_array_equal(decode(f.weight), decode(k.weight))
+    pools = [c.candidates for c in freed.choices]
+    assert sum(c.weight is None for pool in pools for c in pool) > 0.5 * sum(len(pool) for pool in pools)
+    assert all(c.weight is not None for c in kept.choices[0].candidates)

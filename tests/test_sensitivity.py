@@ -291,3 +291,16 @@ def test_onnx_auto_plans_on_output_error():
     assert plan["objective"] == "output" and plan["sensitivity"]["inputs"] == "gaussian"
     assert set(plan["measured"]) >= {"knapsack"} and plan["source"] in plan["measured"]
     assert plan["nbytes"] <= plan["budget_bytes"] == int(plan["fp32_bytes"] / 8)
+
+
+def test_freeing_unpickable_candidates_changes_no_plan_with_the_output_objective(monkeypatch):
+    """With predicted output errors as costs, jobs still free only candidates no plan can pick."""
+    model = Parallel().eval()
+    specs = _specs(model)
+    sens = TorchSensitivity(model, specs, (torch.randn(2, 144),), settings=SensitivitySettings(samples=16))
+    freed = auto.choose_methods_detailed(specs, 0.1, sensitivity=sens)
+    monkeypatch.setattr(auto, "_free_unpickable", lambda pool, spec, budget_ratio: None)
+    kept = auto.choose_methods_detailed(specs, 0.1, sensitivity=sens)
+    assert [c.label for c in freed.choices] == [c.label for c in kept.choices]
+    assert freed.measured == pytest.approx(kept.measured)
+    assert any(c.weight is None for choice in freed.choices for c in choice.candidates)

