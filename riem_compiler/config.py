@@ -16,8 +16,9 @@ NONE_ALLOWED = ("time_budget_s",)  # None: no cap
 SENSITIVITIES = ("output", "weight")  # auto's candidate cost (passes/sensitivity.py)
 PREPROCESS_FIELDS = ("fold_batchnorm", "dead_channels", "equalize", "bias_correction")
 # the date Config's defaults last changed in a way that changes results (auto: RieM candidates opt-in,
-# one torch thread per fit job; ONNX export: native forms per layer); results pages name it
-DEFAULTS_VERSION = "2026-12-06"
+# one torch thread per fit job; ONNX export: native forms per layer; ".2": affine's solver in float32
+# with an early stop, numpy BLAS threads pinned per job); results pages name it
+DEFAULTS_VERSION = "2026-12-06.2"
 ONNX_FORMATS = ("auto", "functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 
