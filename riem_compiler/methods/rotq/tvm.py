@@ -86,6 +86,17 @@ def _butterfly(u: te.Tensor, h: int):
     return element
 
 
+def grid_level(grid: te.Tensor, code, bits: int):
+    """grid[code] as a tree of selects on the code's bits over the 2^bits levels (each a load at a
+    constant index, hoisted out of the loop): vector blends in the packed-rows GEMV, where a
+    lookup at a data-dependent index would be a gather per lane."""
+    levels = [grid[v] for v in range(1 << bits)]
+    for b in range(bits):
+        bit = tirx.bitwise_and(tirx.shift_right(code, b), 1) == 1
+        levels = [tirx.Select(bit, levels[v + 1], levels[v]) for v in range(0, len(levels), 2)]
+    return levels[0]
+
+
 def _q_element(cw: CompressedWeight, ph: dict):
     """Q(i, c): grid[code] times the group scale, over the padded columns."""
     m = cw.meta
@@ -173,7 +184,7 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
             return tc.flat_load(ph["scale"], i * groups + grp).astype(F32)
 
         y = tg.packed_rows_te(xr, ph["codes"], bits, n_out, dp, layout, scale_at, None,
-                              level=lambda code: ph["grid"][code])
+                              level=lambda code: grid_level(ph["grid"], code, bits))
         return _schedule_rotation_cpu(tg.schedule_packed_rows_cpu(tg.primfunc(inputs, y, name)), ["signs", "rot_in"] + stages)
     y = tg.element_linear_te(xr, n_out, dp, _q_element(cw, ph))
     func = tg.primfunc(inputs, y, name)
