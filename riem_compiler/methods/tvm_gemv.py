@@ -11,8 +11,9 @@ Two forms:
   constant shift (the loop over the codes of a byte is unrolled), and the activation is read
   de-interleaved (x_split[b, t, byte] = x[b, byte * codes_per_byte + t], built in the same
   function), so every load is contiguous. The group's scale and zero point are loaded once per
-  group. Schedule (LLVM): parallel over output rows, batch inside (one decode feeds every row of
-  x), lanes vectorised, a per-row accumulator of `lanes` partial sums reduced at the end.
+  group (rotq: a code's value is its grid level, `level`, in place of code - zero). Schedule
+  (LLVM): parallel over output rows, batch inside (one decode feeds every row of x), lanes
+  vectorised, a per-row accumulator of `lanes` partial sums reduced at the end.
 - element form (`element_linear_te`), for everything else (3/5/6/7 bits, tails that do not fill
   a byte, groups that do not divide the row, grouping along the output axis, codebooks): the
   method's decode expression W(i, k) is a spatial block inlined into the matmul's reduction.

@@ -185,7 +185,8 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
 
         y = tg.packed_rows_te(xr, ph["codes"], bits, n_out, dp, layout, scale_at, None,
                               level=lambda code: grid_level(ph["grid"], code, bits))
-        return _schedule_rotation_cpu(tg.schedule_packed_rows_cpu(tg.primfunc(inputs, y, name)), ["signs", "rot_in"] + stages)
+        func = tg.schedule_packed_rows_cpu(tg.primfunc(inputs, y, name))
+        return _schedule_rotation_cpu(func, ["signs", "rot_in"] + stages)
     y = tg.element_linear_te(xr, n_out, dp, _q_element(cw, ph))
     func = tg.primfunc(inputs, y, name)
     if target_kind != "llvm":
