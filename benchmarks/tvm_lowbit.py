@@ -1,7 +1,7 @@
 """Low-bit weights at run time: TVM fused dequantise-matmul vs TVM decode-once vs onnxruntime.
 
 On a 4-layer 4096x4096 Linear+ReLU MLP (with biases), per compression setting (rtn 4-bit g128,
-affine 2-bit g64, vq at 1/16), in one run:
+affine 2-bit g64, vq at 1/16, rotq 2-bit g64), in one run:
 
 - TVM fused: `build_tvm(mode="fused")` -- each Linear runs its method's fused kernel, the weight
   stays in its stored bytes (the default mode "auto" builds exactly this at batch <= 4 and the
@@ -9,7 +9,7 @@ affine 2-bit g64, vq at 1/16), in one run:
 - TVM decode-once: `build_tvm(mode="decode-once")` -- weights decoded to float32 at load;
 - onnxruntime dense: the float32 model;
 - onnxruntime `ort` form: `Config(onnx_format="ort")` (MatMulNBits where the method has that form;
-  vq has none and is skipped).
+  vq and rotq have none and are skipped).
 
 For each: resident memory the loaded model adds to a fresh process (VmRSS after load and one call,
 minus before; the weights are most of it), latency at batch 1, 8, 32 (median over runs, each form
@@ -50,6 +50,8 @@ SETTINGS = {  # label -> (method, ratio, method options)
     "rtn4-g128": ("rtn", 0.13, {"rtn": {"group_size": 128, "choose": "ladder"}}),
     "affine2-g64": ("affine", 0.09, {"affine": {"bits": 2, "group_size": 64, "iterations": 5}}),
     "vq-1/16": ("vq", 1 / 16, {"vq": {"iterations": 4}}),
+    # 2 code bits + a float16 scale per 64 = 2.25 bits per weight (ratio 0.0703)
+    "rotq2-g64": ("rotq", 0.08, {"rotq": {"bits": 2, "group_size": 64}}),
 }
 
 

@@ -388,7 +388,7 @@ def test_dense_method_says_why_it_stays_dense():
 
     dense = methods.get("dense")
     assert dense.tvm_kernel() is None and "by choice" in dense.tvm_dense_reason
-    for name in ("riem", "rtn", "svd", "tucker2", "vq"):
+    for name in ("riem", "rtn", "svd", "tucker2", "vq", "rotq"):
         assert methods.get(name).tvm_kernel() is not None and methods.get(name).tvm_dense_reason is None
 
 
@@ -493,7 +493,7 @@ def _check_compact_artifact(res: _Result, out: Path, decode: str) -> None:
             if decode == "auto":  # the build's default: fused where the method's kernel pays, else once at load
                 assert row["decode"] in ("fused into the matmul", "once at load")
                 assert (row["why"] is None) == (row["decode"] == "fused into the matmul")
-                if len(cw.shape) != 2 or cw.method not in ("rtn", "affine", "vq", "svd"):
+                if len(cw.shape) != 2 or cw.method not in ("rtn", "affine", "vq", "svd", "rotq"):
                     assert row["decode"] == "once at load"
             else:
                 assert row["decode"] == decode or (decode == "per call" and row["decode"] == "fused into the matmul")

@@ -1,7 +1,8 @@
 """Fused dequantise-matmul TVM kernels (methods/<method>/tvm.py `fused_linear_primfunc`,
 tvm_gemv.py): numerics against numpy decode + matmul (odd shapes, tails that do not fill a
-byte, groups that do not divide the row, both affine axes, batch > 1), CUDA source that nvcc
-compiles, and build_tvm's per-layer choice (fused / decoded once, and why) with resident bytes."""
+byte, groups that do not divide the row, both affine axes, rotq's padded columns, batch > 1), CUDA
+source that nvcc compiles, and build_tvm's per-layer choice (fused / decoded once, and why) with
+resident bytes."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from riem_compiler import methods  # noqa: E402
 from riem_compiler.codegen.tvm_build import TvmBuildOptions, build_tvm, compile_cuda_source, make_target  # noqa: E402
 from riem_compiler.codegen.tvm_runtime import load_tvm  # noqa: E402
 from riem_compiler.methods.affine import fit_affine  # noqa: E402
+from riem_compiler.methods.rotq import fit_rotq  # noqa: E402
 from riem_compiler.methods.rtn import fit_rtn  # noqa: E402
 from riem_compiler.methods.svd import fit_svd  # noqa: E402
 from riem_compiler.methods.vq import fit_vq  # noqa: E402
@@ -28,7 +30,8 @@ def _weight(shape, seed=0):
 
 # (label, fit, batch): the packed-rows form (2/4/8 bits, byte-aligned rows and groups) and the
 # element form (3 bits, a row that ends mid-byte, a group that does not divide the row, the
-# output-axis affine grouping, codebooks)
+# output-axis affine grouping, codebooks; rotq: the rotation applied to x, then packed rows with a
+# grid lookup for 2/4 bits, the element form for 1/3 bits; padded columns, fitted grid)
 CASES = [
     ("rtn4-g32", lambda: fit_rtn(_weight((24, 96)), 4, 32), 1),
     ("rtn2-row", lambda: fit_rtn(_weight((20, 64), 1), 2, None), 3),
@@ -43,6 +46,11 @@ CASES = [
     ("vq-d8-tail", lambda: fit_vq(_weight((10, 44), 10), 8, 5, iterations=2), 1),
     ("svd-int8", lambda: fit_svd(_weight((40, 64), 11), 0.3, 8), 2),
     ("svd-f16-odd", lambda: fit_svd(_weight((21, 35), 12), 0.5, 16), 1),
+    ("rotq2-g32", lambda: fit_rotq(_weight((24, 96), 13), 2, 32), 1),
+    ("rotq4-row-padded", lambda: fit_rotq(_weight((20, 70), 14), 4, None, seed=5), 3),
+    ("rotq2-g16-fitted", lambda: fit_rotq(_weight((16, 256), 15), 2, 16, grid="fitted"), 4),
+    ("rotq3-g8-padded", lambda: fit_rotq(_weight((17, 100), 16), 3, 8), 2),
+    ("rotq1-g32", lambda: fit_rotq(_weight((12, 64), 17), 1, 32), 1),
 ]
 
 
@@ -68,6 +76,50 @@ def test_fused_kernel_matches_decode_then_matmul(label, fit, batch):
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_rotq_kernel_signs_match_rotation():
+    """The column signs the rotq kernels regenerate (int64 hash in TIR) equal rotation.signs_numpy."""
+    from tvm import te
+
+    from riem_compiler.methods.rotq import rotation
+    from riem_compiler.methods.rotq import tvm as rotq_tvm
+
+    signs = rotq_tvm.signs_te(7, 5000, 1.0)
+    lib = tvm.compile(te.create_prim_func([signs]), target=make_target(TvmBuildOptions(num_cores=2)))
+    out = tvm.runtime.tensor(np.zeros(5000, np.float32))
+    lib["main"](out)
+    np.testing.assert_array_equal(out.numpy(), rotation.signs_numpy(7, 5000).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape,bits,group", [((16, 8, 3, 3), 3, 8), ((10, 100), 2, None)])
+def test_rotq_decode_once_kernel(shape, bits, group):
+    """rotq's decode-once kernel (per-row butterflies, CPU schedule) writes the weight in its own
+    shape (a conv weight; padded columns dropped) equal to the torch decode."""
+    from riem_compiler.methods.rotq import tvm as rotq_tvm
+
+    cw = fit_rotq(_weight(shape, 18), bits, group)
+    func = rotq_tvm.schedule_decode_cpu(rotq_tvm.decode_primfunc(cw, "d"))
+    lib = tvm.compile(func, target=make_target(TvmBuildOptions(num_cores=2)))
+    out = tvm.runtime.tensor(np.zeros(shape, np.float32))
+    lib["d"](*[tvm.runtime.tensor(np.ascontiguousarray(cw.arrays[n])) for n in rotq_tvm.array_names(cw)], out)
+    ref = methods.decode(cw)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_rotq_decode_once_kernel_cuda_source_compiles(tmp_path):
+    """The multi-stage decode (Q, butterflies, signs) builds for cuda sm_90 and nvcc compiles it."""
+    from riem_compiler.codegen.tvm_pipeline import _default_schedules, cuda_sources
+    from riem_compiler.methods.rotq import tvm as rotq_tvm
+
+    cw = fit_rotq(_weight((16, 8, 3, 3), 19), 3, 8)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    ex = tvm.compile(_default_schedules(tvm.IRModule({"d": rotq_tvm.decode_primfunc(cw, "d")}), target), target=target)
+    src = "\n".join(cuda_sources(ex))
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: CUDA source generated but not compiled")
+    (tmp_path / "d.cu").write_text(src)
+    assert len(compile_cuda_source(tmp_path / "d.cu", arch="sm_90")) > 0
+
+
 def test_riem_stays_decode_once_and_says_why():
     from tests.test_tvm import random_riem
 
@@ -89,7 +141,8 @@ def test_batch_regime_choice():
     assert not isinstance(rtn.tvm_fused(cw, 32, "k", "cuda"), str)
 
 
-@pytest.mark.parametrize("label", ["rtn4-g32", "rtn3-g20-odd", "affine2-out-g16", "vq-d4", "svd-int8"])
+@pytest.mark.parametrize("label", ["rtn4-g32", "rtn3-g20-odd", "affine2-out-g16", "vq-d4", "svd-int8", "rotq2-g32",
+                                   "rotq3-g8-padded"])
 def test_fused_kernel_cuda_source_compiles(label, tmp_path):
     """Each form builds for cuda sm_90 (dlight GPU rules) and nvcc compiles its source."""
     from riem_compiler.codegen.tvm_pipeline import _default_schedules, cuda_sources
@@ -181,3 +234,37 @@ def test_auto_artifact_holds_the_stored_bytes(mlp_result, auto_artifact):
     decoded_and_biases = sum(4 * p.numel() for n, p in mlp_result.original.state_dict().items()
                              if n not in fused)
     assert param_bytes == sum(cw.nbytes for cw in fused.values()) + decoded_and_biases
+
+
+def test_auto_build_fuses_rotq_and_keeps_its_bytes(tmp_path):
+    """rotq in mode "auto": 2/4-bit weights with byte-aligned groups (fc1; fc4 with padded columns)
+    run the fused kernel (rotation on x, codes decoded in the reduction) and stay at their stored
+    bytes; the 3-bit element form is decoded once at load, with the reason; outputs match torch."""
+    from riem_compiler.frontend.layers import LayerSpec
+    from riem_compiler.passes.rewrite_torch import apply_compressed
+    from tests.test_tvm import _Result
+
+    torch.manual_seed(1)
+    net = MLP().eval()
+    specs = [LayerSpec(f"{m}.weight", "linear", getattr(net, m).weight.detach().numpy(), module=m)
+             for m in ("fc1", "fc2", "fc3", "fc4")]
+    w = {s.name: s.weight for s in specs}
+    compressed = {"fc1.weight": fit_rotq(w["fc1.weight"], 2, 32),
+                  "fc2.weight": fit_rotq(w["fc2.weight"], 3, 32),
+                  "fc3.weight": fit_rotq(w["fc3.weight"], 4, None, grid="fitted"),
+                  "fc4.weight": fit_rotq(w["fc4.weight"], 2, 16, block=16)}
+    assert compressed["fc4.weight"].meta["padded_cols"] == 48
+    model = apply_compressed(net, specs, compressed).eval()
+    res = _Result(model, compressed, (torch.randn(2, 64),), net)
+    out = build_tvm(res, tmp_path / "art", target="llvm", num_cores=2)
+    layers = {row["name"]: row for row in json.loads((out / "manifest.json").read_text())["layers"]}
+    for name in ("fc1.weight", "fc3.weight", "fc4.weight"):
+        assert layers[name]["decode"] == "fused into the matmul" and layers[name]["why"] is None
+        assert layers[name]["resident_bytes"] == compressed[name].nbytes < layers[name]["dense_bytes"]
+    assert layers["fc2.weight"]["decode"] == "once at load" and "slower" in layers["fc2.weight"]["why"]
+    assert layers["fc2.weight"]["resident_bytes"] == layers["fc2.weight"]["dense_bytes"]
+    x = res.example_inputs[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = load_tvm(out)(x.numpy())
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -11,8 +11,9 @@ Two forms:
   constant shift (the loop over the codes of a byte is unrolled), and the activation is read
   de-interleaved (x_split[b, t, byte] = x[b, byte * codes_per_byte + t], built in the same
   function), so every load is contiguous. The group's scale and zero point are loaded once per
-  group. Schedule (LLVM): parallel over output rows, batch inside (one decode feeds every row of
-  x), lanes vectorised, a per-row accumulator of `lanes` partial sums reduced at the end.
+  group (rotq: a code's value is its grid level, `level`, in place of code - zero). Schedule
+  (LLVM): parallel over output rows, batch inside (one decode feeds every row of x), lanes
+  vectorised, a per-row accumulator of `lanes` partial sums reduced at the end.
 - element form (`element_linear_te`), for everything else (3/5/6/7 bits, tails that do not fill
   a byte, groups that do not divide the row, grouping along the output axis, codebooks): the
   method's decode expression W(i, k) is a spatial block inlined into the matmul's reduction.
@@ -54,9 +55,12 @@ def packed_rows_layout(bits: int, cols: int, group: int | None):
     return cpb, g, cols // g, gb, lanes
 
 
-def packed_rows_te(x: te.Tensor, codes: te.Tensor, bits: int, rows: int, cols: int, layout, scale_at, zero_at):
+def packed_rows_te(x: te.Tensor, codes: te.Tensor, bits: int, rows: int, cols: int, layout, scale_at, zero_at,
+                   level=None):
     """y (batch, rows) = x W^T with W[i, k] = (code(i, k) - zero_at(i, g)) * scale_at(i, g), g = k // group,
     codes in the bitpack layout over the (rows, cols) matrix. `layout` from packed_rows_layout.
+    With `level` (a code's float32 value, e.g. a grid lookup), W[i, k] = level(code(i, k)) * scale_at(i, g)
+    and zero_at is unused.
 
     Partial sums acc[b, i, c, t, lane]: `chains` independent vector accumulators (c) per code
     position in the byte (t), so consecutive fused multiply-adds do not wait on each other."""
@@ -73,6 +77,8 @@ def packed_rows_te(x: te.Tensor, codes: te.Tensor, bits: int, rows: int, cols: i
     def decode(i, t, grp, kk):
         byte = codes[i * row_bytes + grp * gb + kk].astype("int32")
         code = byte if bits == 8 else tirx.bitwise_and(tirx.shift_right(byte, t * bits), mask)
+        if level is not None:
+            return level(code) * scale_at(i, grp)
         return (code.astype(F32) - zero_at(i, grp)) * scale_at(i, grp)
 
     dec = te.compute((rows, cpb, n_groups, gb), decode, name="decode")
@@ -148,15 +154,16 @@ def element_linear_te(x: te.Tensor, rows: int, cols: int, element):
     return te.compute((batch, rows), lambda b, i: te.sum(x[b, k] * w[i, k], axis=k), name="y")
 
 
-def schedule_element_cpu(func, along_rows: bool):
+def schedule_element_cpu(func, along_rows: bool, keep=()):
     """LLVM schedule of an element_linear_te PrimFunc: the decode inlined into the reduction,
     parallel over output rows; with `along_rows` (codes contiguous along the output rows) a
-    block of output rows is vectorised and the reduction runs outside it."""
+    block of output rows is vectorised and the reduction runs outside it. Blocks named in `keep`
+    (a transform of x computed before the matmul, as rotq's rotation) stay blocks of their own."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
-        if sch.get(blk).name_hint != "y":
+        if sch.get(blk).name_hint not in ("y", *keep):
             sch.compute_inline(blk)
     y = sch.get_sblock("y")
     b, i, k = sch.get_loops(y)

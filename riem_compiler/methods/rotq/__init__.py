@@ -270,8 +270,7 @@ def choose_settings(spec, ratio: float, settings) -> list[tuple[int, int]]:
 class RotQ(Method):
     name = "rotq"
     Settings = RotQSettings
-    tvm_dense_reason = ("no TVM decode kernel for rotq (its decode is a blockwise Hadamard matmul): "
-                        "TVM artifacts store the decoded weight dense")
+    tvm_dense_reason = None
 
     def fit(self, spec, ratio, settings, index=0):
         picks = choose_settings(spec, ratio, settings)
@@ -334,6 +333,11 @@ class RotQ(Method):
         return {"RotQSigns": (o.RotQSigns, ()), "RotQHadamard": (o.RotQHadamard, ()),
                 "RotQMatrix": (o.RotQMatrix, ("UnpackBits", "RotQSigns", "RotQHadamard")),
                 "RotQWeight": (o.RotQWeight, ("RotQMatrix",)), "RotQWeightT": (o.RotQWeightT, ("RotQMatrix",))}
+
+    def tvm_kernel(self):
+        from riem_compiler.methods.rotq import tvm
+
+        return tvm
 
 
 METHOD = RotQ()
