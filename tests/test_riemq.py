@@ -74,9 +74,9 @@ def test_transposed_and_conv_layouts_decode_the_same_in_onnxruntime(weight, in_a
                     settings()).weight
     assert bool(cw.meta["q"].get("transposed")) == (in_axis == 0)
     ref = methods.decode(cw)
-    np.testing.assert_allclose(ref, reference_decode(cw).reshape(weight), rtol=1e-4, atol=1e-5)
     # RieM's readout sums 6 * m sigmoid terms with large weights v: float32 summation order
-    # (onnxruntime vs torch) moves the result by ~1e-5 of a weight of ~0.5
+    # (reference vs torch vs onnxruntime) moves the result by ~1e-5 of a weight of ~0.5
+    np.testing.assert_allclose(ref, reference_decode(cw).reshape(weight), rtol=1e-4, atol=3e-5)
     np.testing.assert_allclose(onnx_decoded(cw), ref, rtol=1e-5, atol=3e-5)  # includes read_compressed_onnx
 
 
