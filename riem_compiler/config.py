@@ -17,8 +17,8 @@ SENSITIVITIES = ("output", "weight")  # auto's candidate cost (passes/sensitivit
 PREPROCESS_FIELDS = ("fold_batchnorm", "dead_channels", "equalize", "bias_correction")
 # the date Config's defaults last changed in a way that changes results (auto: RieM candidates opt-in,
 # one torch thread per fit job; ONNX export: native forms per layer; ".2": affine's solver in float32
-# with an early stop, numpy BLAS threads pinned per job); results pages name it
-DEFAULTS_VERSION = "2026-12-06.2"
+# with an early stop, numpy BLAS threads pinned per job; ".3": no early stop); results pages name it
+DEFAULTS_VERSION = "2026-12-06.3"
 ONNX_FORMATS = ("auto", "functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 

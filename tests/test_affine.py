@@ -63,18 +63,6 @@ def reference_decode(W, bits, group, iterations=30, p=0.7):
     return out
 
 
-def test_early_stop_costs_almost_nothing(monkeypatch):
-    """The solver stops once an iteration gains under CONVERGED of the error: against running all
-    30 iterations, the matrix error may rise by at most 0.2%."""
-    W = heavy_tailed(64, 256)
-    for bits in (4, 2, 1):
-        early = np.linalg.norm(methods.decode(am.fit_affine(W, bits, 64)) - W)
-        monkeypatch.setattr(am, "CONVERGED", -np.inf)
-        full = np.linalg.norm(methods.decode(am.fit_affine(W, bits, 64)) - W)
-        monkeypatch.undo()
-        assert full <= early <= 1.002 * full
-
-
 def assert_matches_reference(decoded, ref, W):
     """The solver runs in float32 and the reference in float64: a float16 scale or zero may round
     the other way in a rare group. At least 97% of the weights decode as the reference's, and the
@@ -90,8 +78,7 @@ def heavy_tailed(rows=64, cols=256, seed=3):
 
 
 @pytest.mark.parametrize("bits,group,iterations", [(2, 8, 30), (3, 8, 0), (1, 5, 12), (4, 20, 30)])
-def test_matches_the_per_group_reference(bits, group, iterations, monkeypatch):
-    monkeypatch.setattr(am, "CONVERGED", -np.inf)  # the reference runs every iteration
+def test_matches_the_per_group_reference(bits, group, iterations):
     W = heavy_tailed(6, 20, seed=bits)
     cw = am.fit_affine(W, bits, group, iterations=iterations)
     ref = reference_decode(W, bits, group, iterations)
@@ -122,8 +109,7 @@ LAYOUTS = [  # (shape, in_axis, bits, group, axis)
 
 
 @pytest.mark.parametrize("shape,in_axis,bits,group,axis", LAYOUTS)
-def test_layouts_decode_the_same_in_torch_onnxruntime_and_tvm(shape, in_axis, bits, group, axis, monkeypatch):
-    monkeypatch.setattr(am, "CONVERGED", -np.inf)  # the reference runs every iteration
+def test_layouts_decode_the_same_in_torch_onnxruntime_and_tvm(shape, in_axis, bits, group, axis):
     W = (np.random.default_rng(1).standard_normal(shape) / 5).astype(np.float32)
     cw = am.fit_affine(W, bits, group, in_axis=in_axis, axis=axis)
     ref = methods.decode(cw)

@@ -44,9 +44,6 @@ AUTO_LADDER = ((4, 64), (4, 128), (3, 64), (3, 128), (2, 64), (2, 128), (1, 128)
 BETA0 = 1.0
 KAPPA = 1.1
 F16_TINY = float(np.finfo(np.float16).smallest_subnormal)
-# the solver stops once an iteration lowers the total squared error by less than this share of it
-# (MiniLM's weights: 1-2 bit groups stop after 8-19 of 30 iterations, at most +0.07% error)
-CONVERGED = 1e-4
 
 
 def _int_or_none(name: str, value):
@@ -118,8 +115,9 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
 
     Groups are `group` consecutive columns (the last may be shorter; padding is masked out).
     iterations 0 gives min-max asymmetric quantisation; update_scale False keeps the min-max
-    scale and updates only the zero (HQQ's own solver). The iterations stop early once one
-    improves the total squared error by less than CONVERGED of it.
+    scale and updates only the zero (HQQ's own solver). Every iteration runs: stopping once one
+    gained under 1e-4 of the error cost up to 2.1% weight error on EfficientNet-Lite2's small
+    convolutions (0.07% on MiniLM's), for about 25% of affine's time.
 
     The iterations run in float32 (scale and zero are float16 anyway): the same errors as float64
     to 5 digits on MiniLM's weights, 3.3x faster; per-group errors are summed in float64."""
@@ -193,7 +191,6 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
         s16_new, z16_new = _f16(np.maximum(s, F16_TINY)), _f16(z)
         q, err = quantise(s16_new, z16_new)
         better = err < best_err  # nan (non-finite scale/zero) is never better
-        before = best_err.sum()
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, s16_new, best_s)
         best_z = np.where(better, z16_new, best_z)
@@ -202,8 +199,6 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
         if not (np.isfinite(s).all() and np.isfinite(z).all()):
             s, z = best_s.astype(np.float32), best_z.astype(np.float32)
             q, _ = quantise(best_s, best_z)
-        if before - best_err.sum() <= CONVERGED * before:
-            break
     codes = best_q.reshape(rows, groups * group)[:, :cols].astype(np.int64)
     return codes, best_s, best_z
 
