@@ -275,3 +275,20 @@ def test_local_workers_run_jobs_side_by_side_and_report_every_result():
         LocalExecutor(workers=0)
     with pytest.raises(InputError, match="workers"):
         rc.Config(workers=0)
+
+
+def test_local_jobs_run_numpy_blas_with_the_jobs_thread_count():
+    """numpy's BLAS runs with the jobs' thread count inside them (as torch does) and gets its own
+    count back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("numpy has no BLAS that threadpoolctl controls")
+    for workers in (1, 2):
+        out = list(LocalExecutor(num_threads=1, workers=workers).map(lambda i: blas_threads(), [(0,), (1,)]))
+        assert out == [{1}, {1}]
+    assert blas_threads() == before
