@@ -16,6 +16,17 @@ from riem_compiler.compressed import CompressedWeight
 VECTOR_CHOICES = (16, 8, 4)  # float32 lanes tried for the innermost decode loop, widest first
 
 
+def checked_array_names(cw: CompressedWeight, method: str, arrays, rows_cols_only: bool = False) -> list[str]:
+    """A kernel's `array_names`: `arrays` (its argument order) once cw is checked to be `method`'s,
+    and, for a kernel that reads the (rows, cols) layout only, not stored transposed."""
+    if cw.method != method:
+        raise ValueError(f"the {method} kernel decodes method {method!r}, got {cw.method!r}")
+    if rows_cols_only and cw.meta.get("transposed"):
+        raise ValueError(f"this {method} weight is stored transposed (codes of W.T, from an ONNX MatMul constant); "
+                         "the TVM kernel decodes the (rows, cols) layout only, and build_tvm takes torch results")
+    return list(arrays)
+
+
 def placeholders(cw: CompressedWeight, names) -> dict[str, te.Tensor]:
     """One placeholder per stored array, with the array's own shape and dtype."""
     out = {}

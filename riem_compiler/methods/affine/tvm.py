@@ -28,9 +28,7 @@ ARRAYS = ("codes", "scale", "zero")
 
 def array_names(cw: CompressedWeight) -> list[str]:
     """Argument order of the kernel."""
-    if cw.method != "affine":
-        raise ValueError(f"the affine kernel decodes method 'affine', got {cw.method!r}")
-    return list(ARRAYS)
+    return tc.checked_array_names(cw, "affine", ARRAYS)
 
 
 def decode_te(cw: CompressedWeight) -> tuple[list[te.Tensor], te.Tensor]:

@@ -34,12 +34,7 @@ F32 = "float32"
 
 def array_names(cw: CompressedWeight) -> list[str]:
     """Argument order of the kernels."""
-    if cw.method != "rotq":
-        raise ValueError(f"the rotq kernel decodes method 'rotq', got {cw.method!r}")
-    if cw.meta.get("transposed"):
-        raise ValueError("this rotq weight is stored transposed (codes of W.T, from an ONNX MatMul constant); "
-                         "the TVM kernel decodes the (rows, cols) layout only, and build_tvm takes torch results")
-    return list(ARRAYS)
+    return tc.checked_array_names(cw, "rotq", ARRAYS, rows_cols_only=True)
 
 
 # ----------------------------------------------------------------------------- the rotation in TIR

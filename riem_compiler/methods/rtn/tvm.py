@@ -26,12 +26,7 @@ ARRAYS = ("codes", "scale")
 
 def array_names(cw: CompressedWeight) -> list[str]:
     """Argument order of the kernel."""
-    if cw.method != "rtn":
-        raise ValueError(f"the rtn kernel decodes method 'rtn', got {cw.method!r}")
-    if cw.meta.get("transposed"):
-        raise ValueError("this rtn weight is stored transposed (codes of W.T, from an ONNX MatMul constant); "
-                         "the TVM kernel decodes the (rows, cols) layout only, and build_tvm takes torch results")
-    return list(ARRAYS)
+    return tc.checked_array_names(cw, "rtn", ARRAYS, rows_cols_only=True)
 
 
 def decode_te(cw: CompressedWeight) -> tuple[list[te.Tensor], te.Tensor]:

@@ -23,9 +23,7 @@ FLOAT_ARRAYS = ("left", "right")
 
 def array_names(cw: CompressedWeight) -> list[str]:
     """Argument order of the kernel."""
-    if cw.method != "svd":
-        raise ValueError(f"the svd kernel decodes method 'svd', got {cw.method!r}")
-    return list(INT8_ARRAYS if int(cw.meta["factor_bits"]) == 8 else FLOAT_ARRAYS)
+    return tc.checked_array_names(cw, "svd", INT8_ARRAYS if int(cw.meta["factor_bits"]) == 8 else FLOAT_ARRAYS)
 
 
 def _factor(ph: dict, side: str, int8: bool) -> te.Tensor:

@@ -21,9 +21,7 @@ ARRAYS = ("out_factor", "core", "in_factor")
 
 def array_names(cw: CompressedWeight) -> list[str]:
     """Argument order of the kernel."""
-    if cw.method != "tucker2":
-        raise ValueError(f"the tucker2 kernel decodes method 'tucker2', got {cw.method!r}")
-    return list(ARRAYS)
+    return tc.checked_array_names(cw, "tucker2", ARRAYS)
 
 
 def decode_te(cw: CompressedWeight) -> tuple[list[te.Tensor], te.Tensor]:

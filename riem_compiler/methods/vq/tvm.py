@@ -23,12 +23,7 @@ ARRAYS = ("codes", "codebook", "scale", "gain")
 
 def array_names(cw: CompressedWeight) -> list[str]:
     """Argument order of the kernel."""
-    if cw.method != "vq":
-        raise ValueError(f"the vq kernel decodes method 'vq', got {cw.method!r}")
-    if cw.meta.get("transposed"):
-        raise ValueError("this vq weight is stored transposed (codes of W.T, from an ONNX MatMul constant); "
-                         "the TVM kernel decodes the (rows, cols) layout only, and build_tvm takes torch results")
-    return list(ARRAYS)
+    return tc.checked_array_names(cw, "vq", ARRAYS, rows_cols_only=True)
 
 
 def unpack_code(packed: te.Tensor, n, bits: int):
