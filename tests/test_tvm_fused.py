@@ -177,23 +177,30 @@ class MLP(torch.nn.Module):
         return self.fc4(torch.relu(self.fc3(torch.relu(self.fc2(h)))))
 
 
-@pytest.fixture(scope="module")
-def mlp_result():
+def compressed_mlp(seed: int, fits: dict, batch: int):
+    """The MLP drawn with torch seed `seed`, each Linear's weight replaced by fits[module](weight),
+    as a build_tvm input with a (batch, 64) example."""
     from riem_compiler.frontend.layers import LayerSpec
     from riem_compiler.passes.rewrite_torch import apply_compressed
-    from tests.test_tvm import _Result, random_riem
+    from tests.test_tvm import _Result
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = MLP().eval()
     specs = [LayerSpec(f"{m}.weight", "linear", getattr(net, m).weight.detach().numpy(), module=m)
              for m in ("fc1", "fc2", "fc3", "fc4")]
-    w = {s.name: s.weight for s in specs}
-    compressed = {"fc1.weight": fit_rtn(w["fc1.weight"], 4, 32),
-                  "fc2.weight": fit_affine(w["fc2.weight"], 2, 16, axis="out", iterations=3),
-                  "fc3.weight": fit_vq(w["fc3.weight"], 4, 6, iterations=2),
-                  "fc4.weight": random_riem((10, 40), q=4, bits=8, seed=3)}
+    compressed = {s.name: fits[s.module](s.weight) for s in specs}
     model = apply_compressed(net, specs, compressed).eval()
-    return _Result(model, compressed, (torch.randn(3, 64),), net)
+    return _Result(model, compressed, (torch.randn(batch, 64),), net)
+
+
+@pytest.fixture(scope="module")
+def mlp_result():
+    from tests.test_tvm import random_riem
+
+    return compressed_mlp(0, {"fc1": lambda w: fit_rtn(w, 4, 32),
+                              "fc2": lambda w: fit_affine(w, 2, 16, axis="out", iterations=3),
+                              "fc3": lambda w: fit_vq(w, 4, 6, iterations=2),
+                              "fc4": lambda w: random_riem((10, 40), q=4, bits=8, seed=3)}, batch=3)
 
 
 @pytest.fixture(scope="module")
@@ -240,22 +247,11 @@ def test_auto_build_fuses_rotq_and_keeps_its_bytes(tmp_path):
     """rotq in mode "auto": 2/4-bit weights with byte-aligned groups (fc1; fc4 with padded columns)
     run the fused kernel (rotation on x, codes decoded in the reduction) and stay at their stored
     bytes; the 3-bit element form is decoded once at load, with the reason; outputs match torch."""
-    from riem_compiler.frontend.layers import LayerSpec
-    from riem_compiler.passes.rewrite_torch import apply_compressed
-    from tests.test_tvm import _Result
-
-    torch.manual_seed(1)
-    net = MLP().eval()
-    specs = [LayerSpec(f"{m}.weight", "linear", getattr(net, m).weight.detach().numpy(), module=m)
-             for m in ("fc1", "fc2", "fc3", "fc4")]
-    w = {s.name: s.weight for s in specs}
-    compressed = {"fc1.weight": fit_rotq(w["fc1.weight"], 2, 32),
-                  "fc2.weight": fit_rotq(w["fc2.weight"], 3, 32),
-                  "fc3.weight": fit_rotq(w["fc3.weight"], 4, None, grid="fitted"),
-                  "fc4.weight": fit_rotq(w["fc4.weight"], 2, 16, block=16)}
+    res = compressed_mlp(1, {"fc1": lambda w: fit_rotq(w, 2, 32), "fc2": lambda w: fit_rotq(w, 3, 32),
+                             "fc3": lambda w: fit_rotq(w, 4, None, grid="fitted"),
+                             "fc4": lambda w: fit_rotq(w, 2, 16, block=16)}, batch=2)
+    compressed, model = res.compressed, res.model
     assert compressed["fc4.weight"].meta["padded_cols"] == 48
-    model = apply_compressed(net, specs, compressed).eval()
-    res = _Result(model, compressed, (torch.randn(2, 64),), net)
     out = build_tvm(res, tmp_path / "art", target="llvm", num_cores=2)
     layers = {row["name"]: row for row in json.loads((out / "manifest.json").read_text())["layers"]}
     for name in ("fc1.weight", "fc3.weight", "fc4.weight"):
