@@ -15,7 +15,8 @@ With a sensitivity (`passes/sensitivity.py`, `Config.sensitivity="output"`, the 
 models with example inputs) a candidate's cost is instead its predicted contribution to the MODEL's
 relative squared output error, from the layer's input second moments on synthetic inputs and a
 measured per-layer gain. The knapsack plan and the MEASURED_SINGLES single-method plans predicted
-best are also measured end to end on held-out synthetic inputs, for the report only: the predicted cost still picks the plan.
+best are also measured end to end on held-out synthetic inputs, for the report only: the predicted
+cost still picks the plan.
 Far from the original the measured squared error saturates near 1 and favours plans that shrink
 the outputs (low rank) over noisier ones that keep them, and the task metrics side with the
 prediction (MiniLM at 1/24: the measurement preferred svd8, WS353 0.491, over the knapsack plan,
@@ -321,9 +322,9 @@ def _free_unpickable(pool: list[Candidate], spec: LayerSpec, budget_ratio: float
     single-method pick. The freed ones stay in the pool for the report (label, bytes, errors)."""
     keep = {id(_probe(pool, spec, budget_ratio))}
     for fam in {c.family for c in pool}:
-        fits = [c for c in pool if c.family == fam and c.nbytes <= budget_ratio * spec.fp32_bytes]
-        if fits:
-            keep.add(id(min(fits, key=lambda c: (c.rel_error, c.nbytes))))
+        j = _single_method_pick(pool, spec, fam, budget_ratio)
+        if j is not None:
+            keep.add(id(pool[j]))
 
     def no_worse(d: Candidate, c: Candidate) -> bool:
         layer = (d.layer_error is not None and c.layer_error is not None and d.layer_error <= c.layer_error) \
@@ -565,16 +566,16 @@ def _knapsack(pools: list[list[Candidate]], budget: int, resolution: int):
     return plan
 
 
+def _single_method_pick(pool: list[Candidate], spec: LayerSpec, fam: str, budget_ratio: float) -> int | None:
+    """Index of the layer's lowest-error candidate of `fam` within budget_ratio of its fp32 bytes."""
+    fits = [j for j, c in enumerate(pool) if c.family == fam and c.nbytes <= budget_ratio * spec.fp32_bytes]
+    return min(fits, key=lambda j: (pool[j].rel_error, pool[j].nbytes)) if fits else None
+
+
 def _single_method_plan(pools, specs, fam: str, budget_ratio: float):
-    """Each layer's lowest-error candidate of `fam` within budget_ratio of its own fp32 bytes."""
-    plan = []
-    for spec, pool in zip(specs, pools):
-        fits = [j for j, c in enumerate(pool)
-                if c.family == fam and c.nbytes <= budget_ratio * spec.fp32_bytes]
-        if not fits:
-            return None
-        plan.append(min(fits, key=lambda j: (pool[j].rel_error, pool[j].nbytes)))
-    return plan
+    """Each layer's `_single_method_pick` of `fam` (None when a layer has none)."""
+    plan = [_single_method_pick(pool, spec, fam, budget_ratio) for spec, pool in zip(specs, pools)]
+    return None if None in plan else plan
 
 
 def _reason(pool: list[Candidate], c: Candidate, plan_source: str, predicted: bool = False) -> str:
