@@ -149,10 +149,13 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
     if not (np.isfinite(s16).all() and np.isfinite(z16).all()):
         raise ValueError("affine scale/zero exceed the float16 range for this weight")
 
-    def masked(a):
+    def masked(a):  # in place
         if m is not None:
             a *= m
         return a
+
+    def group_sum(a):  # over each group's real (unpadded) entries
+        return (a if m is None else a * m).sum(axis=2)
 
     def quantise(s16, z16):
         s, z = s16.astype(np.float32)[..., None], z16.astype(np.float32)[..., None]
@@ -177,8 +180,8 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
         outlier = masked(_shrink_lp(e, beta, lp_norm))
         target = X - outlier * s[..., None]  # the weights the codes should explain
         # closed-form scale and zero: least squares target ~ s * q - s * z in each group
-        q_mean = masked(q.copy()).sum(axis=2) / count
-        t_mean = masked(target.copy()).sum(axis=2) / count
+        q_mean = group_sum(q) / count
+        t_mean = group_sum(target) / count
         dq = masked(q - q_mean[..., None])
         var = np.einsum("rgk,rgk->rg", dq, dq)
         cov = np.einsum("rgk,rgk->rg", dq, target)
