@@ -124,18 +124,44 @@ def nearest(X: np.ndarray, C: np.ndarray, chunk: int = 1 << 16) -> tuple[np.ndar
     return labels, dist
 
 
+def squared_distances(XT: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """((X - c) ** 2).sum(axis=1), bit for bit, from X's columns (XT = X.T, contiguous): numpy
+    reduces a short row slowly (0.5 ms for 8192 rows of 2-8 values here, 10-100x the column form).
+    The sum replays numpy's order: sequential below 8 terms, 8 interleaved accumulators combined
+    pairwise up to 128 (its pairwise block); longer vectors use numpy itself."""
+    d = len(XT)
+    if d > 128:
+        return ((np.ascontiguousarray(XT.T) - c) ** 2).sum(axis=1)
+    terms = [np.square(XT[j] - c[j]) for j in range(d)]
+    if d < 8:
+        total = terms[0]
+        for t in terms[1:]:
+            total += t
+        return total
+    acc = terms[:8]
+    full = d - d % 8
+    for i in range(8, full, 8):
+        for j in range(8):
+            acc[j] += terms[i + j]
+    total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    for t in terms[full:]:
+        total += t
+    return total
+
+
 def kmeans_pp(X: np.ndarray, K: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding (each new centre drawn with probability ~ squared distance)."""
     C = np.empty((K, X.shape[1]), np.float32)
+    XT = np.ascontiguousarray(X.T)
     C[0] = X[rng.integers(len(X))]
-    d2 = ((X - C[0]) ** 2).sum(axis=1)
+    d2 = squared_distances(XT, C[0])
     draws = rng.random(K)
     for k in range(1, K):
         total = np.cumsum(d2)
         # the key in the array's dtype: a float64 key would cast (copy) the whole array per centre
         i = int(np.searchsorted(total, total.dtype.type(draws[k] * total[-1]))) if total[-1] > 0 else k % len(X)
         C[k] = X[min(i, len(X) - 1)]
-        np.minimum(d2, ((X - C[k]) ** 2).sum(axis=1), out=d2)
+        np.minimum(d2, squared_distances(XT, C[k]), out=d2)
     return C
 
 
