@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         werr, oerr = [], []
         for spec in specs:
             w = np.asarray(spec.weight, np.float32)
-            moment = sens.moments[spec.name][0]
+            moment = sens.moments[spec.name].dense()[0]
             decoded = fit(w, moment)
             werr.append(relative_error(w, decoded))
             oerr.append(output_error(w, decoded, moment))

@@ -54,6 +54,45 @@ def test_linear_moments_are_exact():
     assert sens.layer_error(spec, cw) == pytest.approx(direct, rel=1e-5)
 
 
+@pytest.mark.parametrize("samples", [16, 200])
+def test_few_input_vectors_keep_the_factor_and_score_as_the_matrix_does(samples):
+    # 16 samples < 48 inputs: the vectors themselves (the factor form); 200: the matrix, summed
+    # batch by batch exactly as before the factor form existed
+    model = Parallel().eval()
+    specs = _specs(model)
+    sens = TorchSensitivity(model, specs, (torch.randn(2, 144),), settings=SensitivitySettings(samples=samples, holdout=4))
+    spec = next(s for s in specs if s.name == "a.weight")
+    held = sens.moments[spec.name]
+    x = (sens.inputs[0][:, :48] @ model.mix).double()
+    reference = (x.T @ x / len(x)).float()
+    if samples < 48:
+        assert held.matrix is None and tuple(held.factor.shape) == (1, samples, 48)
+        torch.testing.assert_close(held.dense()[0], reference, rtol=1e-5, atol=1e-6)
+    else:
+        assert held.factor is None
+        assert torch.equal(held.matrix[0], reference)
+    cw = rtn_m.fit_rtn(spec.weight, 2, None)
+    err = torch.from_numpy(spec.weight - methods.decode(cw))
+    direct = float((x.float() @ err.T).pow(2).sum(1).mean())
+    assert sens.layer_error(spec, cw) == pytest.approx(direct, rel=1e-5)
+
+
+def test_moments_switch_from_vectors_to_the_sum_mid_stream():
+    from riem_compiler.passes.sensitivity import Moments
+
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(2, n, 10, generator=g) for n in (4, 5, 6)]  # 4, 9 <= 10, then 15 > 10
+    acc, seen = Moments(max_vectors=100), []
+    for i, b in enumerate(batches):
+        acc.add(b)
+        seen.append(b.double())
+        held = acc.result()
+        if i < 2:
+            assert held.matrix is None and held.factor.shape == (2, sum(x.shape[1] for x in seen), 10)
+    total = sum(torch.einsum("gnd,gne->gde", v, v) for v in seen)  # the old accumulation, batch by batch
+    assert torch.equal(held.matrix, (total / 15).float())
+
+
 def test_conv_moments_are_exact_depthwise_and_padded():
     g = torch.Generator().manual_seed(1)
     conv = nn.Conv2d(6, 6, 3, padding=1, stride=2, groups=3, bias=False)
