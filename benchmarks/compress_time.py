@@ -18,7 +18,10 @@ tokens): BERT-base blocks (768 / 3072), 1B-decoder blocks (2048 / 5632, gated ML
 7B-decoder block (4096 / 11008). Seconds and peak RSS against parameter count, a least-squares
 growth exponent (time ~ params^k), and the extrapolation to a 7B decoder (6.5e9 linear weights).
 
-A method written `auto@w1` runs with `workers=1` (one local worker instead of one per core).
+A method written `auto@w1` runs with `workers=1` (one local worker instead of one per core);
+`auto@ray` with `executor="ray"` on a local one-node Ray cluster of 2 CPUs; `auto@ray2n` on a Ray
+cluster of two node processes of 1 CPU each on this machine (`ray.cluster_utils.Cluster`), as a
+two-machine cluster would run it. Ray's start-up is inside the timed call only for `auto@ray`.
 
 Usage:
     python -m benchmarks.compress_time                     # everything (hours with riem)
@@ -136,6 +139,28 @@ def _run_peer(peer: str, model, x, ratio: float) -> dict:
     return {"seconds": time.perf_counter() - t0, "setting": f"{bits}-bit g64 over {len(weights)} Linear weights"}
 
 
+def _executor_options(method: str) -> tuple[str, dict]:
+    """(method, optimize options) of a method name with an executor suffix (see the docstring)."""
+    base, _, where = method.partition("@")
+    if not where:
+        return base, {}
+    if where.startswith("w"):  # "auto@w1": one local worker (the default uses every core)
+        return base, {"workers": int(where[1:])}
+    if where == "ray":
+        return base, {"executor": "ray"}
+    if where == "ray2n":
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        import ray
+
+        ray.init(address=cluster.address, include_dashboard=False)
+        return base, {"executor": "ray", "ray_address": cluster.address}
+    raise SystemExit(f"unknown executor suffix in {method!r}: @w<N>, @ray or @ray2n")
+
+
 def measure_one(model_name: str, method: str, ratio: float) -> dict:
     """One compression in this process: seconds, memory, and auto's time split."""
     import torch
@@ -153,9 +178,7 @@ def measure_one(model_name: str, method: str, ratio: float) -> dict:
         if method in PEERS:
             out.update(_run_peer(method, model, x, ratio))
         else:
-            # "auto@w1": auto on one local worker (the default uses every core)
-            base, _, workers = method.partition("@w")
-            options = {"workers": int(workers)} if workers else {}
+            base, options = _executor_options(method)
             t0 = time.perf_counter()
             res = rc.optimize(model, example_inputs=x, ratio=ratio, method=base, quiet=True, **options)
             out["seconds"] = time.perf_counter() - t0

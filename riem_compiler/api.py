@@ -127,8 +127,8 @@ def _sensitivity(cfg: Config, make):
     from riem_compiler.passes.sensitivity import SensitivitySettings
 
     try:
-        return make(SensitivitySettings(samples=cfg.sensitivity_samples, holdout=cfg.sensitivity_samples,
-                                        seed=cfg.seed))
+        return make(SensitivitySettings(samples=cfg.sensitivity_samples,
+                                        holdout=max(1, cfg.sensitivity_samples // 4), seed=cfg.seed))
     except InputError as exc:
         log.warning("auto: no output sensitivity (%s); planning on weight error instead", exc)
         return None
@@ -142,7 +142,8 @@ def _torch_sensitivity(model, specs, example_inputs, input_sampler, cfg: Config,
 
         if example_inputs is None and input_sampler is None:
             raise InputError("sensitivity='output' needs example_inputs or an input_sampler")
-        return TorchSensitivity(model, specs, example_inputs, input_sampler, settings, input_model)
+        return TorchSensitivity(model, specs, example_inputs, input_sampler, settings, input_model,
+                                progress=not cfg.quiet)
 
     return _sensitivity(cfg, make)
 

@@ -70,7 +70,7 @@ class Config:
     # (input second moments and a measured gain per layer on synthetic inputs; torch models with
     # example_inputs or an input_sampler), "weight": the size-weighted relative weight error
     sensitivity: str = "output"
-    sensitivity_samples: int = 32  # synthetic inputs for the sensitivity (and as many held out)
+    sensitivity_samples: int = 32  # synthetic inputs for the sensitivity (a quarter as many held out, for the report)
     # method="auto": also offer RieM candidates (fitted at ratio/2 with the riem settings above). Off by
     # default: they cost seconds to minutes per layer, 10-15x auto's whole run on MiniLM where they did not help
     # (on the digits CNNs at 1/24-1/32 they did: docs/AUTO.md)

@@ -343,3 +343,24 @@ def test_freeing_unpickable_candidates_changes_no_plan_with_the_output_objective
     assert [c.label for c in freed.choices] == [c.label for c in kept.choices]
     assert freed.measured == pytest.approx(kept.measured)
     assert any(c.weight is None for choice in freed.choices for c in choice.candidates)
+
+
+def test_auto_shows_a_bar_per_phase_and_holds_out_a_quarter_of_the_samples(capsys):
+    # BatchNorm inversion and the probes take minutes on an ImageNet CNN: each phase has its bar
+    # (tests/test_cli.py: quiet prints nothing); the held-out set only measures plans for the report
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 5))
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.randn(8, generator=g))
+        model[1].running_var.copy_(torch.rand(8, generator=g) + 0.5)
+    model.eval()
+    x = torch.randn(2, 3, 6, 6, generator=g)
+    res = rc.optimize(model, example_inputs=(x,), method="auto", ratio=0.3, min_weight_size=0,
+                      sensitivity_samples=8)
+    err = capsys.readouterr().err
+    for phase in ("synthetic inputs: BatchNorm inversion of 8", "synthetic inputs: BatchNorm inversion of 2",
+                  "auto: candidates", "auto: sensitivity probes"):
+        assert phase in err
+    summary = res.report.auto["sensitivity"]
+    assert summary["samples"] == 8 and summary["holdout"] == 2 and summary["inputs"] == "bn_inversion"

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: what a candidate costs: its predicted share of the model's output error, measured "
                         "on synthetic inputs (output, default), or its size-weighted weight error (weight)")
     g.add_argument("--sensitivity-samples", type=int, default=32, metavar="N",
-                   help="auto: synthetic inputs for the output sensitivity, and as many held out (default 32)")
+                   help="auto: synthetic inputs for the output sensitivity, and a quarter as many held out to measure plans for the report (default 32)")
     g.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="leave layers whose name matches this glob dense (repeat the flag for more)")
     g.add_argument("--ignore-type", action="append", default=[], metavar="KIND",

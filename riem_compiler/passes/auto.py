@@ -388,6 +388,9 @@ def choose_methods_detailed(
         log.info("auto: %d candidate(s) above error_ceiling %g left out", sum(over_ceiling), error_ceiling)
 
     t_probes = time.perf_counter()
+    # a probe runs the whole model once per layer (a minute or more on an ImageNet CNN)
+    probe_bar = tqdm(total=len(specs), unit="layer", desc="auto: sensitivity probes",
+                     disable=not progress or sensitivity is None, leave=False)
     for i, (spec, pool) in enumerate(zip(specs, pools)):
         if sensitivity is None:
             for c in pool:
@@ -398,6 +401,8 @@ def choose_methods_detailed(
         for c in pool:
             c.cost = float(sensitivity.cost(spec, c.weight, c.rel_error, c.layer_error))
         seconds[i] += info.seconds
+        probe_bar.update()
+    probe_bar.close()
 
     timing["probes"] = time.perf_counter() - t_probes
     t_plan = time.perf_counter()

@@ -43,7 +43,9 @@ log = logging.getLogger("riem_compiler.sensitivity")
 @dataclass
 class SensitivitySettings:
     samples: int = 32  # synthetic inputs for moments and probes
-    holdout: int = 32  # separate synthetic inputs (other seed) that judge whole plans
+    # separate synthetic inputs (other seed) that measure whole plans for the report only (the predicted
+    # cost picks the plan): a quarter of `samples`, since with BatchNorm inversion they cost as much each
+    holdout: int = 8
     max_vectors: int = 16384  # input vectors per layer and batch kept for the moments (evenly strided)
     inversion_steps: int = 100  # BatchNorm-inversion steps for float inputs of models with BatchNorm
     seed: int = 0
@@ -77,7 +79,7 @@ def _as_tuple(x) -> tuple:
 
 
 def probe_inputs(model: nn.Module, example_inputs, n: int, seed: int, sampler=None,
-                 inversion_steps: int = 100) -> tuple[tuple, str]:
+                 inversion_steps: int = 100, progress: bool = False) -> tuple[tuple, str]:
     """n synthetic inputs and how they were made.
 
     sampler(n, generator) wins when given. Float inputs: BatchNorm inversion for models with
@@ -99,7 +101,7 @@ def probe_inputs(model: nn.Module, example_inputs, n: int, seed: int, sampler=No
                          "inputs, or sensitivity='weight'")
     if all(t.is_floating_point() for t in example_inputs):
         settings = RefineSettings(inversion_steps=inversion_steps, seed=seed)
-        return synthetic_inputs(model, example_inputs, n, settings, seed)
+        return synthetic_inputs(model, example_inputs, n, settings, seed, progress)
     out = []
     for t in example_inputs:
         shape = (n,) + tuple(t.shape[1:])
@@ -318,18 +320,20 @@ class TorchSensitivity(Sensitivity):
     """Sensitivities of the layers of one torch model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, specs: list[LayerSpec], example_inputs=None, sampler=None,
-                 settings: SensitivitySettings | None = None, input_model: nn.Module | None = None):
+                 settings: SensitivitySettings | None = None, input_model: nn.Module | None = None,
+                 progress: bool = False):
         """input_model: the model whose statistics shape the synthetic inputs when it is not `model`
-        itself (the user's model, whose BatchNorms were folded away in `model`)."""
+        itself (the user's model, whose BatchNorms were folded away in `model`). progress: a bar
+        for the BatchNorm inversion (minutes on an ImageNet CNN)."""
         super().__init__(specs, settings)
         s = self.settings
         t0 = time.perf_counter()
         self.model = copy.deepcopy(model).eval()  # probes swap weights in place: never in the user's model
         source = self.model if input_model is None else input_model
         self.inputs, self.input_mode = probe_inputs(source, example_inputs, s.samples, s.seed, sampler,
-                                                    s.inversion_steps)
+                                                    s.inversion_steps, progress)
         self.holdout, _ = probe_inputs(source, example_inputs, s.holdout, s.seed + 7919, sampler,
-                                       s.inversion_steps)
+                                       s.inversion_steps, progress)
         self.tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
                         **dict(self.model.named_buffers(remove_duplicate=False))}
         modules = dict(self.model.named_modules())

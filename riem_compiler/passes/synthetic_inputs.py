@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from riem_compiler.errors import InputError
 from riem_compiler.metrics import flat_outputs
@@ -69,8 +70,10 @@ def _total_variation(x: torch.Tensor) -> torch.Tensor:
     return tv
 
 
-def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator, s: RefineSettings) -> tuple:
-    """DeepInversion-style inputs: noise optimised so each BatchNorm sees its running mean/var."""
+def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator, s: RefineSettings,
+                 progress: bool = False) -> tuple:
+    """DeepInversion-style inputs: noise optimised so each BatchNorm sees its running mean/var
+    (progress: a bar over the optimisation steps, which take minutes on an ImageNet CNN)."""
     bns = _batchnorms(model)
     stats: list[torch.Tensor] = []
 
@@ -87,6 +90,8 @@ def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator,
     for p in model.parameters():
         p.requires_grad_(False)
     chunks = []
+    bar = tqdm(total=-(-n // s.inversion_batch) * s.inversion_steps, unit="step",
+               desc=f"synthetic inputs: BatchNorm inversion of {n}", disable=not progress, leave=False)
     try:
         for start in range(0, n, s.inversion_batch):
             m = min(s.inversion_batch, n - start)
@@ -106,9 +111,11 @@ def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator,
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                bar.update()
             log.debug("bn inversion chunk %d: final loss %.4g", start // s.inversion_batch, loss.item())
             chunks.append([x.detach() for x in xs])
     finally:
+        bar.close()
         for h in handles:
             h.remove()
         for p, r in zip(model.parameters(), req):
@@ -118,7 +125,7 @@ def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator,
 
 
 def synthetic_inputs(original: nn.Module, example_inputs, n: int, settings: RefineSettings,
-                     seed: int) -> tuple[tuple, str]:
+                     seed: int, progress: bool = False) -> tuple[tuple, str]:
     """n synthetic inputs for `original` and the mode that made them (deterministic given seed)."""
     example_inputs = None if example_inputs is None else _as_tuple(example_inputs)
     mode = _resolve_mode(settings, original, example_inputs)
@@ -127,7 +134,7 @@ def synthetic_inputs(original: nn.Module, example_inputs, n: int, settings: Refi
         return _as_tuple(settings.input_sampler(n, gen)), mode
     if mode == "gaussian":
         return _gaussian(example_inputs, n, gen, settings), mode
-    return bn_inversion(original, example_inputs, n, gen, settings), mode
+    return bn_inversion(original, example_inputs, n, gen, settings, progress), mode
 
 
 @dataclass
