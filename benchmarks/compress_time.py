@@ -21,7 +21,8 @@ growth exponent (time ~ params^k), and the extrapolation to a 7B decoder (6.5e9 
 A method written `auto@w1` runs with `workers=1` (one local worker instead of one per core);
 `auto@ray` with `executor="ray"` on a local one-node Ray cluster of 2 CPUs; `auto@ray2n` on a Ray
 cluster of two node processes of 1 CPU each on this machine (`ray.cluster_utils.Cluster`), as a
-two-machine cluster would run it. Ray's start-up is inside the timed call only for `auto@ray`.
+two-machine cluster would run it. Ray's start-up is inside the timed call only for `auto@ray`; the
+peak RSS of Ray rows is the driver's alone (the fits run in Ray's worker processes).
 
 Usage:
     python -m benchmarks.compress_time                     # everything (hours with riem)
