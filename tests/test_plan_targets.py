@@ -136,6 +136,25 @@ def test_runtime_bytes_asks_the_methods():
         targets.runtime_bytes(spec, rtn4, "tflite")
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_per_row_dequantize_before_a_matmul_counts_what_onnxruntime_holds(bits, tmp_path):
+    """A row scale and 384 inputs (no MatMulNBits block): the standard DequantizeLinear, which
+    onnxruntime rebuilds as MatMulNBits with blocks of 32 and float32 scales; the run-time bytes
+    predicted are the bytes its optimised model holds."""
+    from riem_compiler.codegen.onnx_rewrite import rewrite_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(384, 96)).eval()
+    base = torch.onnx.export(model, (torch.randn(2, 5, 384),), dynamo=True, optimize=False, verbose=False).model_proto
+    spec = LayerSpec("0.weight", "linear", model[0].weight.detach().numpy())
+    cw = fit_rtn(spec.weight, bits, None)
+    assert targets.runs_as(spec, cw, "onnx") == "DequantizeLinear"
+    path = tmp_path / "dq.onnx"
+    onnx.save(rewrite_onnx(base, None, {"0.weight": cw}, "auto"), str(path))
+    held = _optimized_initializer_bytes(path, tmp_path)
+    assert sum(b for n, b in held.items() if n.startswith("0.weight.")) == targets.runtime_bytes(spec, cw, "onnx")
+
+
 def test_plan_for_is_validated_and_on_the_cli():
     with pytest.raises(InputError, match=r"plan_for must be one of \('onnx', 'tvm'\)"):
         rc.Config(method="auto", plan_for="tflite")

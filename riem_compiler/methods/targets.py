@@ -12,7 +12,9 @@ out). Both answers come from the methods' own codegen hooks (base.Method), never
   Run-time bytes are the form's initializers with every float tensor at 4 bytes an element: float16
   scales and zero points are Cast to float32 in the graph and onnxruntime folds those Casts at session
   creation, so they exceed the stored bytes by the scales' size (MatMulNBits rows padded to whole
-  blocks count too).
+  blocks count too). A per-axis DequantizeLinear feeding a MatMul (rtn 8/4-bit with a scale per row
+  whose row length is no power of two) is rebuilt by onnxruntime as MatMulNBits with blocks of
+  ORT_DQ_MATMUL_BLOCK inputs, the row scale repeated per block at float32: those are its bytes.
 - "tvm": the weight has a fused dequantise-matmul kernel (`Method.tvm_fusable`), which build_tvm's
   mode "fused" runs it with, reading the stored arrays (the artifact's parameters are exactly those):
   run-time bytes = stored bytes. Mode "auto" fuses the same weights where the batch regime and the
@@ -30,6 +32,10 @@ from riem_compiler import methods
 from riem_compiler.methods.base import NativeGather
 
 PLAN_TARGETS = ("onnx", "tvm")  # Config.plan_for (None: plan over every candidate at its stored bytes)
+# onnxruntime 1.32 turns a per-axis int8/int4 DequantizeLinear + MatMul into MatMulNBits with this block size
+# (its session option session.qdq_matmulnbits_block_size, default 32): codes padded to whole blocks, one float32
+# scale per block (measured: tests/test_plan_targets.py, MiniLM's 384-wide rows)
+ORT_DQ_MATMUL_BLOCK = 32
 
 
 def layer_form(spec, cw):
@@ -75,7 +81,23 @@ def runtime_bytes(spec, cw, target: str) -> int | str:
     got = layer_form(spec, cw)
     if isinstance(got, str):
         return f"no native ONNX form (onnxruntime would fold it to float32): {got}"
-    return form_bytes(got[1])
+    rebuilt = _dq_matmul_bytes(spec, got[1]) if got[0] == "standard" else None
+    return form_bytes(got[1]) if rebuilt is None else rebuilt
+
+
+def _dq_matmul_bytes(spec, form) -> int | None:
+    """The bytes onnxruntime holds for a per-axis DequantizeLinear of a 2-D weight feeding a MatMul (it
+    rebuilds it as MatMulNBits, blocks of ORT_DQ_MATMUL_BLOCK), or None for any other standard form."""
+    if spec.kind not in ("linear", "matmul") or spec.weight.ndim != 2:
+        return None
+    dq = [attrs for op, _, attrs in form.nodes if op == "DequantizeLinear"]
+    codes = np.asarray(form.tensors.get("codes", np.zeros(0)))
+    bits = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4}.get(codes.dtype.name)
+    if len(dq) != 1 or "block_size" in dq[0] or bits is None:
+        return None
+    k, n = (spec.shape[1], spec.shape[0]) if spec.in_axis == 1 else spec.shape
+    blocks = -(-int(k) // ORT_DQ_MATMUL_BLOCK)
+    return int(n) * blocks * (ORT_DQ_MATMUL_BLOCK * bits // 8 + 4)
 
 
 def form_bytes(form) -> int:
