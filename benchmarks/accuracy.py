@@ -16,7 +16,8 @@ Models and data (all offline):
 
 Methods at each budget (stored bytes / fp32 bytes of the compressible layers):
 riem (8-bit states), svd (16-bit factors), rtn, tucker2 (Tucker-2 on KxK convs, svd on the other
-layers), auto (method="auto" with default settings: no RieM candidates), auto+riem (auto_riem=True:
+layers), auto (method="auto" with default settings: no RieM candidates), auto@onnx / auto@tvm (auto with
+plan_for="onnx" / "tvm": only candidates that target runs compressed, at their run-time bytes), auto+riem (auto_riem=True:
 RieM candidates too, reusing this run's riem fits of the same weight and ratio instead of fitting
 them again; missing ones are fitted with the same settings), and
 X+refine for X in riem, svd, auto: X's model after data-free refinement (passes/refine.py).
@@ -80,7 +81,8 @@ BUDGETS = (1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 24, 1 / 32)
 MODELS = ("digits_cnn", "digits_resnet8", "minilm", "effnet_lite2", "mobilenet_v2")
 VISION = tuple(imagenet.VISION_MODELS)  # the ImageNet classifiers of the agreement task
 PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
-METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto+riem", "auto-weight", "auto+emb",
+METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto@onnx", "auto@tvm", "auto+riem",
+           "auto-weight", "auto+emb",
            *PEER_METHODS, "riem+refine", "svd+refine", "auto+refine")
 
 
@@ -400,10 +402,12 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                 rows.append(run_peer(task, method, budget, base))
                 continue
             base_method = (method.removesuffix("+refine").removesuffix("+emb").removesuffix("-weight")
-                           .removesuffix("+riem"))
+                           .removesuffix("+riem").removesuffix("@onnx").removesuffix("@tvm"))
+            plan_for = method.rpartition("@")[2] if "@" in method else None
             cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
                          time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0,
-                         compress_embeddings=method.endswith("+emb"), auto_riem=method.endswith("+riem"))
+                         compress_embeddings=method.endswith("+emb"), auto_riem=method.endswith("+riem"),
+                         plan_for=plan_for)
             row = {**base, "method": method, "budget": budget}
             extra = {}
             t_fit = time.perf_counter()
@@ -457,6 +461,12 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     for r in res.report.layers:
                         label = r.reason.split(":")[1].strip() if r.reason.startswith("auto:") else r.method
                         extra["auto_choices"][label] = extra["auto_choices"].get(label, 0) + 1
+                    if plan_for is not None:  # stored_bytes below are then run-time bytes on that target
+                        extra.update(auto_plan_for=plan_for, auto_runs_as={},
+                                     auto_file_weight_bytes=sum(cw.nbytes for cw in res.compressed.values()))
+                        for r in res.report.layers:
+                            form = r.settings.get("runs_as", "not planned")
+                            extra["auto_runs_as"][form] = extra["auto_runs_as"].get(form, 0) + 1
                 elif method == "tucker2":
                     if task.name == "minilm":
                         continue  # no conv layers: would be plain svd
@@ -580,6 +590,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "notes give that plan's measured held-out synthetic output error; from 2026-12-03 16:20 on "
              "the measurement reports, it no longer picks the plan). auto-weight = the same candidates "
              "planned on the old proxy, the size-weighted relative weight error.",
+             "- auto@onnx, auto@tvm = auto with plan_for=\"onnx\" / \"tvm\": only candidates that target runs "
+             "compressed (onnxruntime: MatMulNBits, GatherBlockQuantized or DequantizeLinear forms of the default "
+             "onnx_format; TVM: a fused dequantise-matmul kernel, build_tvm mode \"fused\"), each costed at its "
+             "run-time weight bytes (float16 scales count as the float32 onnxruntime folds them to).",
              "- X+emb = X with compress_embeddings=True: the embedding tables join the compressible "
              "layers (and the ratio's denominator); compare its whole-model ratio with the peers'.",
              "- X+refine = X's model refined data-free (riem_compiler/passes/refine.py): synthetic "
@@ -633,6 +647,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
                              f"held-out synthetic out. err {r['auto_measured']:.3g}")
             if "auto_choices" in r:
                 notes.append("picks: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["auto_choices"].items())))
+            if r.get("auto_plan_for"):
+                notes.append(f"planned for {r['auto_plan_for']}: stored bytes = run-time weight bytes there "
+                             f"(the artifact's compressed weights hold {r['auto_file_weight_bytes']}); runs as "
+                             + ", ".join(f"{k} x{v}" for k, v in sorted(r["auto_runs_as"].items())))
             lines.append(f"| {fmt_budget(r['budget'])} | {r['method']} | "
                          + " | ".join(f"{r['metrics'][k]:.4f}" for k in keys)
                          + f" | {r['ratio']:.4f} | {fmt_error(r.get('mean_layer_error'))} | "
@@ -703,8 +721,11 @@ def main(argv=None) -> int:
     runs = {**old.get("meta", {}).get("runs", {}),
             run: {"command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}}
-    settings = {**old.get("meta", {}).get("settings", {}),
-                **{m: {**model_settings(mode, m), "threads": args.threads} for m in args.models}}
+    old_settings = old.get("meta", {}).get("settings", {})
+    settings = {**old_settings, **{m: {**model_settings(mode, m), "threads": args.threads} for m in args.models}}
+    for m in args.models:  # a run of some budgets keeps the other budgets' rows: list them all
+        if args.budgets and m in old_settings:
+            settings[m]["budgets"] = sorted(set(old_settings[m]["budgets"]) | set(settings[m]["budgets"]), reverse=True)
     meta = {"settings": settings, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
             "threads": args.threads, "torch": torch.__version__, "runs": runs}
     try:

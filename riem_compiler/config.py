@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from riem_compiler import methods, riem
 from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LAYER_KINDS
+from riem_compiler.methods.targets import PLAN_TARGETS
 
 METHODS = (*methods.SELECTABLE, methods.PLANNER)  # what `method=` takes
 FLOAT_FIELDS = ("ratio", "time_budget_s", "lr", "error_ceiling")  # each must be finite
@@ -82,6 +83,12 @@ class Config:
     # method maps, else functions) or "ort" (as "auto"). "standard" and "ort" also make rtn choose
     # among the 8/4-bit settings those forms write; "auto" and "functions" leave it the lowest error
     onnx_format: str = "auto"
+    # method="auto": plan for a deployment target. "onnx": only candidates that onnx_format "auto" writes in a
+    # form onnxruntime keeps compressed (MatMulNBits, GatherBlockQuantized, DequantizeLinear); "tvm": only those
+    # with a fused dequantise-matmul kernel (build_tvm mode "fused" runs them in their stored bytes). Kept-dense
+    # float32 layers stay allowed; candidates cost their run-time weight bytes (methods/targets.py).
+    # None: every candidate, at its stored bytes
+    plan_for: str | None = None
     # per-method settings that are not fields above, e.g. {"svd": {"factor_bits": 8}, "rtn": {"group_size": 64}};
     # the fields each method takes are those of its Settings dataclass (riem_compiler.methods.<name>)
     method_options: dict = field(default_factory=dict)
@@ -124,6 +131,11 @@ class Config:
             raise InputError(f"device must be 'cpu' or 'cuda'; got {self.device!r}")
         if self.onnx_format not in ONNX_FORMATS:
             raise InputError(f"onnx_format must be one of {ONNX_FORMATS}; got {self.onnx_format!r}")
+        if self.plan_for is not None and self.plan_for not in PLAN_TARGETS:
+            raise InputError(f"plan_for must be one of {PLAN_TARGETS} or None (plan over every candidate); "
+                             f"got {self.plan_for!r}")
+        if self.plan_for is not None and self.method != methods.PLANNER:
+            raise InputError(f"plan_for={self.plan_for!r} plans method='auto'; got method={self.method!r}")
         if self.executor not in ("local", "ray"):
             raise InputError(f"executor must be 'local' or 'ray'; got {self.executor!r}")
         bad = [t for t in self.ignore_types if t not in LAYER_KINDS]

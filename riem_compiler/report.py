@@ -123,6 +123,10 @@ class Report:
         rows.append(["TOTAL", f"{t['compressed']}/{t['layers']} layers", "", f"ratio={t['ratio']:.4f}",
                      _kib(t["bytes_before"]), _kib(t["bytes_after"]), "", f"{t['fit_seconds']:.1f}",
                      "" if self.output_error is None else f"output error {self.output_error:.4f}"])
+        plan_for = (self.auto or {}).get("plan_for")
+        if plan_for:
+            rows.append(["PLANNED FOR", plan_for, "auto", "", "", "", "", "",
+                         f"only candidates {plan_for} runs compressed; KiB after = run-time weight bytes there"])
         folded = (self.preprocess or {}).get("batchnorm", {})
         if folded:
             rows.append(["BATCHNORM", f"{len(folded['folded'])} folded", "", f"{len(folded['kept'])} kept",

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--auto-riem", action="store_true",
                    help="auto: also offer RieM candidates (fitted at ratio/2; seconds to minutes per layer; "
                         "they help small CNNs at very low budgets; default off)")
+    g.add_argument("--plan-for", choices=("any", "onnx", "tvm"), default="any",
+                   help="auto: plan for a deployment target: only candidates it runs in a compressed form, at "
+                        "their run-time weight bytes. onnx: MatMulNBits / GatherBlockQuantized / DequantizeLinear "
+                        "forms of the default --onnx-format (RTN, affine); tvm: methods with a fused dequantise-"
+                        "matmul kernel (--tvm-mode fused keeps them compact); any (default): every candidate")
     g.add_argument("--error-ceiling", type=_finite_float, default=1.0,
                    help="keep a layer dense when its relative weight error is above this (default 1.0)")
     g.add_argument("--sensitivity", choices=("output", "weight"), default="output",
@@ -220,5 +225,6 @@ def _config_from_args(args):
                   fold_batchnorm=not args.no_fold_batchnorm, dead_channels=args.dead_channels,
                   equalize=args.equalize, bias_correction=args.bias_correction,
                   onnx_format=args.onnx_format, sensitivity=args.sensitivity,
-                  sensitivity_samples=args.sensitivity_samples)
+                  sensitivity_samples=args.sensitivity_samples,
+                  plan_for=None if args.plan_for == "any" else args.plan_for)
 

@@ -203,20 +203,33 @@ class Method:
         """
         return None
 
+    def tvm_fusable(self, cw: CompressedWeight) -> str | None:
+        """None when this weight has a fused dequantise-matmul kernel, the one build_tvm's mode "fused"
+        runs a matmul weight with, so it stays in its stored bytes at run time; else why not. What
+        `tvm_fused` checks first, and what `auto` with plan_for="tvm" keeps candidates by."""
+        module = self.tvm_kernel()
+        if module is None:
+            return self.tvm_dense_reason or f"method {self.name!r} has no TVM kernel"
+        if getattr(module, "fused_linear_primfunc", None) is None:
+            return f"method {self.name!r} has no fused dequantise-matmul kernel"
+        if len(cw.shape) != 2:
+            return f"a {len(cw.shape)}-D weight (conv) is not a matmul operand"
+        try:
+            module.array_names(cw)
+        except ValueError as exc:  # a layout its kernel does not read
+            return str(exc)
+        return None
+
     def tvm_fused(self, cw: CompressedWeight, rows: int, name: str, target_kind: str, for_memory: bool = False):
         """The fused dequantise-matmul PrimFunc y (rows, out) = x (rows, in) W^T for one 2-D weight,
         the weight read in its stored form inside the reduction, or a str saying why this weight is
         decoded once at load instead. for_memory: the build asks to keep weights compact even where
         the per-call decode costs more than the matmul (mode "fused"); otherwise (mode "auto") a
         method says no where fusing would be slower than decoding once."""
-        module = self.tvm_kernel()
-        if module is None:
-            return self.tvm_dense_reason or f"method {self.name!r} has no TVM kernel"
-        kernel = getattr(module, "fused_linear_primfunc", None)
-        if kernel is None:
-            return f"method {self.name!r} has no fused dequantise-matmul kernel"
-        if len(cw.shape) != 2:
-            return f"a {len(cw.shape)}-D weight (conv) is not a matmul operand"
+        why = self.tvm_fusable(cw)
+        if why is not None:
+            return why
+        kernel = self.tvm_kernel().fused_linear_primfunc
         if not for_memory and target_kind == "llvm" and rows > FUSED_CPU_MAX_ROWS:
             return (f"batch regime: {rows} rows per call > {FUSED_CPU_MAX_ROWS}; the CPU fused kernel decodes per tile "
                     "of output rows and loses to the dense matmul there (benchmarks/results/tvm_lowbit.md), so "

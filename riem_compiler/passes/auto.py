@@ -21,6 +21,11 @@ Far from the original the measured squared error saturates near 1 and favours pl
 the outputs (low rank) over noisier ones that keep them, and the task metrics side with the
 prediction (MiniLM at 1/24: the measurement preferred svd8, WS353 0.491, over the knapsack plan,
 0.676; benchmarks/results/auto_proxy.md has the rank correlations).
+
+With a deployment target (`Config.plan_for`, "onnx" or "tvm") a candidate enters the pool only if that
+target runs it in a compressed form, and it costs its run-time weight bytes instead of its stored bytes
+(`methods/targets.py` asks the methods' codegen hooks); the others are counted per layer as
+"off target". The budget then bounds the bytes the deployed model holds for these weights.
 """
 from __future__ import annotations
 
@@ -150,6 +155,8 @@ class Choice:
     dropped: int = 0  # candidates left out: their fit raised or their error is not finite
     over_ceiling: int = 0  # candidates left out: relative error above error_ceiling
     seconds: float = 0.0  # candidate fits and scoring, plus this layer's sensitivity probe
+    off_target: int = 0  # candidates left out: the plan's target does not run them compressed
+    runs_as: str = ""  # with a plan target: how it runs there (MatMulNBits, DequantizeLinear, fused, ...)
 
     @property
     def ratio(self) -> float:
@@ -163,6 +170,7 @@ class Choice:
             "candidates": [{"label": c.label, "nbytes": c.nbytes, "rel_error": c.rel_error, "cost": c.cost}
                            for c in self.candidates],
             "dropped": self.dropped, "over_ceiling": self.over_ceiling, "seconds": round(self.seconds, 4),
+            **({"off_target": self.off_target, "runs_as": self.runs_as} if self.runs_as else {}),
         }
 
 
@@ -181,6 +189,7 @@ class AutoResult:
     # where the seconds went: "candidates" (method -> fit seconds summed over layers), "scoring",
     # "candidate_jobs_wall", "probes" (sensitivity gains), "planning", "measurement" (plans end to end)
     timing: dict = field(default_factory=dict)
+    plan_for: str | None = None  # the deployment target planned for (Config.plan_for); bytes are then run-time bytes
 
     @property
     def nbytes(self) -> int:
@@ -193,6 +202,7 @@ class AutoResult:
 
     def to_dict(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "fp32_bytes": self.fp32_bytes, "nbytes": self.nbytes,
+                "plan_for": self.plan_for,
                 "objective": self.objective, "proxy": self.proxy, "source": self.source,
                 "single_method": self.single_method, "measured": self.measured, "sensitivity": self.sensitivity,
                 "seconds": round(self.seconds, 3), "timing": self.timing, "dropped": self.dropped,
@@ -256,17 +266,22 @@ def compress_auto(specs: list[LayerSpec], config, candidates: CandidateSource | 
                                           s.fp32_bytes, reason="weight contains NaN or inf; left unchanged")
     compressed: dict[str, CompressedWeight] = {}
     if usable:
+        plan_for = getattr(config, "plan_for", None)
         result = choose_methods_detailed(usable, config.ratio, candidates, progress=not config.quiet,
                                          sensitivity=sensitivity, executor=executor or make_executor(config),
-                                         error_ceiling=config.error_ceiling)
+                                         error_ceiling=config.error_ceiling, plan_for=plan_for)
         log.info("auto plan:\n%s", result.table())
         if plan is not None:
             plan.update(result.to_dict())
         for spec, c in zip(usable, result.choices):
             kept = c.nbytes >= spec.fp32_bytes  # the float32 candidate (or worse): keep the layer as it is
+            settings = dict(c.settings)
+            if plan_for is not None:  # c.nbytes are run-time bytes; the artifact stores c.weight.nbytes (<=)
+                settings.update(plan_for=plan_for, runs_as=c.runs_as, stored_bytes=int(c.weight.nbytes),
+                                runtime_bytes=int(c.nbytes))
             record = LayerRecord(spec.name, spec.kind, spec.shape, c.method, "skipped" if kept else "compressed",
                                  spec.fp32_bytes, spec.fp32_bytes if kept else c.nbytes, rel_error=c.rel_error,
-                                 fit_seconds=c.seconds, reason=f"auto: {c.label}: {c.reason}", settings=dict(c.settings))
+                                 fit_seconds=c.seconds, reason=f"auto: {c.label}: {c.reason}", settings=settings)
             if not kept:
                 compressed[spec.name] = c.weight
             records[spec.name] = record
@@ -295,20 +310,21 @@ def choose_methods(
 
 
 def layer_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: float,
-                     error_ceiling: float | None = None, moment_error=None) -> tuple[str, list[Candidate], int, int, float]:
+                     error_ceiling: float | None = None, moment_error=None, plan_for: str | None = None) -> tuple:
     """One layer's scored candidates (an executor job): (name, pool, dropped, over ceiling, seconds,
-    timing: seconds per method's candidate fits and "scoring"). moment_error: the sensitivity's
-    `MomentError` of this layer, scored from the same decode."""
+    timing: seconds per method's candidate fits and "scoring", off target). moment_error: the
+    sensitivity's `MomentError` of this layer, scored from the same decode. plan_for: keep only
+    the candidates that target runs compressed, at their run-time bytes (off target: the others)."""
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
-    pool, dropped = _evaluate_candidates(spec, source, budget_ratio, moment_error, timing)
+    pool, dropped, off_target = _evaluate_candidates(spec, source, budget_ratio, moment_error, timing, plan_for)
     over = 0
     if error_ceiling is not None:
         kept = [c for c in pool if c.rel_error <= error_ceiling]
         over = len(pool) - len(kept)
         pool = kept or [_dense_candidate(spec)]
     _free_unpickable(pool, spec, budget_ratio)
-    return spec.name, pool, dropped, over, time.perf_counter() - t0, timing
+    return spec.name, pool, dropped, over, time.perf_counter() - t0, timing, off_target
 
 
 def _free_unpickable(pool: list[Candidate], spec: LayerSpec, budget_ratio: float) -> None:
@@ -339,14 +355,16 @@ def _free_unpickable(pool: list[Candidate], spec: LayerSpec, budget_ratio: float
 def choose_methods_detailed(
     specs: list[LayerSpec], budget_ratio: float, candidates: CandidateSource | None = None,
     proxy: str = "size_weighted", resolution: int = 4096, progress: bool = False,
-    sensitivity=None, executor=None, error_ceiling: float | None = None,
+    sensitivity=None, executor=None, error_ceiling: float | None = None, plan_for: str | None = None,
 ) -> AutoResult:
     """`choose_methods` plus the plan's totals and every single-method plan's score.
 
     sensitivity: a TorchSensitivity; candidates then cost their predicted output error, and the
     plans compared are also measured end to end on held-out inputs (reported, not deciding).
     executor: runs the per-layer candidate fits (default in-process). error_ceiling: candidates
-    with a larger relative weight error are left out (dense float32 stays as the fallback)."""
+    with a larger relative weight error are left out (dense float32 stays as the fallback).
+    plan_for: a deployment target (config.PLAN_TARGETS): only candidates it runs compressed, costed at
+    their run-time bytes (methods/targets.py); None: every candidate at its stored bytes."""
     from riem_compiler.passes.executors import LocalExecutor
 
     if not specs:
@@ -363,12 +381,18 @@ def choose_methods_detailed(
     bar = tqdm(total=sum(s.weight.size for s in specs), unit="w", unit_scale=True,
                desc="auto: candidates", disable=not progress, leave=False)
     sizes = {s.name: s.weight.size for s in specs}
-    jobs = [(spec, source, budget_ratio, error_ceiling, sensitivity.moment_error(spec) if sensitivity else None)
-            for spec in specs]
+    if plan_for is not None:
+        from riem_compiler.methods.targets import PLAN_TARGETS
+
+        if plan_for not in PLAN_TARGETS:
+            raise InputError(f"plan_for must be one of {PLAN_TARGETS} or None; got {plan_for!r}")
+    jobs = [(spec, source, budget_ratio, error_ceiling, sensitivity.moment_error(spec) if sensitivity else None,
+             plan_for) for spec in specs]
     timing = {"candidates": {}, "scoring": 0.0}  # seconds summed over layers (over workers, not wall time)
     t_jobs = time.perf_counter()
-    for name, pool, n_dropped, over, seconds, layer_timing in (executor or LocalExecutor()).map(layer_candidates, jobs):
-        found[name] = (pool, n_dropped, over, seconds)
+    for name, pool, n_dropped, over, seconds, layer_timing, n_off in (executor or LocalExecutor()).map(layer_candidates,
+                                                                                                     jobs):
+        found[name] = (pool, n_dropped, over, seconds, n_off)
         timing["scoring"] += layer_timing.pop("scoring", 0.0)
         for method_name, sec in layer_timing.items():
             timing["candidates"][method_name] = timing["candidates"].get(method_name, 0.0) + sec
@@ -381,6 +405,7 @@ def choose_methods_detailed(
     dropped = [found[s.name][1] for s in specs]
     over_ceiling = [found[s.name][2] for s in specs]
     seconds = [found[s.name][3] for s in specs]
+    off_target = [found[s.name][4] for s in specs]
     if sum(dropped):
         log.info("auto: %d candidate(s) dropped in %d layer(s) (fit raised or non-finite error)",
                  sum(dropped), sum(1 for n in dropped if n))
@@ -419,8 +444,10 @@ def choose_methods_detailed(
             plans[f"single method {fam}"] = single
     if not plans:
         cheapest = sum(pool[0].nbytes for pool in pools)
-        raise InputError(f"budget {budget} bytes ({budget_ratio} of {total_fp32} fp32 bytes) is too "
-                         f"small: the cheapest candidates need {cheapest} bytes; raise the ratio")
+        which = (f"the cheapest candidates {plan_for} runs compressed need {cheapest} run-time bytes "
+                 f"(ratio {cheapest / total_fp32:.4f}); raise the ratio or plan for any target (plan_for=None)"
+                 if plan_for is not None else f"the cheapest candidates need {cheapest} bytes; raise the ratio")
+        raise InputError(f"budget {budget} bytes ({budget_ratio} of {total_fp32} fp32 bytes) is too small: {which}")
     timing["planning"] = time.perf_counter() - t_plan
     t_measure = time.perf_counter()
     measured: dict[str, float] = {}
@@ -442,20 +469,27 @@ def choose_methods_detailed(
         notes = [f"{dropped[i]} candidate(s) dropped (fit failed or non-finite error)"] if dropped[i] else []
         if over_ceiling[i]:
             notes.append(f"{over_ceiling[i]} candidate(s) above error_ceiling {error_ceiling:g} left out")
+        runs_as = ""
+        if plan_for is not None:
+            from riem_compiler.methods.targets import runs_as as target_form
+
+            runs_as = target_form(spec, c.weight, plan_for)
+            notes.append(f"{plan_for}: runs as {runs_as}, {c.nbytes} run-time bytes"
+                         + (f"; {off_target[i]} candidate(s) it does not run compressed left out" if off_target[i] else ""))
         choices.append(Choice(
             name=spec.name, method=c.weight.method, label=c.label, settings=dict(c.weight.meta),
             nbytes=c.nbytes, fp32_bytes=spec.fp32_bytes, rel_error=c.rel_error, proxy=c.cost,
             reason="; ".join([_reason(pool, c, plan_source, sensitivity is not None), *notes]),
             weight=c.weight, candidates=pool, dropped=dropped[i], over_ceiling=over_ceiling[i],
-            seconds=seconds[i]))
+            seconds=seconds[i], off_target=off_target[i], runs_as=runs_as))
     result = AutoResult(choices, budget, total_fp32, best_cost, plan_source, singles,
                         objective="output" if sensitivity is not None else proxy, measured=measured,
                         sensitivity=sensitivity.summary() if sensitivity is not None else {},
                         seconds=time.perf_counter() - t0,
                         timing={k: (round(v, 3) if isinstance(v, float) else {m: round(x, 3) for m, x in v.items()})
-                                for k, v in timing.items()})
-    log.info("auto: %d layers, %d / %d bytes (budget %d), %s %.4g via %s%s", len(specs), result.nbytes,
-             total_fp32, budget, result.objective, best_cost, plan_source,
+                                for k, v in timing.items()}, plan_for=plan_for)
+    log.info("auto: %d layers, %d / %d %sbytes (budget %d), %s %.4g via %s%s", len(specs), result.nbytes,
+             total_fp32, f"{plan_for} run-time " if plan_for else "", budget, result.objective, best_cost, plan_source,
              f", measured output error {measured[plan_source]:.4g}" if measured else "")
     return result
 
@@ -476,8 +510,12 @@ def _dense_candidate(spec: LayerSpec) -> Candidate:
 
 
 def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: float,
-                         moment_error=None, timing: dict | None = None) -> tuple[list[Candidate], int]:
-    """(the layer's scored candidates sorted by (bytes, error), how many were dropped).
+                         moment_error=None, timing: dict | None = None,
+                         plan_for: str | None = None) -> tuple[list[Candidate], int, int]:
+    """(the layer's scored candidates sorted by (bytes, error), how many were dropped, how many
+    `plan_for` does not run compressed and were left out before scoring).
+
+    With plan_for a candidate's bytes are its run-time bytes on that target (methods/targets.py).
 
     Each candidate is decoded once, for its relative error and (with moment_error) its layer error.
 
@@ -496,14 +534,25 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
         timing.update(getattr(cands, "seconds", {}))
     t_score = time.perf_counter()
     pool = []
+    off_target = 0
     for cw in cands:
         if tuple(cw.shape) != spec.shape:
             raise InputError(f"candidate {cw.method} for {spec.name} has shape {cw.shape}, "
                              f"expected {spec.shape}")
+        nbytes = cw.nbytes
+        if plan_for is not None:
+            from riem_compiler.methods.targets import runtime_bytes
+
+            got = runtime_bytes(spec, cw, plan_for)
+            if isinstance(got, str):
+                off_target += 1
+                log.debug("%s: candidate %s left out for %s: %s", spec.name, label(cw), plan_for, got)
+                continue
+            nbytes = got
         try:
             decoded = methods.decode(cw)
             err = relative_error(spec.weight, decoded)
-            cand = Candidate(cw, label(cw), family(cw), cw.nbytes, err)
+            cand = Candidate(cw, label(cw), family(cw), nbytes, err)
             if moment_error is not None and math.isfinite(err):
                 cand.layer_error = moment_error(np.asarray(spec.weight, np.float32) - decoded.reshape(spec.shape))
             del decoded
@@ -522,7 +571,7 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
     pool.sort(key=lambda c: (c.nbytes, c.rel_error))
     if timing is not None:
         timing["scoring"] = time.perf_counter() - t_score
-    return pool, n_dropped
+    return pool, n_dropped, off_target
 
 
 def _plans_to_measure(plans: dict, pools) -> list[str]:
@@ -616,6 +665,8 @@ def format_choices(choices: list[Choice], result: AutoResult | None = None) -> s
     total, fp32 = sum(c.nbytes for c in choices), sum(c.fp32_bytes for c in choices)
     lines.append(f"total {total} bytes = {total / max(fp32, 1):.4f} of fp32 ({fp32} bytes)")
     if result is not None:
+        if result.plan_for:
+            lines.append(f"planned for {result.plan_for}: only candidates it runs compressed; bytes are run-time bytes")
         lines.append(f"budget {result.budget_bytes} bytes; {result.objective} {result.proxy:.4g} via {result.source}"
                      + (f" (measured output error {result.measured[result.source]:.4g})" if result.measured else ""))
         if "knapsack" in result.measured:
