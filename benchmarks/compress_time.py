@@ -152,7 +152,10 @@ def _executor_options(method: str) -> tuple[str, dict]:
     if where == "ray2n":
         from ray.cluster_utils import Cluster
 
+        import atexit
+
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        atexit.register(cluster.shutdown)  # its node processes must not outlive the row
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         import ray
