@@ -155,7 +155,12 @@ def _executor_options(method: str) -> tuple[str, dict]:
         import atexit
 
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-        atexit.register(cluster.shutdown)  # its node processes must not outlive the row
+
+        def stop():  # its node processes, and the file naming it that ray.init() would try, end with the row
+            cluster.shutdown()
+            Path("/tmp/ray/ray_current_cluster").unlink(missing_ok=True)
+
+        atexit.register(stop)
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         import ray

@@ -53,7 +53,7 @@ class Config:
     recompute: bool = False
     quiet: bool = False
     executor: str = "local"  # "local" (in-process) or "ray"
-    ray_address: str | None = None  # Ray cluster address; None starts/joins a local one
+    ray_address: str | None = None  # Ray cluster address; None: RAY_ADDRESS, else a new local cluster
     # torch threads of every fit job (Ray: CPUs per task); None: 1. Results depend on it, never on the executor
     threads: int | None = None
     workers: int | None = None  # local executor: jobs at once (None: available cores // threads)

@@ -23,7 +23,8 @@ FAST = dict(steps=60, min_weight_size=0, quiet=True)
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # "local": a cluster of its own, never one named by a leftover /tmp/ray/ray_current_cluster
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -292,3 +293,20 @@ def test_local_jobs_run_numpy_blas_with_the_jobs_thread_count():
         out = list(LocalExecutor(num_threads=1, workers=workers).map(lambda i: blas_threads(), [(0,), (1,)]))
         assert out == [{1}, {1}]
     assert blas_threads() == before
+
+
+@pytest.mark.parametrize("env,expected", [(None, "local"), ("10.0.0.5:6379", "10.0.0.5:6379")])
+def test_starting_ray_never_joins_a_cluster_a_leftover_file_names(monkeypatch, env, expected):
+    # ray.init(address=None) tries the cluster named in /tmp/ray/ray_current_cluster, which a
+    # finished cluster leaves behind: the executor asks for RAY_ADDRESS or a new local cluster
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: seen.update(address=address))
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    RayExecutor()._ensure_ray()
+    assert seen["address"] == expected
+    RayExecutor(address="ray://head:10001")._ensure_ray()
+    assert seen["address"] == "ray://head:10001"

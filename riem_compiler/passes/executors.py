@@ -194,8 +194,11 @@ class RayExecutor:
 
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, **self.init_kwargs}
-            log.info("connecting to Ray (address=%s)", self.address or "local / RAY_ADDRESS")
-            ray.init(address=self.address, **kwargs)
+            # None: RAY_ADDRESS, else a new local cluster ("local"), never one that a leftover
+            # /tmp/ray/ray_current_cluster names (ray.init(None) tries that one, and fails if it is gone)
+            address = self.address or os.environ.get("RAY_ADDRESS") or "local"
+            log.info("connecting to Ray (address=%s)", address)
+            ray.init(address=address, **kwargs)
             self.started_ray = True
         return ray
 
