@@ -30,9 +30,9 @@ from tvm import te, tirx
 
 LANE_CHOICES = (16, 8, 4)
 # PrimFunc attribute of a CPU kernel that gathers codes per weight (the element form along the
-# reduction: vq's codebook, rtn/affine codes that straddle bytes): measured slower than decoding
-# once (tvm_lowbit.md: vq at 1/16, 4x4096 MLP, batch 1: 155 ms fused vs 39 ms decode-once), so
-# mode "auto" decodes such weights once at load
+# reduction: rtn/affine codes that straddle bytes): measured slower than decoding once (vq in that
+# form, before its lookup-table kernel: 155 ms fused vs 39 ms decode-once on tvm_lowbit's 4x4096
+# MLP at batch 1), so mode "auto" decodes such weights once at load
 SLOW_ON_CPU = "riem.fused_slower_than_decode_once"
 F32 = "float32"
 
@@ -191,12 +191,14 @@ def scheduled(sch):
     return sch.mod["main"].with_attr("tir.is_scheduled", True).with_attr("tirx.is_scheduled", True)
 
 
-def schedule_row_reduction(sch, block: str) -> None:
+def schedule_row_reduction(sch, block: str, batch_outer: bool = False) -> None:
     """A block out[b, i] = sum_k ...: parallel over i; where the reduction splits into vector lanes,
-    per row `lanes` contiguous partial sums (rfactor) reduced at the end."""
+    per row `lanes` contiguous partial sums (rfactor) reduced at the end. batch_outer: one pass
+    over the rows per batch row (when what a row reads depends on b, as a per-b lookup table)."""
     blk = sch.get_sblock(block)
     b, i, k = sch.get_loops(blk)
-    sch.reorder(i, b)
+    if not batch_outer:
+        sch.reorder(i, b)
     sch.parallel(i)
     cols = int(sch.get(k).extent)
     lanes = next((v for v in LANE_CHOICES if cols % v == 0), None)
@@ -204,8 +206,8 @@ def schedule_row_reduction(sch, block: str) -> None:
         return
     ko, ki = sch.split(k, [None, lanes])
     rf = sch.rfactor(ki, factor_axis=2)  # rf[b, i, lane]: lanes contiguous
-    ri, _, rko, rki = sch.get_loops(rf)
-    sch.parallel(ri)
+    outer, inner, rko, rki = sch.get_loops(rf)
+    sch.parallel(inner if batch_outer else outer)
     sch.vectorize(rki)
     init = sch.decompose_reduction(rf, rko)
     sch.vectorize(sch.get_loops(init)[-1])
