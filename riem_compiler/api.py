@@ -128,7 +128,8 @@ def _sensitivity(cfg: Config, make):
 
     try:
         return make(SensitivitySettings(samples=cfg.sensitivity_samples,
-                                        holdout=max(1, cfg.sensitivity_samples // 4), seed=cfg.seed))
+                                        holdout=max(1, cfg.sensitivity_samples // 4), seed=cfg.seed,
+                                        inversion_steps=cfg.sensitivity_inversion_steps))
     except InputError as exc:
         log.warning("auto: no output sensitivity (%s); planning on weight error instead", exc)
         return None

@@ -72,6 +72,9 @@ class Config:
     # example_inputs or an input_sampler), "weight": the size-weighted relative weight error
     sensitivity: str = "output"
     sensitivity_samples: int = 32  # synthetic inputs for the sensitivity (a quarter as many held out, for the report)
+    # BatchNorm-inversion steps that make those inputs for a torch model with BatchNorm and float inputs
+    # (most of auto's time on an ImageNet CNN; benchmarks/results/inversion_steps.md measures fewer)
+    sensitivity_inversion_steps: int = 100
     # method="auto": also offer RieM candidates (fitted at ratio/2 with the riem settings above). Off by
     # default: they cost seconds to minutes per layer, 10-15x auto's whole run on MiniLM where they did not help
     # (on the digits CNNs at 1/24-1/32 they did: docs/AUTO.md)
@@ -118,7 +121,7 @@ class Config:
             raise InputError(f"metric_dtype must be one of {riem.METRIC_DTYPES}; got {self.metric_dtype!r}")
         if self.sensitivity not in SENSITIVITIES:
             raise InputError(f"sensitivity must be one of {SENSITIVITIES}; got {self.sensitivity!r}")
-        for name in ("m", "k_branches", "steps", "refine_steps", "sensitivity_samples"):
+        for name in ("m", "k_branches", "steps", "refine_steps", "sensitivity_samples", "sensitivity_inversion_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer; got {value!r}")

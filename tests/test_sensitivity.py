@@ -357,10 +357,13 @@ def test_auto_shows_a_bar_per_phase_and_holds_out_a_quarter_of_the_samples(capsy
     model.eval()
     x = torch.randn(2, 3, 6, 6, generator=g)
     res = rc.optimize(model, example_inputs=(x,), method="auto", ratio=0.3, min_weight_size=0,
-                      sensitivity_samples=8)
+                      sensitivity_samples=8, sensitivity_inversion_steps=20)
     err = capsys.readouterr().err
     for phase in ("synthetic inputs: BatchNorm inversion of 8", "synthetic inputs: BatchNorm inversion of 2",
                   "auto: candidates", "auto: sensitivity probes"):
         assert phase in err
     summary = res.report.auto["sensitivity"]
     assert summary["samples"] == 8 and summary["holdout"] == 2 and summary["inputs"] == "bn_inversion"
+    assert summary["inversion_steps"] == 20
+    with pytest.raises(InputError, match="sensitivity_inversion_steps"):
+        rc.Config(sensitivity_inversion_steps=0)

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on synthetic inputs (output, default), or its size-weighted weight error (weight)")
     g.add_argument("--sensitivity-samples", type=int, default=32, metavar="N",
                    help="auto: synthetic inputs for the output sensitivity, and a quarter as many held out to measure plans for the report (default 32)")
+    g.add_argument("--sensitivity-inversion-steps", type=int, default=100, metavar="N",
+                   help="auto: BatchNorm-inversion steps that make the synthetic inputs of a torch model with "
+                        "BatchNorm (default 100)")
     g.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="leave layers whose name matches this glob dense (repeat the flag for more)")
     g.add_argument("--ignore-type", action="append", default=[], metavar="KIND",
@@ -226,5 +229,6 @@ def _config_from_args(args):
                   equalize=args.equalize, bias_correction=args.bias_correction,
                   onnx_format=args.onnx_format, sensitivity=args.sensitivity,
                   sensitivity_samples=args.sensitivity_samples,
+                  sensitivity_inversion_steps=args.sensitivity_inversion_steps,
                   plan_for=None if args.plan_for == "any" else args.plan_for)
 

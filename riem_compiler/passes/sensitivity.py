@@ -312,6 +312,7 @@ class Sensitivity:
 
     def summary(self) -> dict:
         return {"inputs": self.input_mode, "samples": self.settings.samples, "holdout": self.settings.holdout,
+                **({"inversion_steps": self.settings.inversion_steps} if self.input_mode == "bn_inversion" else {}),
                 "seconds": round(self.seconds + sum(x.seconds for x in self.layers.values()), 3),
                 "layers": {name: x.to_dict() for name, x in self.layers.items()}}
 
