@@ -226,7 +226,7 @@ class MomentError:
         err = err.contiguous()
         e = err.reshape(groups, err.shape[0] // groups, -1)
         if self.moment.matrix is None:  # ||E F^T||^2 per group
-            return float(torch.bmm(e, self.moment.factor.transpose(1, 2)).pow(2).sum(dtype=torch.float64))
+            return float(torch.bmm(e, self.moment.factor.transpose(1, 2)).double().pow(2).sum())  # squares in float64
         return float(torch.einsum("god,gde,goe->", e, self.moment.matrix, e).double())
 
 
