@@ -652,6 +652,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"time cap {m['riem_time_s']:g} s per layer") + "; auto "
                      f"RieM candidates at budget{' and budget/2' if m['auto_riem_half'] else ' only'}; "
                      f"refine {m['refine']}; {m.get('threads', meta['threads'])} torch thread(s)")
+    if meta.get("notes"):  # findings about the rows, written into the JSON by hand (kept across runs)
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in meta["notes"]]
     if meta.get("runs"):
         lines += ["", "Runs:", ""] + [f"- {run}: `{info['command']}`, load average at start "
                                       f"{' '.join(str(x) for x in info['load_average_at_start'])}"
@@ -764,7 +766,8 @@ def main(argv=None) -> int:
     settings = {**old.get("meta", {}).get("settings", {}),
                 **{m: {**model_settings(mode, m), "threads": args.threads} for m in args.models}}
     meta = {"settings": settings, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-            "threads": args.threads, "torch": torch.__version__, "runs": runs}
+            "threads": args.threads, "torch": torch.__version__, "runs": runs,
+            **({"notes": old["meta"]["notes"]} if old.get("meta", {}).get("notes") else {})}
     try:
         import matplotlib
 
