@@ -19,8 +19,10 @@ riem (8-bit states), svd (16-bit factors), rtn, tucker2 (Tucker-2 on KxK convs, 
 layers), auto (method="auto" with default settings: no RieM candidates), auto@onnx / auto@tvm (auto with
 plan_for="onnx" / "tvm": only candidates that target runs compressed, at their run-time bytes), auto+riem (auto_riem=True:
 RieM candidates too, reusing this run's riem fits of the same weight and ratio instead of fitting
-them again; missing ones are fitted with the same settings), and
-X+refine for X in riem, svd, auto: X's model after data-free refinement (passes/refine.py).
+them again; missing ones are fitted with the same settings), auto+bc (auto's result with
+bias_correction=True: biases corrected from the folded BatchNorm statistics, same picks and bytes), and
+X+refine for X in riem, svd, auto: X's model after data-free refinement (passes/refine.py). Every
+row runs optimize's default preprocessing (BatchNorm folded into its conv where exact).
 
 Peers (benchmarks/peers.py), run by their own PyPI code on the same weights: hqq-peer (hqq's
 half-quadratic quantiser), nncf-peer (NNCF's data-free compress_weights), ort-peer (onnxruntime's
@@ -81,8 +83,8 @@ BUDGETS = (1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 24, 1 / 32)
 MODELS = ("digits_cnn", "digits_resnet8", "minilm", "effnet_lite2", "mobilenet_v2")
 VISION = tuple(imagenet.VISION_MODELS)  # the ImageNet classifiers of the agreement task
 PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
-METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto@onnx", "auto@tvm", "auto+riem",
-           "auto-weight", "auto+emb",
+METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto+bc", "auto@onnx", "auto@tvm",
+           "auto+riem", "auto-weight", "auto+emb",
            *PEER_METHODS, "riem+refine", "svd+refine", "auto+refine")
 
 
@@ -152,6 +154,7 @@ class Task:
         self.name = name
         self.tokenizer = None
         self.notes: dict = {}  # extra facts about the original, kept in its row
+        self._prepared: dict = {}  # preprocessing setting -> passes.preprocess.Prepared (see prepared())
         if name in VISION:
             self.model = imagenet.VISION_MODELS[name].load()
             self.crops, crop_names = imagenet.agreement_inputs(name)
@@ -170,6 +173,19 @@ class Task:
             self.model = getattr(bm, name)()
             self.example_inputs = bm.digits_example_inputs()
         self.model.eval()
+
+    def prepared(self, cfg: Config):
+        """The float model the pass compresses under cfg's preprocessing (`prepare_torch`: BatchNorm
+        folding by default), made once per preprocessing setting; bias correction runs after the
+        fits, so it shares the folded model of its setting without it."""
+        from dataclasses import replace
+
+        from riem_compiler.passes.preprocess import prepare_torch
+
+        key = tuple(getattr(cfg, f) for f in rc.config.PREPROCESS_FIELDS if f != "bias_correction")
+        if key not in self._prepared:
+            self._prepared[key] = prepare_torch(self.model, self.example_inputs, replace(cfg, bias_correction=False))
+        return self._prepared[key]
 
     def metrics(self, model) -> dict[str, float]:
         model.eval()
@@ -247,20 +263,26 @@ def weight_key(weight, ratio: float) -> str:
 
 
 def build_result(task: Task, cfg: Config, method_of) -> Result:
-    """The torch path of `optimize` with a per-layer choice of compress call: `method_of(specs, cfg)`
-    returns (compressed, records) like compress_specs."""
+    """The torch path of `optimize` with a per-layer choice of compress call: `method_of(specs, cfg,
+    prepared_model)` returns (compressed, records) like compress_specs. The config's preprocessing
+    runs as in `optimize` (BatchNorm folding by default, bias correction after the fits when asked)."""
     from riem_compiler.frontend.torch_frontend import find_torch_layers
+    from riem_compiler.passes.preprocess import correct_biases
     from riem_compiler.passes.rewrite_torch import apply_compressed
 
-    det = find_torch_layers(task.model, cfg)
-    compressed, records = method_of(det.layers, cfg)
-    model = apply_compressed(task.model, det.layers, compressed, det.graph_module, cfg.recompute)
-    report = Report(records)
+    prepared = task.prepared(cfg)
+    det = find_torch_layers(prepared.model, cfg)
+    compressed, records = method_of(det.layers, cfg, prepared.model)
+    model = apply_compressed(prepared.model, det.layers, compressed, det.graph_module, cfg.recompute)
+    report = Report(records, preprocess=prepared.record or None)
+    if cfg.bias_correction and compressed:
+        report.preprocess["bias_correction"] = correct_biases(prepared, model, det.layers, compressed)
     report.output_error = rc.metrics.model_output_error(task.model, model, task.example_inputs)
-    return Result(model, report, compressed, det.layers, cfg, "torch", task.example_inputs, task.model)
+    return Result(model, report, compressed, det.layers, cfg, "torch", task.example_inputs, task.model,
+                  prepared.model)
 
 
-def tucker2_or_svd(specs, cfg):
+def tucker2_or_svd(specs, cfg, prepared_model=None):
     """Tucker-2 where it applies (ungrouped KxK convs), svd on every other layer."""
     from dataclasses import replace
 
@@ -332,14 +354,17 @@ class Sensitivities:
     def __init__(self):
         self.made: dict = {}
 
-    def get(self, task: Task, specs, seed: int):
+    def get(self, task: Task, specs, seed: int, model=None):
+        """model: the (prepared) model the specs come from, as `optimize` measures it (None: the
+        task's model); the synthetic inputs follow the task's original model either way."""
         from riem_compiler.passes.sensitivity import SensitivitySettings, TorchSensitivity
 
-        key = (task.name, tuple(s.name for s in specs), seed)
+        model = task.model if model is None else model
+        key = (task.name, tuple(s.name for s in specs), seed, id(model))
         if key not in self.made:
             sampler = task.refine_settings({}).input_sampler
-            self.made[key] = TorchSensitivity(task.model, specs, task.example_inputs, sampler,
-                                              SensitivitySettings(seed=seed))
+            self.made[key] = TorchSensitivity(model, specs, task.example_inputs, sampler,
+                                              SensitivitySettings(seed=seed), task.model)
         return self.made[key]
 
 
@@ -396,18 +421,19 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
     # auto after riem (its RieM candidates reuse the riem fits), refinements after their base method
     order = [m for m in METHODS if m in methods]
     done: dict[tuple[str, float], tuple[Result, float]] = {}  # (method, budget) -> (result, fit seconds)
+    done_extra: dict[tuple[str, float], dict] = {}  # (method, budget) -> its row's extra fields
     for method in order:
         for budget in budgets:
             if method in PEER_METHODS:
                 rows.append(run_peer(task, method, budget, base))
                 continue
             base_method = (method.removesuffix("+refine").removesuffix("+emb").removesuffix("-weight")
-                           .removesuffix("+riem").removesuffix("@onnx").removesuffix("@tvm"))
+                           .removesuffix("+riem").removesuffix("+bc").removesuffix("@onnx").removesuffix("@tvm"))
             plan_for = method.rpartition("@")[2] if "@" in method else None
             cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
                          time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0,
                          compress_embeddings=method.endswith("+emb"), auto_riem=method.endswith("+riem"),
-                         plan_for=plan_for)
+                         bias_correction=method.endswith("+bc"), plan_for=plan_for)
             row = {**base, "method": method, "budget": budget}
             extra = {}
             t_fit = time.perf_counter()
@@ -430,6 +456,12 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     fit_s = base_fit_s + outcome.seconds
                     extra = {"refine": outcome.to_dict(), "synthetic_seconds": synthetic.seconds,
                              "synthetic_mode": synthetic.mode}
+                elif method.endswith("+bc"):
+                    # bias correction runs after the fits and changes no pick: X's result, corrected
+                    if (base_method, budget) not in done:
+                        raise RuntimeError(f"{method} needs the {base_method} run of the same budget")
+                    res, fit_s, extra = bias_corrected(task, cfg, *done[(base_method, budget)])
+                    extra = {**done_extra.get((base_method, budget), {}), **extra}
                 elif base_method == "auto":
                     # RieM candidates only where the defaults offer them (Config.auto_riem), reusing
                     # this run's riem fits when it made them
@@ -442,8 +474,8 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     before = (reuse.reused, reuse.fitted)
                     plan: dict = {}
 
-                    def run_auto(specs, c):  # "auto-weight": the old weight-error proxy, for comparison
-                        sens = None if method == "auto-weight" else sensitivities.get(task, specs, c.seed)
+                    def run_auto(specs, c, model):  # "auto-weight": the old weight-error proxy, for comparison
+                        sens = None if method == "auto-weight" else sensitivities.get(task, specs, c.seed, model)
                         return compress_auto(specs, c, candidates=grid, sensitivity=sens, plan=plan)
 
                     res = build_result(task, cfg, run_auto)
@@ -478,6 +510,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     if method == "riem":
                         reuse.remember(res, budget)
                 done[(method, budget)] = (res, fit_s)
+                done_extra[(method, budget)] = extra
             except Exception as exc:  # record and go on: one failing cell must not lose the table
                 log.exception("%s %s @ %g failed", task.name, method, budget)
                 rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
@@ -499,6 +532,23 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
             log.info("%s %-11s @ 1/%g: %s ratio %.4f fit %.1f s", task.name, method, 1 / budget,
                      {k: round(v, 4) for k, v in metrics.items()}, row["ratio"], fit_s)
     return rows
+
+
+def bias_corrected(task: Task, cfg: Config, base_res: Result, base_fit_s: float) -> tuple[Result, float, dict]:
+    """(X's result with bias correction from BatchNorm statistics, as `optimize` applies it after the
+    fits with bias_correction=True; fit seconds: X's plus the correction's; the row's extra fields).
+    X's picks and stored bytes stay (the corrected biases replace the folded ones)."""
+    from riem_compiler.passes.preprocess import correct_biases
+
+    t0 = time.perf_counter()
+    res = copy.copy(base_res)
+    res.model = copy.deepcopy(base_res.model)
+    res.report = Report([copy.copy(r) for r in base_res.report.layers], base_res.report.output_error,
+                        preprocess=dict(base_res.report.preprocess or {}))
+    outcome = correct_biases(task.prepared(cfg), res.model, res.specs, res.compressed)
+    res.report.preprocess["bias_correction"] = outcome
+    res.report.output_error = rc.metrics.model_output_error(task.model, res.model, task.example_inputs)
+    return res, base_fit_s + time.perf_counter() - t0, {"bias_corrected_layers": len(outcome["corrected"])}
 
 
 def run_peer(task: Task, method: str, budget: float, base: dict) -> dict:
@@ -594,6 +644,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "compressed (onnxruntime: MatMulNBits, GatherBlockQuantized or DequantizeLinear forms of the default "
              "onnx_format; TVM: a fused dequantise-matmul kernel, build_tvm mode \"fused\"), each costed at its "
              "run-time weight bytes (float16 scales count as the float32 onnxruntime folds them to).",
+             "- X+bc = X with bias_correction=True: X's picks, then each compressed layer's bias corrected "
+             "for its expected output shift from the folded BatchNorm statistics (riem_compiler/passes/dfq.py; "
+             "same stored bytes; no BatchNorm, nothing corrected). Every row runs the default preprocessing "
+             "of `optimize` (BatchNorm folded into its conv where exact; auto rows before 2026-12-07 "
+             "compressed the unfolded convs).",
              "- X+emb = X with compress_embeddings=True: the embedding tables join the compressible "
              "layers (and the ratio's denominator); compare its whole-model ratio with the peers'.",
              "- X+refine = X's model refined data-free (riem_compiler/passes/refine.py): synthetic "
@@ -610,6 +665,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"time cap {m['riem_time_s']:g} s per layer") + "; auto "
                      f"RieM candidates at budget{' and budget/2' if m['auto_riem_half'] else ' only'}; "
                      f"refine {m['refine']}; {m.get('threads', meta['threads'])} torch thread(s)")
+    if meta.get("notes"):  # findings about the rows, written into the JSON by hand (kept across runs)
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in meta["notes"]]
     if meta.get("runs"):
         lines += ["", "Runs:", ""] + [f"- {run}: `{info['command']}`, load average at start "
                                       f"{' '.join(str(x) for x in info['load_average_at_start'])}"
@@ -638,6 +695,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f = r["refine"]
                 notes.append(f"synthetic out. err {f['loss_before']:.3g}->{f['loss_after']:.3g}"
                              + ("" if f["kept"] else " (not kept)") + f", {f['steps']} steps, {f['seconds']:.0f} s")
+            if "bias_corrected_layers" in r:
+                notes.append(f"bias correction on {r['bias_corrected_layers']} layer(s)")
             if r.get("auto_dropped_candidates"):
                 notes.append(f"{len(r['auto_dropped_candidates'])} undecodable candidate(s) dropped")
             if r.get("auto_riem_candidates") is False:
@@ -727,7 +786,8 @@ def main(argv=None) -> int:
         if args.budgets and m in old_settings:
             settings[m]["budgets"] = sorted(set(old_settings[m]["budgets"]) | set(settings[m]["budgets"]), reverse=True)
     meta = {"settings": settings, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-            "threads": args.threads, "torch": torch.__version__, "runs": runs}
+            "threads": args.threads, "torch": torch.__version__, "runs": runs,
+            **({"notes": old["meta"]["notes"]} if old.get("meta", {}).get("notes") else {})}
     try:
         import matplotlib
 

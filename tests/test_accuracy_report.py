@@ -39,3 +39,27 @@ def test_budgets_off_the_list_print_as_decimals_not_as_a_rounded_fraction():
     assert [accuracy.fmt_budget(b) for b in accuracy.BUDGETS] == ["1/4", "1/8", "1/10", "1/16", "1/24", "1/32"]
     assert accuracy.fmt_budget(1.0) == "1"
     assert accuracy.fmt_budget(4.25 / 32) == "0.1328"  # a peer's exact ratio, not a second "1/8"
+
+
+def test_rows_run_the_default_preprocessing_and_bc_keeps_the_picks_and_bytes():
+    """accuracy.py's own compress path (auto, tucker2) folds BatchNorm as `optimize` does, and the
+    X+bc row is X's result with the biases corrected: same compressed weights, other biases."""
+    from dataclasses import replace
+
+    import torch
+
+    from riem_compiler.config import Config
+    from riem_compiler.passes.compress import compress_specs
+
+    task = accuracy.Task("digits_cnn")
+    cfg = Config(ratio=1 / 8, method="rtn", quiet=True)
+    res = accuracy.build_result(task, cfg, lambda specs, c, model: compress_specs(specs, c))
+    assert res.report.preprocess["batchnorm"]["folded"]  # BatchNorm folded into its conv
+    assert accuracy.compressible_bytes(res) == accuracy.compressible_bytes(
+        accuracy.build_result(task, cfg, lambda specs, c, model: compress_specs(specs, c)))
+    bc, fit_s, extra = accuracy.bias_corrected(task, replace(cfg, bias_correction=True), res, 2.0)
+    assert fit_s >= 2.0 and extra["bias_corrected_layers"] == len(bc.report.preprocess["bias_correction"]["corrected"]) > 0
+    assert bc.compressed is res.compressed and accuracy.compressible_bytes(bc) == accuracy.compressible_bytes(res)
+    before, after = dict(res.model.named_parameters()), dict(bc.model.named_parameters())
+    changed = [k for k in before if k.endswith("bias") and not torch.equal(before[k], after[k])]
+    assert changed and "bias_correction" not in (res.report.preprocess or {})  # X's own result untouched

@@ -60,7 +60,9 @@ def test_headline_names_auto_our_best_single_method_and_the_peers():
             _row("vq", 0.125, 0.93), _row("affine", 0.125, 0.97, ratio=0.5),  # over budget: not "best"
             _row("hqq-peer", 0.125, 0.94, peer=True, ratio=0.133)]
     text = "\n".join(report.headline({"accuracy.json": _doc(rows)}))
-    assert "| digits CNN (top-1) | 1/8 | 0.990 | 0.950 | vq 0.930 | 0.940 [0.133] | r1 |" in text
+    # each cell with the whole model as shipped (the row's artifact bytes), to compare at what a user ships
+    assert ("| digits CNN (top-1) | 1/8 | 0.990 (1.0 kB) | 0.950 (1.0 kB) | vq 0.930 (1.0 kB) | "
+            "0.940 [0.133] (1.0 kB) | r1 |") in text
 
 
 def test_splice_replaces_only_the_block():
