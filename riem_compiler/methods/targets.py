@@ -66,23 +66,33 @@ def layer_form(spec, cw):
     return "; ".join([*notes, got])
 
 
-def runtime_bytes(spec, cw, target: str) -> int | str:
-    """Weight bytes of `cw` at run time on `target` (one of PLAN_TARGETS) for layer `spec`, or why
-    that target does not run it compressed."""
+def runtime(spec, cw, target: str) -> tuple[int, str] | str:
+    """(weight bytes of `cw` at run time on `target` (one of PLAN_TARGETS) for layer `spec`, how it runs
+    there: "dense float32", "fused" or the ONNX op), or why that target does not run it compressed."""
     if target not in PLAN_TARGETS:
         from riem_compiler.errors import InputError
 
         raise InputError(f"plan target must be one of {PLAN_TARGETS}; got {target!r}")
     if cw.nbytes >= spec.fp32_bytes:  # auto keeps such a layer as it is
-        return int(spec.fp32_bytes)
+        return int(spec.fp32_bytes), "dense float32"
     if target == "tvm":
         why = methods.get(cw.method).tvm_fusable(cw)
-        return int(cw.nbytes) if why is None else f"no fused TVM kernel: {why}"
+        return (int(cw.nbytes), "fused") if why is None else f"no fused TVM kernel: {why}"
     got = layer_form(spec, cw)
     if isinstance(got, str):
         return f"no native ONNX form (onnxruntime would fold it to float32): {got}"
-    rebuilt = _dq_matmul_bytes(spec, got[1]) if got[0] == "standard" else None
-    return form_bytes(got[1]) if rebuilt is None else rebuilt
+    kind, form = got
+    if kind == "standard":
+        rebuilt = _dq_matmul_bytes(spec, form)
+        return (form_bytes(form) if rebuilt is None else rebuilt), "DequantizeLinear"
+    return form_bytes(form), "GatherBlockQuantized" if isinstance(form, NativeGather) else "MatMulNBits"
+
+
+def runtime_bytes(spec, cw, target: str) -> int | str:
+    """Weight bytes of `cw` at run time on `target` for layer `spec`, or why that target does not run
+    it compressed (`runtime`)."""
+    got = runtime(spec, cw, target)
+    return got if isinstance(got, str) else got[0]
 
 
 def _dq_matmul_bytes(spec, form) -> int | None:
@@ -116,14 +126,9 @@ def form_bytes(form) -> int:
 
 
 def runs_as(spec, cw, target: str) -> str:
-    """How `target` runs `cw` (for the plan's report): "dense float32", the ONNX op, or "fused"."""
-    if cw.nbytes >= spec.fp32_bytes:
-        return "dense float32"
-    if target == "tvm":
-        return "fused" if methods.get(cw.method).tvm_fusable(cw) is None else "not compressed"
-    got = layer_form(spec, cw)
+    """How `target` runs `cw` (for the plan's report): "dense float32", the ONNX op, or "fused"; a weight
+    it does not run compressed: "functions" (ONNX) or "not compressed" (TVM)."""
+    got = runtime(spec, cw, target)
     if isinstance(got, str):
-        return "functions"
-    if got[0] == "standard":
-        return "DequantizeLinear"
-    return "GatherBlockQuantized" if isinstance(got[1], NativeGather) else "MatMulNBits"
+        return "not compressed" if target == "tvm" else "functions"
+    return got[1]

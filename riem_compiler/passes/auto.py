@@ -135,6 +135,7 @@ class Candidate:
     rel_error: float
     cost: float = math.nan  # what the planner minimises: proxy weight * rel_error**2, or predicted output error
     layer_error: float | None = None  # E||(W - W_hat) x||^2 on the sensitivity's moments (None: not measured)
+    runs_as: str = ""  # with a plan target: how that target runs it (methods/targets.py)
 
 
 @dataclass
@@ -469,11 +470,9 @@ def choose_methods_detailed(
         notes = [f"{dropped[i]} candidate(s) dropped (fit failed or non-finite error)"] if dropped[i] else []
         if over_ceiling[i]:
             notes.append(f"{over_ceiling[i]} candidate(s) above error_ceiling {error_ceiling:g} left out")
-        runs_as = ""
+        # scored with the candidate; the dense float32 fallback (_dense_candidate) runs as the original
+        runs_as = (c.runs_as or "dense float32") if plan_for is not None else ""
         if plan_for is not None:
-            from riem_compiler.methods.targets import runs_as as target_form
-
-            runs_as = target_form(spec, c.weight, plan_for)
             notes.append(f"{plan_for}: runs as {runs_as}, {c.nbytes} run-time bytes"
                          + (f"; {off_target[i]} candidate(s) it does not run compressed left out" if off_target[i] else ""))
         choices.append(Choice(
@@ -539,20 +538,20 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
         if tuple(cw.shape) != spec.shape:
             raise InputError(f"candidate {cw.method} for {spec.name} has shape {cw.shape}, "
                              f"expected {spec.shape}")
-        nbytes = cw.nbytes
+        nbytes, runs_as = cw.nbytes, ""
         if plan_for is not None:
-            from riem_compiler.methods.targets import runtime_bytes
+            from riem_compiler.methods.targets import runtime
 
-            got = runtime_bytes(spec, cw, plan_for)
+            got = runtime(spec, cw, plan_for)
             if isinstance(got, str):
                 off_target += 1
                 log.debug("%s: candidate %s left out for %s: %s", spec.name, label(cw), plan_for, got)
                 continue
-            nbytes = got
+            nbytes, runs_as = got
         try:
             decoded = methods.decode(cw)
             err = relative_error(spec.weight, decoded)
-            cand = Candidate(cw, label(cw), family(cw), nbytes, err)
+            cand = Candidate(cw, label(cw), family(cw), nbytes, err, runs_as=runs_as)
             if moment_error is not None and math.isfinite(err):
                 cand.layer_error = moment_error(np.asarray(spec.weight, np.float32) - decoded.reshape(spec.shape))
             del decoded
