@@ -357,14 +357,15 @@ class Sensitivities:
     def get(self, task: Task, specs, seed: int, model=None):
         """model: the (prepared) model the specs come from, as `optimize` measures it (None: the
         task's model); the synthetic inputs follow the task's original model either way."""
-        from riem_compiler.passes.sensitivity import SensitivitySettings, TorchSensitivity
+        from riem_compiler.api import sensitivity_settings
+        from riem_compiler.passes.sensitivity import TorchSensitivity
 
         model = task.model if model is None else model
         key = (task.name, tuple(s.name for s in specs), seed, id(model))
         if key not in self.made:
             sampler = task.refine_settings({}).input_sampler
             self.made[key] = TorchSensitivity(model, specs, task.example_inputs, sampler,
-                                              SensitivitySettings(seed=seed), task.model)
+                                              sensitivity_settings(Config(seed=seed)), task.model)
         return self.made[key]
 
 

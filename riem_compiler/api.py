@@ -119,17 +119,22 @@ def torch_model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def sensitivity_settings(cfg: Config):
+    """The SensitivitySettings that cfg's sensitivity_* options and seed give (benchmarks that build
+    a sensitivity themselves use it, so that their auto rows run the defaults)."""
+    from riem_compiler.passes.sensitivity import SensitivitySettings
+
+    return SensitivitySettings(samples=cfg.sensitivity_samples, holdout=max(1, cfg.sensitivity_samples // 4),
+                               seed=cfg.seed, inversion_steps=cfg.sensitivity_inversion_steps)
+
+
 def _sensitivity(cfg: Config, make):
     """auto's output sensitivity, make(SensitivitySettings), or None when the config does not ask
     for it or it cannot be made (then with a warning: auto plans on weight error)."""
     if cfg.method != "auto" or cfg.sensitivity != "output":
         return None
-    from riem_compiler.passes.sensitivity import SensitivitySettings
-
     try:
-        return make(SensitivitySettings(samples=cfg.sensitivity_samples,
-                                        holdout=max(1, cfg.sensitivity_samples // 4), seed=cfg.seed,
-                                        inversion_steps=cfg.sensitivity_inversion_steps))
+        return make(sensitivity_settings(cfg))
     except InputError as exc:
         log.warning("auto: no output sensitivity (%s); planning on weight error instead", exc)
         return None

@@ -18,8 +18,9 @@ SENSITIVITIES = ("output", "weight")  # auto's candidate cost (passes/sensitivit
 PREPROCESS_FIELDS = ("fold_batchnorm", "dead_channels", "equalize", "bias_correction")
 # the date Config's defaults last changed in a way that changes results (auto: RieM candidates opt-in,
 # one torch thread per fit job; ONNX export: native forms per layer; ".2": affine's solver in float32
-# with an early stop, numpy BLAS threads pinned per job; ".3": no early stop); results pages name it
-DEFAULTS_VERSION = "2026-12-06.3"
+# with an early stop, numpy BLAS threads pinned per job; ".3": no early stop; "2026-12-07": 25 BatchNorm-
+# inversion steps (were 100), auto's affine candidates at 15 iterations (were 30)); results pages name it
+DEFAULTS_VERSION = "2026-12-07"
 ONNX_FORMATS = ("auto", "functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 
@@ -73,8 +74,9 @@ class Config:
     sensitivity: str = "output"
     sensitivity_samples: int = 32  # synthetic inputs for the sensitivity (a quarter as many held out, for the report)
     # BatchNorm-inversion steps that make those inputs for a torch model with BatchNorm and float inputs
-    # (most of auto's time on an ImageNet CNN; benchmarks/results/inversion_steps.md measures fewer)
-    sensitivity_inversion_steps: int = 100
+    # (most of auto's time on an ImageNet CNN: 25 planned as well as 100 on MobileNetV2 and EfficientNet-Lite2
+    # in a quarter of the time, benchmarks/results/inversion_steps.md)
+    sensitivity_inversion_steps: int = 25
     # method="auto": also offer RieM candidates (fitted at ratio/2 with the riem settings above). Off by
     # default: they cost seconds to minutes per layer, 10-15x auto's whole run on MiniLM where they did not help
     # (on the digits CNNs at 1/24-1/32 they did: docs/AUTO.md)

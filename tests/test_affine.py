@@ -45,7 +45,7 @@ def reference_group(x, bits, iterations, p):
         if np.sum(dq * dq) > 0 and np.sum(dq * t) > 0:
             s = np.sum(dq * t) / np.sum(dq * dq)
         z = q.mean() - t.mean() / s
-        beta *= am.KAPPA
+        beta *= am.penalty_growth(iterations)
         s, z = float(F16(max(s, am.F16_TINY))), float(F16(z))
         q, err = quantise(s, z)
         if err < best[0]:

@@ -151,6 +151,20 @@ def test_bn_inversion_matches_running_statistics():
     assert gap_syn < 0.3 * gap_noise
 
 
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 7), (4, 3, 9, 8)])
+def test_inversion_channel_statistics_match_torch(shape):
+    from riem_compiler.passes.synthetic_inputs import _channel_mean_var
+
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2.0 + 3.0).requires_grad_()
+    mean, var = _channel_mean_var(x)
+    dims = [0] + list(range(2, x.dim()))
+    torch.testing.assert_close(mean, x.mean(dims), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, x.var(dims, unbiased=False), rtol=1e-4, atol=1e-4)
+    (var.sum() + mean.sum()).backward()  # differentiable: the inversion descends through it
+    expected = torch.autograd.grad((x.var(dims, unbiased=False).sum() + x.mean(dims).sum()), x)[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-5)
+
+
 class _TokenNet(nn.Module):
     def __init__(self):
         super().__init__()

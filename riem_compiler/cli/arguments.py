@@ -8,6 +8,15 @@ from pathlib import Path
 
 from riem_compiler.cli.common import EXIT_INPUT, PROG
 
+
+def _config_default(name: str):
+    """Config's default of one field: the flag's default, so the two cannot drift apart."""
+    import dataclasses
+
+    from riem_compiler.config import Config
+
+    return next(f.default for f in dataclasses.fields(Config) if f.name == name)
+
 TARGETS = ("onnx", "tvm-llvm", "tvm-cuda")
 
 
@@ -94,11 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sensitivity", choices=("output", "weight"), default="output",
                    help="auto: what a candidate costs: its predicted share of the model's output error, measured "
                         "on synthetic inputs (output, default), or its size-weighted weight error (weight)")
-    g.add_argument("--sensitivity-samples", type=int, default=32, metavar="N",
-                   help="auto: synthetic inputs for the output sensitivity, and a quarter as many held out to measure plans for the report (default 32)")
-    g.add_argument("--sensitivity-inversion-steps", type=int, default=100, metavar="N",
-                   help="auto: BatchNorm-inversion steps that make the synthetic inputs of a torch model with "
-                        "BatchNorm (default 100)")
+    g.add_argument("--sensitivity-samples", type=int, default=_config_default("sensitivity_samples"), metavar="N",
+                   help="auto: synthetic inputs for the output sensitivity, and a quarter as many held out to measure "
+                        "plans for the report (default %(default)s)")
+    g.add_argument("--sensitivity-inversion-steps", type=int, default=_config_default("sensitivity_inversion_steps"),
+                   metavar="N", help="auto: BatchNorm-inversion steps that make the synthetic inputs of a torch model "
+                                     "with BatchNorm (default %(default)s)")
     g.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="leave layers whose name matches this glob dense (repeat the flag for more)")
     g.add_argument("--ignore-type", action="append", default=[], metavar="KIND",

@@ -47,7 +47,7 @@ class SensitivitySettings:
     # cost picks the plan): a quarter of `samples`, since with BatchNorm inversion they cost as much each
     holdout: int = 8
     max_vectors: int = 16384  # input vectors per layer and batch kept for the moments (evenly strided)
-    inversion_steps: int = 100  # BatchNorm-inversion steps for float inputs of models with BatchNorm
+    inversion_steps: int = 25  # BatchNorm-inversion steps for float inputs of models with BatchNorm (Config's)
     seed: int = 0
 
     def validate(self) -> None:
@@ -79,7 +79,7 @@ def _as_tuple(x) -> tuple:
 
 
 def probe_inputs(model: nn.Module, example_inputs, n: int, seed: int, sampler=None,
-                 inversion_steps: int = 100, progress: bool = False) -> tuple[tuple, str]:
+                 inversion_steps: int = 25, progress: bool = False) -> tuple[tuple, str]:
     """n synthetic inputs and how they were made.
 
     sampler(n, generator) wins when given. Float inputs: BatchNorm inversion for models with

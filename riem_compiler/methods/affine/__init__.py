@@ -40,9 +40,15 @@ AXES = ("in", "out")
 # auto's candidates, about 4.5 down to 1.1 bits per weight (codes + 4 bytes per group)
 AUTO_LADDER = ((4, 64), (4, 128), (3, 64), (3, 128), (2, 64), (2, 128), (1, 128), (1, 256))
 # penalty schedule of the half-quadratic split (in code units, so it does not depend on the
-# weight's magnitude): beta grows by KAPPA per iteration from BETA0
+# weight's magnitude): beta grows geometrically from BETA0 to BETA_END over the iterations, whatever
+# their number (at the default 30 iterations by KAPPA = 1.1 per iteration)
 BETA0 = 1.0
+BETA_END = BETA0 * 1.1 ** 30
 KAPPA = 1.1
+# auto's affine candidates run half the iterations along the same schedule: 0.3-0.6% more weight error
+# on MiniLM and EfficientNet-Lite2 (worst layer 1.2%) than 30, for half of affine's time, which was
+# two thirds of auto's candidate time on a 1B-decoder block (benchmarks/results/compress_time.md)
+AUTO_ITERATIONS = 15
 F16_TINY = float(np.finfo(np.float16).smallest_subnormal)
 
 
@@ -109,6 +115,12 @@ def _shrink_lp(x: np.ndarray, beta: float, p: float) -> np.ndarray:
     return np.copysign(np.maximum(a, 0.0, out=a), x, out=a)
 
 
+def penalty_growth(iterations: int) -> float:
+    """Per-iteration growth of beta that takes it from BETA0 to BETA_END in `iterations` steps
+    (exactly KAPPA at 30)."""
+    return (BETA_END / BETA0) ** (1.0 / iterations) if iterations > 0 else KAPPA
+
+
 def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_norm: float = 0.7,
                  update_scale: bool = True):
     """Codes (rows, cols) int64, scale and zero (rows, groups) float16 of the grouped matrix G.
@@ -171,7 +183,7 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
     q, err = quantise(s16, z16)
     best_q, best_s, best_z, best_err = q, s16, z16, err
     s, z = s16.astype(np.float32), z16.astype(np.float32)
-    beta = BETA0
+    beta, kappa = BETA0, penalty_growth(iterations)
     for _ in range(iterations):
         # error in code units, split into its sparse (lp) part and the rest
         e = X / s[..., None]
@@ -190,7 +202,7 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
             ok = (slope > 0) & update_scale
             s = np.where(ok, slope, s)
             z = np.where(ok, q_mean - t_mean / np.where(ok, slope, 1.0), q_mean - t_mean / s)
-        beta *= KAPPA
+        beta *= kappa
         s16_new, z16_new = _f16(np.maximum(s, F16_TINY)), _f16(z)
         q, err = quantise(s16_new, z16_new)
         better = err < best_err  # nan (non-finite scale/zero) is never better
@@ -292,7 +304,7 @@ class Affine(Method):
         axis = options.get("axis", "in")
         for bits, group in options.get("ladder", AUTO_LADDER):
             attempt(spec.name, self.label_of(bits, group, axis), fit_affine, spec.weight, bits, group,
-                    spec.in_axis, axis, options.get("iterations", 30), options.get("lp_norm", 0.7))
+                    spec.in_axis, axis, options.get("iterations", AUTO_ITERATIONS), options.get("lp_norm", 0.7))
 
     def decode_torch(self, cw, tensors):
         return decode_affine(cw, tensors)
