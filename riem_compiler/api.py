@@ -125,7 +125,8 @@ def sensitivity_settings(cfg: Config):
     from riem_compiler.passes.sensitivity import SensitivitySettings
 
     return SensitivitySettings(samples=cfg.sensitivity_samples, holdout=max(1, cfg.sensitivity_samples // 4),
-                               seed=cfg.seed, inversion_steps=cfg.sensitivity_inversion_steps)
+                               seed=cfg.seed, inversion_steps=cfg.sensitivity_inversion_steps,
+                               probe_samples=max(1, cfg.sensitivity_samples // 2))
 
 
 def _sensitivity(cfg: Config, make):

@@ -19,7 +19,8 @@ PREPROCESS_FIELDS = ("fold_batchnorm", "dead_channels", "equalize", "bias_correc
 # the date Config's defaults last changed in a way that changes results (auto: RieM candidates opt-in,
 # one torch thread per fit job; ONNX export: native forms per layer; ".2": affine's solver in float32
 # with an early stop, numpy BLAS threads pinned per job; ".3": no early stop; "2026-12-07": 25 BatchNorm-
-# inversion steps (were 100), auto's affine candidates at 15 iterations (were 30)); results pages name it
+# inversion steps (were 100), auto's affine candidates at 15 iterations (were 30), probes on half the
+# sensitivity samples (were all)); results pages name it
 DEFAULTS_VERSION = "2026-12-07"
 ONNX_FORMATS = ("auto", "functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
@@ -72,7 +73,9 @@ class Config:
     # (input second moments and a measured gain per layer on synthetic inputs; torch models with
     # example_inputs or an input_sampler), "weight": the size-weighted relative weight error
     sensitivity: str = "output"
-    sensitivity_samples: int = 32  # synthetic inputs for the sensitivity (a quarter as many held out, for the report)
+    # synthetic inputs for the sensitivity: all make the moments, the first half run the per-layer probes, and a
+    # quarter as many more are held out to measure plans for the report
+    sensitivity_samples: int = 32
     # BatchNorm-inversion steps that make those inputs for a torch model with BatchNorm and float inputs
     # (most of auto's time on an ImageNet CNN: 25 planned as well as 100 on MobileNetV2 and EfficientNet-Lite2
     # in a quarter of the time, benchmarks/results/inversion_steps.md)

@@ -1,6 +1,7 @@
 """auto's data-free output sensitivity: exact second moments for linear, conv and embedding layers,
 a zero gain for a layer the network ignores, optimality against brute force where the proxy is exact,
 and the planner's options (error_ceiling, executor, the report)."""
+import copy
 import itertools
 
 import numpy as np
@@ -364,6 +365,41 @@ def test_auto_shows_a_bar_per_phase_and_holds_out_a_quarter_of_the_samples(capsy
         assert phase in err
     summary = res.report.auto["sensitivity"]
     assert summary["samples"] == 8 and summary["holdout"] == 2 and summary["inputs"] == "bn_inversion"
-    assert summary["inversion_steps"] == 20
+    assert summary["inversion_steps"] == 20 and summary["probe_samples"] == 4  # the first half probe
     with pytest.raises(InputError, match="sensitivity_inversion_steps"):
         rc.Config(sensitivity_inversion_steps=0)
+
+
+def test_probes_run_on_the_first_probe_samples_and_the_moments_on_all():
+    from riem_compiler.metrics import squared_error_terms
+
+    model = Parallel().eval()
+    specs = _specs(model)
+    full = TorchSensitivity(model, specs, (torch.randn(2, 144),), settings=SensitivitySettings(samples=16, holdout=4))
+    half = TorchSensitivity(model, specs, (torch.randn(2, 144),),
+                            settings=SensitivitySettings(samples=16, holdout=4, probe_samples=5))
+    assert half.summary()["probe_samples"] == 5 and full.summary()["probe_samples"] == 16
+    torch.testing.assert_close(half.inputs[0], full.inputs[0])  # same synthetic inputs, same moments
+    spec = next(s for s in specs if s.name == "a.weight")
+    torch.testing.assert_close(half.moments[spec.name].dense(), full.moments[spec.name].dense())
+    cw = rtn_m.fit_rtn(spec.weight, 2, None)
+    info = half.calibrate(spec, cw, "rtn2")
+    # the probe's error is measured on the first 5 samples only
+    swapped = copy.deepcopy(model)
+    with torch.no_grad():
+        swapped.a.weight.copy_(torch.from_numpy(np.asarray(methods.decode(cw), np.float32).reshape(spec.shape)))
+        num, den = squared_error_terms(model(half.inputs[0][:5]), swapped(half.inputs[0][:5]))
+    assert info.probe_error == pytest.approx(num / den, rel=1e-5)
+    assert info.probe_error != pytest.approx(half.measure({spec.name: methods.decode(cw)}), rel=1e-3)
+    assert info.gain == pytest.approx(info.probe_error / half.layer_error(spec, cw), rel=1e-6)
+
+
+def test_probe_samples_fall_back_to_all_when_inputs_cannot_be_cut():
+    from riem_compiler.passes.sensitivity import _first_samples
+
+    x = torch.randn(8, 3)
+    assert _first_samples((x,), 8, 4)[0].shape == (4, 3)
+    assert _first_samples((x,), 8, None) is None and _first_samples((x,), 8, 8) is None
+    assert _first_samples((x, torch.randn(3, 8)), 8, 4) is None  # a second input without the sample axis
+    with pytest.raises(InputError, match="probe_samples"):
+        SensitivitySettings(probe_samples=0).validate()

@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: what a candidate costs: its predicted share of the model's output error, measured "
                         "on synthetic inputs (output, default), or its size-weighted weight error (weight)")
     g.add_argument("--sensitivity-samples", type=int, default=_config_default("sensitivity_samples"), metavar="N",
-                   help="auto: synthetic inputs for the output sensitivity, and a quarter as many held out to measure "
-                        "plans for the report (default %(default)s)")
+                   help="auto: synthetic inputs for the output sensitivity (the first half run the per-layer "
+                        "probes), and a quarter as many held out to measure plans for the report (default %(default)s)")
     g.add_argument("--sensitivity-inversion-steps", type=int, default=_config_default("sensitivity_inversion_steps"),
                    metavar="N", help="auto: BatchNorm-inversion steps that make the synthetic inputs of a torch model "
                                      "with BatchNorm (default %(default)s)")
