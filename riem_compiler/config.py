@@ -77,8 +77,8 @@ class Config:
     # quarter as many more are held out to measure plans for the report
     sensitivity_samples: int = 32
     # BatchNorm-inversion steps that make those inputs for a torch model with BatchNorm and float inputs
-    # (most of auto's time on an ImageNet CNN: 25 planned as well as 100 on MobileNetV2 and EfficientNet-Lite2
-    # in a quarter of the time, benchmarks/results/inversion_steps.md)
+    # (most of auto's time on an ImageNet CNN: 25 take a quarter of the time of 100, for the same plans' quality
+    # at 1/4 and mixed at 1/8 on MobileNetV2 and EfficientNet-Lite2, benchmarks/results/inversion_steps.md)
     sensitivity_inversion_steps: int = 25
     # method="auto": also offer RieM candidates (fitted at ratio/2 with the riem settings above). Off by
     # default: they cost seconds to minutes per layer, 10-15x auto's whole run on MiniLM where they did not help

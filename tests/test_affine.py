@@ -265,3 +265,29 @@ def test_ort_form_falls_back_with_a_reason():
         comp = {s.name: am.fit_affine(s.weight, in_axis=s.in_axis, **kwargs) for s in specs}
         form = onnx_forms(rewrite_onnx(model, specs, comp, "ort"))["W"]
         assert form["onnx_form"] == "functions" and why in form["onnx_note"], (kwargs, form)
+
+
+def test_penalty_schedule_ends_where_thirty_iterations_end():
+    assert am.penalty_growth(30) == am.KAPPA  # the default schedule is bit-identical to before
+    for n in (1, 10, 15):
+        assert am.BETA0 * am.penalty_growth(n) ** n == pytest.approx(am.BETA_END, rel=1e-12)
+
+
+def test_auto_candidates_run_the_auto_iterations():
+    from riem_compiler.config import Config
+    from riem_compiler.frontend.torch_frontend import find_torch_layers
+    from riem_compiler.passes.auto import CandidateGrid
+
+    W = heavy_tailed(48, 256)
+    lin = torch.nn.Linear(256, 48, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(W))
+    spec = find_torch_layers(torch.nn.Sequential(lin), Config(min_weight_size=0)).layers[0]
+    got = [cw for cw in CandidateGrid()(spec, 0.125) if cw.method == "affine" and cw.meta["bits"] == 2
+           and cw.meta["group_size"] == 64]
+    assert len(got) == 1
+    want = am.fit_affine(W, 2, 64, 1, "in", am.AUTO_ITERATIONS)
+    longer = am.fit_affine(W, 2, 64, 1, "in", 30)
+    for name in ("codes", "scale", "zero"):
+        np.testing.assert_array_equal(got[0].arrays[name], want.arrays[name])
+    assert any(not np.array_equal(got[0].arrays[k], longer.arrays[k]) for k in ("scale", "zero"))

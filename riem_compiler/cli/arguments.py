@@ -17,6 +17,7 @@ def _config_default(name: str):
 
     return next(f.default for f in dataclasses.fields(Config) if f.name == name)
 
+
 TARGETS = ("onnx", "tvm-llvm", "tvm-cuda")
 
 
