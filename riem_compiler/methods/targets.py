@@ -1,8 +1,8 @@
 """What a deployment target runs compressed, and in how many bytes: `auto` with `Config.plan_for`.
 
-`runtime_bytes(spec, cw, target)` is the weight bytes `cw` occupies while `target` runs the layer, or
-a str saying why that target would not run it in a compressed form (then `auto` leaves the candidate
-out). Both answers come from the methods' own codegen hooks (base.Method), never from a method name:
+`runtime(spec, cw, target)` is the weight bytes `cw` occupies while `target` runs the layer and how it
+runs there, or a str saying why that target would not run it in a compressed form (then `auto` leaves
+the candidate out). Both answers come from the methods' own codegen hooks (base.Method), never from a method name:
 
 - "onnx": the form onnx_format "auto" (the default) writes for the layer (`layer_form`): MatMulNBits
   or GatherBlockQuantized (com.microsoft), else the blocked / per-axis DequantizeLinear of the
@@ -88,13 +88,6 @@ def runtime(spec, cw, target: str) -> tuple[int, str] | str:
     return form_bytes(form), "GatherBlockQuantized" if isinstance(form, NativeGather) else "MatMulNBits"
 
 
-def runtime_bytes(spec, cw, target: str) -> int | str:
-    """Weight bytes of `cw` at run time on `target` for layer `spec`, or why that target does not run
-    it compressed (`runtime`)."""
-    got = runtime(spec, cw, target)
-    return got if isinstance(got, str) else got[0]
-
-
 def _dq_matmul_bytes(spec, form) -> int | None:
     """The bytes onnxruntime holds for a per-axis DequantizeLinear of a 2-D weight feeding a MatMul (it
     rebuilds it as MatMulNBits, blocks of ORT_DQ_MATMUL_BLOCK), or None for any other standard form."""
@@ -123,12 +116,3 @@ def form_bytes(form) -> int:
         else:
             total += arr.nbytes
     return int(total)
-
-
-def runs_as(spec, cw, target: str) -> str:
-    """How `target` runs `cw` (for the plan's report): "dense float32", the ONNX op, or "fused"; a weight
-    it does not run compressed: "functions" (ONNX) or "not compressed" (TVM)."""
-    got = runtime(spec, cw, target)
-    if isinstance(got, str):
-        return "not compressed" if target == "tvm" else "functions"
-    return got[1]
