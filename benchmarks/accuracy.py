@@ -265,9 +265,9 @@ def weight_key(weight, ratio: float) -> str:
 def build_result(task: Task, cfg: Config, method_of) -> Result:
     """The torch path of `optimize` with a per-layer choice of compress call: `method_of(specs, cfg,
     prepared_model)` returns (compressed, records) like compress_specs. The config's preprocessing
-    runs as in `optimize` (BatchNorm folding by default, bias correction after the fits when asked)."""
+    runs as in `optimize` (BatchNorm folding by default, bias correction after the fits when asked,
+    through `bias_corrected`)."""
     from riem_compiler.frontend.torch_frontend import find_torch_layers
-    from riem_compiler.passes.preprocess import correct_biases
     from riem_compiler.passes.rewrite_torch import apply_compressed
 
     prepared = task.prepared(cfg)
@@ -275,11 +275,10 @@ def build_result(task: Task, cfg: Config, method_of) -> Result:
     compressed, records = method_of(det.layers, cfg, prepared.model)
     model = apply_compressed(prepared.model, det.layers, compressed, det.graph_module, cfg.recompute)
     report = Report(records, preprocess=prepared.record or None)
-    if cfg.bias_correction and compressed:
-        report.preprocess["bias_correction"] = correct_biases(prepared, model, det.layers, compressed)
     report.output_error = rc.metrics.model_output_error(task.model, model, task.example_inputs)
-    return Result(model, report, compressed, det.layers, cfg, "torch", task.example_inputs, task.model,
-                  prepared.model)
+    res = Result(model, report, compressed, det.layers, cfg, "torch", task.example_inputs, task.model,
+                 prepared.model)
+    return bias_corrected(task, cfg, res, 0.0)[0] if cfg.bias_correction and compressed else res
 
 
 def tucker2_or_svd(specs, cfg, prepared_model=None):
