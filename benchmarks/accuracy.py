@@ -19,10 +19,11 @@ riem (8-bit states), svd (16-bit factors), rtn, tucker2 (Tucker-2 on KxK convs, 
 layers), auto (method="auto" with default settings: no RieM candidates), auto@onnx / auto@tvm (auto with
 plan_for="onnx" / "tvm": only candidates that target runs compressed, at their run-time bytes), auto+riem (auto_riem=True:
 RieM candidates too, reusing this run's riem fits of the same weight and ratio instead of fitting
-them again; missing ones are fitted with the same settings), auto+bc (auto's result with
-bias_correction=True: biases corrected from the folded BatchNorm statistics, same picks and bytes), and
-X+refine for X in riem, svd, auto: X's model after data-free refinement (passes/refine.py). Every
-row runs optimize's default preprocessing (BatchNorm folded into its conv where exact).
+them again; missing ones are fitted with the same settings), X-bc for X in svd, rtn, affine, rotq, vq,
+tucker2, riem, auto (X with bias_correction=False: X's fits without the bias correction from the folded
+BatchNorm statistics that the defaults apply after the fits; same picks and bytes), and X+refine for X in
+riem, svd, auto: X's model after data-free refinement (passes/refine.py). Every row runs optimize's
+default preprocessing (BatchNorm folded into its conv where exact, biases corrected after the fits).
 
 Peers (benchmarks/peers.py), run by their own PyPI code on the same weights: hqq-peer (hqq's
 half-quadratic quantiser), nncf-peer (NNCF's data-free compress_weights), ort-peer (onnxruntime's
@@ -58,7 +59,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,8 @@ BUDGETS = (1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 24, 1 / 32)
 MODELS = ("digits_cnn", "digits_resnet8", "minilm", "effnet_lite2", "mobilenet_v2")
 VISION = tuple(imagenet.VISION_MODELS)  # the ImageNet classifiers of the agreement task
 PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
-METHODS = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto", "auto+bc", "auto@onnx", "auto@tvm",
-           "auto+riem", "auto-weight", "auto+emb",
+FITTED = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto")  # methods with an X-bc row
+METHODS = (*FITTED, *(f"{m}-bc" for m in FITTED), "auto@onnx", "auto@tvm", "auto+riem", "auto-weight", "auto+emb",
            *PEER_METHODS, "riem+refine", "svd+refine", "auto+refine")
 
 
@@ -178,8 +179,6 @@ class Task:
         """The float model the pass compresses under cfg's preprocessing (`prepare_torch`: BatchNorm
         folding by default), made once per preprocessing setting; bias correction runs after the
         fits, so it shares the folded model of its setting without it."""
-        from dataclasses import replace
-
         from riem_compiler.passes.preprocess import prepare_torch
 
         key = tuple(getattr(cfg, f) for f in rc.config.PREPROCESS_FIELDS if f != "bias_correction")
@@ -283,8 +282,6 @@ def build_result(task: Task, cfg: Config, method_of) -> Result:
 
 def tucker2_or_svd(specs, cfg, prepared_model=None):
     """Tucker-2 where it applies (ungrouped KxK convs), svd on every other layer."""
-    from dataclasses import replace
-
     from riem_compiler.passes.compress import compress_specs
 
     tucker = [s for s in specs if s.kind in ("conv1d", "conv2d") and s.groups == 1
@@ -428,12 +425,15 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                 rows.append(run_peer(task, method, budget, base))
                 continue
             base_method = (method.removesuffix("+refine").removesuffix("+emb").removesuffix("-weight")
-                           .removesuffix("+riem").removesuffix("+bc").removesuffix("@onnx").removesuffix("@tvm"))
+                           .removesuffix("+riem").removesuffix("-bc").removesuffix("@onnx").removesuffix("@tvm"))
             plan_for = method.rpartition("@")[2] if "@" in method else None
             cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
                          time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0,
                          compress_embeddings=method.endswith("+emb"), auto_riem=method.endswith("+riem"),
-                         bias_correction=method.endswith("+bc"), plan_for=plan_for)
+                         bias_correction=not method.endswith("-bc"), plan_for=plan_for)
+            # the fits run without the bias correction, which follows them and changes no pick: X and X-bc
+            # share X's fits (X-bc is X's result before the correction)
+            fit_cfg = replace(cfg, bias_correction=False)
             row = {**base, "method": method, "budget": budget}
             extra = {}
             t_fit = time.perf_counter()
@@ -456,12 +456,12 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     fit_s = base_fit_s + outcome.seconds
                     extra = {"refine": outcome.to_dict(), "synthetic_seconds": synthetic.seconds,
                              "synthetic_mode": synthetic.mode}
-                elif method.endswith("+bc"):
-                    # bias correction runs after the fits and changes no pick: X's result, corrected
-                    if (base_method, budget) not in done:
-                        raise RuntimeError(f"{method} needs the {base_method} run of the same budget")
-                    res, fit_s, extra = bias_corrected(task, cfg, *done[(base_method, budget)])
-                    extra = {**done_extra.get((base_method, budget), {}), **extra}
+                elif method.endswith("-bc"):
+                    if (method, budget) not in done:
+                        raise RuntimeError(f"{method} is {base_method}'s fit before its bias correction: run "
+                                           f"{base_method} at the same budget in the same invocation")
+                    res, fit_s = done[(method, budget)]
+                    extra = done_extra[(method, budget)]
                 elif base_method == "auto":
                     # RieM candidates only where the defaults offer them (Config.auto_riem), reusing
                     # this run's riem fits when it made them
@@ -478,7 +478,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                         sens = None if method == "auto-weight" else sensitivities.get(task, specs, c.seed, model)
                         return compress_auto(specs, c, candidates=grid, sensitivity=sens, plan=plan)
 
-                    res = build_result(task, cfg, run_auto)
+                    res = build_result(task, fit_cfg, run_auto)
                     fit_s = time.perf_counter() - t_fit
                     extra = {"auto_riem_reused": reuse.reused - before[0], "auto_riem_fitted": reuse.fitted - before[1],
                              "auto_riem_candidates": riem_fit is not None,
@@ -502,13 +502,17 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                 elif method == "tucker2":
                     if task.name == "minilm":
                         continue  # no conv layers: would be plain svd
-                    res = build_result(task, cfg, tucker2_or_svd)
+                    res = build_result(task, fit_cfg, tucker2_or_svd)
                     fit_s = time.perf_counter() - t_fit
                 else:
-                    res = rc.optimize(task.model, example_inputs=task.example_inputs, config=cfg)
+                    res = rc.optimize(task.model, example_inputs=task.example_inputs, config=fit_cfg)
                     fit_s = time.perf_counter() - t_fit
                     if method == "riem":
                         reuse.remember(res, budget)
+                if not method.endswith(("+refine", "-bc")) and cfg.bias_correction:
+                    done[(f"{method}-bc", budget)], done_extra[(f"{method}-bc", budget)] = (res, fit_s), extra
+                    res, fit_s, corrected = bias_corrected(task, cfg, res, fit_s)
+                    extra = {**extra, **corrected}
                 done[(method, budget)] = (res, fit_s)
                 done_extra[(method, budget)] = extra
             except Exception as exc:  # record and go on: one failing cell must not lose the table
@@ -546,6 +550,8 @@ def bias_corrected(task: Task, cfg: Config, base_res: Result, base_fit_s: float)
     res.report = Report([copy.copy(r) for r in base_res.report.layers], base_res.report.output_error,
                         preprocess=dict(base_res.report.preprocess or {}))
     outcome = correct_biases(task.prepared(cfg), res.model, res.specs, res.compressed)
+    if outcome is None:  # no folded BatchNorm: nothing to correct, X's result as it is
+        return base_res, base_fit_s + time.perf_counter() - t0, {"bias_corrected_layers": 0}
     res.report.preprocess["bias_correction"] = outcome
     res.report.output_error = rc.metrics.model_output_error(task.model, res.model, task.example_inputs)
     return res, base_fit_s + time.perf_counter() - t0, {"bias_corrected_layers": len(outcome["corrected"])}
@@ -644,11 +650,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "compressed (onnxruntime: MatMulNBits, GatherBlockQuantized or DequantizeLinear forms of the default "
              "onnx_format; TVM: a fused dequantise-matmul kernel, build_tvm mode \"fused\"), each costed at its "
              "run-time weight bytes (float16 scales count as the float32 onnxruntime folds them to).",
-             "- X+bc = X with bias_correction=True: X's picks, then each compressed layer's bias corrected "
-             "for its expected output shift from the folded BatchNorm statistics (riem_compiler/passes/dfq.py; "
-             "same stored bytes; no BatchNorm, nothing corrected). Every row runs the default preprocessing "
-             "of `optimize` (BatchNorm folded into its conv where exact; auto rows before 2026-12-07 "
-             "compressed the unfolded convs).",
+             "- bias correction: from defaults 2026-12-07.2 on, every row X corrects each compressed layer's bias "
+             "for its expected output shift from the folded BatchNorm statistics after the fits "
+             "(riem_compiler/passes/dfq.py; same picks and stored bytes; no BatchNorm, nothing corrected), as "
+             "optimize does by default. X-bc = X with bias_correction=False: the same fits before the correction "
+             "(rows of runs before that version, see the runs list, are uncorrected; the auto+bc rows of earlier "
+             "runs were auto with the correction). Every row runs the default preprocessing of `optimize` (BatchNorm folded into its "
+             "conv where exact; auto rows before 2026-12-07 compressed the unfolded convs).",
              "- X+emb = X with compress_embeddings=True: the embedding tables join the compressible "
              "layers (and the ratio's denominator); compare its whole-model ratio with the peers'.",
              "- X+refine = X's model refined data-free (riem_compiler/passes/refine.py): synthetic "
@@ -695,7 +703,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f = r["refine"]
                 notes.append(f"synthetic out. err {f['loss_before']:.3g}->{f['loss_after']:.3g}"
                              + ("" if f["kept"] else " (not kept)") + f", {f['steps']} steps, {f['seconds']:.0f} s")
-            if "bias_corrected_layers" in r:
+            if r.get("bias_corrected_layers"):
                 notes.append(f"bias correction on {r['bias_corrected_layers']} layer(s)")
             if r.get("auto_dropped_candidates"):
                 notes.append(f"{len(r['auto_dropped_candidates'])} undecodable candidate(s) dropped")

@@ -188,8 +188,9 @@ def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None) -> R
                  if compressed else model)
     report = Report(records + _skipped_records(det.skipped, tensors), model_bytes_before=total,
                     preprocess=prepared.record or None, auto=plan or None)
-    if cfg.bias_correction and compressed:
-        report.preprocess["bias_correction"] = correct_biases(prepared, new_model, det.layers, compressed)
+    corrected = correct_biases(prepared, new_model, det.layers, compressed) if cfg.bias_correction and compressed else None
+    if corrected is not None:
+        report.preprocess = {**(report.preprocess or {}), "bias_correction": corrected}
     if example_inputs is not None and compressed:
         report.output_error = model_output_error(model, new_model, example_inputs)
     if not compressed:
@@ -215,14 +216,17 @@ def _optimize_onnx(graph, cfg: Config) -> Result:
     tensors = tensor_sizes(model)
     total = sum(nbytes for _, nbytes in tensors.values())
     preprocess = None
-    if cfg.equalize or cfg.dead_channels or cfg.bias_correction:
-        raise InputError("equalize, dead_channels and bias_correction work on PyTorch models; for ONNX input "
-                         "only fold_batchnorm is available (drop those options)")
+    if cfg.equalize or cfg.dead_channels:
+        raise InputError("equalize and dead_channels work on PyTorch models; for ONNX input only fold_batchnorm "
+                         "(and no bias correction) is available (drop those options)")
     if cfg.fold_batchnorm:
         from riem_compiler.passes.batchnorm_onnx import fold_batchnorm_onnx
 
         model, fold = fold_batchnorm_onnx(model)
         preprocess = {"batchnorm": fold} if fold["folded"] or fold["kept"] else None
+        if fold["folded"] and cfg.bias_correction:  # the default; dfq's statistics walk a torch graph
+            preprocess["bias_correction"] = {"corrected": [], "skipped": [
+                ["*", "ONNX input: bias correction runs on PyTorch models only (compress the torch model for it)"]]}
     specs, skipped = find_onnx_layers(model, cfg)
     if not specs:
         log.warning("nothing to compress in the ONNX model; it is returned unchanged")

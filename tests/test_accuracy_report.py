@@ -43,7 +43,8 @@ def test_budgets_off_the_list_print_as_decimals_not_as_a_rounded_fraction():
 
 def test_rows_run_the_default_preprocessing_and_bc_keeps_the_picks_and_bytes():
     """accuracy.py's own compress path (auto, tucker2) folds BatchNorm as `optimize` does, and the
-    X+bc row is X's result with the biases corrected: same compressed weights, other biases."""
+    X row is X-bc's result with the biases corrected (as optimize's defaults correct them): same
+    compressed weights, other biases."""
     from dataclasses import replace
 
     import torch
@@ -52,7 +53,7 @@ def test_rows_run_the_default_preprocessing_and_bc_keeps_the_picks_and_bytes():
     from riem_compiler.passes.compress import compress_specs
 
     task = accuracy.Task("digits_cnn")
-    cfg = Config(ratio=1 / 8, method="rtn", quiet=True)
+    cfg = Config(ratio=1 / 8, method="rtn", quiet=True, bias_correction=False)
     res = accuracy.build_result(task, cfg, lambda specs, c, model: compress_specs(specs, c))
     assert res.report.preprocess["batchnorm"]["folded"]  # BatchNorm folded into its conv
     assert accuracy.compressible_bytes(res) == accuracy.compressible_bytes(
@@ -62,4 +63,10 @@ def test_rows_run_the_default_preprocessing_and_bc_keeps_the_picks_and_bytes():
     assert bc.compressed is res.compressed and accuracy.compressible_bytes(bc) == accuracy.compressible_bytes(res)
     before, after = dict(res.model.named_parameters()), dict(bc.model.named_parameters())
     changed = [k for k in before if k.endswith("bias") and not torch.equal(before[k], after[k])]
-    assert changed and "bias_correction" not in (res.report.preprocess or {})  # X's own result untouched
+    assert changed and "bias_correction" not in (res.report.preprocess or {})  # X-bc's own result untouched
+    import riem_compiler as rc
+
+    default = rc.optimize(task.model, task.example_inputs, ratio=1 / 8, method="rtn", quiet=True)
+    assert default.report.preprocess["bias_correction"] == bc.report.preprocess["bias_correction"]
+    for name, value in default.model.state_dict().items():  # the X row is optimize with default settings
+        torch.testing.assert_close(value, bc.model.state_dict()[name], rtol=0, atol=0)

@@ -187,6 +187,11 @@ def test_onnx_fold_keeps_a_shared_conv_output_and_compresses_folded_weights():
     assert res.report.preprocess["batchnorm"]["folded"] == [["conv1", "bn1"], ["conv2", "bn2"]]
     w1 = numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == "W1"))
     np.testing.assert_allclose(res.specs[0].weight, w1)  # the weight compressed is the folded one
+    # the default bias correction works on torch graphs only: the report says the ONNX input was not corrected
+    assert res.report.preprocess["bias_correction"]["corrected"] == []
+    assert "ONNX input" in res.report.preprocess["bias_correction"]["skipped"][0][1]
+    assert "bias_correction" not in rc.optimize(_onnx_model(True), method="rtn", ratio=0.3, min_weight_size=0,
+                                                quiet=True, bias_correction=False).report.preprocess
     with pytest.raises(InputError, match="PyTorch"):
         rc.optimize(_onnx_model(True), method="rtn", equalize=True, quiet=True)
     plain = helper.make_model(helper.make_graph(
@@ -265,8 +270,8 @@ def test_bias_correction_removes_the_expected_output_shift():
         model[1].bias.add_(1.5)  # mostly positive pre-activations: a large E[x]
     x = torch.randn(4, 8)
     kwargs = dict(method="rtn", ratio=0.07, min_weight_size=1024, quiet=True)
-    plain = rc.optimize(model, (x,), **kwargs)
-    corrected = rc.optimize(model, (x,), bias_correction=True, **kwargs)
+    plain = rc.optimize(model, (x,), bias_correction=False, **kwargs)
+    corrected = rc.optimize(model, (x,), **kwargs)  # on by default
     assert corrected.report.preprocess["bias_correction"]["corrected"] == ["3"]
     # inputs of the compressed layer drawn from the BatchNorm's distribution through the ReLU
     g = torch.Generator().manual_seed(1)
@@ -322,12 +327,13 @@ def test_round_trip_with_folding(tmp_path, options):
 
 def test_options_are_validated_and_off_switch_keeps_batchnorm():
     with pytest.raises(InputError, match="fold_batchnorm"):
-        rc.Config(bias_correction=True, fold_batchnorm=False)
+        rc.Config(dead_channels=True, fold_batchnorm=False)
     with pytest.raises(InputError, match="equalize must be True or False"):
         rc.Config(equalize="yes")
     model = _randomise_bn(Net())
     res = rc.optimize(model, (_x(),), method="rtn", ratio=0.3, min_weight_size=0, fold_batchnorm=False, quiet=True)
-    assert res.report.preprocess is None and isinstance(res.model.b1, nn.BatchNorm2d)
+    # no folded statistics: the default bias correction has nothing to work from and leaves the fit as it is
+    assert res.report.preprocess is None and isinstance(res.model.b1, nn.BatchNorm2d) and res.prepared is model
     plain = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     res = rc.optimize(plain, method="rtn", ratio=0.3, min_weight_size=0, quiet=True)
     assert res.report.preprocess is None and res.prepared is plain  # no BatchNorm: no copy made
@@ -335,7 +341,9 @@ def test_options_are_validated_and_off_switch_keeps_batchnorm():
 
     args = build_parser().parse_args(["m.onnx", "--no-fold-batchnorm", "--equalize", "--no-cache"])
     cfg = _config_from_args(args)
-    assert (cfg.fold_batchnorm, cfg.equalize, cfg.bias_correction) == (False, True, False)
+    assert (cfg.fold_batchnorm, cfg.equalize, cfg.bias_correction) == (False, True, True)
+    args = build_parser().parse_args(["m.onnx", "--no-bias-correction", "--no-cache"])
+    assert _config_from_args(args).bias_correction is False
 
 
 def test_clipped_normal_moments_match_sampling():

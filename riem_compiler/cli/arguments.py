@@ -140,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--equalize", action="store_true",
                    help="DFQ: cross-layer equalisation of channel ranges over Conv/Linear -> ReLU(6) -> Conv/Linear "
                         "(PyTorch input; the float model's outputs stay the same)")
-    g.add_argument("--bias-correction", action="store_true",
-                   help="DFQ: correct each layer's bias by its expected output shift after compression, from "
-                        "BatchNorm statistics (PyTorch input)")
+    g.add_argument("--bias-correction", action=argparse.BooleanOptionalAction,
+                   default=_config_default("bias_correction"),
+                   help="DFQ: correct each layer's bias by its expected output shift after compression, from the "
+                        "folded BatchNorm statistics (PyTorch input; on by default, --no-bias-correction turns it off; "
+                        "ONNX input is not corrected)")
     g.add_argument("--refine", action="store_true",
                    help="data-free refinement toward the original's outputs on synthetic inputs (PyTorch input)")
     g.add_argument("--refine-steps", type=int, default=200, metavar="N", help="refinement steps (default 200)")

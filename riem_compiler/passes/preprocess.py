@@ -1,7 +1,8 @@
 """Run the data-free preprocessing a config asks for, in order, and replay its structure at load.
 
 Before fitting: BatchNorm folding (`fold_batchnorm`), dead channels (`dead_channels`), cross-layer
-equalisation (`equalize`). After fitting: bias correction (`bias_correction`), on the rewritten model.
+equalisation (`equalize`). After fitting: bias correction (`bias_correction`, on by default), on the
+rewritten model, for the layers whose input statistics the folding gave.
 Each works on a copy of the user's model; what each did goes into the report (`Report.preprocess`),
 which `load(model=fresh)` reads back to give a fresh instance the same structure.
 """
@@ -27,16 +28,13 @@ class Prepared:
     stats: dict = field(default_factory=dict, repr=False)  # layer -> (mean, std) of its folded output
 
 
-def wanted(cfg) -> bool:
-    return cfg.fold_batchnorm or cfg.equalize or cfg.dead_channels or cfg.bias_correction
-
-
 def prepare_torch(model: nn.Module, example_inputs, cfg) -> Prepared:
     """A copy of `model` folded / cleaned / equalised as `cfg` says (the input is never modified)."""
-    if not wanted(cfg):
+    folds = cfg.fold_batchnorm and batchnorm.has_batchnorm(model)
+    if not (folds or cfg.equalize or cfg.dead_channels):
+        # nothing to fold, clean or equalise: no copy, no trace (large models without BatchNorm); bias
+        # correction then has no statistics to work from and leaves the model as fitted
         return Prepared(model)
-    if not (cfg.equalize or cfg.dead_channels or cfg.bias_correction) and not batchnorm.has_batchnorm(model):
-        return Prepared(model)  # nothing to fold: no copy, no trace (large models without BatchNorm)
     if cfg.fold_batchnorm:
         out, fold = batchnorm.fold_batchnorm(model, example_inputs)
         prepared = Prepared(out, {"batchnorm": fold.to_dict()}, fold.stats)
@@ -50,8 +48,11 @@ def prepare_torch(model: nn.Module, example_inputs, cfg) -> Prepared:
     return prepared
 
 
-def correct_biases(prepared: Prepared, new_model: nn.Module, specs, compressed) -> dict:
-    """Bias correction on the rewritten model (in place); returns the report entry."""
+def correct_biases(prepared: Prepared, new_model: nn.Module, specs, compressed) -> dict | None:
+    """Bias correction on the rewritten model (in place); returns the report entry, None when the
+    preprocessing folded no BatchNorm (no statistics: nothing to correct)."""
+    if not prepared.stats:
+        return None
     from riem_compiler import methods
 
     hats = {s.name: methods.decode(compressed[s.name]) for s in specs if s.name in compressed and s.module}
