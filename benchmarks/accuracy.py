@@ -86,6 +86,7 @@ VISION = tuple(imagenet.VISION_MODELS)  # the ImageNet classifiers of the agreem
 PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
 FITTED = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto")  # methods with an X-bc row
 METHODS = (*FITTED, *(f"{m}-bc" for m in FITTED), "auto@onnx", "auto@tvm", "auto+riem", "auto-weight", "auto+emb",
+           "auto+pool",
            *PEER_METHODS, "riem+refine", "svd+refine", "auto+refine")
 
 
@@ -350,18 +351,20 @@ class Sensitivities:
     def __init__(self):
         self.made: dict = {}
 
-    def get(self, task: Task, specs, seed: int, model=None):
+    def get(self, task: Task, specs, seed: int, model=None, output_fn=None):
         """model: the (prepared) model the specs come from, as `optimize` measures it (None: the
-        task's model); the synthetic inputs follow the task's original model either way."""
+        task's model); the synthetic inputs follow the task's original model either way; output_fn:
+        optimize's, what the task uses of the outputs."""
         from riem_compiler.api import sensitivity_settings
         from riem_compiler.passes.sensitivity import TorchSensitivity
 
         model = task.model if model is None else model
-        key = (task.name, tuple(s.name for s in specs), seed, id(model))
+        key = (task.name, tuple(s.name for s in specs), seed, id(model), output_fn)
         if key not in self.made:
             sampler = task.refine_settings({}).input_sampler
             self.made[key] = TorchSensitivity(model, specs, task.example_inputs, sampler,
-                                              sensitivity_settings(Config(seed=seed)), task.model)
+                                              sensitivity_settings(Config(seed=seed)), task.model,
+                                              output_fn=output_fn)
         return self.made[key]
 
 
@@ -425,7 +428,8 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                 rows.append(run_peer(task, method, budget, base))
                 continue
             base_method = (method.removesuffix("+refine").removesuffix("+emb").removesuffix("-weight")
-                           .removesuffix("+riem").removesuffix("-bc").removesuffix("@onnx").removesuffix("@tvm"))
+                           .removesuffix("+riem").removesuffix("-bc").removesuffix("@onnx").removesuffix("@tvm")
+                           .removesuffix("+pool"))
             plan_for = method.rpartition("@")[2] if "@" in method else None
             cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
                          time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0,
@@ -474,8 +478,13 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     before = (reuse.reused, reuse.fitted)
                     plan: dict = {}
 
+                    if method == "auto+pool" and task.name != "minilm":
+                        continue  # a sentence encoder's pooling: MiniLM only
+                    output_fn = bm.sentence_embedding if method == "auto+pool" else None
+
                     def run_auto(specs, c, model):  # "auto-weight": the old weight-error proxy, for comparison
-                        sens = None if method == "auto-weight" else sensitivities.get(task, specs, c.seed, model)
+                        sens = (None if method == "auto-weight" else
+                                sensitivities.get(task, specs, c.seed, model, output_fn))
                         return compress_auto(specs, c, candidates=grid, sensitivity=sens, plan=plan)
 
                     res = build_result(task, fit_cfg, run_auto)

@@ -231,6 +231,15 @@ def minilm_example_inputs(tokenizer, batch: int = 2, seq_len: int = 32) -> tuple
     return tokenize(tokenizer, [pool[i % len(pool)] for i in range(batch)], pad_to=seq_len)
 
 
+def sentence_embedding(tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """What sentence-transformers makes of the encoder's last hidden state: the mean over the real
+    (unmasked) tokens, L2-normalised. Also auto's output_fn for MiniLM (accuracy.py's auto+pool)."""
+    tokens = tokens.float()
+    m = attention_mask[..., None].to(tokens.dtype)
+    pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, p=2, dim=1)
+
+
 @torch.no_grad()
 def encode(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 64) -> np.ndarray:
     """Sentence embeddings as sentence-transformers computes them: masked mean pooling, then L2 norm.
@@ -244,10 +253,7 @@ def encode(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids, mask = tokenize(tokenizer, [sentences[i] for i in idx])
-        tokens = model(ids, mask).float()
-        m = mask[..., None].to(tokens.dtype)
-        pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        chunks.append((idx, F.normalize(pooled, p=2, dim=1).numpy()))
+        chunks.append((idx, sentence_embedding(model(ids, mask), ids, mask).numpy()))
     if chunks:
         out = np.zeros((len(sentences), chunks[0][1].shape[1]), dtype=np.float32)
         for idx, emb in chunks:

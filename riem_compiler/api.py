@@ -71,18 +71,27 @@ def _is_onnx_input(graph) -> bool:
     return isinstance(graph, onnx.ModelProto)
 
 
-def optimize(graph, example_inputs=None, config: Config | None = None, input_sampler=None, **options) -> Result:
+def optimize(graph, example_inputs=None, config: Config | None = None, input_sampler=None, output_fn=None,
+             **options) -> Result:
     """Compress the linear/conv weights of `graph` without data.
 
     graph: nn.Module | torch.fx.GraphModule | torch.export.ExportedProgram | onnx.ModelProto | path to .onnx.
     Options are the fields of `Config` (ratio, method, state_bits, ...), or pass `config=`.
     input_sampler: (n, torch.Generator) -> tuple of n synthetic model inputs; used instead of inputs
     drawn from example_inputs' shapes by auto's sensitivity and by refinement (e.g. token ids).
+    output_fn: (outputs, *inputs) -> what the deployment uses of the model's outputs (torch models,
+    e.g. a sentence encoder's masked mean pooling); auto's output sensitivity compares that instead of
+    the raw outputs, so padding positions and unused outputs cost nothing.
     """
     cfg = Config.from_kwargs(config, **options)
+    if output_fn is not None and not callable(output_fn):
+        raise InputError(f"output_fn must be a callable (outputs, *inputs) -> tensors; got {type(output_fn).__name__}")
     if _is_onnx_input(graph):
+        if output_fn is not None:
+            raise InputError("output_fn works on PyTorch models; for ONNX input drop it (the sensitivity compares "
+                             "the graph's outputs)")
         return _optimize_onnx(graph, cfg)
-    return _optimize_torch(graph, example_inputs, cfg, input_sampler)
+    return _optimize_torch(graph, example_inputs, cfg, input_sampler, output_fn)
 
 
 def _skipped_records(skipped: list[tuple[LayerSpec | str, str]],
@@ -141,16 +150,16 @@ def _sensitivity(cfg: Config, make):
         return None
 
 
-def _torch_sensitivity(model, specs, example_inputs, input_sampler, cfg: Config, input_model=None):
+def _torch_sensitivity(model, specs, example_inputs, input_sampler, cfg: Config, input_model=None, output_fn=None):
     """`_sensitivity` of a torch model; synthetic inputs come from input_model (the user's model,
-    before BatchNorm folding)."""
+    before BatchNorm folding); output_fn: see `optimize`."""
     def make(settings):
         from riem_compiler.passes.sensitivity import TorchSensitivity
 
         if example_inputs is None and input_sampler is None:
             raise InputError("sensitivity='output' needs example_inputs or an input_sampler")
         return TorchSensitivity(model, specs, example_inputs, input_sampler, settings, input_model,
-                                progress=not cfg.quiet)
+                                progress=not cfg.quiet, output_fn=output_fn)
 
     return _sensitivity(cfg, make)
 
@@ -165,7 +174,7 @@ def _onnx_sensitivity(model, specs, cfg: Config):
     return _sensitivity(cfg, make)
 
 
-def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None) -> Result:
+def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None, output_fn=None) -> Result:
     from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
     from riem_compiler.passes.preprocess import correct_biases, prepare_torch
     from riem_compiler.passes.rewrite_torch import apply_compressed
@@ -182,7 +191,7 @@ def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None) -> R
         return Result(model, Report(_skipped_records(det.skipped, tensors), model_bytes_before=total), {}, [], cfg,
                       "torch", example_inputs, model)
     plan: dict = {}
-    sensitivity = _torch_sensitivity(prepared.model, det.layers, example_inputs, input_sampler, cfg, model)
+    sensitivity = _torch_sensitivity(prepared.model, det.layers, example_inputs, input_sampler, cfg, model, output_fn)
     compressed, records = compress_specs(det.layers, cfg, sensitivity=sensitivity, plan=plan)
     new_model = (apply_compressed(prepared.model, det.layers, compressed, det.graph_module, cfg.recompute)
                  if compressed else model)

@@ -403,3 +403,34 @@ def test_probe_samples_fall_back_to_all_when_inputs_cannot_be_cut():
     assert _first_samples((x, torch.randn(3, 8)), 8, 4) is None  # a second input without the sample axis
     with pytest.raises(InputError, match="probe_samples"):
         SensitivitySettings(probe_samples=0).validate()
+
+
+def test_output_fn_makes_the_sensitivity_compare_what_the_deployment_uses():
+    """With output_fn keeping only a's and c's outputs (the task ignores b's columns), b's gain is 0
+    and b gets its cheapest candidate; without it, b counts. The held-out plan error follows too."""
+    model = Parallel().eval()
+    x = torch.randn(8, 144, generator=torch.Generator().manual_seed(1))
+
+    def used(out, inputs):
+        return torch.cat([out[:, :40], out[:, 88:]], dim=1)
+
+    fast = dict(method="auto", ratio=0.2, min_weight_size=0, quiet=True, steps=30)
+    res = rc.optimize(model, (x,), output_fn=used, **fast)
+    layers = res.report.auto["sensitivity"]["layers"]
+    assert layers["b.weight"]["gain"] == 0.0 and layers["a.weight"]["gain"] > 0 and layers["c.weight"]["gain"] > 0
+    choice = next(c for c in res.report.auto["choices"] if c["name"] == "b.weight")
+    assert choice["nbytes"] == min(c["nbytes"] for c in choice["candidates"])
+    plain = rc.optimize(model, (x,), **fast)
+    assert plain.report.auto["sensitivity"]["layers"]["b.weight"]["gain"] > 0
+    specs = _specs(model)
+    sens = TorchSensitivity(model, specs, (x,), settings=SensitivitySettings(samples=8, holdout=4), output_fn=used)
+    swap = {"b.weight": np.zeros((48, 32), np.float32)}
+    assert sens.measure(swap) == 0.0 and sens.measure(swap, holdout=True) == 0.0
+    assert sens.measure({"a.weight": np.zeros((40, 48), np.float32)}) > 0
+    with pytest.raises(InputError, match="output_fn must be a callable"):
+        rc.optimize(model, (x,), output_fn="pool", **fast)
+    from pathlib import Path
+
+    onnx_path = Path(rc.__file__).parent / "examples" / "digits_cnn.onnx"
+    with pytest.raises(InputError, match="output_fn works on PyTorch models"):
+        rc.optimize(str(onnx_path), output_fn=used, method="rtn", quiet=True)

@@ -344,11 +344,14 @@ class TorchSensitivity(Sensitivity):
 
     def __init__(self, model: nn.Module, specs: list[LayerSpec], example_inputs=None, sampler=None,
                  settings: SensitivitySettings | None = None, input_model: nn.Module | None = None,
-                 progress: bool = False):
+                 progress: bool = False, output_fn=None):
         """input_model: the model whose statistics shape the synthetic inputs when it is not `model`
         itself (the user's model, whose BatchNorms were folded away in `model`). progress: a bar
-        for the BatchNorm inversion (minutes on an ImageNet CNN)."""
+        for the BatchNorm inversion (minutes on an ImageNet CNN). output_fn(outputs, *inputs): what
+        the deployment uses of the model's outputs (e.g. a text encoder's masked mean pooling); the
+        gains and plan errors compare that instead of the raw outputs (None: the raw outputs)."""
         super().__init__(specs, settings)
+        self.output_fn = output_fn
         s = self.settings
         t0 = time.perf_counter()
         self.model = copy.deepcopy(model).eval()  # probes swap weights in place: never in the user's model
@@ -370,22 +373,27 @@ class TorchSensitivity(Sensitivity):
                 handles.append(module.register_forward_hook(_ModuleHook(found[spec.name])))
         try:
             with torch.no_grad():
-                self.reference = self.model(*self.inputs)
+                self.reference = self._run(self.inputs)
         finally:
             for h in handles:
                 h.remove()
         with torch.no_grad():  # the held-out set judges plans only: it adds nothing to the moments
-            self.reference_holdout = self.model(*self.holdout)
+            self.reference_holdout = self._run(self.holdout)
         self.probe_inputs, self.probe_reference = self.inputs, self.reference
         first = _first_samples(self.inputs, s.samples, s.probe_samples)
         if first is not None:
             with torch.no_grad():
-                self.probe_inputs, self.probe_reference = first, self.model(*first)
+                self.probe_inputs, self.probe_reference = first, self._run(first)
             self.probe_count = s.probe_samples
         self._set_moments(found)
         self.seconds = time.perf_counter() - t0
         log.info("sensitivity: %d layers, inputs %s, moments for %d, %.2f s", len(specs), self.input_mode,
                  len(self.moments), self.seconds)
+
+    def _run(self, inputs: tuple):
+        """The model's outputs on inputs, through output_fn when one was given."""
+        out = self.model(*inputs)
+        return out if self.output_fn is None else self.output_fn(out, *inputs)
 
     def _moment_kind(self, spec: LayerSpec, module) -> str:
         if spec.name not in self.tensors or module is None or getattr(module, "weight", None) is not self.tensors[spec.name]:
@@ -409,7 +417,7 @@ class TorchSensitivity(Sensitivity):
                     t = self.tensors[name]
                     saved[name] = t.detach().clone()
                     t.copy_(torch.from_numpy(np.asarray(value, np.float32)).reshape(t.shape))
-                out = self.model(*inputs)
+                out = self._run(inputs)
         finally:
             with torch.no_grad():
                 for name, value in saved.items():
