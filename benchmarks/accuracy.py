@@ -22,7 +22,8 @@ RieM candidates too, reusing this run's riem fits of the same weight and ratio i
 them again; missing ones are fitted with the same settings), X-bc for X in svd, rtn, affine, rotq, vq,
 tucker2, riem, auto (X with bias_correction=False: X's fits without the bias correction from the folded
 BatchNorm statistics that the defaults apply after the fits; same picks and bytes), and X+refine for X in
-riem, svd, auto: X's model after data-free refinement (passes/refine.py). Every row runs optimize's
+riem, svd, auto: X's model after data-free refinement (passes/refine.py); auto+pool (MiniLM: auto's
+sensitivity on the sentence embeddings, optimize's output_fn) and auto+awq (input_scales=0.25). Every row runs optimize's
 default preprocessing (BatchNorm folded into its conv where exact, biases corrected after the fits).
 
 Peers (benchmarks/peers.py), run by their own PyPI code on the same weights: hqq-peer (hqq's
@@ -84,9 +85,10 @@ BUDGETS = (1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 24, 1 / 32)
 MODELS = ("digits_cnn", "digits_resnet8", "minilm", "effnet_lite2", "mobilenet_v2")
 VISION = tuple(imagenet.VISION_MODELS)  # the ImageNet classifiers of the agreement task
 PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
+AWQ_ALPHA = 0.25  # X+awq: input_scales; the exponent that did best in benchmarks/synthetic_moments.py
 FITTED = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto")  # methods with an X-bc row
 METHODS = (*FITTED, *(f"{m}-bc" for m in FITTED), "auto@onnx", "auto@tvm", "auto+riem", "auto-weight", "auto+emb",
-           "auto+pool",
+           "auto+pool", "auto+awq",
            *PEER_METHODS, "riem+refine", "svd+refine", "auto+refine")
 
 
@@ -182,9 +184,11 @@ class Task:
         fits, so it shares the folded model of its setting without it."""
         from riem_compiler.passes.preprocess import prepare_torch
 
-        key = tuple(getattr(cfg, f) for f in rc.config.PREPROCESS_FIELDS if f != "bias_correction")
+        key = (*(getattr(cfg, f) for f in rc.config.PREPROCESS_FIELDS if f != "bias_correction"), cfg.input_scales,
+               cfg.seed)
         if key not in self._prepared:
-            self._prepared[key] = prepare_torch(self.model, self.example_inputs, replace(cfg, bias_correction=False))
+            self._prepared[key] = prepare_torch(self.model, self.example_inputs, replace(cfg, bias_correction=False),
+                                                self.refine_settings({}).input_sampler)
         return self._prepared[key]
 
     def metrics(self, model) -> dict[str, float]:
@@ -265,16 +269,22 @@ def weight_key(weight, ratio: float) -> str:
 def build_result(task: Task, cfg: Config, method_of) -> Result:
     """The torch path of `optimize` with a per-layer choice of compress call: `method_of(specs, cfg,
     prepared_model)` returns (compressed, records) like compress_specs. The config's preprocessing
-    runs as in `optimize` (BatchNorm folding by default, bias correction after the fits when asked,
-    through `bias_corrected`)."""
+    runs as in `optimize` (BatchNorm folding by default, input scales when asked, bias correction after
+    the fits, through `bias_corrected`)."""
     from riem_compiler.frontend.torch_frontend import find_torch_layers
     from riem_compiler.passes.rewrite_torch import apply_compressed
 
+    from riem_compiler.passes import input_scales
+
     prepared = task.prepared(cfg)
+    record = copy.deepcopy(prepared.record)  # the prepared model is shared by the budgets; its record is not
     det = find_torch_layers(prepared.model, cfg)
-    compressed, records = method_of(det.layers, cfg, prepared.model)
+    compressed, records = method_of(det.layers, input_scales.within_budget(cfg, prepared.model, det.layers),
+                                    prepared.model)
     model = apply_compressed(prepared.model, det.layers, compressed, det.graph_module, cfg.recompute)
-    report = Report(records, preprocess=prepared.record or None)
+    if "input_scales" in record:  # as optimize: scales counted, dense layers unscaled
+        input_scales.settle(record["input_scales"], model if compressed else None, det.layers, compressed, records)
+    report = Report(records, preprocess=record or None)
     report.output_error = rc.metrics.model_output_error(task.model, model, task.example_inputs)
     res = Result(model, report, compressed, det.layers, cfg, "torch", task.example_inputs, task.model,
                  prepared.model)
@@ -429,12 +439,13 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                 continue
             base_method = (method.removesuffix("+refine").removesuffix("+emb").removesuffix("-weight")
                            .removesuffix("+riem").removesuffix("-bc").removesuffix("@onnx").removesuffix("@tvm")
-                           .removesuffix("+pool"))
+                           .removesuffix("+pool").removesuffix("+awq"))
             plan_for = method.rpartition("@")[2] if "@" in method else None
             cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
                          time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0,
                          compress_embeddings=method.endswith("+emb"), auto_riem=method.endswith("+riem"),
-                         bias_correction=not method.endswith("-bc"), plan_for=plan_for)
+                         bias_correction=not method.endswith("-bc"), plan_for=plan_for,
+                         input_scales=AWQ_ALPHA if method.endswith("+awq") else 0.0)
             # the fits run without the bias correction, which follows them and changes no pick: X and X-bc
             # share X's fits (X-bc is X's result before the correction)
             fit_cfg = replace(cfg, bias_correction=False)
@@ -666,6 +677,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "(rows of runs before that version, see the runs list, are uncorrected; the auto+bc rows of earlier "
              "runs were auto with the correction). Every row runs the default preprocessing of `optimize` (BatchNorm folded into its "
              "conv where exact; auto rows before 2026-12-07 compressed the unfolded convs).",
+             "- auto+pool = auto with optimize(output_fn=...) given the task's use of the outputs (MiniLM: "
+             "masked mean pooling and L2 norm, benchmarks/models.sentence_embedding): the sensitivity's gains "
+             "and plan errors compare sentence embeddings instead of every token's hidden state (padding included).",
+             f"- auto+awq = auto with input_scales={AWQ_ALPHA} (riem_compiler/passes/input_scales.py): each Linear "
+             "/ ungrouped Conv weight fitted as W diag(s), s from its input channels' rms on the synthetic inputs, "
+             "and its input multiplied by the stored float16 1/s (counted in the stored bytes).",
              "- X+emb = X with compress_embeddings=True: the embedding tables join the compressible "
              "layers (and the ratio's denominator); compare its whole-model ratio with the peers'.",
              "- X+refine = X's model refined data-free (riem_compiler/passes/refine.py): synthetic "

@@ -176,13 +176,14 @@ def _onnx_sensitivity(model, specs, cfg: Config):
 
 def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None, output_fn=None) -> Result:
     from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
+    from riem_compiler.passes import input_scales
     from riem_compiler.passes.preprocess import correct_biases, prepare_torch
     from riem_compiler.passes.rewrite_torch import apply_compressed
 
     model = as_module(graph)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    prepared = prepare_torch(model, example_inputs, cfg)
+    prepared = prepare_torch(model, example_inputs, cfg, input_sampler)
     det = find_torch_layers(prepared.model, cfg)
     tensors, total = torch_tensors(model), torch_model_bytes(model)
     if not det.layers:
@@ -192,9 +193,13 @@ def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None, outp
                       "torch", example_inputs, model)
     plan: dict = {}
     sensitivity = _torch_sensitivity(prepared.model, det.layers, example_inputs, input_sampler, cfg, model, output_fn)
-    compressed, records = compress_specs(det.layers, cfg, sensitivity=sensitivity, plan=plan)
+    compressed, records = compress_specs(det.layers, input_scales.within_budget(cfg, prepared.model, det.layers),
+                                         sensitivity=sensitivity, plan=plan)
     new_model = (apply_compressed(prepared.model, det.layers, compressed, det.graph_module, cfg.recompute)
                  if compressed else model)
+    if "input_scales" in prepared.record:
+        input_scales.settle(prepared.record["input_scales"], new_model if compressed else None, det.layers, compressed,
+                            records)
     report = Report(records + _skipped_records(det.skipped, tensors), model_bytes_before=total,
                     preprocess=prepared.record or None, auto=plan or None)
     corrected = correct_biases(prepared, new_model, det.layers, compressed) if cfg.bias_correction and compressed else None
@@ -225,6 +230,9 @@ def _optimize_onnx(graph, cfg: Config) -> Result:
     tensors = tensor_sizes(model)
     total = sum(nbytes for _, nbytes in tensors.values())
     preprocess = None
+    if cfg.input_scales:
+        raise InputError("input_scales works on PyTorch models (the scale becomes part of the layer's module); for "
+                         "ONNX input set input_scales=0")
     if cfg.equalize or cfg.dead_channels:
         raise InputError("equalize and dead_channels work on PyTorch models; for ONNX input only fold_batchnorm "
                          "(and no bias correction) is available (drop those options)")

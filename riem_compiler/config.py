@@ -12,7 +12,7 @@ from riem_compiler.frontend.layers import LAYER_KINDS
 from riem_compiler.methods.targets import PLAN_TARGETS
 
 METHODS = (*methods.SELECTABLE, methods.PLANNER)  # what `method=` takes
-FLOAT_FIELDS = ("ratio", "time_budget_s", "lr", "error_ceiling")  # each must be finite
+FLOAT_FIELDS = ("ratio", "time_budget_s", "lr", "error_ceiling", "input_scales")  # each must be finite
 NONE_ALLOWED = ("time_budget_s",)  # None: no cap
 SENSITIVITIES = ("output", "weight")  # auto's candidate cost (passes/sensitivity.py)
 PREPROCESS_FIELDS = ("fold_batchnorm", "dead_channels", "equalize", "bias_correction")
@@ -71,6 +71,11 @@ class Config:
     dead_channels: bool = False
     equalize: bool = False
     bias_correction: bool = True
+    # AWQ-style stored input-channel scales (riem_compiler/passes/input_scales.py; torch input): the exponent
+    # alpha of s = (channel rms / its geometric mean) ** alpha on synthetic inputs; each Linear / ungrouped
+    # Conv weight is compressed as W diag(s) and its input multiplied by a stored float16 1/s (counted in
+    # its bytes). 0: off
+    input_scales: float = 0.0
     refine: bool = False  # data-free refinement toward the original's outputs (torch, needs example_inputs)
     refine_steps: int = 200
     # method="auto": what a candidate costs. "output": its predicted share of the model's output error
@@ -137,6 +142,9 @@ class Config:
         if self.time_budget_s is not None and not self.time_budget_s > 0:  # finite: checked above
             raise InputError(f"time_budget_s must be a positive number of seconds, or None for no cap; "
                              f"got {self.time_budget_s!r}")
+        if not 0.0 <= self.input_scales <= 1.0:
+            raise InputError(f"input_scales must be an exponent in [0, 1] (0: off; AWQ uses about 0.25-0.5); "
+                             f"got {self.input_scales!r}")
         if self.error_ceiling <= 0:
             raise InputError(f"error_ceiling must be positive; got {self.error_ceiling!r}")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):

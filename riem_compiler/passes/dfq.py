@@ -504,7 +504,9 @@ def bias_corrections(model: nn.Module, specs, weights_hat: dict[str, np.ndarray]
             skipped[spec.module] = "the layer has no bias"
         else:
             err = weights_hat[spec.name] - spec.weight
-            shifts[spec.module] = output_shift(err, spec.groups, expected[spec.module])
+            scale = getattr(layer, "input_scale", None)  # a stored input scale multiplies the input first
+            mean = expected[spec.module] * (1.0 if scale is None else scale.double().numpy())
+            shifts[spec.module] = output_shift(err, spec.groups, mean)
     return shifts, skipped
 
 

@@ -1,7 +1,7 @@
 """Run the data-free preprocessing a config asks for, in order, and replay its structure at load.
 
 Before fitting: BatchNorm folding (`fold_batchnorm`), dead channels (`dead_channels`), cross-layer
-equalisation (`equalize`). After fitting: bias correction (`bias_correction`, on by default), on the
+equalisation (`equalize`), stored input-channel scales (`input_scales`). After fitting: bias correction (`bias_correction`, on by default), on the
 rewritten model, for the layers whose input statistics the folding gave.
 Each works on a copy of the user's model; what each did goes into the report (`Report.preprocess`),
 which `load(model=fresh)` reads back to give a fresh instance the same structure.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from riem_compiler.passes import batchnorm, dfq
+from riem_compiler.passes import batchnorm, dfq, input_scales
 
 log = logging.getLogger("riem_compiler.preprocess")
 
@@ -28,14 +28,15 @@ class Prepared:
     stats: dict = field(default_factory=dict, repr=False)  # layer -> (mean, std) of its folded output
 
 
-def prepare_torch(model: nn.Module, example_inputs, cfg) -> Prepared:
-    """A copy of `model` folded / cleaned / equalised as `cfg` says (the input is never modified)."""
+def prepare_torch(model: nn.Module, example_inputs, cfg, input_sampler=None) -> Prepared:
+    """A copy of `model` folded / cleaned / equalised / input-scaled as `cfg` says (the input is never
+    modified). input_sampler: optimize's, for the synthetic inputs the input scales are measured on."""
     folds = cfg.fold_batchnorm and batchnorm.has_batchnorm(model)
-    if not (folds or cfg.equalize or cfg.dead_channels):
+    if not (folds or cfg.equalize or cfg.dead_channels or cfg.input_scales):
         # nothing to fold, clean or equalise: no copy, no trace (large models without BatchNorm); bias
         # correction then has no statistics to work from and leaves the model as fitted
         return Prepared(model)
-    if cfg.fold_batchnorm:
+    if folds or (cfg.fold_batchnorm and (cfg.equalize or cfg.dead_channels)):  # the DFQ passes read its graph
         out, fold = batchnorm.fold_batchnorm(model, example_inputs)
         prepared = Prepared(out, {"batchnorm": fold.to_dict()}, fold.stats)
     else:
@@ -45,7 +46,24 @@ def prepare_torch(model: nn.Module, example_inputs, cfg) -> Prepared:
     if cfg.equalize:
         prepared.model, outcome = dfq.equalize(prepared.model, prepared.stats)
         prepared.record["equalize"] = outcome.to_dict()
+    if cfg.input_scales:
+        prepared.record["input_scales"] = _scale_inputs(prepared.model, model, example_inputs, cfg, input_sampler)
     return prepared
+
+
+def _scale_inputs(prepared_model: nn.Module, user_model: nn.Module, example_inputs, cfg, input_sampler) -> dict:
+    """`input_scales.scale_layers` on synthetic inputs made as auto's sensitivity makes them (from the
+    user's model: BatchNorm inversion, Gaussian or sampler inputs; as many samples, so a model whose
+    Linear layers see one vector per sample still gets a settled mean square per channel)."""
+    from riem_compiler.frontend.torch_frontend import find_torch_layers
+    from riem_compiler.passes.sensitivity import probe_inputs
+
+    samples = cfg.sensitivity_samples
+    inputs, mode = probe_inputs(user_model, example_inputs, samples, cfg.seed, input_sampler,
+                                cfg.sensitivity_inversion_steps, progress=not cfg.quiet)
+    record = input_scales.scale_layers(prepared_model, find_torch_layers(prepared_model, cfg).layers, inputs,
+                                       cfg.input_scales)
+    return {**record, "inputs": mode, "samples": samples}
 
 
 def correct_biases(prepared: Prepared, new_model: nn.Module, specs, compressed) -> dict | None:
@@ -71,4 +89,6 @@ def replay_structure(model: nn.Module, record: dict | None) -> nn.Module:
     folded = record.get("batchnorm", {}).get("folded", [])
     clips = record.get("equalize", {}).get("relu6_clips", [])
     out = batchnorm.apply_fold_structure(model, folded) if folded else model
-    return dfq.apply_clip_structure(out, clips) if clips else out
+    out = dfq.apply_clip_structure(out, clips) if clips else out
+    scaled = record.get("input_scales", {}).get("layers", [])
+    return input_scales.replay(copy.deepcopy(out) if out is model else out, scaled) if scaled else out

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.methods import decode_torch
+from riem_compiler.passes import input_scales
 
 log = logging.getLogger("riem_compiler.rewrite")
 
@@ -66,19 +67,29 @@ class RieMWeight(nn.Module):
         return f"method={self.method}, shape={self.shape}, meta={self.meta}, recompute={self.recompute}"
 
 
+def _keep_input_scale(new: nn.Module, old: nn.Module) -> None:
+    """The layer's stored input scale (passes/input_scales.py), when it has one, as a buffer."""
+    scale = getattr(old, input_scales.SCALE, None)
+    if scale is None:
+        new.input_scale = None
+    else:
+        new.register_buffer(input_scales.SCALE, scale.detach().clone())
+
+
 class RieMLinear(nn.Module):
     def __init__(self, linear: nn.Linear, cw: CompressedWeight, name: str = "weight", recompute: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.riem = RieMWeight(cw, name, recompute)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        _keep_input_scale(self, linear)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.riem()
 
     def forward(self, x):
-        return F.linear(x, self.riem(), self.bias)
+        return F.linear(input_scales.scaled(x, self.input_scale, -1), self.riem(), self.bias)
 
 
 class RieMConv(nn.Module):
@@ -94,6 +105,7 @@ class RieMConv(nn.Module):
         self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
         self.riem = RieMWeight(cw, name, recompute)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        _keep_input_scale(self, conv)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -101,6 +113,7 @@ class RieMConv(nn.Module):
 
     def forward(self, x):
         conv = F.conv1d if self.dims == 1 else F.conv2d
+        x = input_scales.scaled(x, self.input_scale, 1)
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -211,6 +224,8 @@ def materialize(model: nn.Module) -> nn.Module:
                     new.bias = nn.Parameter(mod.bias.detach().clone())
             else:
                 new = mod.to_conv(weight)
+            if getattr(mod, "input_scale", None) is not None:  # exporters trace it as a Mul before the layer
+                input_scales.attach(new, mod.input_scale)
             parent, attr = _split(mod_name)
             setattr(out.get_submodule(parent) if parent else out, attr, new)
     if isinstance(out, torch.fx.GraphModule):
