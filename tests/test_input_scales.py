@@ -159,3 +159,7 @@ def test_bad_options_are_one_line_errors():
     onnx_path = Path(rc.__file__).parent / "examples" / "digits_cnn.onnx"
     with pytest.raises(InputError, match="input_scales works on PyTorch models"):
         rc.optimize(str(onnx_path), method="rtn", input_scales=0.25, quiet=True)
+    from riem_compiler.cli.arguments import _config_from_args, build_parser
+
+    assert _config_from_args(build_parser().parse_args(["m.pt2", "--input-scales", "0.25", "--no-cache"])).input_scales == 0.25
+    assert _config_from_args(build_parser().parse_args(["m.pt2", "--no-cache"])).input_scales == 0.0

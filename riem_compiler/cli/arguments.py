@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DFQ: correct each layer's bias by its expected output shift after compression, from the "
                         "folded BatchNorm statistics (PyTorch input; on by default, --no-bias-correction turns it off; "
                         "ONNX input is not corrected)")
+    g.add_argument("--input-scales", type=_finite_float, default=_config_default("input_scales"), metavar="ALPHA",
+                   help="AWQ-style stored input-channel scales (PyTorch input): each Linear / ungrouped Conv weight "
+                        "is fitted as W diag(s), s = (channel rms / geometric mean) ** ALPHA on synthetic inputs, and "
+                        "its input multiplied by a stored float16 1/s (counted in its bytes); 0 (default): off")
     g.add_argument("--refine", action="store_true",
                    help="data-free refinement toward the original's outputs on synthetic inputs (PyTorch input)")
     g.add_argument("--refine-steps", type=int, default=200, metavar="N", help="refinement steps (default 200)")
@@ -239,7 +243,7 @@ def _config_from_args(args):
                   k_branches=args.k_branches, recompute=args.recompute, refine=args.refine,
                   refine_steps=args.refine_steps, method_options=_method_options(args),
                   fold_batchnorm=not args.no_fold_batchnorm, dead_channels=args.dead_channels,
-                  equalize=args.equalize, bias_correction=args.bias_correction,
+                  equalize=args.equalize, bias_correction=args.bias_correction, input_scales=args.input_scales,
                   onnx_format=args.onnx_format, sensitivity=args.sensitivity,
                   sensitivity_samples=args.sensitivity_samples,
                   sensitivity_inversion_steps=args.sensitivity_inversion_steps,
