@@ -88,7 +88,7 @@ PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
 AWQ_ALPHA = 0.25  # X+awq: input_scales; the exponent that did best in benchmarks/synthetic_moments.py
 FITTED = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto")  # methods with an X-bc row
 METHODS = (*FITTED, *(f"{m}-bc" for m in FITTED), "auto@onnx", "auto@tvm", "auto+riem", "auto-weight", "auto+emb",
-           "auto+pool", "auto+awq",
+           "auto+pool", "auto+awq", "auto+pool+awq",
            *PEER_METHODS, "riem+refine", "svd+refine", "auto+refine")
 
 
@@ -439,7 +439,7 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                 continue
             base_method = (method.removesuffix("+refine").removesuffix("+emb").removesuffix("-weight")
                            .removesuffix("+riem").removesuffix("-bc").removesuffix("@onnx").removesuffix("@tvm")
-                           .removesuffix("+pool").removesuffix("+awq"))
+                           .removesuffix("+awq").removesuffix("+pool"))
             plan_for = method.rpartition("@")[2] if "@" in method else None
             cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
                          time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0,
@@ -489,9 +489,9 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     before = (reuse.reused, reuse.fitted)
                     plan: dict = {}
 
-                    if method == "auto+pool" and task.name != "minilm":
+                    if "+pool" in method and task.name != "minilm":
                         continue  # a sentence encoder's pooling: MiniLM only
-                    output_fn = bm.sentence_embedding if method == "auto+pool" else None
+                    output_fn = bm.sentence_embedding if "+pool" in method else None
 
                     def run_auto(specs, c, model):  # "auto-weight": the old weight-error proxy, for comparison
                         sens = (None if method == "auto-weight" else
