@@ -163,3 +163,26 @@ def test_bad_options_are_one_line_errors():
 
     assert _config_from_args(build_parser().parse_args(["m.pt2", "--input-scales", "0.25", "--no-cache"])).input_scales == 0.25
     assert _config_from_args(build_parser().parse_args(["m.pt2", "--no-cache"])).input_scales == 0.0
+
+
+def test_each_layer_takes_the_exponent_whose_probe_has_the_lowest_output_error():
+    from riem_compiler.passes.sensitivity import probe_inputs
+
+    model = _mlp()
+    x = torch.randn(4, 64)
+    res = rc.optimize(model, (x,), method="rtn", ratio=0.2, min_weight_size=0, quiet=True, input_scales=0.5,
+                      input_sampler=_sampler)
+    entry = res.report.preprocess["input_scales"]
+    inputs, _ = probe_inputs(model, (x,), 32, 0, _sampler)
+    stats = input_scales.layer_statistics(model, ["fc1"], inputs)  # fc1 sees the inputs themselves
+    mean_squares, moment = stats["fc1"]
+    weight = model.fc1.weight.detach().numpy()
+    errors = {a: input_scales.probe_error(weight, input_scales.scales_from(mean_squares, a), moment)
+              for a in (0.0, 0.25, 0.5)}
+    assert entry["exponents"]["fc1"] == min(errors, key=errors.get)
+    assert errors[entry["exponents"]["fc1"]] < errors[0.0]  # uneven channels: a scale pays on the proxy
+    # channels of equal energy: every exponent gives s = 1 to float16, so 0 wins the tie and nothing is stored
+    even = rc.optimize(model, (x,), method="rtn", ratio=0.2, min_weight_size=0, quiet=True, input_scales=0.5,
+                       input_sampler=lambda n, gen: (torch.ones(n, 64),))
+    assert even.report.preprocess["input_scales"]["exponents"]["fc1"] == 0.0
+    assert "fc1" not in even.report.preprocess["input_scales"]["layers"] and even.model.fc1.input_scale is None

@@ -1,10 +1,13 @@
 """Stored input-channel scales (`Config.input_scales`, AWQ-style: Lin et al. 2023), data-free.
 
 A layer y = W x is rewritten as y = (W diag(s)) (x / s): the same function, but the weight that is
-compressed has column c scaled by s_c = (rms_c / geometric mean of rms) ** alpha, where rms_c is the
+compressed has column c scaled by s_c = (rms_c / geometric mean of rms) ** a, where rms_c is the
 root mean square of input channel c on synthetic inputs (made as auto's sensitivity makes them:
 BatchNorm inversion, Gaussian or sampler inputs). Input channels that carry more signal get larger
 columns, so a quantiser's error on them shrinks relative to what they contribute to the output.
+As AWQ searches its exponent per layer on real activations, a is chosen per layer among 0,
+alpha / 2 and alpha (Config.input_scales = alpha) by a probe quantiser's output error on the layer's
+synthetic input second moments; a = 0 leaves the layer as it is, without a scale.
 
 1/s is stored per input channel as float16 (2 bytes a channel, counted in the layer's stored bytes)
 and multiplies the layer's input at run time: `RieMLinear` / `RieMConv` do it in their forward, and
@@ -35,6 +38,9 @@ log = logging.getLogger("riem_compiler.input_scales")
 SCALE = "input_scale"  # the float16 buffer (1/s per input channel) on the layer module
 # s is kept within [1/LIMIT, LIMIT]: a near-silent channel would otherwise get a column scaled to nothing
 LIMIT = 256.0
+# the quantiser that chooses each layer's exponent: min-max affine at 3 bits in groups of 64 inputs (the
+# bits auto's candidates spend near 1/8 to 1/16 of float32; fast: no solver iterations)
+PROBE_BITS, PROBE_GROUP = 3, 64
 
 
 def channel_dim(module: nn.Module) -> int:
@@ -92,10 +98,14 @@ def eligible(module) -> bool:
     return type(module) in (nn.Conv1d, nn.Conv2d) and module.groups == 1 and module.in_channels > 1
 
 
-def channel_mean_squares(model: nn.Module, names: list[str], inputs: tuple) -> dict[str, np.ndarray]:
-    """Module name -> E[x_c^2] per input channel, over the synthetic inputs, from forward hooks."""
+def layer_statistics(model: nn.Module, names: list[str], inputs: tuple) -> dict[str, tuple[np.ndarray, object]]:
+    """Module name -> (E[x_c^2] per input channel, the input second moments `SecondMoment` the
+    sensitivity uses) over the synthetic inputs, from forward hooks."""
+    from riem_compiler.passes.sensitivity import Moments, _ModuleHook
+
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    moments = {n: Moments(16384) for n in names}
 
     def hook_for(name):
         def hook(module, args, output):
@@ -107,13 +117,14 @@ def channel_mean_squares(model: nn.Module, names: list[str], inputs: tuple) -> d
 
     modules = dict(model.named_modules())
     handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
+    handles += [modules[n].register_forward_hook(_ModuleHook(moments[n])) for n in names]
     try:
         with torch.no_grad():
             model(*inputs)
     finally:
         for h in handles:
             h.remove()
-    return {n: (sums[n] / counts[n]).numpy() for n in names if n in sums}
+    return {n: ((sums[n] / counts[n]).numpy(), moments[n].result()) for n in names if n in sums}
 
 
 def scales_from(mean_squares: np.ndarray, alpha: float) -> np.ndarray:
@@ -129,23 +140,46 @@ def scales_from(mean_squares: np.ndarray, alpha: float) -> np.ndarray:
     return (1.0 / s).astype(np.float16)
 
 
+def probe_error(weight: np.ndarray, inv: np.ndarray, moment) -> float:
+    """E||(W - W_hat) x||^2 on the layer's synthetic second moments, W_hat the probe quantiser's
+    (PROBE_BITS-bit min-max affine in groups of PROBE_GROUP inputs) decode of W diag(s), times 1/s."""
+    from riem_compiler.methods.affine import fit_affine
+    from riem_compiler.passes.sensitivity import MomentError
+
+    cols = inv.astype(np.float32).reshape([1, -1] + [1] * (weight.ndim - 2))
+    scaled_weight = weight / cols
+    cw = fit_affine(scaled_weight, PROBE_BITS, PROBE_GROUP, 1, iterations=0)
+    decoded = methods.decode(cw).reshape(weight.shape) * cols
+    return MomentError(moment, False, 1)(weight - decoded)
+
+
 def scale_layers(model: nn.Module, specs, inputs: tuple, alpha: float) -> dict:
     """Attach input scales to the eligible layers of `model` (IN PLACE: the pass's own copy) and
-    scale their weights' columns to match; returns the report entry."""
+    scale their weights' columns to match; returns the report entry. Per layer the exponent is the
+    one of 0, alpha / 2 and alpha whose probe quantiser has the lowest output error on the layer's
+    synthetic second moments (`probe_error`); 0 leaves the layer without a scale."""
     layers = {s.module: s for s in specs if s.module and eligible(model.get_submodule(s.module))}
-    means = channel_mean_squares(model, list(layers), inputs)
-    done = []
+    stats = layer_statistics(model, list(layers), inputs)
+    done, exponents = [], {}
     for name, spec in layers.items():
-        if name not in means:  # not called on these inputs: nothing says what its channels carry
+        if name not in stats or stats[name][1] is None:  # not called on these inputs: nothing to go by
             continue
         module = model.get_submodule(name)
-        inv = torch.from_numpy(scales_from(means[name], alpha))
+        weight = module.weight.detach().float().numpy()
+        mean_squares, moment = stats[name]
+        tried = {a: scales_from(mean_squares, a) for a in (0.0, alpha / 2, alpha)}
+        errors = {a: probe_error(weight, inv, moment) for a, inv in tried.items()}
+        best = min(errors, key=lambda a: (errors[a], a))
+        exponents[name] = best
+        if best == 0.0:
+            continue
+        inv = torch.from_numpy(tried[best])
         with torch.no_grad():  # W diag(s) with s = 1 / (the stored float16 1/s): the function stays the same
             module.weight.div_(_column_view(inv.float(), module.weight))
         attach(module, inv)
         done.append(name)
-    log.info("input scales (alpha %g) on %d of %d layers", alpha, len(done), len(specs))
-    return {"alpha": alpha, "layers": done}
+    log.info("input scales (alpha up to %g) on %d of %d layers", alpha, len(done), len(specs))
+    return {"alpha": alpha, "layers": done, "exponents": exponents}
 
 
 def scale_nbytes(module: nn.Module) -> int:
