@@ -71,10 +71,10 @@ class Config:
     dead_channels: bool = False
     equalize: bool = False
     bias_correction: bool = True
-    # AWQ-style stored input-channel scales (riem_compiler/passes/input_scales.py; torch input): the exponent
-    # alpha of s = (channel rms / its geometric mean) ** alpha on synthetic inputs; each Linear / ungrouped
-    # Conv weight is compressed as W diag(s) and its input multiplied by a stored float16 1/s (counted in
-    # its bytes). 0: off
+    # AWQ-style stored input-channel scales (riem_compiler/passes/input_scales.py; torch input): s = (channel
+    # rms / its geometric mean) ** a on synthetic inputs, a chosen per layer among 0, alpha / 2 and alpha (this
+    # field) by a probe quantiser's output error; a scaled Linear / ungrouped Conv weight is compressed as
+    # W diag(s) and its input multiplied by a stored float16 1/s (counted in its bytes). 0: off
     input_scales: float = 0.0
     refine: bool = False  # data-free refinement toward the original's outputs (torch, needs example_inputs)
     refine_steps: int = 200

@@ -146,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "folded BatchNorm statistics (PyTorch input; on by default, --no-bias-correction turns it off; "
                         "ONNX input is not corrected)")
     g.add_argument("--input-scales", type=_finite_float, default=_config_default("input_scales"), metavar="ALPHA",
-                   help="AWQ-style stored input-channel scales (PyTorch input): each Linear / ungrouped Conv weight "
-                        "is fitted as W diag(s), s = (channel rms / geometric mean) ** ALPHA on synthetic inputs, and "
-                        "its input multiplied by a stored float16 1/s (counted in its bytes); 0 (default): off")
+                   help="AWQ-style stored input-channel scales (PyTorch input): a Linear / ungrouped Conv weight is "
+                        "fitted as W diag(s), s = (channel rms / geometric mean) ** a on synthetic inputs with a chosen "
+                        "per layer among 0, ALPHA/2 and ALPHA, and its input multiplied by a stored float16 1/s "
+                        "(counted in its bytes); 0 (default): off")
     g.add_argument("--refine", action="store_true",
                    help="data-free refinement toward the original's outputs on synthetic inputs (PyTorch input)")
     g.add_argument("--refine-steps", type=int, default=200, metavar="N", help="refinement steps (default 200)")
