@@ -186,3 +186,22 @@ def test_each_layer_takes_the_exponent_whose_probe_has_the_lowest_output_error()
                        input_sampler=lambda n, gen: (torch.ones(n, 64),))
     assert even.report.preprocess["input_scales"]["exponents"]["fc1"] == 0.0
     assert "fc1" not in even.report.preprocess["input_scales"]["layers"] and even.model.fc1.input_scale is None
+
+
+def test_auto_reuses_the_synthetic_inputs_the_scales_were_measured_on(monkeypatch):
+    """The scales' pass draws the sensitivity's samples (same count, seed, steps): auto takes them
+    instead of drawing (on a CNN: inverting BatchNorm) again; only the held-out set is drawn."""
+    from riem_compiler.passes import sensitivity
+
+    calls = []
+    real = sensitivity.probe_inputs
+
+    def counting(model, example_inputs, n, seed, *args, **kwargs):
+        calls.append((n, seed))
+        return real(model, example_inputs, n, seed, *args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "probe_inputs", counting)
+    x = torch.randn(4, 64)
+    rc.optimize(_mlp(), (x,), method="auto", ratio=0.2, min_weight_size=0, quiet=True, input_scales=0.25,
+                input_sampler=_sampler)
+    assert calls == [(32, 0), (8, 7919)]

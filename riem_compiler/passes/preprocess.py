@@ -26,6 +26,9 @@ class Prepared:
     model: nn.Module
     record: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict, repr=False)  # layer -> (mean, std) of its folded output
+    # (inputs, how they were made): the synthetic inputs the input scales were measured on, the same that
+    # auto's sensitivity draws (same samples and seed), so it takes them instead of making them again
+    synthetic: tuple | None = field(default=None, repr=False)
 
 
 def prepare_torch(model: nn.Module, example_inputs, cfg, input_sampler=None) -> Prepared:
@@ -47,14 +50,17 @@ def prepare_torch(model: nn.Module, example_inputs, cfg, input_sampler=None) -> 
         prepared.model, outcome = dfq.equalize(prepared.model, prepared.stats)
         prepared.record["equalize"] = outcome.to_dict()
     if cfg.input_scales:
-        prepared.record["input_scales"] = _scale_inputs(prepared.model, model, example_inputs, cfg, input_sampler)
+        prepared.record["input_scales"], prepared.synthetic = _scale_inputs(prepared.model, model, example_inputs, cfg,
+                                                                            input_sampler)
     return prepared
 
 
-def _scale_inputs(prepared_model: nn.Module, user_model: nn.Module, example_inputs, cfg, input_sampler) -> dict:
+def _scale_inputs(prepared_model: nn.Module, user_model: nn.Module, example_inputs, cfg, input_sampler
+                  ) -> tuple[dict, tuple]:
     """`input_scales.scale_layers` on synthetic inputs made as auto's sensitivity makes them (from the
     user's model: BatchNorm inversion, Gaussian or sampler inputs; as many samples, so a model whose
-    Linear layers see one vector per sample still gets a settled mean square per channel)."""
+    Linear layers see one vector per sample still gets a settled mean square per channel). Returns the
+    report entry and (inputs, how they were made)."""
     from riem_compiler.frontend.torch_frontend import find_torch_layers
     from riem_compiler.passes.sensitivity import probe_inputs
 
@@ -63,7 +69,7 @@ def _scale_inputs(prepared_model: nn.Module, user_model: nn.Module, example_inpu
                                 cfg.sensitivity_inversion_steps, progress=not cfg.quiet)
     record = input_scales.scale_layers(prepared_model, find_torch_layers(prepared_model, cfg).layers, inputs,
                                        cfg.input_scales)
-    return {**record, "inputs": mode, "samples": samples}
+    return {**record, "inputs": mode, "samples": samples}, (inputs, mode)
 
 
 def correct_biases(prepared: Prepared, new_model: nn.Module, specs, compressed) -> dict | None:

@@ -344,20 +344,22 @@ class TorchSensitivity(Sensitivity):
 
     def __init__(self, model: nn.Module, specs: list[LayerSpec], example_inputs=None, sampler=None,
                  settings: SensitivitySettings | None = None, input_model: nn.Module | None = None,
-                 progress: bool = False, output_fn=None):
+                 progress: bool = False, output_fn=None, inputs: tuple | None = None):
         """input_model: the model whose statistics shape the synthetic inputs when it is not `model`
         itself (the user's model, whose BatchNorms were folded away in `model`). progress: a bar
         for the BatchNorm inversion (minutes on an ImageNet CNN). output_fn(outputs, *inputs): what
         the deployment uses of the model's outputs (e.g. a text encoder's masked mean pooling); the
-        gains and plan errors compare that instead of the raw outputs (None: the raw outputs)."""
+        gains and plan errors compare that instead of the raw outputs (None: the raw outputs). inputs:
+        (samples, how they were made) already drawn as `probe_inputs` draws them for these settings (the
+        input scales' pass made them), instead of drawing them again."""
         super().__init__(specs, settings)
         self.output_fn = output_fn
         s = self.settings
         t0 = time.perf_counter()
         self.model = copy.deepcopy(model).eval()  # probes swap weights in place: never in the user's model
         source = self.model if input_model is None else input_model
-        self.inputs, self.input_mode = probe_inputs(source, example_inputs, s.samples, s.seed, sampler,
-                                                    s.inversion_steps, progress)
+        self.inputs, self.input_mode = inputs if inputs is not None else probe_inputs(
+            source, example_inputs, s.samples, s.seed, sampler, s.inversion_steps, progress)
         self.holdout, _ = probe_inputs(source, example_inputs, s.holdout, s.seed + 7919, sampler,
                                        s.inversion_steps, progress)
         self.tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
