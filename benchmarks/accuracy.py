@@ -86,9 +86,10 @@ MODELS = ("digits_cnn", "digits_resnet8", "minilm", "effnet_lite2", "mobilenet_v
 VISION = tuple(imagenet.VISION_MODELS)  # the ImageNet classifiers of the agreement task
 PEER_METHODS = tuple(f"{p}-peer" for p in peers.PEERS)
 AWQ_ALPHA = 0.25  # X+awq: input_scales; the exponent that did best in benchmarks/synthetic_moments.py
+AWQ_SUFFIXES = {"+awq": AWQ_ALPHA, "+awq50": 0.5}  # X+awq50: input_scales=0.5
 FITTED = ("svd", "rtn", "affine", "rotq", "vq", "tucker2", "riem", "auto")  # methods with an X-bc row
 METHODS = (*FITTED, *(f"{m}-bc" for m in FITTED), "auto@onnx", "auto@tvm", "auto+riem", "auto-weight", "auto+emb",
-           "auto+pool", "auto+awq", "auto+pool+awq",
+           "auto+pool", "auto+awq", "auto+pool+awq", "auto+awq50",
            *PEER_METHODS, "riem+refine", "svd+refine", "auto+refine")
 
 
@@ -440,13 +441,13 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                 continue
             base_method = (method.removesuffix("+refine").removesuffix("+emb").removesuffix("-weight")
                            .removesuffix("+riem").removesuffix("-bc").removesuffix("@onnx").removesuffix("@tvm")
-                           .removesuffix("+awq").removesuffix("+pool"))
+                           .removesuffix("+awq").removesuffix("+awq50").removesuffix("+pool"))
             plan_for = method.rpartition("@")[2] if "@" in method else None
             cfg = Config(ratio=budget, method=base_method, steps=mode.riem_steps[task.name],
                          time_budget_s=mode.riem_time_s[task.name], quiet=True, seed=0,
                          compress_embeddings=method.endswith("+emb"), auto_riem=method.endswith("+riem"),
                          bias_correction=not method.endswith("-bc"), plan_for=plan_for,
-                         input_scales=AWQ_ALPHA if method.endswith("+awq") else 0.0)
+                         input_scales=next((a for sfx, a in AWQ_SUFFIXES.items() if method.endswith(sfx)), 0.0))
             # the fits run without the bias correction, which follows them and changes no pick: X and X-bc
             # share X's fits (X-bc is X's result before the correction)
             fit_cfg = replace(cfg, bias_correction=False)
@@ -683,7 +684,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "and plan errors compare sentence embeddings instead of every token's hidden state (padding included).",
              f"- auto+awq = auto with input_scales={AWQ_ALPHA} (riem_compiler/passes/input_scales.py): each Linear "
              "/ ungrouped Conv weight fitted as W diag(s), s from its input channels' rms on the synthetic inputs, "
-             "and its input multiplied by the stored float16 1/s (counted in the stored bytes).",
+             "and its input multiplied by the stored float16 1/s (counted in the stored bytes); the exponent is "
+             "chosen per layer among 0, 0.125 and 0.25 by a probe's output error. auto+awq50: input_scales=0.5 "
+             "(exponents 0, 0.25, 0.5).",
              "- X+emb = X with compress_embeddings=True: the embedding tables join the compressible "
              "layers (and the ratio's denominator); compare its whole-model ratio with the peers'.",
              "- X+refine = X's model refined data-free (riem_compiler/passes/refine.py): synthetic "
