@@ -219,12 +219,39 @@ def equalize(model: nn.Module, stats: dict | None = None, tol: float = 1e-4) -> 
     model returned is its fx GraphModule (same parameter names) with those calls retargeted."""
     links, skipped = find_links(model)
     outcome = EqualizeOutcome(skipped=skipped)
+    model, outcome.clips = clip_relu6(model, links)
+    for sweep in range(MAX_SWEEPS):
+        worst = 0.0
+        for link in links:
+            first, second = model.get_submodule(link.first), model.get_submodule(link.second)
+            r1, r2 = out_ranges(first), in_ranges(second)
+            ok = (r1 > 0) & (r2 > 0)
+            s = torch.where(ok, torch.sqrt(r1 / torch.where(ok, r2, 1.0)), torch.ones_like(r1))
+            scale_channels(model, link, s, stats)
+            worst = max(worst, float(torch.log(s).abs().max()) if s.numel() else 0.0)
+        outcome.sweeps = sweep + 1
+        if worst < tol:
+            break
+    outcome.pairs = [(link.first, link.second) for link in links]
+    if isinstance(model, torch.fx.GraphModule):
+        model.graph.lint()
+        model.recompile()
+    log.info("equalised %d layer pairs in %d sweeps", len(links), outcome.sweeps)
+    return model, outcome
+
+
+def clip_relu6(model: nn.Module, links: list[Link]) -> tuple[nn.Module, list[dict]]:
+    """Make the ReLU6 of each link a ChannelClip (upper 6 per channel), so that its first layer's
+    output channels can be scaled; returns the model (its fx GraphModule, same parameter names, when
+    a shared or functional ReLU6 needs a clip per call) and the clips made (the report's record,
+    `apply_clip_structure` replays it). The links are updated to act "clip". IN PLACE."""
     relu6 = [link for link in links if link.act == "relu6"]
     calls = module_calls(trace(model)) if relu6 else {}
     per_call = [link for link in relu6 if not link.act_module or calls.get(link.act_module, 0) > 1]
     if per_call and not isinstance(model, torch.fx.GraphModule):
         model = trace(model)
     nodes = {n.name: n for n in model.graph.nodes} if isinstance(model, torch.fx.GraphModule) else {}
+    clips = []
     for link in relu6:
         first = model.get_submodule(link.first)
         clip = ChannelClip(_out_channels(first), -1 if isinstance(first, nn.Linear) else 1)
@@ -236,33 +263,26 @@ def equalize(model: nn.Module, stats: dict | None = None, tol: float = 1e-4) -> 
             _to_module_call(nodes[link.act_node], entry["module"])
         else:
             set_submodule(model, link.act_module, clip)
-        outcome.clips.append(entry)
+        clips.append(entry)
         link.act, link.act_module = "clip", entry["module"]
-    for sweep in range(MAX_SWEEPS):
-        worst = 0.0
-        for link in links:
-            first, second = model.get_submodule(link.first), model.get_submodule(link.second)
-            r1, r2 = out_ranges(first), in_ranges(second)
-            ok = (r1 > 0) & (r2 > 0)
-            s = torch.where(ok, torch.sqrt(r1 / torch.where(ok, r2, 1.0)), torch.ones_like(r1))
-            _scale_out(first, s)
-            _scale_in(second, s)
-            if link.act == "clip":
-                clip = model.get_submodule(link.act_module)
-                clip.upper.copy_((clip.upper.double() / s).to(clip.upper.dtype))
-            if stats is not None and link.first in stats:
-                mean, std = stats[link.first]
-                stats[link.first] = (mean / s.numpy(), std / s.numpy())
-            worst = max(worst, float(torch.log(s).abs().max()) if s.numel() else 0.0)
-        outcome.sweeps = sweep + 1
-        if worst < tol:
-            break
-    outcome.pairs = [(link.first, link.second) for link in links]
     if isinstance(model, torch.fx.GraphModule):
         model.graph.lint()
         model.recompile()
-    log.info("equalised %d layer pairs in %d sweeps", len(links), outcome.sweeps)
-    return model, outcome
+    return model, clips
+
+
+def scale_channels(model: nn.Module, link: Link, s: torch.Tensor, stats: dict | None = None) -> None:
+    """Divide the first layer's output channels of `link` by s (rows, bias, its ChannelClip's upper
+    bound and its folded statistics) and multiply the second layer's input channels by s: the same
+    function, for s > 0 (ReLU, max pool and per-channel clips commute with it). IN PLACE."""
+    _scale_out(model.get_submodule(link.first), s)
+    _scale_in(model.get_submodule(link.second), s)
+    if link.act == "clip":
+        clip = model.get_submodule(link.act_module)
+        clip.upper.copy_((clip.upper.double() / s).to(clip.upper.dtype))
+    if stats is not None and link.first in stats:
+        mean, std = stats[link.first]
+        stats[link.first] = (mean / s.numpy(), std / s.numpy())
 
 
 def _to_module_call(node, target: str) -> None:
