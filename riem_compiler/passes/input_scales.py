@@ -12,8 +12,11 @@ synthetic input second moments; a = 0 leaves the layer as it is, without a scale
 1/s is stored per input channel as float16 (2 bytes a channel, counted in the layer's stored bytes)
 and multiplies the layer's input at run time: `RieMLinear` / `RieMConv` do it in their forward, and
 the exported ONNX and TVM graphs hold it as a Mul before the MatMul / Conv. The scale is not folded
-into the previous op (exact only where that op's output feeds this layer alone through a positively
-homogeneous path; a post-LayerNorm encoder's normalised outputs also feed the residual).
+into the previous op. That is exact only where the op's output feeds this layer alone through a
+positively homogeneous path (conv -> ReLU6 -> conv; not a post-LayerNorm encoder, whose normalised
+outputs also feed the residual), and even there auto's per-layer proxy tr(E M E^T) would then weigh
+the previous layer's output rows by 1/s^2: folding was measured worse on MobileNetV2 at 1/8
+(benchmarks/results/imagenet.md, notes) until that proxy weighs the rows back.
 
 Eligible: nn.Linear and ungrouped nn.Conv1d / nn.Conv2d layers that the frontend found (a depthwise
 conv's rows each read one channel, so a channel scale only rescales its row). Layers the pass then
