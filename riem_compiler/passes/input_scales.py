@@ -239,6 +239,7 @@ def settle(entry: dict, new_model: nn.Module | None, specs, compressed: dict, re
             continue
         module = new_model.get_submodule(spec.module)
         inv = columns(module.input_scale, len(spec.shape))
-        rec.rel_error = relative_error(spec.weight * inv, methods.decode(compressed[rec.name]).reshape(spec.shape) * inv)
+        decoded = methods.decode(compressed[rec.name]).reshape(spec.shape)
+        rec.rel_error = relative_error(spec.weight * inv, decoded * inv)
         rec.bytes_after += scale_nbytes(module)
         rec.settings = {**rec.settings, "input_scale_bytes": scale_nbytes(module)}

@@ -1,8 +1,9 @@
 """Run the data-free preprocessing a config asks for, in order, and replay its structure at load.
 
 Before fitting: BatchNorm folding (`fold_batchnorm`), dead channels (`dead_channels`), cross-layer
-equalisation (`equalize`), stored input-channel scales (`input_scales`). After fitting: bias correction (`bias_correction`, on by default), on the
-rewritten model, for the layers whose input statistics the folding gave.
+equalisation (`equalize`), stored input-channel scales (`input_scales`). After fitting: bias
+correction (`bias_correction`, on by default), on the rewritten model, for the layers whose input
+statistics the folding gave.
 Each works on a copy of the user's model; what each did goes into the report (`Report.preprocess`),
 which `load(model=fresh)` reads back to give a fresh instance the same structure.
 """
