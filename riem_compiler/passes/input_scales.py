@@ -14,9 +14,8 @@ and multiplies the layer's input at run time: `RieMLinear` / `RieMConv` do it in
 the exported ONNX and TVM graphs hold it as a Mul before the MatMul / Conv. The scale is not folded
 into the previous op. That is exact only where the op's output feeds this layer alone through a
 positively homogeneous path (conv -> ReLU6 -> conv; not a post-LayerNorm encoder, whose normalised
-outputs also feed the residual), and even there auto's per-layer proxy tr(E M E^T) would then weigh
-the previous layer's output rows by 1/s^2: folding was measured worse on MobileNetV2 at 1/8
-(benchmarks/results/imagenet.md, notes) until that proxy weighs the rows back.
+outputs also feed the residual), and there folding was measured worse on MobileNetV2 at 1/8, with
+and without auto's proxy weighing the folded-into rows back (benchmarks/results/imagenet.md, notes).
 
 Eligible: nn.Linear and ungrouped nn.Conv1d / nn.Conv2d layers that the frontend found (a depthwise
 conv's rows each read one channel, so a channel scale only rescales its row). Layers the pass then
