@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import riem_compiler as rc
 from riem_compiler.errors import InputError
-from riem_compiler.passes import dfq
+from riem_compiler.passes import batchnorm, dfq
 from riem_compiler.passes.batchnorm import fold_batchnorm
 from riem_compiler.passes.batchnorm_onnx import fold_batchnorm_onnx
 
@@ -379,3 +379,21 @@ def test_expected_inputs_through_residual_sums_and_means():
     folded, out = fold_batchnorm(_randomise_bn(_Res(twice=True)))
     expected, why = dfq.expected_inputs(folded, out.stats)
     assert "called more than once" in why["a"] and "a" not in expected
+
+
+def test_bias_correction_still_runs_after_equalisation_turned_relu6_modules_into_clips():
+    """Equalisation makes each (unshared) nn.ReLU6 module a ChannelClip in the module tree; the bias
+    correction's graph walk must still trace the model (a ChannelClip stays a module call) and
+    correct the layers behind it."""
+    torch.manual_seed(0)
+    model = _randomise_bn(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+                                        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+                                        nn.Conv2d(16, 8, 1)))
+    x = torch.randn(2, 3, 8, 8)
+    res = rc.optimize(model, (x,), method="rtn", ratio=0.3, min_weight_size=0, quiet=True, equalize=True)
+    assert isinstance(res.prepared[2], dfq.ChannelClip) and not isinstance(res.prepared, torch.fx.GraphModule)
+    assert res.report.preprocess["bias_correction"]["corrected"] == ["3", "6"]
+    traced = batchnorm.trace(res.prepared)
+    assert any(n.op == "call_module" and n.target == "2" for n in traced.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), res.prepared(x))

@@ -44,11 +44,19 @@ class FoldOutcome:
         return {"folded": [list(p) for p in self.folded], "kept": [list(k) for k in self.kept]}
 
 
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, with the preprocessing's own modules (`fx_leaf = True`, e.g. dfq.ChannelClip) kept
+    as module calls: the graph walks know them by their module, and their forward is not traceable."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return getattr(m, "fx_leaf", False) or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """The fx graph of `model` (a GraphModule is its own); raises what fx raises."""
     if isinstance(model, torch.fx.GraphModule):
         return model
-    return torch.fx.symbolic_trace(model)
+    return torch.fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
 
 
 def module_calls(gm: torch.fx.GraphModule) -> dict[str, int]:

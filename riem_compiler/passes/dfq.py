@@ -49,6 +49,8 @@ class ChannelClip(nn.Module):
     """ReLU6 with a per-channel upper bound: clamp(x, 0, upper[c]). What nn.ReLU6 becomes when
     equalisation scales the channels around it (upper = 6 / s)."""
 
+    fx_leaf = True  # batchnorm.trace keeps it a module call (its forward reads x.dim(), which fx cannot trace)
+
     def __init__(self, channels: int, dim: int = 1, upper: float = 6.0):
         super().__init__()
         self.dim = dim
