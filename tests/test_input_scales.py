@@ -118,29 +118,81 @@ def test_artifact_onnx_and_tvm_run_the_scales(tmp_path):
     np.testing.assert_allclose(load_tvm(out)(x.numpy()), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_convs_get_scales_except_depthwise_and_bias_correction_sees_the_scaled_input():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 32, 1)).eval()
+class Branches(nn.Module):
+    """conv -> BatchNorm -> ReLU feeding two 1x1 convs: their input is shared, so their scales cannot
+    be folded into `a` and are stored."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.b, self.c = nn.Conv2d(16, 32, 1), nn.Conv2d(16, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.a(x)))
+        return torch.cat([self.b(h), self.dw(self.c(h))], 1)
+
+
+def _randomise(bn):
     with torch.no_grad():
-        for bn in (model[1], model[4]):
-            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.bias.uniform_(0.5, 1.5)
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.bias.uniform_(0.5, 1.5)
+
+
+def test_stored_conv_scales_skip_depthwise_and_bias_correction_sees_the_scaled_input():
+    torch.manual_seed(0)
+    model = Branches().eval()
+    _randomise(model.bn)
     x = torch.randn(2, 3, 8, 8)
     res = rc.optimize(model, (x,), method="rtn", ratio=0.2, min_weight_size=0, quiet=True, input_scales=0.5)
-    assert res.report.preprocess["input_scales"]["layers"] == ["0", "6"]  # the depthwise "3" is not scaled
-    assert "6" in res.report.preprocess["bias_correction"]["corrected"]
+    entry = res.report.preprocess["input_scales"]
+    assert sorted(entry["layers"]) == ["a", "b", "c"] and entry["folded"] == []  # the depthwise "dw": no scale
+    assert "b" in res.report.preprocess["bias_correction"]["corrected"]
     # the correction removes the expected shift of the scaled layer: (W_hat' - W') E[x * inv] per output
     plain = rc.optimize(model, (x,), method="rtn", ratio=0.2, min_weight_size=0, quiet=True, input_scales=0.5,
                         bias_correction=False)
     from riem_compiler.passes import dfq
 
-    expected, _ = dfq.expected_inputs(res.prepared, {**_stats(res)})
-    inv = res.model[6].input_scale.double().numpy()
-    spec = next(s for s in res.specs if s.module == "6")
-    shift = dfq.output_shift(methods.decode(res.compressed[spec.name]) - spec.weight, 1, expected["6"] * inv)
-    np.testing.assert_allclose(plain.model[6].bias.detach().double().numpy() - res.model[6].bias.detach().double().numpy(),
+    expected, _ = dfq.expected_inputs(res.prepared, _stats(res))
+    inv = res.model.b.input_scale.double().numpy()
+    spec = next(s for s in res.specs if s.module == "b")
+    shift = dfq.output_shift(methods.decode(res.compressed[spec.name]) - spec.weight, 1, expected["b"] * inv)
+    np.testing.assert_allclose(plain.model.b.bias.detach().double().numpy() - res.model.b.bias.detach().double().numpy(),
                                shift, rtol=1e-4, atol=1e-6)
+
+
+def test_a_scale_after_one_layer_and_relu6_is_folded_into_it(tmp_path):
+    """conv -> BatchNorm -> ReLU6 -> max pool -> conv: the second conv's 1/s goes into the first
+    conv's output rows and a per-channel clip (6 / s), so nothing is stored and nothing runs extra."""
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(), nn.MaxPool2d(2),
+                             nn.Conv2d(16, 32, 3, padding=1))
+
+    torch.manual_seed(0)
+    model = build().eval()
+    _randomise(model[1])
+    with torch.no_grad():  # channels of very different energy after the ReLU6: where a scale pays
+        model[1].weight.copy_(torch.logspace(-1.5, 0.5, 16))
+    x = torch.randn(2, 3, 8, 8) * 3
+    res = rc.optimize(model, (x,), method="rtn", ratio=0.3, min_weight_size=0, quiet=True, input_scales=0.5)
+    entry = res.report.preprocess["input_scales"]
+    assert entry["folded"] == [["0", "4"]] and "4" not in entry["layers"]
+    assert entry["relu6_clips"] == [{"module": "2", "channels": 16, "dim": 1}]
+    assert res.model[4].input_scale is None  # folded: no buffer, no Mul
+    assert res.report.layers[1].settings.get("input_scale_bytes") is None
+    clip = res.prepared.get_submodule("2")
+    assert not torch.allclose(clip.upper, torch.full_like(clip.upper, 6.0))  # 6 / s per channel
+    prepared_out = res.prepared(x)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared_out, model(x), rtol=1e-4, atol=1e-4)  # the float model is the same
+        ref = res.model(x)
+    res.save(tmp_path / "art")
+    loaded = rc.load(tmp_path / "art", model=build())
+    with torch.no_grad():
+        np.testing.assert_array_equal(loaded(x).numpy(), ref.numpy())
+    path = res.export_onnx(tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path))
+    np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], ref.numpy(), rtol=1e-4,
+                               atol=1e-4)
 
 
 def _stats(res):

@@ -9,13 +9,13 @@ As AWQ searches its exponent per layer on real activations, a is chosen per laye
 alpha / 2 and alpha (Config.input_scales = alpha) by a probe quantiser's output error on the layer's
 synthetic input second moments; a = 0 leaves the layer as it is, without a scale.
 
-1/s is stored per input channel as float16 (2 bytes a channel, counted in the layer's stored bytes)
-and multiplies the layer's input at run time: `RieMLinear` / `RieMConv` do it in their forward, and
-the exported ONNX and TVM graphs hold it as a Mul before the MatMul / Conv. The scale is not folded
-into the previous op. That is exact only where the op's output feeds this layer alone through a
-positively homogeneous path (conv -> ReLU6 -> conv; not a post-LayerNorm encoder, whose normalised
-outputs also feed the residual), and there folding was measured worse on MobileNetV2 at 1/8, with
-and without auto's proxy weighing the folded-into rows back (benchmarks/results/imagenet.md, notes).
+Where the layer's input is one other layer's output through ReLU / ReLU6 / max pool / pass-through
+ops that feed nothing else (a CNN's conv -> BatchNorm -> ReLU6 -> conv), 1/s is folded into that
+layer's output channels, exactly (a ReLU6 becomes a per-channel clip, as in equalisation): nothing
+is stored and nothing extra runs. Elsewhere (a post-LayerNorm encoder's normalised outputs also feed
+the residual) 1/s is stored per input channel as float16 (2 bytes a channel, counted in the layer's
+stored bytes) and multiplies the layer's input at run time: `RieMLinear` / `RieMConv` do it in their
+forward, and the exported ONNX and TVM graphs hold it as a Mul before the MatMul / Conv.
 
 Eligible: nn.Linear and ungrouped nn.Conv1d / nn.Conv2d layers that the frontend found (a depthwise
 conv's rows each read one channel, so a channel scale only rescales its row). Layers the pass then
@@ -155,33 +155,47 @@ def probe_error(weight: np.ndarray, inv: np.ndarray, moment) -> float:
     return MomentError(moment, False, 1)(weight - decoded)
 
 
-def scale_layers(model: nn.Module, specs, inputs: tuple, alpha: float) -> dict:
-    """Attach input scales to the eligible layers of `model` (IN PLACE: the pass's own copy) and
-    scale their weights' columns to match; returns the report entry. Per layer the exponent is the
-    one of 0, alpha / 2 and alpha whose probe quantiser has the lowest output error on the layer's
-    synthetic second moments (`probe_error`); 0 leaves the layer without a scale."""
+def scale_layers(model: nn.Module, specs, inputs: tuple, alpha: float, stats: dict | None = None
+                 ) -> tuple[nn.Module, dict]:
+    """Input scales for the eligible layers of `model` (IN PLACE: the pass's own copy); returns the
+    model (its fx GraphModule when a shared ReLU6 needed a clip per call, as equalisation does) and
+    the report entry. Per layer the exponent is the one of 0, alpha / 2 and alpha whose probe
+    quantiser has the lowest output error on the layer's synthetic second moments (`probe_error`);
+    0 leaves the layer as it is. Where the layer's input is the output of one other layer through
+    ReLU / ReLU6 / max pool / pass-through ops that feed nothing else, 1/s is folded into that
+    layer's output channels (exact: a ReLU6 becomes a per-channel clip) and nothing is stored;
+    elsewhere the layer keeps 1/s as a float16 buffer. stats: the folded BatchNorm statistics, scaled
+    along with the channels they describe (bias correction reads them)."""
+    from riem_compiler.passes import dfq
+
     layers = {s.module: s for s in specs if s.module and eligible(model.get_submodule(s.module))}
-    stats = layer_statistics(model, list(layers), inputs)
-    done, exponents = [], {}
-    for name, spec in layers.items():
-        if name not in stats or stats[name][1] is None:  # not called on these inputs: nothing to go by
+    measured = layer_statistics(model, list(layers), inputs)
+    chosen, exponents = {}, {}
+    for name in layers:
+        if name not in measured or measured[name][1] is None:  # not called on these inputs: nothing to go by
             continue
-        module = model.get_submodule(name)
-        weight = module.weight.detach().float().numpy()
-        mean_squares, moment = stats[name]
+        weight = model.get_submodule(name).weight.detach().float().numpy()
+        mean_squares, moment = measured[name]
         tried = {a: scales_from(mean_squares, a) for a in (0.0, alpha / 2, alpha)}
         errors = {a: probe_error(weight, inv, moment) for a, inv in tried.items()}
-        best = min(errors, key=lambda a: (errors[a], a))
-        exponents[name] = best
-        if best == 0.0:
-            continue
-        inv = torch.from_numpy(tried[best])
+        exponents[name] = min(errors, key=lambda a: (errors[a], a))
+        if exponents[name] > 0:
+            chosen[name] = torch.from_numpy(tried[exponents[name]])
+    links = [link for link in dfq.find_links(model)[0] if link.second in chosen] if chosen else []
+    model, clips = dfq.clip_relu6(model, links)
+    for link in links:  # s = 1 / (float16 1/s), as a stored scale would give
+        dfq.scale_channels(model, link, 1.0 / chosen[link.second].double(), stats)
+    folded = {link.second for link in links}
+    stored = [name for name in chosen if name not in folded]
+    for name in stored:
+        module = model.get_submodule(name)
         with torch.no_grad():  # W diag(s) with s = 1 / (the stored float16 1/s): the function stays the same
-            module.weight.div_(_column_view(inv.float(), module.weight))
-        attach(module, inv)
-        done.append(name)
-    log.info("input scales (alpha up to %g) on %d of %d layers", alpha, len(done), len(specs))
-    return {"alpha": alpha, "layers": done, "exponents": exponents}
+            module.weight.div_(_column_view(chosen[name].float(), module.weight))
+        attach(module, chosen[name])
+    log.info("input scales (alpha up to %g): %d of %d layers, %d folded into the layer before", alpha,
+             len(chosen), len(specs), len(links))
+    return model, {"alpha": alpha, "layers": stored, "folded": [[link.first, link.second] for link in links],
+                   "relu6_clips": clips, "exponents": exponents}
 
 
 def scale_nbytes(module: nn.Module) -> int:

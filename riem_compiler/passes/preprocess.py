@@ -51,26 +51,26 @@ def prepare_torch(model: nn.Module, example_inputs, cfg, input_sampler=None) -> 
         prepared.model, outcome = dfq.equalize(prepared.model, prepared.stats)
         prepared.record["equalize"] = outcome.to_dict()
     if cfg.input_scales:
-        prepared.record["input_scales"], prepared.synthetic = _scale_inputs(prepared.model, model, example_inputs, cfg,
-                                                                            input_sampler)
+        prepared.model, prepared.record["input_scales"], prepared.synthetic = _scale_inputs(
+            prepared.model, model, example_inputs, cfg, input_sampler, prepared.stats)
     return prepared
 
 
-def _scale_inputs(prepared_model: nn.Module, user_model: nn.Module, example_inputs, cfg, input_sampler
-                  ) -> tuple[dict, tuple]:
+def _scale_inputs(prepared_model: nn.Module, user_model: nn.Module, example_inputs, cfg, input_sampler, stats
+                  ) -> tuple[nn.Module, dict, tuple]:
     """`input_scales.scale_layers` on synthetic inputs made as auto's sensitivity makes them (from the
     user's model: BatchNorm inversion, Gaussian or sampler inputs; as many samples, so a model whose
     Linear layers see one vector per sample still gets a settled mean square per channel). Returns the
-    report entry and (inputs, how they were made)."""
+    model, the report entry and (inputs, how they were made)."""
     from riem_compiler.frontend.torch_frontend import find_torch_layers
     from riem_compiler.passes.sensitivity import probe_inputs
 
     samples = cfg.sensitivity_samples
     inputs, mode = probe_inputs(user_model, example_inputs, samples, cfg.seed, input_sampler,
                                 cfg.sensitivity_inversion_steps, progress=not cfg.quiet)
-    record = input_scales.scale_layers(prepared_model, find_torch_layers(prepared_model, cfg).layers, inputs,
-                                       cfg.input_scales)
-    return {**record, "inputs": mode, "samples": samples}, (inputs, mode)
+    model, record = input_scales.scale_layers(prepared_model, find_torch_layers(prepared_model, cfg).layers, inputs,
+                                              cfg.input_scales, stats)
+    return model, {**record, "inputs": mode, "samples": samples}, (inputs, mode)
 
 
 def correct_biases(prepared: Prepared, new_model: nn.Module, specs, compressed) -> dict | None:
@@ -97,5 +97,7 @@ def replay_structure(model: nn.Module, record: dict | None) -> nn.Module:
     clips = record.get("equalize", {}).get("relu6_clips", [])
     out = batchnorm.apply_fold_structure(model, folded) if folded else model
     out = dfq.apply_clip_structure(out, clips) if clips else out
-    scaled = record.get("input_scales", {}).get("layers", [])
+    scales = record.get("input_scales", {})
+    out = dfq.apply_clip_structure(out, scales["relu6_clips"]) if scales.get("relu6_clips") else out
+    scaled = scales.get("layers", [])
     return input_scales.replay(copy.deepcopy(out) if out is model else out, scaled) if scaled else out
