@@ -362,7 +362,7 @@ class Sensitivities:
     def __init__(self):
         self.made: dict = {}
 
-    def get(self, task: Task, specs, seed: int, model=None, output_fn=None, inputs=None):
+    def get(self, task: Task, specs, seed: int, model=None, output_fn=None, inputs=None, row_weights=None):
         """model: the (prepared) model the specs come from, as `optimize` measures it (None: the
         task's model); the synthetic inputs follow the task's original model either way; output_fn:
         optimize's, what the task uses of the outputs; inputs: the prepared model's synthetic inputs
@@ -376,7 +376,7 @@ class Sensitivities:
             sampler = task.refine_settings({}).input_sampler
             self.made[key] = TorchSensitivity(model, specs, task.example_inputs, sampler,
                                               sensitivity_settings(Config(seed=seed)), task.model,
-                                              output_fn=output_fn, inputs=inputs)
+                                              output_fn=output_fn, inputs=inputs, row_weights=row_weights)
         return self.made[key]
 
 
@@ -497,7 +497,8 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
 
                     def run_auto(specs, c, model):  # "auto-weight": the old weight-error proxy, for comparison
                         sens = (None if method == "auto-weight" else
-                                sensitivities.get(task, specs, c.seed, model, output_fn, task.prepared(c).synthetic))
+                                sensitivities.get(task, specs, c.seed, model, output_fn, task.prepared(c).synthetic,
+                                                  task.prepared(c).row_weights))
                         return compress_auto(specs, c, candidates=grid, sensitivity=sens, plan=plan)
 
                     res = build_result(task, fit_cfg, run_auto)

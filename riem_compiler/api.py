@@ -151,7 +151,7 @@ def _sensitivity(cfg: Config, make):
 
 
 def _torch_sensitivity(model, specs, example_inputs, input_sampler, cfg: Config, input_model=None, output_fn=None,
-                       inputs=None):
+                       inputs=None, row_weights=None):
     """`_sensitivity` of a torch model; synthetic inputs come from input_model (the user's model,
     before BatchNorm folding), or are `inputs` (made the same way by the input scales' pass);
     output_fn: see `optimize`."""
@@ -161,7 +161,7 @@ def _torch_sensitivity(model, specs, example_inputs, input_sampler, cfg: Config,
         if example_inputs is None and input_sampler is None:
             raise InputError("sensitivity='output' needs example_inputs or an input_sampler")
         return TorchSensitivity(model, specs, example_inputs, input_sampler, settings, input_model,
-                                progress=not cfg.quiet, output_fn=output_fn, inputs=inputs)
+                                progress=not cfg.quiet, output_fn=output_fn, inputs=inputs, row_weights=row_weights)
 
     return _sensitivity(cfg, make)
 
@@ -195,7 +195,7 @@ def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None, outp
                       "torch", example_inputs, model)
     plan: dict = {}
     sensitivity = _torch_sensitivity(prepared.model, det.layers, example_inputs, input_sampler, cfg, model, output_fn,
-                                     prepared.synthetic)
+                                     prepared.synthetic, prepared.row_weights)
     compressed, records = compress_specs(det.layers, input_scales.within_budget(cfg, prepared.model, det.layers),
                                          sensitivity=sensitivity, plan=plan)
     new_model = (apply_compressed(prepared.model, det.layers, compressed, det.graph_module, cfg.recompute)

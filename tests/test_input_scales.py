@@ -257,3 +257,28 @@ def test_auto_reuses_the_synthetic_inputs_the_scales_were_measured_on(monkeypatc
     rc.optimize(_mlp(), (x,), method="auto", ratio=0.2, min_weight_size=0, quiet=True, input_scales=0.25,
                 input_sampler=_sampler)
     assert calls == [(32, 0), (8, 7919)]
+
+
+def test_the_layer_folded_into_is_costed_in_the_units_the_model_sees():
+    """Folding divides the first layer's output rows by s; its candidates' proxy error counts each row
+    by s^2, so an error E / s in the folded layer costs what E costs in the original one."""
+    from riem_compiler.passes.sensitivity import MomentError, SecondMoment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=g)
+    moment = SecondMoment(matrix=(x.T @ x / 200)[None])
+    err = np.random.default_rng(0).standard_normal((6, 12)).astype(np.float32)
+    s = np.linspace(0.5, 3.0, 6)
+    folded = MomentError(moment, False, 1, rows=s ** 2)(err / s[:, None])
+    assert folded == pytest.approx(MomentError(moment, False, 1)(err), rel=1e-5)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+    with torch.no_grad():  # output channels of very different energy: the next layer's scale pays
+        model[0].weight.mul_(torch.logspace(-1.5, 0.5, 16).reshape(16, 1, 1, 1))
+        model[0].bias.zero_()
+    from riem_compiler.frontend.torch_frontend import find_torch_layers
+
+    specs = find_torch_layers(model, rc.Config(min_weight_size=0)).layers
+    inputs = (torch.randn(16, 3, 8, 8, generator=g),)
+    _, entry, rows = input_scales.scale_layers(model, specs, inputs, 1.0)
+    assert entry["folded"] == [["0", "2"]] and set(rows) == {"0.weight"}
+    assert rows["0.weight"].shape == (16,) and np.all(rows["0.weight"] > 0) and np.ptp(rows["0.weight"]) > 0

@@ -156,7 +156,7 @@ def probe_error(weight: np.ndarray, inv: np.ndarray, moment) -> float:
 
 
 def scale_layers(model: nn.Module, specs, inputs: tuple, alpha: float, stats: dict | None = None
-                 ) -> tuple[nn.Module, dict]:
+                 ) -> tuple[nn.Module, dict, dict]:
     """Input scales for the eligible layers of `model` (IN PLACE: the pass's own copy); returns the
     model (its fx GraphModule when a shared ReLU6 needed a clip per call, as equalisation does) and
     the report entry. Per layer the exponent is the one of 0, alpha / 2 and alpha whose probe
@@ -165,7 +165,9 @@ def scale_layers(model: nn.Module, specs, inputs: tuple, alpha: float, stats: di
     ReLU / ReLU6 / max pool / pass-through ops that feed nothing else, 1/s is folded into that
     layer's output channels (exact: a ReLU6 becomes a per-channel clip) and nothing is stored;
     elsewhere the layer keeps 1/s as a float16 buffer. stats: the folded BatchNorm statistics, scaled
-    along with the channels they describe (bias correction reads them)."""
+    along with the channels they describe (bias correction reads them). The third value maps the
+    weight of each layer folded into to s^2 per output row (`MomentError.rows`): auto's proxy then
+    counts that layer's errors in the units the model sees, as before the fold."""
     from riem_compiler.passes import dfq
 
     layers = {s.module: s for s in specs if s.module and eligible(model.get_submodule(s.module))}
@@ -194,8 +196,11 @@ def scale_layers(model: nn.Module, specs, inputs: tuple, alpha: float, stats: di
         attach(module, chosen[name])
     log.info("input scales (alpha up to %g): %d of %d layers, %d folded into the layer before", alpha,
              len(chosen), len(specs), len(links))
+    weight_of = {s.module: s.name for s in specs if s.module}
+    rows = {weight_of[link.first]: (1.0 / chosen[link.second].double().numpy()) ** 2
+            for link in links if link.first in weight_of}
     return model, {"alpha": alpha, "layers": stored, "folded": [[link.first, link.second] for link in links],
-                   "relu6_clips": clips, "exponents": exponents}
+                   "relu6_clips": clips, "exponents": exponents}, rows
 
 
 def scale_nbytes(module: nn.Module) -> int:

@@ -30,6 +30,9 @@ class Prepared:
     # (inputs, how they were made): the synthetic inputs the input scales were measured on, the same that
     # auto's sensitivity draws (same samples and seed), so it takes them instead of making them again
     synthetic: tuple | None = field(default=None, repr=False)
+    # weight name -> s^2 per output row of a layer an input scale was folded into (auto's proxy counts its
+    # errors in the units the model sees: sensitivity.MomentError.rows)
+    row_weights: dict = field(default_factory=dict, repr=False)
 
 
 def prepare_torch(model: nn.Module, example_inputs, cfg, input_sampler=None) -> Prepared:
@@ -51,26 +54,26 @@ def prepare_torch(model: nn.Module, example_inputs, cfg, input_sampler=None) -> 
         prepared.model, outcome = dfq.equalize(prepared.model, prepared.stats)
         prepared.record["equalize"] = outcome.to_dict()
     if cfg.input_scales:
-        prepared.model, prepared.record["input_scales"], prepared.synthetic = _scale_inputs(
+        prepared.model, prepared.record["input_scales"], prepared.synthetic, prepared.row_weights = _scale_inputs(
             prepared.model, model, example_inputs, cfg, input_sampler, prepared.stats)
     return prepared
 
 
 def _scale_inputs(prepared_model: nn.Module, user_model: nn.Module, example_inputs, cfg, input_sampler, stats
-                  ) -> tuple[nn.Module, dict, tuple]:
+                  ) -> tuple[nn.Module, dict, tuple, dict]:
     """`input_scales.scale_layers` on synthetic inputs made as auto's sensitivity makes them (from the
     user's model: BatchNorm inversion, Gaussian or sampler inputs; as many samples, so a model whose
     Linear layers see one vector per sample still gets a settled mean square per channel). Returns the
-    model, the report entry and (inputs, how they were made)."""
+    model, the report entry, (inputs, how they were made) and the proxy's row weights."""
     from riem_compiler.frontend.torch_frontend import find_torch_layers
     from riem_compiler.passes.sensitivity import probe_inputs
 
     samples = cfg.sensitivity_samples
     inputs, mode = probe_inputs(user_model, example_inputs, samples, cfg.seed, input_sampler,
                                 cfg.sensitivity_inversion_steps, progress=not cfg.quiet)
-    model, record = input_scales.scale_layers(prepared_model, find_torch_layers(prepared_model, cfg).layers, inputs,
-                                              cfg.input_scales, stats)
-    return model, {**record, "inputs": mode, "samples": samples}, (inputs, mode)
+    model, record, rows = input_scales.scale_layers(prepared_model, find_torch_layers(prepared_model, cfg).layers,
+                                                    inputs, cfg.input_scales, stats)
+    return model, {**record, "inputs": mode, "samples": samples}, (inputs, mode), rows
 
 
 def correct_biases(prepared: Prepared, new_model: nn.Module, specs, compressed) -> dict | None:

@@ -232,10 +232,17 @@ class MomentError:
     moment: SecondMoment
     embedding: bool  # moment holds row frequencies of a gathered table
     in_axis: int
+    # per output row, the factor its squared error counts with (None: 1): a layer whose output channels
+    # were divided by s (an input scale folded into it) counts them by s^2, in the units the next layer
+    # and the model's output see, so its candidates rank as before the fold
+    rows: np.ndarray | None = None
 
     def __call__(self, error: np.ndarray) -> float:
         """error: W - W_hat in the layer's weight shape."""
         err = torch.from_numpy(np.ascontiguousarray(error, dtype=np.float32))
+        if self.rows is not None and self.in_axis == 1:
+            root = torch.from_numpy(np.sqrt(self.rows).astype(np.float32))
+            err = err * root.reshape([-1] + [1] * (err.dim() - 1))
         if self.embedding:
             return float((self.moment.matrix.double() * err.double().pow(2).sum(1)).sum())
         if self.in_axis == 0:  # stored (in, out): rows of the transpose meet the inputs
@@ -265,6 +272,7 @@ class Sensitivity:
         self.moments: dict[str, SecondMoment] = {}
         self.kinds: dict[str, str] = {}
         self.probe_count = self.settings.samples  # how many samples the probes run on (subclasses may use fewer)
+        self.row_weights: dict[str, np.ndarray] = {}  # weight name -> MomentError.rows (folded input scales)
 
     def measure(self, swaps: dict[str, np.ndarray], holdout: bool = False, probe: bool = False) -> float:
         """Relative squared output error ||y - y_ref||^2 / ||y_ref||^2 with these weights swapped in, on
@@ -286,7 +294,8 @@ class Sensitivity:
         moment = self.moments.get(spec.name)
         if moment is None:
             return None
-        return MomentError(moment, self.layers[spec.name].moments == "embedding", spec.in_axis)
+        return MomentError(moment, self.layers[spec.name].moments == "embedding", spec.in_axis,
+                           self.row_weights.get(spec.name))
 
     def layer_error(self, spec: LayerSpec, cw: CompressedWeight) -> float | None:
         """E over the synthetic inputs of ||(W - W_hat) x||^2 for this layer (None without moments)."""
@@ -344,15 +353,17 @@ class TorchSensitivity(Sensitivity):
 
     def __init__(self, model: nn.Module, specs: list[LayerSpec], example_inputs=None, sampler=None,
                  settings: SensitivitySettings | None = None, input_model: nn.Module | None = None,
-                 progress: bool = False, output_fn=None, inputs: tuple | None = None):
+                 progress: bool = False, output_fn=None, inputs: tuple | None = None, row_weights=None):
         """input_model: the model whose statistics shape the synthetic inputs when it is not `model`
         itself (the user's model, whose BatchNorms were folded away in `model`). progress: a bar
         for the BatchNorm inversion (minutes on an ImageNet CNN). output_fn(outputs, *inputs): what
         the deployment uses of the model's outputs (e.g. a text encoder's masked mean pooling); the
         gains and plan errors compare that instead of the raw outputs (None: the raw outputs). inputs:
         (samples, how they were made) already drawn as `probe_inputs` draws them for these settings (the
-        input scales' pass made them), instead of drawing them again."""
+        input scales' pass made them), instead of drawing them again. row_weights: weight name -> the
+        squared factor per output row of a layer an input scale was folded into (`MomentError.rows`)."""
         super().__init__(specs, settings)
+        self.row_weights = dict(row_weights or {})
         self.output_fn = output_fn
         s = self.settings
         t0 = time.perf_counter()
