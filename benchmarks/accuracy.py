@@ -496,9 +496,10 @@ def run_task(task: Task, mode: Mode, methods: list[str]) -> list[dict]:
                     output_fn = bm.sentence_embedding if "+pool" in method else None
 
                     def run_auto(specs, c, model):  # "auto-weight": the old weight-error proxy, for comparison
+                        prepared = task.prepared(c)
                         sens = (None if method == "auto-weight" else
-                                sensitivities.get(task, specs, c.seed, model, output_fn, task.prepared(c).synthetic,
-                                                  task.prepared(c).row_weights))
+                                sensitivities.get(task, specs, c.seed, model, output_fn, prepared.synthetic,
+                                                  prepared.row_weights))
                         return compress_auto(specs, c, candidates=grid, sensitivity=sens, plan=plan)
 
                     res = build_result(task, fit_cfg, run_auto)

@@ -79,19 +79,19 @@ def detach(module: nn.Module) -> torch.Tensor:
             del module._forward_pre_hooks[key]
     delattr(module, SCALE)
     with torch.no_grad():
-        module.weight.mul_(_column_view(scale.float(), module.weight))
+        module.weight.mul_(_column_view(scale.float(), module.weight.dim()))
     return scale
 
 
-def _column_view(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-input-channel values shaped to broadcast over a (out, in, *k) weight."""
-    return values.reshape([1, -1] + [1] * (weight.dim() - 2))
+def _column_view(values, ndim: int):
+    """Per-input-channel values (torch or numpy) shaped to broadcast over an (out, in, *k) weight."""
+    return values.reshape([1, -1] + [1] * (ndim - 2))
 
 
 def columns(scale: torch.Tensor, ndim: int) -> np.ndarray:
     """The stored 1/s as float32 numpy, shaped to multiply a (out, in, *k) weight's columns: the
     fitted weight W diag(s) times it is the original W (to float rounding)."""
-    return scale.detach().float().numpy().reshape([1, -1] + [1] * (ndim - 2))
+    return _column_view(scale.detach().float().numpy(), ndim)
 
 
 def eligible(module) -> bool:
@@ -148,7 +148,7 @@ def probe_error(weight: np.ndarray, inv: np.ndarray, moment) -> float:
     from riem_compiler.methods.affine import fit_affine
     from riem_compiler.passes.sensitivity import MomentError
 
-    cols = inv.astype(np.float32).reshape([1, -1] + [1] * (weight.ndim - 2))
+    cols = _column_view(inv.astype(np.float32), weight.ndim)
     scaled_weight = weight / cols
     cw = fit_affine(scaled_weight, PROBE_BITS, PROBE_GROUP, 1, iterations=0)
     decoded = methods.decode(cw).reshape(weight.shape) * cols
@@ -192,7 +192,7 @@ def scale_layers(model: nn.Module, specs, inputs: tuple, alpha: float, stats: di
     for name in stored:
         module = model.get_submodule(name)
         with torch.no_grad():  # W diag(s) with s = 1 / (the stored float16 1/s): the function stays the same
-            module.weight.div_(_column_view(chosen[name].float(), module.weight))
+            module.weight.div_(_column_view(chosen[name].float(), module.weight.dim()))
         attach(module, chosen[name])
     log.info("input scales (alpha up to %g): %d of %d layers, %d folded into the layer before", alpha,
              len(chosen), len(specs), len(links))
