@@ -109,6 +109,32 @@ def test_conv_moments_are_exact_depthwise_and_padded():
     assert sens.layer_error(spec, cw) == pytest.approx(direct, rel=1e-5)
 
 
+@pytest.mark.parametrize("shape, kernel, stride, dilation, pad, groups", [
+    ((5, 6, 17, 13), (3, 3), (1, 1), (1, 1), [1, 1, 1, 1], 1),
+    ((7, 8, 11, 9), (3, 2), (2, 1), (1, 2), [0, 1, 2, 0], 2),
+    ((4, 6, 30), (3,), (2,), (1,), [1, 1], 3),
+])
+def test_strided_conv_patches_unfold_a_few_samples_at_a_time_and_keep_the_same_rows(
+        monkeypatch, shape, kernel, stride, dilation, pad, groups):
+    """The kept patches are exactly every step-th of all of them, however many samples are
+    unfolded at once; and Moments.add_conv (which sums the pieces as they come) matches add() of
+    all the patches."""
+    from riem_compiler.passes import sensitivity as se
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    full = se.conv_patches(x, kernel, stride, dilation, pad, groups)
+    assert full.shape[1] == se.patch_count(x.shape, kernel, stride, dilation, pad)
+    for chunk_bytes in (1, 700, 1 << 30):  # one sample at a time, a few, all
+        monkeypatch.setattr(se, "PATCH_CHUNK_BYTES", chunk_bytes)
+        for step in (1, 2, 3, 7, 50):
+            assert torch.equal(se.conv_patches(x, kernel, stride, dilation, pad, groups, step=step), full[:, ::step])
+        whole, strided = se.Moments(max_vectors=40), se.Moments(max_vectors=40)
+        whole.add(full)
+        strided.add_conv(x, kernel, stride, dilation, pad, groups)
+        assert strided.count == whole.count
+        torch.testing.assert_close(strided.result().dense(), whole.result().dense(), rtol=1e-6, atol=1e-7)
+
+
 def test_embedding_moments_weight_rows_by_frequency():
     emb = nn.Embedding(50, 8)
     model = nn.Sequential(emb).eval()

@@ -33,6 +33,9 @@ class RefineSettings:
     inversion_steps: int = 200
     inversion_lr: float = 0.05
     inversion_batch: int = 64  # BatchNorm statistics are matched per batch of this size
+    # activations one backward pass of the inversion may hold; a batch that needs more runs in
+    # exact micro-batches (synthetic_inputs.bn_inversion)
+    inversion_memory_mb: int = 512
     inversion_tv: float = 1e-4
     inversion_l2: float = 1e-5
     inversion_ce: float = 0.1  # pseudo-label term when the output is (N, classes) logits; 0 disables
@@ -49,7 +52,7 @@ class RefineSettings:
             raise InputError(f"RefineSettings.inputs must be one of {INPUT_MODES}; got {self.inputs!r}")
         if self.inputs == "sampler" and self.input_sampler is None:
             raise InputError("RefineSettings.inputs='sampler' needs input_sampler=(n, generator) -> inputs")
-        for name in ("steps", "batch_size", "num_samples", "holdout", "inversion_batch"):
+        for name in ("steps", "batch_size", "num_samples", "holdout", "inversion_batch", "inversion_memory_mb"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"RefineSettings.{name} must be a positive integer; got {value!r}")

@@ -81,18 +81,59 @@ def _channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (r * r).sum(2).sum(0) / count - mean * mean
 
 
+def _activation_bytes_per_sample(model: nn.Module, xs: list[torch.Tensor]) -> int:
+    """float32 bytes of every leaf module's output for one sample: about what one sample's
+    backward pass through the model keeps alive."""
+    total = 0
+
+    def hook(_mod, _inputs, out):
+        nonlocal total
+        total += sum(t.numel() for t in flat_outputs(out) if isinstance(t, torch.Tensor))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(*[x[:1] for x in xs])
+    finally:
+        for h in handles:
+            h.remove()
+    return 4 * total
+
+
+def micro_batch(model: nn.Module, xs: list[torch.Tensor], s: RefineSettings) -> int:
+    """Samples per backward pass of the inversion: as many as keep about s.inversion_memory_mb of
+    activations (a function of the model and the input shape only, so the same on every machine)."""
+    per_sample = _activation_bytes_per_sample(model, xs)
+    return max(1, (s.inversion_memory_mb << 20) // max(per_sample, 1))
+
+
+def _side_terms(xs: list[torch.Tensor], out: list, s: RefineSettings, targets, share: float) -> torch.Tensor:
+    """The total-variation and L2 priors and the pseudo-label cross-entropy of a batch's `share`
+    of the samples (means over the whole batch = share x the slice's means)."""
+    loss = xs[0].new_zeros(())
+    for x in xs:
+        loss = loss + share * (s.inversion_tv * _total_variation(x) + s.inversion_l2 * x.pow(2).mean())
+    if targets is not None:
+        loss = loss + share * s.inversion_ce * F.cross_entropy(out[0], targets)
+    return loss
+
+
+def _wants_targets(out: list, s: RefineSettings) -> bool:
+    return s.inversion_ce > 0 and bool(out) and out[0].dim() == 2 and out[0].shape[1] > 1
+
+
 def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator, s: RefineSettings,
                  progress: bool = False) -> tuple:
     """DeepInversion-style inputs: noise optimised so each BatchNorm sees its running mean/var
-    (progress: a bar over the optimisation steps, which take minutes on an ImageNet CNN)."""
+    (progress: a bar over the optimisation steps, which take minutes on an ImageNet CNN).
+
+    The statistics are matched over batches of s.inversion_batch samples. A batch whose backward
+    pass would hold more than s.inversion_memory_mb of activations (32 images through an ImageNet
+    CNN: 5 GB) runs in micro-batches, with the exact gradient: a forward pass without autograd
+    sums every BatchNorm input's per-channel x and x^2 over the whole batch; the loss's gradient
+    with respect to those sums then weights each micro-batch's own sums in its backward pass."""
     bns = _batchnorms(model)
-    stats: list[torch.Tensor] = []
-
-    def hook(mod, inputs, _out):
-        mean, var = _channel_mean_var(inputs[0])
-        stats.append(torch.linalg.vector_norm(mean - mod.running_mean) + torch.linalg.vector_norm(var - mod.running_var))
-
-    handles = [bn.register_forward_hook(hook) for bn in bns]
     was_training = model.training
     model.eval()
     req = [p.requires_grad for p in model.parameters()]
@@ -102,35 +143,110 @@ def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator,
     bar = tqdm(total=-(-n // s.inversion_batch) * s.inversion_steps, unit="step",
                desc=f"synthetic inputs: BatchNorm inversion of {n}", disable=not progress, leave=False)
     try:
+        micro = None
         for start in range(0, n, s.inversion_batch):
             m = min(s.inversion_batch, n - start)
             xs = [t.clone().requires_grad_() for t in _gaussian(example_inputs, m, gen, s)]
+            if micro is None:
+                micro = micro_batch(model, xs, s)
             opt = torch.optim.Adam(xs, lr=s.inversion_lr)
-            targets = None
-            for step in range(s.inversion_steps):
-                stats.clear()
-                out = flat_outputs(model(*xs))
-                loss = torch.stack(stats).sum() if stats else xs[0].new_zeros(())
-                for x in xs:
-                    loss = loss + s.inversion_tv * _total_variation(x) + s.inversion_l2 * x.pow(2).mean()
-                if s.inversion_ce > 0 and out and out[0].dim() == 2 and out[0].shape[1] > 1:
-                    if targets is None:
-                        targets = (torch.arange(m) + start) % out[0].shape[1]
-                    loss = loss + s.inversion_ce * F.cross_entropy(out[0], targets)
+            step_fn = _whole_batch_step if micro >= m else _micro_batch_step
+            for _ in range(s.inversion_steps):
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = step_fn(model, bns, xs, start, s, micro)
                 opt.step()
                 bar.update()
-            log.debug("bn inversion chunk %d: final loss %.4g", start // s.inversion_batch, loss.item())
+            log.debug("bn inversion chunk %d: final loss %.4g (micro-batches of %d)", start // s.inversion_batch,
+                      loss, min(micro, m))
             chunks.append([x.detach() for x in xs])
     finally:
         bar.close()
-        for h in handles:
-            h.remove()
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
         model.train(was_training)
     return tuple(torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
+
+
+def _targets(out: list, s: RefineSettings, start: int, lo: int, hi: int):
+    """Pseudo-labels of samples lo..hi of the batch that starts at sample `start` (None: no term)."""
+    return (torch.arange(lo, hi) + start) % out[0].shape[1] if _wants_targets(out, s) else None
+
+
+def _whole_batch_step(model, bns, xs, start: int, s: RefineSettings, _micro: int) -> float:
+    """One forward and backward pass of the whole batch (its gradients land in xs)."""
+    stats: list[torch.Tensor] = []
+
+    def hook(mod, inputs, _out):
+        mean, var = _channel_mean_var(inputs[0])
+        stats.append(torch.linalg.vector_norm(mean - mod.running_mean) + torch.linalg.vector_norm(var - mod.running_var))
+
+    handles = [bn.register_forward_hook(hook) for bn in bns]
+    try:
+        out = flat_outputs(model(*xs))
+    finally:
+        for h in handles:
+            h.remove()
+    loss = torch.stack(stats).sum() if stats else xs[0].new_zeros(())
+    loss = loss + _side_terms(xs, out, s, _targets(out, s, start, 0, len(xs[0])), 1.0)
+    loss.backward()
+    return float(loss.detach())
+
+
+def _channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel sums of x and x^2 of a (N, C, ...) activation, and how many values each holds."""
+    r = x.reshape(x.shape[0], x.shape[1], -1)
+    return r.sum(2).sum(0), (r * r).sum(2).sum(0), r.shape[0] * r.shape[2]
+
+
+def _micro_batch_step(model, bns, xs, start: int, s: RefineSettings, micro: int) -> float:
+    """The whole batch's gradient, micro-batch by micro-batch (see bn_inversion)."""
+    m = len(xs[0])
+    sums: dict[int, list] = {}
+
+    def add_sums(mod, inputs, _out):
+        s1, s2, count = _channel_sums(inputs[0])
+        held = sums.setdefault(id(mod), [0, 0, 0])
+        held[0], held[1], held[2] = held[0] + s1, held[1] + s2, held[2] + count
+
+    handles = [bn.register_forward_hook(add_sums) for bn in bns]
+    try:
+        with torch.no_grad():
+            for lo in range(0, m, micro):
+                model(*[x[lo:lo + micro] for x in xs])
+    finally:
+        for h in handles:
+            h.remove()
+    grads, loss = {}, 0.0
+    for bn in bns:
+        if id(bn) not in sums:
+            continue
+        s1, s2, count = sums[id(bn)]
+        s1, s2 = s1.clone().requires_grad_(), s2.clone().requires_grad_()
+        mean = s1 / count
+        term = (torch.linalg.vector_norm(mean - bn.running_mean)
+                + torch.linalg.vector_norm(s2 / count - mean * mean - bn.running_var))
+        grads[id(bn)] = torch.autograd.grad(term, (s1, s2))
+        loss += float(term.detach())
+
+    def weigh(mod, inputs, _out):
+        s1, s2, _ = _channel_sums(inputs[0])
+        g1, g2 = grads[id(mod)]
+        parts.append((g1 * s1).sum() + (g2 * s2).sum())
+
+    handles = [bn.register_forward_hook(weigh) for bn in bns if id(bn) in grads]
+    try:
+        for lo in range(0, m, micro):
+            hi = min(m, lo + micro)
+            parts: list[torch.Tensor] = []
+            sl = [x[lo:hi] for x in xs]
+            out = flat_outputs(model(*sl))
+            side = _side_terms(sl, out, s, _targets(out, s, start, lo, hi), (hi - lo) / m)
+            (torch.stack(parts).sum() + side if parts else side).backward()
+            loss += float(side.detach())
+    finally:
+        for h in handles:
+            h.remove()
+    return loss
 
 
 def synthetic_inputs(original: nn.Module, example_inputs, n: int, settings: RefineSettings,
