@@ -268,3 +268,16 @@ def test_every_python_setting_has_a_flag(tmp_path, capsys):
     assert code == cli.EXIT_INPUT and "factor_bits must be one of" in capsys.readouterr().err
     code = cli.main([str(src), "-o", str(tmp_path / "out"), "--refine", "--no-cache"])
     assert code == cli.EXIT_INPUT and "--refine needs a PyTorch model" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_configs_defaults():
+    """No flag given, the CLI builds exactly Config() (the cache aside, which the CLI turns on):
+    a default changed in Config reaches the command line, and no flag keeps an old one."""
+    import dataclasses
+
+    from riem_compiler.cli.arguments import _config_from_args, build_parser
+    from riem_compiler.config import Config
+
+    built = _config_from_args(build_parser().parse_args(["model.onnx", "--no-cache"]))
+    for f in dataclasses.fields(Config):
+        assert getattr(built, f.name) == getattr(Config(), f.name), f.name

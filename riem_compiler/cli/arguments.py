@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --allow-pickle) for --model-ref")
     p.add_argument("-o", "--output", metavar="OUT", help="output directory (created; files in it are replaced)")
     p.add_argument("--target", choices=TARGETS, default="onnx", help="artifact to write (default: onnx)")
-    p.add_argument("--onnx-format", choices=ONNX_FORMATS, default="auto",
+    p.add_argument("--onnx-format", choices=ONNX_FORMATS, default=_config_default("onnx_format"),
                    help="ONNX form of compressed weights. auto (default): per layer the best native form that "
                         "maps (onnxruntime MatMulNBits for RTN/affine MatMul/Gemm weights, GatherBlockQuantized "
                         "for RTN tables, blocked DequantizeLinear for RTN Conv weights), else decoder functions "
@@ -75,14 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     g = p.add_argument_group("compression")
-    g.add_argument("--ratio", type=_finite_float, default=0.25,
-                   help="stored bytes per layer as a fraction of fp32 bytes; for auto the global budget (default 0.25)")
-    g.add_argument("--method", choices=METHODS, default="riem", help="compression method (default: riem)")
-    g.add_argument("--state-bits", type=_state_bits, default=8,
-                   help="RieM state bit width, or auto (riem: 8/6/4 chosen per layer by pilot fits; default 8)")
-    g.add_argument("--metric-dtype", default="float16", help="RieM metric network dtype: float16|float32")
-    g.add_argument("--metric-units", type=int, default=16, metavar="M", help="RieM metric width m (default 16)")
-    g.add_argument("--steps", type=int, default=1000, help="RieM fitting steps per layer (default 1000)")
+    g.add_argument("--ratio", type=_finite_float, default=_config_default("ratio"),
+                   help="stored bytes per layer as a fraction of fp32 bytes; for auto the global budget "
+                        "(default %(default)s)")
+    g.add_argument("--method", choices=METHODS, default=_config_default("method"),
+                   help="compression method (default: %(default)s)")
+    g.add_argument("--state-bits", type=_state_bits, default=_config_default("state_bits"),
+                   help="RieM state bit width, or auto (riem: 8/6/4 chosen per layer by pilot fits; default %(default)s)")
+    g.add_argument("--metric-dtype", default=_config_default("metric_dtype"),
+                   help="RieM metric network dtype: float16|float32 (default %(default)s)")
+    g.add_argument("--metric-units", type=int, default=_config_default("m"), metavar="M",
+                   help="RieM metric width m (default %(default)s)")
+    g.add_argument("--steps", type=int, default=_config_default("steps"),
+                   help="RieM fitting steps per layer (default %(default)s)")
     g.add_argument("--time-budget", type=_finite_float, default=None, metavar="S",
                    help="optional wall-clock cap on each RieM fit, in seconds (default: none, --steps alone decide; "
                         "a fit the cap stops is worse, depends on machine load, and is flagged in the report)")
@@ -99,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "their run-time weight bytes. onnx: MatMulNBits / GatherBlockQuantized / DequantizeLinear "
                         "forms of the default --onnx-format (RTN, affine); tvm: methods with a fused dequantise-"
                         "matmul kernel (--tvm-mode fused keeps them compact); any (default): every candidate")
-    g.add_argument("--error-ceiling", type=_finite_float, default=1.0,
-                   help="keep a layer dense when its relative weight error is above this (default 1.0)")
-    g.add_argument("--sensitivity", choices=("output", "weight"), default="output",
+    g.add_argument("--error-ceiling", type=_finite_float, default=_config_default("error_ceiling"),
+                   help="keep a layer dense when its relative weight error is above this (default %(default)s)")
+    g.add_argument("--sensitivity", choices=("output", "weight"), default=_config_default("sensitivity"),
                    help="auto: what a candidate costs: its predicted share of the model's output error, measured "
                         "on synthetic inputs (output, default), or its size-weighted weight error (weight)")
     g.add_argument("--sensitivity-samples", type=int, default=_config_default("sensitivity_samples"), metavar="N",
@@ -114,21 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave layers whose name matches this glob dense (repeat the flag for more)")
     g.add_argument("--ignore-type", action="append", default=[], metavar="KIND",
                    help="leave layers of this kind dense: linear, matmul, conv1d, conv2d, embedding (repeatable)")
-    g.add_argument("--min-weight-size", type=int, default=1024, metavar="N",
-                   help="leave weights with fewer elements dense (default 1024)")
+    g.add_argument("--min-weight-size", type=int, default=_config_default("min_weight_size"), metavar="N",
+                   help="leave weights with fewer elements dense (default %(default)s)")
     g.add_argument("--keep-first-last", action="store_true", help="leave the first and last layer dense")
     g.add_argument("--compress-embeddings", action="store_true",
                    help="also compress embedding tables (nn.Embedding, ONNX Gather of a constant table); "
                         "by default they stay dense and the report lists them as skipped")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    g.add_argument("--device", default="cpu", help="fitting device: cpu or cuda (default cpu)")
-    g.add_argument("--executor", choices=("local", "ray"), default="local",
+    g.add_argument("--seed", type=int, default=_config_default("seed"), help="random seed (default %(default)s)")
+    g.add_argument("--device", default=_config_default("device"), help="fitting device: cpu or cuda (default %(default)s)")
+    g.add_argument("--executor", choices=("local", "ray"), default=_config_default("executor"),
                    help="run layer fits in-process (local) or as Ray tasks (needs riem-compiler[ray])")
     g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
 
-    g.add_argument("--lr", type=_finite_float, default=3e-2, help="RieM fitting learning rate (default 0.03)")
-    g.add_argument("--k-branches", type=int, default=6, metavar="K",
-                   help="RieM metric branches K (default 6; ONNX export needs 6)")
+    g.add_argument("--lr", type=_finite_float, default=_config_default("lr"),
+                   help="RieM fitting learning rate (default %(default)s)")
+    g.add_argument("--k-branches", type=int, default=_config_default("k_branches"), metavar="K",
+                   help="RieM metric branches K (default %(default)s; ONNX export needs 6)")
     g.add_argument("--recompute", action="store_true",
                    help="torch/TVM models decode the weight on every call instead of once (saves memory)")
     g.add_argument("--no-fold-batchnorm", action="store_true",
@@ -152,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(counted in its bytes); 0 (default): off")
     g.add_argument("--refine", action="store_true",
                    help="data-free refinement toward the original's outputs on synthetic inputs (PyTorch input)")
-    g.add_argument("--refine-steps", type=int, default=200, metavar="N", help="refinement steps (default 200)")
+    g.add_argument("--refine-steps", type=int, default=_config_default("refine_steps"), metavar="N",
+                   help="refinement steps (default %(default)s)")
     _add_method_flags(p)
 
     t = p.add_argument_group("PyTorch input")
