@@ -25,7 +25,7 @@ outputs (real tokens only) and the mean cosine of the mean-pooled sentence embed
 as for the MLP, and the manifest's resident weight bytes against the dense bytes of the compressed
 layers. A build or run that fails is recorded in its row (one line) instead of stopping the run.
 
-    python benchmarks/tvm_lowbit.py                  # everything
+    python benchmarks/tvm_lowbit.py --runs 20        # everything (about 30 minutes on 2 shared cores)
     python benchmarks/tvm_lowbit.py --models mlp --settings rtn4-g128 --batches 1
     python benchmarks/tvm_lowbit.py --models minilm --ratios 1/16 --batches 1 --runs 3 --out /tmp/x
 
