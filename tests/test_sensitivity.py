@@ -460,3 +460,25 @@ def test_output_fn_makes_the_sensitivity_compare_what_the_deployment_uses():
     onnx_path = Path(rc.__file__).parent / "examples" / "digits_cnn.onnx"
     with pytest.raises(InputError, match="output_fn works on PyTorch models"):
         rc.optimize(str(onnx_path), output_fn=used, method="rtn", quiet=True)
+
+
+def test_probes_run_in_chunks_with_the_same_errors_and_moments(monkeypatch):
+    """Forward calls of a few samples (so that no module output passes FORWARD_CHUNK_BYTES) give
+    the probes the errors of one call over all samples, and leave the moments as they were."""
+    from riem_compiler.passes import sensitivity as se
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10)).eval()
+    specs, x = _specs(model), (torch.randn(1, 3, 8, 8),)
+    settings = SensitivitySettings(samples=12, holdout=4, probe_samples=6)
+    whole = TorchSensitivity(model, specs, x, settings=settings)
+    assert whole.chunk == 12
+    monkeypatch.setattr(se, "FORWARD_CHUNK_BYTES", 8 * 8 * 8 * 4)  # one sample's largest output
+    parts = TorchSensitivity(model, specs, x, settings=settings)
+    assert parts.chunk == 1 and len(parts.probe_reference) == 6 and len(parts.reference_holdout) == 4
+    for spec in specs:
+        torch.testing.assert_close(parts.moments[spec.name].dense(), whole.moments[spec.name].dense())
+        noisy = {spec.name: spec.weight + 0.05 * np.random.default_rng(1).standard_normal(spec.shape)}
+        for kw in ({}, {"probe": True}, {"holdout": True}):
+            assert parts.measure(noisy, **kw) == pytest.approx(whole.measure(noisy, **kw), rel=1e-5)
