@@ -198,7 +198,7 @@ def test_inversion_micro_batches_follow_the_memory_setting_and_give_the_same_inp
 
     net, x = _bn_cnn(), (torch.randn(1, 3, 12, 12),)
     per_sample = 4 * (8 * 144 * 3 + 8 * 25 * 3 + 200 + 10)  # every leaf module's output for one sample
-    assert si._activation_bytes_per_sample(net, [x[0]]) == per_sample
+    assert sum(si.leaf_output_bytes(net, [x[0]])) == per_sample
     assert si.micro_batch(net, [x[0]], RefineSettings(inversion_memory_mb=0)) == 1
     assert si.micro_batch(net, [x[0]], RefineSettings(inversion_memory_mb=1)) == (1 << 20) // per_sample
     made = {}

@@ -130,7 +130,7 @@ def _first_samples(inputs: tuple, samples: int, count: int | None) -> tuple | No
     not fewer, or an input whose first axis is not the samples' and so cannot be cut)."""
     if count is None or count >= samples:
         return None
-    if not all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == samples for t in inputs):
+    if _samples(inputs) != samples:
         log.debug("sensitivity: inputs are not all (samples, ...) tensors; probes run on all %d samples", samples)
         return None
     return tuple(t[:count] for t in inputs)
@@ -509,24 +509,12 @@ def forward_chunk(model: nn.Module, inputs: tuple) -> int:
     FORWARD_CHUNK_BYTES. A larger tensor is mapped and unmapped by the allocator on every call
     (glibc maps blocks above 32 MB afresh each time): 16 images through EfficientNet-Lite2 took
     0.8-1.1 s per forward that way, 0.41 s four at a time, 0.34 s two at a time."""
+    from riem_compiler.passes.synthetic_inputs import leaf_output_bytes
+
     n = _samples(inputs)
     if n is None:
         return 1
-    largest = 0
-
-    def hook(_mod, _inputs, out):
-        nonlocal largest
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                largest = max(largest, t.numel() * t.element_size())
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(*(t[:1] for t in inputs))
-    finally:
-        for h in handles:
-            h.remove()
+    largest = max(leaf_output_bytes(model, inputs), default=0)
     return max(1, min(n, FORWARD_CHUNK_BYTES // max(largest, 1)))
 
 

@@ -81,30 +81,29 @@ def _channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (r * r).sum(2).sum(0) / count - mean * mean
 
 
-def _activation_bytes_per_sample(model: nn.Module, xs: list[torch.Tensor]) -> int:
-    """float32 bytes of every leaf module's output for one sample: about what one sample's
-    backward pass through the model keeps alive."""
-    total = 0
+def leaf_output_bytes(model: nn.Module, inputs) -> list[int]:
+    """Bytes of every leaf module's output for the first sample of inputs (one forward pass without
+    autograd): their sum is about what one sample's backward pass keeps alive (the inversion's
+    micro-batches), their largest what one forward call allocates at once (the probes' chunks)."""
+    sizes: list[int] = []
 
     def hook(_mod, _inputs, out):
-        nonlocal total
-        total += sum(t.numel() for t in flat_outputs(out) if isinstance(t, torch.Tensor))
+        sizes.extend(t.numel() * t.element_size() for t in flat_outputs(out))
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            model(*[x[:1] for x in xs])
+            model(*[x[:1] for x in inputs])
     finally:
         for h in handles:
             h.remove()
-    return 4 * total
+    return sizes
 
 
 def micro_batch(model: nn.Module, xs: list[torch.Tensor], s: RefineSettings) -> int:
     """Samples per backward pass of the inversion: as many as keep about s.inversion_memory_mb of
     activations (a function of the model and the input shape only, so the same on every machine)."""
-    per_sample = _activation_bytes_per_sample(model, xs)
+    per_sample = sum(leaf_output_bytes(model, xs))
     return max(1, (s.inversion_memory_mb << 20) // max(per_sample, 1))
 
 
@@ -117,10 +116,6 @@ def _side_terms(xs: list[torch.Tensor], out: list, s: RefineSettings, targets, s
     if targets is not None:
         loss = loss + share * s.inversion_ce * F.cross_entropy(out[0], targets)
     return loss
-
-
-def _wants_targets(out: list, s: RefineSettings) -> bool:
-    return s.inversion_ce > 0 and bool(out) and out[0].dim() == 2 and out[0].shape[1] > 1
 
 
 def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator, s: RefineSettings,
@@ -143,12 +138,10 @@ def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator,
     bar = tqdm(total=-(-n // s.inversion_batch) * s.inversion_steps, unit="step",
                desc=f"synthetic inputs: BatchNorm inversion of {n}", disable=not progress, leave=False)
     try:
-        micro = None
+        micro = micro_batch(model, list(example_inputs), s)  # the drawn inputs have the example's shapes
         for start in range(0, n, s.inversion_batch):
             m = min(s.inversion_batch, n - start)
             xs = [t.clone().requires_grad_() for t in _gaussian(example_inputs, m, gen, s)]
-            if micro is None:
-                micro = micro_batch(model, xs, s)
             opt = torch.optim.Adam(xs, lr=s.inversion_lr)
             step_fn = _whole_batch_step if micro >= m else _micro_batch_step
             for _ in range(s.inversion_steps):
@@ -169,7 +162,9 @@ def bn_inversion(model: nn.Module, example_inputs, n: int, gen: torch.Generator,
 
 def _targets(out: list, s: RefineSettings, start: int, lo: int, hi: int):
     """Pseudo-labels of samples lo..hi of the batch that starts at sample `start` (None: no term)."""
-    return (torch.arange(lo, hi) + start) % out[0].shape[1] if _wants_targets(out, s) else None
+    if not (s.inversion_ce > 0 and out and out[0].dim() == 2 and out[0].shape[1] > 1):
+        return None
+    return (torch.arange(lo, hi) + start) % out[0].shape[1]
 
 
 def _whole_batch_step(model, bns, xs, start: int, s: RefineSettings, _micro: int) -> float:
