@@ -52,6 +52,20 @@ CASES = [
     ("rotq2-g16-fitted", lambda: fit_rotq(_weight((16, 256), 15), 2, 16, grid="fitted"), 4),
     ("rotq3-g8-padded", lambda: fit_rotq(_weight((17, 100), 16), 3, 8), 2),
     ("rotq1-g32", lambda: fit_rotq(_weight((12, 64), 17), 1, 32), 1),
+    # the tiled form (at least TILED_FROM_ROWS activation rows): packed rows, the element form
+    # (padded reduction), codebooks (lane-aligned vectors, and a padded tail through the element
+    # form), rotq's rotation before it; rows that do not fill a tile; batches that do not fill a block
+    ("tiled-rtn4-g32", lambda: fit_rtn(_weight((24, 96), 20), 4, 32), 8),
+    ("tiled-rtn2-row-odd-rows", lambda: fit_rtn(_weight((13, 64), 21), 2, None), 7),
+    ("tiled-rtn3-g20-odd", lambda: fit_rtn(_weight((13, 45), 22), 3, 20), 6),
+    ("tiled-affine4-in-g32", lambda: fit_affine(_weight((32, 128), 23), 4, 32, iterations=3), 32),
+    ("tiled-affine2-out-g16", lambda: fit_affine(_weight((48, 30), 24), 2, 16, axis="out", iterations=3), 5),
+    ("tiled-vq-d4", lambda: fit_vq(_weight((32, 64), 25), 4, 6, iterations=2), 9),
+    ("tiled-vq-d3-b10-tail", lambda: fit_vq(_weight((7, 50), 26), 3, 10, iterations=1), 5),
+    ("tiled-vq-d6-b9", lambda: fit_vq(_weight((16, 96), 27), 6, 9, iterations=1), 12),
+    ("tiled-rotq2-g32", lambda: fit_rotq(_weight((24, 96), 28), 2, 32), 8),
+    ("tiled-rotq3-g8-padded", lambda: fit_rotq(_weight((17, 100), 29), 3, 8), 6),
+    ("tiled-svd-int8", lambda: fit_svd(_weight((40, 64), 30), 0.3, 8), 16),
 ]
 
 
@@ -128,22 +142,37 @@ def test_riem_stays_decode_once_and_says_why():
     assert isinstance(why, str) and "decode-once" in why and "sigmoid" in why
 
 
-def test_batch_regime_choice():
-    """Mode "auto" on LLVM: fused up to FUSED_CPU_MAX_ROWS activation rows, decode-once above (with
-    the reason); mode "fused" (for_memory) and CUDA keep the fused kernel at any batch."""
-    from riem_compiler.methods.base import FUSED_CPU_MAX_ROWS
+def _block_names(func):
+    """Names of the kernel's blocks, less the _init/_update suffixes decompose_reduction adds."""
+    from tvm import s_tir
 
-    cw = CASES[0][1]()
-    rtn = methods.get("rtn")
-    assert not isinstance(rtn.tvm_fused(cw, FUSED_CPU_MAX_ROWS, "k", "llvm"), str)
-    why = rtn.tvm_fused(cw, FUSED_CPU_MAX_ROWS + 1, "k", "llvm")
-    assert isinstance(why, str) and "batch regime" in why
-    assert not isinstance(rtn.tvm_fused(cw, 32, "k", "llvm", for_memory=True), str)
+    sch = s_tir.Schedule(func)
+    names = (sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root")))
+    return {n.removesuffix("_init").removesuffix("_update") for n in names}
+
+
+def test_batch_regime_choice():
+    """Mode "auto" on LLVM: the GEMV forms below TILED_FROM_ROWS activation rows, the tiled form
+    (a decoded tile per call, "part" partial sums) from there on, fused at every batch where the
+    decode is the packed-rows or codebook one; the generic per-weight bit reader (3-bit codes) is
+    decoded once at load instead, with the reason; mode "fused" keeps it fused."""
+    from riem_compiler.methods.tvm_gemv import TILED_FROM_ROWS
+
+    rtn, vq = methods.get("rtn"), methods.get("vq")
+    cw, cw3, cwv = CASES[0][1](), CASES[3][1](), CASES[9][1]()
+    small = rtn.tvm_fused(cw, TILED_FROM_ROWS - 1, "k", "llvm")
+    large = rtn.tvm_fused(cw, TILED_FROM_ROWS, "k", "llvm")
+    assert "part" not in _block_names(small) and "part" in _block_names(large)
+    assert "lut" in _block_names(vq.tvm_fused(cwv, 2, "k", "llvm"))
+    assert "part" in _block_names(vq.tvm_fused(cwv, 32, "k", "llvm"))
+    why = rtn.tvm_fused(cw3, 32, "k", "llvm")
+    assert isinstance(why, str) and "slower than decoding once" in why
+    assert "part" in _block_names(rtn.tvm_fused(cw3, 32, "k", "llvm", for_memory=True))
     assert not isinstance(rtn.tvm_fused(cw, 32, "k", "cuda"), str)
 
 
 @pytest.mark.parametrize("label", ["rtn4-g32", "rtn3-g20-odd", "affine2-out-g16", "vq-d4", "svd-int8", "rotq2-g32",
-                                   "rotq3-g8-padded"])
+                                   "rotq3-g8-padded", "tiled-rtn3-g20-odd", "tiled-vq-d4"])
 def test_fused_kernel_cuda_source_compiles(label, tmp_path):
     """Each form builds for cuda sm_90 (dlight GPU rules) and nvcc compiles its source."""
     from riem_compiler.codegen.tvm_pipeline import _default_schedules, cuda_sources

@@ -101,12 +101,6 @@ class NativeGather:
     cast_scales: bool = False
 
 
-# build_tvm mode "auto" on LLVM: fused dequantise-matmul kernels up to this many activation rows per
-# call (batch x tokens); above it the weight is decoded once at load (tvm_lowbit.md: on the 4x4096 MLP
-# the fused rtn kernel beat decode-once at batch 1 and lost at batch 8 and 32)
-FUSED_CPU_MAX_ROWS = 4
-
-
 def settings_key(settings) -> str:
     """sha256 of a settings dataclass (its type name and every field): the fit-cache key part."""
     data = {"type": type(settings).__name__, **dataclasses.asdict(settings)}
@@ -229,16 +223,12 @@ class Method:
         why = self.tvm_fusable(cw)
         if why is not None:
             return why
-        kernel = self.tvm_kernel().fused_linear_primfunc
-        if not for_memory and target_kind == "llvm" and rows > FUSED_CPU_MAX_ROWS:
-            return (f"batch regime: {rows} rows per call > {FUSED_CPU_MAX_ROWS}; the CPU fused kernel decodes per tile "
-                    "of output rows and loses to the dense matmul there (benchmarks/results/tvm_lowbit.md), so "
-                    "decoded once at load (mode='fused' keeps it compact)")
-        func = kernel(cw, int(rows), name, target_kind=target_kind)
+        func = self.tvm_kernel().fused_linear_primfunc(cw, int(rows), name, target_kind=target_kind)
         if not for_memory and not isinstance(func, str) and func.attrs is not None \
                 and func.attrs.get("riem.fused_slower_than_decode_once", False):
-            return ("this layout's fused CPU kernel gathers a code per weight and measured slower than decoding "
-                    "once (benchmarks/results/tvm_lowbit.md), so decoded once at load (mode='fused' keeps it compact)")
+            return ("this layout's fused CPU kernel decodes a code per weight through a generic bit reader and "
+                    "measured slower than decoding once (benchmarks/results/tvm_lowbit.md), so decoded once at "
+                    "load (mode='fused' keeps it compact)")
         return func
 
 

@@ -21,6 +21,15 @@ Two forms:
   layout is contiguous along them (grouping along the output axis), else over the reduction
   (per row `lanes` partial sums, then their sum).
 
+Many activation rows per call (at least TILED_FROM_ROWS: a sequence, a batch), the tiled form
+(`tiled_linear_te`, built by the two forms above for such a batch): per tile of output rows, the
+tile's weights are decoded once into a local buffer (the same decode expressions, vectorised along
+the stored layout), then a register-blocked product runs over every activation row against it
+(`part[b, i, lane]`: a block of batch rows x tile rows of `lanes`-wide partial sums, reduced once at
+the end). The decode then costs once per weight per call, amortised over the rows, where the GEMV
+forms above repeat it or keep one accumulator set per batch row. The activation is read in the
+reduction order the decode writes (de-interleaved for packed rows, zero padded), computed once per call.
+
 CUDA: the same PrimFuncs, unscheduled; the build's dlight GPU rules (GEMV, LowBatchGEMV, Matmul)
 schedule them.
 """
@@ -32,9 +41,23 @@ LANE_CHOICES = (16, 8, 4)
 # PrimFunc attribute of a CPU kernel that gathers codes per weight (the element form along the
 # reduction: rtn/affine codes that straddle bytes): measured slower than decoding once (vq in that
 # form, before its lookup-table kernel: 155 ms fused vs 39 ms decode-once on tvm_lowbit's 4x4096
-# MLP at batch 1), so mode "auto" decodes such weights once at load
+# MLP at batch 1; tiled, rtn 3-bit at 32 rows: 0.92-1.0 ms vs 0.26-0.31 ms for the dense matmul),
+# so mode "auto" decodes such weights once at load
 SLOW_ON_CPU = "riem.fused_slower_than_decode_once"
 F32 = "float32"
+# activation rows per call from which the CPU kernels take the tiled form (a tile of the weight
+# decoded once per call, then a blocked matmul; below it the GEMV forms). Measured on 1536x384 rtn
+# 4-bit g128 here: 32 rows 0.34 ms tiled vs 0.77 ms in the packed-rows GEMV and 0.28 ms for a dense
+# float32 matmul; at 4 rows and fewer the GEMV forms read each code once per call anyway
+TILED_FROM_ROWS = 5
+
+
+TILE_ROWS, TILE_BATCH, TILE_INNER = (16, 8, 4, 2), (4, 2), (4, 2)
+
+
+def is_tiled(batch: int, target_kind: str = "llvm") -> bool:
+    """True when a CPU kernel for `batch` activation rows takes the tiled form."""
+    return target_kind == "llvm" and int(batch) >= TILED_FROM_ROWS
 
 
 def packed_rows_layout(bits: int, cols: int, group: int | None):
@@ -67,12 +90,8 @@ def packed_rows_te(x: te.Tensor, codes: te.Tensor, bits: int, rows: int, cols: i
     cpb, _, n_groups, gb, lanes = layout
     blocks = gb // lanes
     batch = int(x.shape[0])
-    chains = next(c for c in (4, 2, 1) if blocks % c == 0 and (c * cpb * batch <= 8 or c == 1))
     row_bytes = cols // cpb
     mask = (1 << bits) - 1
-    xs = te.compute((batch, cpb, row_bytes), lambda b, t, kb: x[b, kb * cpb + t], name="x_split")
-    g = te.reduce_axis((0, n_groups), name="g")
-    ko = te.reduce_axis((0, blocks // chains), name="ko")
 
     def decode(i, t, grp, kk):
         byte = codes[i * row_bytes + grp * gb + kk].astype("int32")
@@ -81,6 +100,14 @@ def packed_rows_te(x: te.Tensor, codes: te.Tensor, bits: int, rows: int, cols: i
             return level(code) * scale_at(i, grp)
         return (code.astype(F32) - zero_at(i, grp)) * scale_at(i, grp)
 
+    if is_tiled(batch):  # x in the decode's order: x_red[b, t, g, kk] = x[b, (g * gb + kk) * cpb + t]
+        x_red = te.compute((batch, cpb, n_groups, gb), lambda b, t, grp, kk: x[b, (grp * gb + kk) * cpb + t],
+                           name="x_red")
+        return tiled_linear_te(x_red, rows, decode, lanes)
+    chains = next(c for c in (4, 2, 1) if blocks % c == 0 and (c * cpb * batch <= 8 or c == 1))
+    xs = te.compute((batch, cpb, row_bytes), lambda b, t, kb: x[b, kb * cpb + t], name="x_split")
+    g = te.reduce_axis((0, n_groups), name="g")
+    ko = te.reduce_axis((0, blocks // chains), name="ko")
     dec = te.compute((rows, cpb, n_groups, gb), decode, name="decode")
 
     def acc(b, i, c, t, lane):
@@ -103,6 +130,8 @@ def schedule_packed_rows_cpu(func):
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
+    if _has_block(sch, "part"):
+        return schedule_tiled_cpu(func)
     y, acc, lanes = sch.get_sblock("y"), sch.get_sblock("acc"), sch.get_sblock("lanes")
     b, i = sch.get_loops(y)[:2]
     batch, rows = int(sch.get(b).extent), int(sch.get(i).extent)
@@ -145,10 +174,19 @@ def schedule_packed_rows_cpu(func):
     return scheduled(sch)
 
 
-def element_linear_te(x: te.Tensor, rows: int, cols: int, element):
+def element_linear_te(x: te.Tensor, rows: int, cols: int, element, target_kind: str = "llvm"):
     """y (batch, rows) = x W^T with W[i, k] = element(i, k), a spatial block ("decode") that the
-    schedule inlines into the reduction."""
+    schedule inlines into the reduction (the tiled form on CPU for many rows: decoded per tile)."""
     batch = int(x.shape[0])
+    if is_tiled(batch, target_kind):  # the reduction padded to whole vector lanes, x zero there
+        lanes = next(v for v in LANE_CHOICES if v <= 8 or cols >= 4 * v)
+        padded = -(-cols // lanes) * lanes
+        if padded == cols:
+            return tiled_linear_te(x, rows, element, lanes)
+        x_red = te.compute((batch, padded), lambda b, k: tirx.Select(
+            k < cols, x[b, tirx.min(k, cols - 1)], tirx.const(0.0, F32)), name="x_red")
+        return tiled_linear_te(x_red, rows, lambda i, k: tirx.Select(
+            k < cols, element(i, tirx.min(k, cols - 1)), tirx.const(0.0, F32)), lanes)
     w = te.compute((rows, cols), lambda i, k: element(i, k), name="decode")
     k = te.reduce_axis((0, cols), name="k")
     return te.compute((batch, rows), lambda b, i: te.sum(x[b, k] * w[i, k], axis=k), name="y")
@@ -162,6 +200,8 @@ def schedule_element_cpu(func, along_rows: bool, keep=()):
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
+    if _has_block(sch, "part"):  # the generic element decode per weight: 1.8-3.5x the dense matmul
+        return schedule_tiled_cpu(func).with_attr(SLOW_ON_CPU, True)
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(blk).name_hint not in ("y", *keep):
             sch.compute_inline(blk)
@@ -182,6 +222,103 @@ def schedule_element_cpu(func, along_rows: bool, keep=()):
     sch.parallel(io)
     sch.vectorize(ii)
     sch.decompose_reduction(y, k)
+    return scheduled(sch)
+
+
+def tiled_linear_te(x_red: te.Tensor, rows: int, element, lanes: int, decode_shape=None) -> te.Tensor:
+    """y (batch, rows) = x W^T in the tiled form. x_red (batch, *dims): the activation in the
+    reduction order the decode writes; element(i, *idx): the decoded weight at that position, a
+    spatial block ("decode") over (rows, *dims) that the schedule places per tile of output rows;
+    dims[-1] % lanes == 0. decode_shape: the decode block's own dims where they differ from x_red's
+    (one flat dim there, e.g. a codebook's vectors x dim): the product reads it flat."""
+    batch, *dims = (int(d) for d in x_red.shape)
+    assert dims[-1] % lanes == 0, (dims, lanes)
+    if decode_shape is None:
+        dec = te.compute((rows, *dims), element, name="decode")
+        w_at = dec.__getitem__
+    else:
+        dec = te.compute((rows, *decode_shape), element, name="decode")
+        strides = [int(_prod(decode_shape[j + 1:])) for j in range(len(decode_shape))]
+
+        def w_at(idx):  # the flat position k unravelled (the first dim needs no modulo: k < its product)
+            i, k = idx
+            return dec[(i, tirx.floordiv(k, strides[0]),
+                        *(tirx.floormod(tirx.floordiv(k, st), int(n)) for st, n in zip(strides[1:], decode_shape[1:])))]
+    outer = [te.reduce_axis((0, d), name=f"r{j}") for j, d in enumerate(dims[:-1])]
+    kb = te.reduce_axis((0, dims[-1] // lanes), name="kb")
+
+    def partial(b, i, lane):
+        idx = (*outer, kb * lanes + lane)
+        return te.sum(x_red[(b, *idx)] * w_at((i, *idx)), axis=[*outer, kb])
+
+    part = te.compute((batch, rows, lanes), partial, name="part")
+    rl = te.reduce_axis((0, lanes), name="rl")
+    return te.compute((batch, rows), lambda b, i: te.sum(part[b, i, rl], axis=rl), name="y")
+
+
+def _prod(xs) -> int:
+    out = 1
+    for v in xs:
+        out *= int(v)
+    return out
+
+
+def _has_block(sch, name: str) -> bool:
+    return any(sch.get(b).name_hint == name for b in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _divisor(n: int, choices) -> int:
+    return next((c for c in choices if n % c == 0), 1)
+
+
+def schedule_tiled_cpu(func):
+    """LLVM schedule of a tiled_linear_te PrimFunc (see the module docstring): parallel over tiles of
+    `tile` output rows; per tile the decode block fills a local buffer (its innermost dim split into
+    vector lanes, or unrolled where it is a short vector such as a codebook entry), then the partial
+    sums run over blocks of `tb` batch rows x `tj` tile rows with the lanes vectorised (tb * tj
+    accumulators of one vector each), and the lanes are summed once per output. The per-call passes
+    the tiled builders add (x_red, codebook_f32) are vectorised where their innermost loop splits
+    into lanes; other blocks (rotq's rotation of x) are left to their method's schedule."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    y, part, dec = sch.get_sblock("y"), sch.get_sblock("part"), sch.get_sblock("decode")
+    b, i = sch.get_loops(y)[:2]
+    batch, rows = int(sch.get(b).extent), int(sch.get(i).extent)
+    tile = _divisor(rows, TILE_ROWS)
+    tb, tj = _divisor(batch, TILE_BATCH), _divisor(tile, TILE_INNER)
+    jo, ji = sch.split(i, [None, tile])
+    sch.reorder(jo, b, ji)
+    sch.parallel(jo)
+    sch.compute_at(part, jo, preserve_unit_loops=True)
+    pb, pi, pl, *red = sch.get_loops(part)[1:]
+    bo, bi = sch.split(pb, [None, tb])
+    jio, jii = sch.split(pi, [None, tj])
+    sch.reorder(bo, jio, *red, bi, jii, pl)
+    sch.unroll(bi)
+    sch.unroll(jii)
+    sch.vectorize(pl)
+    sch.decompose_reduction(part, red[0])
+    sch.set_scope(part, 0, "local")
+    sch.compute_at(dec, jo, preserve_unit_loops=True)
+    sch.set_scope(dec, 0, "local")
+    last = sch.get_loops(dec)[-1]
+    n_last = int(sch.get(last).extent)
+    vec = _divisor(n_last, LANE_CHOICES) if n_last >= 4 else 1
+    if vec > 1 and n_last > vec:
+        sch.vectorize(sch.split(last, [None, vec])[1])
+    elif vec > 1:
+        sch.vectorize(last)
+    else:
+        sch.unroll(last)
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(blk).name_hint not in ("x_red", "codebook_f32"):
+            continue
+        loops = sch.get_loops(blk)
+        n_in = int(sch.get(loops[-1]).extent)
+        v = _divisor(n_in, LANE_CHOICES) if n_in >= 4 else 1
+        if v > 1:
+            sch.vectorize(sch.split(loops[-1], [None, v])[1] if n_in > v else loops[-1])
     return scheduled(sch)
 
 

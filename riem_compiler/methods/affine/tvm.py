@@ -81,6 +81,6 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
 
             y = tg.packed_rows_te(x, ph["codes"], bits, n_out, cols, layout, at("scale"), at("zero"))
             return tg.schedule_packed_rows_cpu(tg.primfunc(inputs, y, name))
-    y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph))
+    y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph), target_kind)
     func = tg.primfunc(inputs, y, name)
     return tg.schedule_element_cpu(func, along_rows=flip) if target_kind == "llvm" else func

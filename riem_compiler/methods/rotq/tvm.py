@@ -182,7 +182,7 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
                               level=lambda code: grid_level(ph["grid"], code, bits))
         func = tg.schedule_packed_rows_cpu(tg.primfunc(inputs, y, name))
         return _schedule_rotation_cpu(func, ["signs", "rot_in"] + stages)
-    y = tg.element_linear_te(xr, n_out, dp, _q_element(cw, ph))
+    y = tg.element_linear_te(xr, n_out, dp, _q_element(cw, ph), target_kind)
     func = tg.primfunc(inputs, y, name)
     if target_kind != "llvm":
         return func

@@ -83,6 +83,6 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
     if not isinstance(layout, str) and target_kind == "llvm":
         y = tg.packed_rows_te(x, codes, bits, n_out, cols, layout, scale_at, lambda i, g: offset)
         return tg.schedule_packed_rows_cpu(tg.primfunc([x, codes, scale], y, name))
-    y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph))
+    y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph), target_kind)
     func = tg.primfunc([x, codes, scale], y, name)
     return tg.schedule_element_cpu(func, along_rows=False) if target_kind == "llvm" else func

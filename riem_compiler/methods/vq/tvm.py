@@ -8,7 +8,9 @@ arithmetic in float32. Codes in the bitpack.py layout: tvm_common's reader up to
 three-byte window for 10..15 (a code of up to 15 bits spans at most three bytes).
 
 `fused_linear_primfunc`: y = x W^T with only the codes, the codebook and the scales resident.
-On LLVM it is a table lookup (as AQLM's kernels do): per batch row and vector slot g,
+For many activation rows per call (tvm_gemv.is_tiled) on LLVM, the tiled form: a tile of output
+rows decoded once per call from a float32 copy of the codebook, then a blocked matmul. For few, a
+table lookup (as AQLM's kernels do): per batch row and vector slot g,
 lut[b, g, k] = x[b, g*dim:(g+1)*dim] . codebook[k] (cols * 2**bits multiply-adds, the size of a
 small matmul), then y[b, i] = scale_i * sum_g lut[b, g, code(i, g)]: one gather-add per code, dim
 times fewer than the weights, instead of decoding every weight inside the reduction (the element
@@ -83,9 +85,38 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
     n_out, cols = cw.matrix_shape
     x = te.placeholder((int(rows), cols), "float32", name="x")
     if target_kind != "llvm":
-        y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph))
+        y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph), target_kind)
         return tg.primfunc([x] + [ph[n] for n in names], y, name)
+    if tg.is_tiled(rows):
+        y = _tiled_linear_te(cw, ph, x)
+        if y is None:  # vectors that do not fill whole lanes: the generic element form, padded
+            y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph))
+            return tg.schedule_element_cpu(tg.primfunc([x] + [ph[n] for n in names], y, name), along_rows=False)
+        return tg.schedule_tiled_cpu(tg.primfunc([x] + [ph[n] for n in names], y, name))
     return _schedule_lookup_cpu(tg.primfunc([x] + [ph[n] for n in names], _lookup_linear_te(cw, ph, x), name))
+
+
+def _tiled_linear_te(cw: CompressedWeight, ph: dict, x: te.Tensor) -> te.Tensor | None:
+    """y = x W^T in the tiled form (many activation rows): per tile of output rows, each row's codes
+    looked up in a float32 copy of the codebook (made once per call), `dim` consecutive weights per
+    code. None where rows of vectors do not split into vector lanes."""
+    codes, codebook, scale, gain = (ph[n] for n in array_names(cw))
+    n_out, cols = cw.matrix_shape
+    dim, bits = int(cw.meta["dim"]), int(cw.meta["bits"])
+    vectors = -(-cols // dim)
+    padded = vectors * dim
+    lanes = next((v for v in tg.LANE_CHOICES if padded % v == 0), None)
+    if lanes is None:
+        return None
+    batch = int(x.shape[0])
+    cb = te.compute((1 << bits, dim), lambda k, j: codebook[k, j].astype("float32"), name="codebook_f32")
+    x_red = te.compute((batch, padded), lambda b, c: tirx.Select(
+        c < cols, x[b, tirx.min(c, cols - 1)], tirx.const(0.0, "float32")), name="x_red")
+
+    def element(i, g, j):
+        return cb[unpack_code(codes, i * vectors + g, bits), j] * (scale[i].astype("float32") * gain[0])
+
+    return tg.tiled_linear_te(x_red, n_out, element, lanes, decode_shape=(vectors, dim))
 
 
 def _lookup_linear_te(cw: CompressedWeight, ph: dict, x: te.Tensor) -> te.Tensor:
