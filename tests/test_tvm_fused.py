@@ -66,6 +66,13 @@ CASES = [
     ("tiled-rotq2-g32", lambda: fit_rotq(_weight((24, 96), 28), 2, 32), 8),
     ("tiled-rotq3-g8-padded", lambda: fit_rotq(_weight((17, 100), 29), 3, 8), 6),
     ("tiled-svd-int8", lambda: fit_svd(_weight((40, 64), 30), 0.3, 8), 16),
+    # the tiled form's outer-product product (at least TILED_NN_FROM_ROWS rows), transposed tiles
+    ("nn-rtn4-g32", lambda: fit_rtn(_weight((24, 96), 31), 4, 32), 64),
+    ("nn-rtn3-g20-odd", lambda: fit_rtn(_weight((13, 45), 32), 3, 20), 66),
+    ("nn-affine2-out-g16", lambda: fit_affine(_weight((48, 30), 33), 2, 16, axis="out", iterations=3), 70),
+    ("nn-vq-d3-b10-tail", lambda: fit_vq(_weight((7, 50), 34), 3, 10, iterations=1), 64),
+    ("nn-vq-d4", lambda: fit_vq(_weight((32, 64), 35), 4, 6, iterations=2), 96),
+    ("nn-rotq2-g32", lambda: fit_rotq(_weight((24, 96), 36), 2, 32), 64),
 ]
 
 
@@ -153,10 +160,10 @@ def _block_names(func):
 
 def test_batch_regime_choice():
     """Mode "auto" on LLVM: the GEMV forms below TILED_FROM_ROWS activation rows, the tiled form
-    (a decoded tile per call, "part" partial sums) from there on, fused at every batch where the
+    (a decoded tile per call: "part" partial sums, from TILED_NN_FROM_ROWS a transposed tile) from there on, fused at every batch where the
     decode is the packed-rows or codebook one; the generic per-weight bit reader (3-bit codes) is
     decoded once at load instead, with the reason; mode "fused" keeps it fused."""
-    from riem_compiler.methods.tvm_gemv import TILED_FROM_ROWS
+    from riem_compiler.methods.tvm_gemv import TILED_FROM_ROWS, TILED_NN_FROM_ROWS
 
     rtn, vq = methods.get("rtn"), methods.get("vq")
     cw, cw3, cwv = CASES[0][1](), CASES[3][1](), CASES[9][1]()
@@ -165,6 +172,7 @@ def test_batch_regime_choice():
     assert "part" not in _block_names(small) and "part" in _block_names(large)
     assert "lut" in _block_names(vq.tvm_fused(cwv, 2, "k", "llvm"))
     assert "part" in _block_names(vq.tvm_fused(cwv, 32, "k", "llvm"))
+    assert "decode_t" in _block_names(vq.tvm_fused(cwv, TILED_NN_FROM_ROWS, "k", "llvm"))
     why = rtn.tvm_fused(cw3, 32, "k", "llvm")
     assert isinstance(why, str) and "slower than decoding once" in why
     assert "part" in _block_names(rtn.tvm_fused(cw3, 32, "k", "llvm", for_memory=True))

@@ -17,8 +17,8 @@ the candidate out). Both answers come from the methods' own codegen hooks (base.
   ORT_DQ_MATMUL_BLOCK inputs, the row scale repeated per block at float32: those are its bytes.
 - "tvm": the weight has a fused dequantise-matmul kernel (`Method.tvm_fusable`), which build_tvm's
   mode "fused" runs it with, reading the stored arrays (the artifact's parameters are exactly those):
-  run-time bytes = stored bytes. Mode "auto" fuses the same weights where the batch regime and the
-  method's speed say so and decodes the others once at load.
+  run-time bytes = stored bytes. Mode "auto" fuses the same weights where the method's speed says so
+  and decodes the others once at load.
 
 A candidate that keeps the layer as it is (stored bytes reaching the float32 weight's: dense float32)
 is the original weight on either target, at its float32 bytes. Dense float16 is not: onnxruntime folds

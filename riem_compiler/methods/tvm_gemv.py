@@ -50,6 +50,10 @@ F32 = "float32"
 # 4-bit g128 here: 32 rows 0.34 ms tiled vs 0.77 ms in the packed-rows GEMV and 0.28 ms for a dense
 # float32 matmul; at 4 rows and fewer the GEMV forms read each code once per call anyway
 TILED_FROM_ROWS = 5
+# from this many rows the tiled form's product is an outer-product register tile over a transposed
+# tile (tiled_linear_te). Measured, rtn 4-bit g128, 1536x384 and 384x1536: 32 rows 0.30-0.33 ms dot
+# vs 0.35-0.36 ms outer-product; 256 rows 2.3-2.5 ms dot vs 1.66-1.74 ms (dense float32: 1.63-1.66)
+TILED_NN_FROM_ROWS = 64
 
 
 TILE_ROWS, TILE_BATCH, TILE_INNER = (16, 8, 4, 2), (4, 2), (4, 2)
@@ -130,7 +134,7 @@ def schedule_packed_rows_cpu(func):
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    if _has_block(sch, "part"):
+    if _is_tiled_func(sch):
         return schedule_tiled_cpu(func)
     y, acc, lanes = sch.get_sblock("y"), sch.get_sblock("acc"), sch.get_sblock("lanes")
     b, i = sch.get_loops(y)[:2]
@@ -200,7 +204,7 @@ def schedule_element_cpu(func, along_rows: bool, keep=()):
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    if _has_block(sch, "part"):  # the generic element decode per weight: 1.8-3.5x the dense matmul
+    if _is_tiled_func(sch):  # the generic element decode per weight: 1.8-3.5x the dense matmul
         return schedule_tiled_cpu(func).with_attr(SLOW_ON_CPU, True)
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(blk).name_hint not in ("y", *keep):
@@ -228,22 +232,36 @@ def schedule_element_cpu(func, along_rows: bool, keep=()):
 def tiled_linear_te(x_red: te.Tensor, rows: int, element, lanes: int, decode_shape=None) -> te.Tensor:
     """y (batch, rows) = x W^T in the tiled form. x_red (batch, *dims): the activation in the
     reduction order the decode writes; element(i, *idx): the decoded weight at that position, a
-    spatial block ("decode") over (rows, *dims) that the schedule places per tile of output rows;
-    dims[-1] % lanes == 0. decode_shape: the decode block's own dims where they differ from x_red's
-    (one flat dim there, e.g. a codebook's vectors x dim): the product reads it flat."""
+    spatial block over (rows, *dims) that the schedule places per tile of output rows; dims[-1] %
+    lanes == 0. decode_shape: the decoded block's own dims where they differ from x_red's (one flat
+    dim there, e.g. a codebook's vectors x dim).
+
+    Below TILED_NN_FROM_ROWS activation rows the dot form: the tile is decoded row-major ("decode")
+    and part[b, i, lane] keeps `lanes` partial sums per output. From there on the outer-product form:
+    the tile is decoded transposed ("decode_t", output rows innermost) and y[b, i] accumulates with
+    the tile's rows as vector lanes and x broadcast (a dense matmul's register tile), which reads x
+    and the tile fewer times per multiply-add."""
     batch, *dims = (int(d) for d in x_red.shape)
     assert dims[-1] % lanes == 0, (dims, lanes)
+    dshape = list(dims if decode_shape is None else decode_shape)
+    strides = [int(_prod(dshape[j + 1:])) for j in range(len(dshape))]
+    if batch >= TILED_NN_FROM_ROWS:
+        dec_t = te.compute((*dshape, rows), lambda *a: element(a[-1], *a[:-1]), name="decode_t")
+        red = [te.reduce_axis((0, d), name=f"r{j}") for j, d in enumerate(dshape)]
+        if decode_shape is None:
+            x_at = red
+        else:  # x_red is flat: its position is the decoded block's index, raveled
+            x_at = [sum(r * st for r, st in zip(red, strides))]
+        return te.compute((batch, rows), lambda b, i: te.sum(x_red[(b, *x_at)] * dec_t[(*red, i)], axis=red),
+                          name="y")
+    dec = te.compute((rows, *dshape), element, name="decode")
     if decode_shape is None:
-        dec = te.compute((rows, *dims), element, name="decode")
         w_at = dec.__getitem__
     else:
-        dec = te.compute((rows, *decode_shape), element, name="decode")
-        strides = [int(_prod(decode_shape[j + 1:])) for j in range(len(decode_shape))]
-
         def w_at(idx):  # the flat position k unravelled (the first dim needs no modulo: k < its product)
             i, k = idx
             return dec[(i, tirx.floordiv(k, strides[0]),
-                        *(tirx.floormod(tirx.floordiv(k, st), int(n)) for st, n in zip(strides[1:], decode_shape[1:])))]
+                        *(tirx.floormod(tirx.floordiv(k, st), int(n)) for st, n in zip(strides[1:], dshape[1:])))]
     outer = [te.reduce_axis((0, d), name=f"r{j}") for j, d in enumerate(dims[:-1])]
     kb = te.reduce_axis((0, dims[-1] // lanes), name="kb")
 
@@ -271,35 +289,57 @@ def _divisor(n: int, choices) -> int:
     return next((c for c in choices if n % c == 0), 1)
 
 
+def _is_tiled_func(sch) -> bool:
+    return _has_block(sch, "part") or _has_block(sch, "decode_t")
+
+
 def schedule_tiled_cpu(func):
     """LLVM schedule of a tiled_linear_te PrimFunc (see the module docstring): parallel over tiles of
-    `tile` output rows; per tile the decode block fills a local buffer (its innermost dim split into
-    vector lanes, or unrolled where it is a short vector such as a codebook entry), then the partial
-    sums run over blocks of `tb` batch rows x `tj` tile rows with the lanes vectorised (tb * tj
-    accumulators of one vector each), and the lanes are summed once per output. The per-call passes
-    the tiled builders add (x_red, codebook_f32) are vectorised where their innermost loop splits
-    into lanes; other blocks (rotq's rotation of x) are left to their method's schedule."""
+    output rows, the tile's decoded block in a local buffer per tile (its innermost dim vectorised
+    where it splits into lanes, else unrolled). Dot form: `tb` batch rows x `tj` tile rows of
+    `lanes`-wide partial sums (one vector each), the lanes summed once per output. Outer-product
+    form: `tb` batch rows x the tile's rows (vector lanes) accumulated in a local tile, x broadcast.
+    The per-call passes the tiled builders add (x_red, codebook_f32) are vectorised where their
+    innermost loop splits into lanes; other blocks (rotq's rotation of x) are left to their method."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    y, part, dec = sch.get_sblock("y"), sch.get_sblock("part"), sch.get_sblock("decode")
+    y = sch.get_sblock("y")
     b, i = sch.get_loops(y)[:2]
     batch, rows = int(sch.get(b).extent), int(sch.get(i).extent)
-    tile = _divisor(rows, TILE_ROWS)
-    tb, tj = _divisor(batch, TILE_BATCH), _divisor(tile, TILE_INNER)
-    jo, ji = sch.split(i, [None, tile])
-    sch.reorder(jo, b, ji)
-    sch.parallel(jo)
-    sch.compute_at(part, jo, preserve_unit_loops=True)
-    pb, pi, pl, *red = sch.get_loops(part)[1:]
-    bo, bi = sch.split(pb, [None, tb])
-    jio, jii = sch.split(pi, [None, tj])
-    sch.reorder(bo, jio, *red, bi, jii, pl)
-    sch.unroll(bi)
-    sch.unroll(jii)
-    sch.vectorize(pl)
-    sch.decompose_reduction(part, red[0])
-    sch.set_scope(part, 0, "local")
+    if _has_block(sch, "decode_t"):
+        dec = sch.get_sblock("decode_t")
+        tile = _divisor(rows, (32, 16, 8, 4, 2))
+        tb = _divisor(batch, (8, 4, 2))
+        _, _, *red = sch.get_loops(y)
+        jo, ji = sch.split(i, [None, tile])
+        bo, bi = sch.split(b, [None, tb])
+        sch.reorder(jo, bo, *red, bi, ji)
+        acc = sch.cache_write(y, 0, "local")
+        sch.reverse_compute_at(acc, bo, preserve_unit_loops=True)
+        sch.parallel(jo)
+        sch.unroll(bi)
+        sch.vectorize(ji)
+        sch.vectorize(sch.get_loops(acc)[-1])
+        sch.decompose_reduction(y, red[0])
+    else:
+        dec = sch.get_sblock("decode")
+        part = sch.get_sblock("part")
+        tile = _divisor(rows, TILE_ROWS)
+        tb, tj = _divisor(batch, TILE_BATCH), _divisor(tile, TILE_INNER)
+        jo, ji = sch.split(i, [None, tile])
+        sch.reorder(jo, b, ji)
+        sch.parallel(jo)
+        sch.compute_at(part, jo, preserve_unit_loops=True)
+        pb, pi, pl, *red = sch.get_loops(part)[1:]
+        bo, bi = sch.split(pb, [None, tb])
+        jio, jii = sch.split(pi, [None, tj])
+        sch.reorder(bo, jio, *red, bi, jii, pl)
+        sch.unroll(bi)
+        sch.unroll(jii)
+        sch.vectorize(pl)
+        sch.decompose_reduction(part, red[0])
+        sch.set_scope(part, 0, "local")
     sch.compute_at(dec, jo, preserve_unit_loops=True)
     sch.set_scope(dec, 0, "local")
     last = sch.get_loops(dec)[-1]

@@ -192,13 +192,17 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
 
 def _schedule_rotation_cpu(func, blocks):
     """The rotation blocks of a scheduled fused kernel (batch x padded work per stage, small next to
-    the GEMV): the column loop of each stage vectorised where it splits into lanes."""
+    the GEMV): the column loop of each stage vectorised where it splits into lanes, the batch loop
+    parallel where the kernel takes the tiled form (many rows)."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     for name in blocks:
-        inner = sch.get_loops(sch.get_sblock(name))[-1]
+        loops = sch.get_loops(sch.get_sblock(name))
+        inner = loops[-1]
         vec = next((v for v in tc.VECTOR_CHOICES if int(sch.get(inner).extent) % v == 0), 1)
         if vec > 1:
             sch.vectorize(sch.split(inner, [None, vec])[1])
+        if len(loops) > 1 and tg.is_tiled(int(sch.get(loops[0]).extent)):  # many rows of x: parallel over them
+            sch.parallel(loops[0])
     return tg.scheduled(sch)

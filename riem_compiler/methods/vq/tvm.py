@@ -88,35 +88,32 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
         y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph), target_kind)
         return tg.primfunc([x] + [ph[n] for n in names], y, name)
     if tg.is_tiled(rows):
-        y = _tiled_linear_te(cw, ph, x)
-        if y is None:  # vectors that do not fill whole lanes: the generic element form, padded
-            y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph))
-            return tg.schedule_element_cpu(tg.primfunc([x] + [ph[n] for n in names], y, name), along_rows=False)
-        return tg.schedule_tiled_cpu(tg.primfunc([x] + [ph[n] for n in names], y, name))
+        return tg.schedule_tiled_cpu(tg.primfunc([x] + [ph[n] for n in names], _tiled_linear_te(cw, ph, x), name))
     return _schedule_lookup_cpu(tg.primfunc([x] + [ph[n] for n in names], _lookup_linear_te(cw, ph, x), name))
 
 
-def _tiled_linear_te(cw: CompressedWeight, ph: dict, x: te.Tensor) -> te.Tensor | None:
+def _tiled_linear_te(cw: CompressedWeight, ph: dict, x: te.Tensor) -> te.Tensor:
     """y = x W^T in the tiled form (many activation rows): per tile of output rows, each row's codes
     looked up in a float32 copy of the codebook (made once per call), `dim` consecutive weights per
-    code. None where rows of vectors do not split into vector lanes."""
+    code. The row of vectors is padded with zero vectors to whole groups of 4 weights (x is zero
+    there), so the product splits into vector lanes."""
     codes, codebook, scale, gain = (ph[n] for n in array_names(cw))
     n_out, cols = cw.matrix_shape
     dim, bits = int(cw.meta["dim"]), int(cw.meta["bits"])
     vectors = -(-cols // dim)
-    padded = vectors * dim
-    lanes = next((v for v in tg.LANE_CHOICES if padded % v == 0), None)
-    if lanes is None:
-        return None
+    slots = next(v for v in range(vectors, vectors + 4) if (v * dim) % 4 == 0)
+    padded = slots * dim
+    lanes = next(v for v in tg.LANE_CHOICES if padded % v == 0)
     batch = int(x.shape[0])
     cb = te.compute((1 << bits, dim), lambda k, j: codebook[k, j].astype("float32"), name="codebook_f32")
     x_red = te.compute((batch, padded), lambda b, c: tirx.Select(
         c < cols, x[b, tirx.min(c, cols - 1)], tirx.const(0.0, "float32")), name="x_red")
 
     def element(i, g, j):
-        return cb[unpack_code(codes, i * vectors + g, bits), j] * (scale[i].astype("float32") * gain[0])
+        w = cb[unpack_code(codes, i * vectors + tirx.min(g, vectors - 1), bits), j] * (scale[i].astype("float32") * gain[0])
+        return w if slots == vectors else tirx.Select(g < vectors, w, tirx.const(0.0, "float32"))
 
-    return tg.tiled_linear_te(x_red, n_out, element, lanes, decode_shape=(vectors, dim))
+    return tg.tiled_linear_te(x_red, n_out, element, lanes, decode_shape=(slots, dim))
 
 
 def _lookup_linear_te(cw: CompressedWeight, ph: dict, x: te.Tensor) -> te.Tensor:
