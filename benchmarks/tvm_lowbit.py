@@ -103,7 +103,7 @@ def measure(kind: str, paths: list[str], feeds_path: str, runs: int) -> dict:
         opts.intra_op_num_threads = 2
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
-    out, lat, rss = {}, {}, None
+    out, lat, rss, trimmed = {}, {}, None, None
     for tagged in paths:
         path, b = tagged.rsplit("@", 1)
         xs = batch_inputs(feeds, b)
@@ -121,10 +121,15 @@ def measure(kind: str, paths: list[str], feeds_path: str, runs: int) -> dict:
         out[b] = np.asarray(run())
         if rss is None:
             rss = rss_bytes() - before
+            if kind != "tvm":  # what the heap onnxruntime's constant folding freed still holds
+                from riem_compiler.codegen.ort_runner import release_freed_heap
+
+                trimmed = rss_bytes() - before if release_freed_heap() else None
         lat[b] = _median_ms(run, runs)
         model = run = None  # free before the next batch
     np.savez(feeds_path + f".{os.getpid()}.out.npz", **out)
-    return {"rss_mib": rss / 2 ** 20, "latency_ms": lat, "out": feeds_path + f".{os.getpid()}.out.npz"}
+    return {"rss_mib": rss / 2 ** 20, "latency_ms": lat, "out": feeds_path + f".{os.getpid()}.out.npz",
+            "rss_trimmed_mib": None if trimmed is None else trimmed / 2 ** 20}
 
 
 def batch_inputs(feeds: dict, b: str) -> list:
@@ -461,6 +466,8 @@ def measure_minilm(forms: dict, inputs: dict, feeds_path: Path, runs: int) -> li
             cos[b] = float((emb * dense_emb[b]).sum(1).mean())
         row.update({"rss_mib": m["rss_mib"], "latency_ms": m["latency_ms"], "output_rel_error": rel,
                     "embedding_cosine": cos})
+        if m.get("rss_trimmed_mib") is not None:
+            row["rss_trimmed_mib"] = m["rss_trimmed_mib"]
         rows.append(row)
         log.info("%-40s rss +%7.1f MiB  latency %s  err %s  cos %s", name, m["rss_mib"], m["latency_ms"], rel, cos)
     return rows
@@ -557,7 +564,9 @@ def markdown_minilm(rows, meta) -> list[str]:
     lines = [f"Model: {mm.get('model', 'all-MiniLM-L6-v2')}; float32 parameters "
              f"{mm.get('model_bytes', 0) / 2 ** 20:.1f} MiB{rest}. Plans: `rc.optimize(method=\"auto\", ratio=R)` with "
              "default settings. Resident: VmRSS added by loading the model (batch "
-             f"{b0} build/file) and one call in a fresh process, (x) against onnxruntime dense. Latency: median ms, "
+             f"{b0} build/file) and one call in a fresh process, (x) against onnxruntime dense; for onnxruntime also "
+             "after glibc's malloc_trim(0) (what riem_compiler's own loader calls after creating a session: the "
+             "heap onnxruntime's constant folding of decoder functions freed goes back to the OS). Latency: median ms, "
              "(x) against onnxruntime dense in the same run; each TVM batch is its own build, each ONNX batch its "
              "own static-shape file. Error against onnxruntime dense at batch "
              f"{b0}: relative Frobenius norm of the token outputs (real tokens only), and the mean cosine of the "
@@ -573,6 +582,8 @@ def markdown_minilm(rows, meta) -> list[str]:
         form = r["form"].replace(f" {plan}", "") if plan != "-" else r["form"]
         if "rss_mib" in r:
             rss = f"{r['rss_mib']:.0f} ({_x(r['rss_mib'], dense['rss_mib'])})"
+            if r.get("rss_trimmed_mib") is not None and r is not dense:
+                rss += f"; {r['rss_trimmed_mib']:.0f} ({_x(r['rss_trimmed_mib'], dense['rss_mib'])}) after malloc_trim"
             lat = " | ".join(f"{r['latency_ms'][b]:.2f} ({_x(r['latency_ms'][b], dense['latency_ms'][b])})"
                              if b in r["latency_ms"] else "-" for b in bs)
             err = (f"{r['output_rel_error'][b0]:.2e}" if b0 in r["output_rel_error"] else "-")
