@@ -96,6 +96,9 @@ def measure(kind: str, paths: list[str], feeds_path: str, runs: int) -> dict:
     else:
         import onnxruntime as ort
 
+        # imported before the RSS baseline, as tvm is (it imports riem_compiler)
+        from riem_compiler.codegen.ort_runner import release_freed_heap
+
     def load(path):
         if kind == "tvm":
             return load_tvm(path)
@@ -122,8 +125,6 @@ def measure(kind: str, paths: list[str], feeds_path: str, runs: int) -> dict:
         if rss is None:
             rss = rss_bytes() - before
             if kind != "tvm":  # what the heap onnxruntime's constant folding freed still holds
-                from riem_compiler.codegen.ort_runner import release_freed_heap
-
                 trimmed = rss_bytes() - before if release_freed_heap() else None
         lat[b] = _median_ms(run, runs)
         model = run = None  # free before the next batch
