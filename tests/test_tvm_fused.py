@@ -52,6 +52,7 @@ CASES = [
     ("rotq2-g16-fitted", lambda: fit_rotq(_weight((16, 256), 15), 2, 16, grid="fitted"), 4),
     ("rotq3-g8-padded", lambda: fit_rotq(_weight((17, 100), 16), 3, 8), 2),
     ("rotq1-g32", lambda: fit_rotq(_weight((12, 64), 17), 1, 32), 1),
+    ("affine1-in-g64", lambda: fit_affine(_weight((16, 128), 37), 1, 64, iterations=3), 2),
     # the tiled form (at least TILED_FROM_ROWS activation rows): packed rows, the element form
     # (padded reduction), codebooks (lane-aligned vectors, and a padded tail through the element
     # form), rotq's rotation before it; rows that do not fill a tile; batches that do not fill a block
@@ -73,6 +74,8 @@ CASES = [
     ("nn-vq-d3-b10-tail", lambda: fit_vq(_weight((7, 50), 34), 3, 10, iterations=1), 64),
     ("nn-vq-d4", lambda: fit_vq(_weight((32, 64), 35), 4, 6, iterations=2), 96),
     ("nn-rotq2-g32", lambda: fit_rotq(_weight((24, 96), 36), 2, 32), 64),
+    ("tiled-rotq1-g32", lambda: fit_rotq(_weight((12, 64), 38), 1, 32), 8),
+    ("nn-affine1-in-g64", lambda: fit_affine(_weight((16, 128), 39), 1, 64, iterations=3), 64),
 ]
 
 

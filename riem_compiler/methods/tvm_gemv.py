@@ -4,7 +4,7 @@ the stored arrays, never written to memory. One TIR PrimFunc per weight and batc
 
 Two forms:
 
-- packed rows (`packed_rows_te`), the fast form: codes of 2, 4 or 8 bits whose rows and groups
+- packed rows (`packed_rows_te`), the fast form: codes of 1, 2, 4 or 8 bits whose rows and groups
   start on a byte boundary (the grouped matrix is the weight's (out, in) view, groups along the
   reduction). The reduction runs over (group, byte block, code within the byte): a vector of
   `lanes` consecutive bytes of one row is loaded once, the codes of each byte are taken with a
@@ -69,7 +69,7 @@ def is_tiled(batch: int, target_kind: str = "llvm") -> bool:
 def packed_rows_layout(bits: int, cols: int, group: int | None):
     """(codes per byte, group, groups, bytes per group, lanes) when the packed-rows form applies, else
     a str saying why not."""
-    if bits not in (2, 4, 8):
+    if bits not in (1, 2, 4, 8):
         return f"{bits}-bit codes straddle bytes"
     cpb = 8 // bits
     g = cols if group is None else int(group)
