@@ -53,6 +53,15 @@ CASES = [
     ("rotq3-g8-padded", lambda: fit_rotq(_weight((17, 100), 16), 3, 8), 2),
     ("rotq1-g32", lambda: fit_rotq(_weight((12, 64), 17), 1, 32), 1),
     ("affine1-in-g64", lambda: fit_affine(_weight((16, 128), 37), 1, 64, iterations=3), 2),
+    # packed rows of multi-byte units (8 codes in `bits` bytes): 3/5/6/7 bits, rows of whole units
+    ("rtn3-g32", lambda: fit_rtn(_weight((24, 96), 40), 3, 32), 1),
+    ("rtn5-g16", lambda: fit_rtn(_weight((9, 64), 41), 5, 16), 3),
+    ("rtn7-row", lambda: fit_rtn(_weight((10, 128), 42), 7, None), 2),
+    ("affine3-in-g32", lambda: fit_affine(_weight((16, 128), 43), 3, 32, iterations=3), 1),
+    ("rotq3-g32", lambda: fit_rotq(_weight((24, 96), 44), 3, 32), 2),
+    ("tiled-rtn6-g16", lambda: fit_rtn(_weight((16, 64), 45), 6, 16), 8),
+    ("nn-rtn3-g64", lambda: fit_rtn(_weight((32, 128), 46), 3, 64), 64),
+    ("nn-rotq3-g32", lambda: fit_rotq(_weight((24, 96), 47), 3, 32), 70),
     # the tiled form (at least TILED_FROM_ROWS activation rows): packed rows, the element form
     # (padded reduction), codebooks (lane-aligned vectors, and a padded tail through the element
     # form), rotq's rotation before it; rows that do not fill a tile; batches that do not fill a block
@@ -164,8 +173,9 @@ def _block_names(func):
 def test_batch_regime_choice():
     """Mode "auto" on LLVM: the GEMV forms below TILED_FROM_ROWS activation rows, the tiled form
     (a decoded tile per call: "part" partial sums, from TILED_NN_FROM_ROWS a transposed tile) from there on, fused at every batch where the
-    decode is the packed-rows or codebook one; the generic per-weight bit reader (3-bit codes) is
-    decoded once at load instead, with the reason; mode "fused" keeps it fused."""
+    decode is the packed-rows (3-bit codes too, in whole units) or codebook one; the generic
+    per-weight bit reader (3-bit rows that do not hold whole units) is decoded once at load
+    instead, with the reason; mode "fused" keeps it fused."""
     from riem_compiler.methods.tvm_gemv import TILED_FROM_ROWS, TILED_NN_FROM_ROWS
 
     rtn, vq = methods.get("rtn"), methods.get("vq")
@@ -178,6 +188,9 @@ def test_batch_regime_choice():
     assert "decode_t" in _block_names(vq.tvm_fused(cwv, TILED_NN_FROM_ROWS, "k", "llvm"))
     why = rtn.tvm_fused(cw3, 32, "k", "llvm")
     assert isinstance(why, str) and "slower than decoding once" in why
+    packed3 = next(f for name, f, _ in CASES if name == "rtn3-g32")()  # 3-bit codes in whole 3-byte units
+    assert "x_split" in _block_names(rtn.tvm_fused(packed3, 2, "k", "llvm"))
+    assert "part" in _block_names(rtn.tvm_fused(packed3, 32, "k", "llvm"))
     assert "part" in _block_names(rtn.tvm_fused(cw3, 32, "k", "llvm", for_memory=True))
     assert not isinstance(rtn.tvm_fused(cw, 32, "k", "cuda"), str)
 
@@ -284,10 +297,11 @@ def test_auto_artifact_holds_the_stored_bytes(mlp_result, auto_artifact):
 
 
 def test_auto_build_fuses_rotq_and_keeps_its_bytes(tmp_path):
-    """rotq in mode "auto": 2/4-bit weights with byte-aligned groups (fc1; fc4 with padded columns)
-    run the fused kernel (rotation on x, codes decoded in the reduction) and stay at their stored
-    bytes; the 3-bit element form is decoded once at load, with the reason; outputs match torch."""
-    res = compressed_mlp(1, {"fc1": lambda w: fit_rotq(w, 2, 32), "fc2": lambda w: fit_rotq(w, 3, 32),
+    """rotq in mode "auto": weights whose groups hold whole units in vector lanes (fc1; fc3; fc4 with
+    padded columns) run the fused kernel (rotation on x, codes decoded in the reduction) and stay at
+    their stored bytes; 3-bit groups of 8 codes (one 3-byte unit: too few for vector lanes, the
+    element form) are decoded once at load, with the reason; outputs match torch."""
+    res = compressed_mlp(1, {"fc1": lambda w: fit_rotq(w, 2, 32), "fc2": lambda w: fit_rotq(w, 3, 8),
                              "fc3": lambda w: fit_rotq(w, 4, None, grid="fitted"),
                              "fc4": lambda w: fit_rotq(w, 2, 16, block=16)}, batch=2)
     compressed, model = res.compressed, res.model

@@ -50,12 +50,12 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
 
     mode="auto" (default) picks per layer and batch regime: a 2-D weight consumed by a matmul
     whose method offers a fused dequantise-matmul kernel that pays for it (`Method.tvm_fused`: rtn
-    and affine with byte-aligned 1/2/4/8-bit codes, rotq with byte-aligned 1/2/4-bit codes (the rotation
+    and affine with 1-8-bit codes in byte-aligned rows and groups, rotq likewise (the rotation
     applied to x), vq, svd as two thin matmuls; at any batch: GEMV forms up to 4 activation rows per
     call on CPU, the tiled form (a tile of the weight decoded once per call) from 5) runs that kernel,
     so the weight stays in its stored bytes at run time; every other compact weight is decoded once
     at load, with the method's reason in the manifest (riem: its decode costs far more than the
-    matmul; straddling codes (3/5/6/7 bits): the CPU kernel reads a code per weight through a
+    matmul; rows or groups that do not start on a byte boundary: the CPU kernel reads a code per weight through a
     generic bit reader; tucker2 and conv weights: no fused kernel).
     mode="decode-once" decodes every compact weight once at load; mode="fused" keeps every one
     compact: fused kernels where a method has one (riem's included), the others decoded per

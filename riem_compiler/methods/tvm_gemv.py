@@ -4,18 +4,18 @@ the stored arrays, never written to memory. One TIR PrimFunc per weight and batc
 
 Two forms:
 
-- packed rows (`packed_rows_te`), the fast form: codes of 1, 2, 4 or 8 bits whose rows and groups
-  start on a byte boundary (the grouped matrix is the weight's (out, in) view, groups along the
-  reduction). The reduction runs over (group, byte block, code within the byte): a vector of
-  `lanes` consecutive bytes of one row is loaded once, the codes of each byte are taken with a
-  constant shift (the loop over the codes of a byte is unrolled), and the activation is read
-  de-interleaved (x_split[b, t, byte] = x[b, byte * codes_per_byte + t], built in the same
-  function), so every load is contiguous. The group's scale and zero point are loaded once per
-  group (rotq: a code's value is its grid level, `level`, in place of code - zero). Schedule
-  (LLVM): parallel over output rows, batch inside (one decode feeds every row of x), lanes
-  vectorised, a per-row accumulator of `lanes` partial sums reduced at the end.
-- element form (`element_linear_te`), for everything else (3/5/6/7 bits, tails that do not fill
-  a byte, groups that do not divide the row, grouping along the output axis, codebooks): the
+- packed rows (`packed_rows_te`), the fast form: codes of 1 to 8 bits whose rows and groups hold
+  whole units (a unit: one byte of 8 / bits codes for 1/2/4/8 bits, else `bits` bytes of 8 codes),
+  the grouped matrix being the weight's (out, in) view, groups along the reduction. The reduction
+  runs over (group, unit block, code within the unit): a vector of `lanes` consecutive units of one
+  row is loaded once, each code is taken with a constant shift (the loop over the codes of a unit
+  is unrolled), and the activation is read de-interleaved (x_split[b, t, u] = x[b, u *
+  codes_per_unit + t], built in the same function), so every load is contiguous. The group's scale
+  and zero point are loaded once per group (rotq: a code's value is its grid level, `level`, in
+  place of code - zero). Schedule (LLVM): parallel over output rows, batch inside (one decode feeds
+  every row of x), lanes vectorised, a per-row accumulator of `lanes` partial sums reduced at the end.
+- element form (`element_linear_te`), for everything else (tails that do not fill a unit, groups
+  that do not divide the row or hold whole units, grouping along the output axis, codebooks): the
   method's decode expression W(i, k) is a spatial block inlined into the matmul's reduction.
   Schedule (LLVM): parallel over output rows; vectorised over output rows where the stored
   layout is contiguous along them (grouping along the output axis), else over the reduction
@@ -41,7 +41,7 @@ from tvm import te, tirx
 
 LANE_CHOICES = (16, 8, 4)
 # PrimFunc attribute of a CPU kernel that gathers codes per weight (the element form along the
-# reduction: rtn/affine codes that straddle bytes): measured slower than decoding once (vq in that
+# reduction: rows or groups that do not start on a byte boundary): measured slower than decoding once (vq in that
 # form, before its lookup-table kernel: 155 ms fused vs 39 ms decode-once on tvm_lowbit's 4x4096
 # MLP at batch 1; tiled, rtn 3-bit at 32 rows: 0.92-1.0 ms vs 0.26-0.31 ms for the dense matmul),
 # so mode "auto" decodes such weights once at load
@@ -67,21 +67,23 @@ def is_tiled(batch: int, target_kind: str = "llvm") -> bool:
 
 
 def packed_rows_layout(bits: int, cols: int, group: int | None):
-    """(codes per byte, group, groups, bytes per group, lanes) when the packed-rows form applies, else
-    a str saying why not."""
-    if bits not in (1, 2, 4, 8):
-        return f"{bits}-bit codes straddle bytes"
-    cpb = 8 // bits
+    """(codes per unit, group, groups, units per group, lanes, bytes per unit) when the packed-rows
+    form applies, else a str saying why not. A unit is the smallest run of whole bytes holding whole
+    codes: one byte of 8 // bits codes for 1/2/4/8 bits, `bits` bytes of 8 codes otherwise (3, 5, 6,
+    7 bits); rows and groups must hold whole units."""
+    if not 1 <= bits <= 8:
+        return f"{bits}-bit codes are wider than a byte"
+    cpu, bpu = (8 // bits, 1) if 8 % bits == 0 else (8, bits)
     g = cols if group is None else int(group)
     if cols % g:
         return f"group {g} does not divide the row ({cols})"
-    if g % cpb:
-        return f"a group of {g} does not fill whole bytes"
-    gb = g // cpb
-    lanes = next((v for v in LANE_CHOICES if gb % v == 0), None)
+    if g % cpu:
+        return f"a group of {g} does not fill whole {bpu}-byte units of {cpu} codes"
+    gu = g // cpu
+    lanes = next((v for v in LANE_CHOICES if gu % v == 0), None)
     if lanes is None:
-        return f"a group's {gb} bytes do not split into vector lanes"
-    return cpb, g, cols // g, gb, lanes
+        return f"a group's {gu} units do not split into vector lanes"
+    return cpu, g, cols // g, gu, lanes, bpu
 
 
 def packed_rows_te(x: te.Tensor, codes: te.Tensor, bits: int, rows: int, cols: int, layout, scale_at, zero_at,
@@ -91,17 +93,27 @@ def packed_rows_te(x: te.Tensor, codes: te.Tensor, bits: int, rows: int, cols: i
     With `level` (a code's float32 value, e.g. a grid lookup), W[i, k] = level(code(i, k)) * scale_at(i, g)
     and zero_at is unused.
 
-    Partial sums acc[b, i, c, t, lane]: `chains` independent vector accumulators (c) per code
-    position in the byte (t), so consecutive fused multiply-adds do not wait on each other."""
-    cpb, _, n_groups, gb, lanes = layout
+    Code t of a unit starts at bit t * bits of the unit (little-endian), so its byte and shift are
+    constants once the loop over t is unrolled; a code that crosses into the unit's next byte (3, 5,
+    6, 7 bits) reads both. Partial sums acc[b, i, c, t, lane]: `chains` independent vector
+    accumulators (c) per code position in the unit (t), so consecutive fused multiply-adds do not
+    wait on each other."""
+    cpb, _, n_groups, gb, lanes, bpu = layout
     blocks = gb // lanes
     batch = int(x.shape[0])
-    row_bytes = cols // cpb
+    row_bytes = cols // cpb * bpu
     mask = (1 << bits) - 1
 
     def decode(i, t, grp, kk):
-        byte = codes[i * row_bytes + grp * gb + kk].astype("int32")
-        code = byte if bits == 8 else tirx.bitwise_and(tirx.shift_right(byte, t * bits), mask)
+        at = i * row_bytes + (grp * gb + kk) * bpu
+        if bpu == 1:
+            byte = codes[at].astype("int32")
+            code = byte if bits == 8 else tirx.bitwise_and(tirx.shift_right(byte, t * bits), mask)
+        else:  # the code's first byte, and the next one where the code crosses into it
+            first, shift = tirx.floordiv(t * bits, 8), tirx.floormod(t * bits, 8)
+            low = codes[at + first].astype("int32")
+            high = tirx.if_then_else(shift + bits > 8, codes[at + tirx.min(first + 1, bpu - 1)].astype("int32"), 0)
+            code = tirx.bitwise_and(tirx.shift_right(low + high * 256, shift), mask)
         if level is not None:
             return level(code) * scale_at(i, grp)
         return (code.astype(F32) - zero_at(i, grp)) * scale_at(i, grp)
@@ -111,7 +123,7 @@ def packed_rows_te(x: te.Tensor, codes: te.Tensor, bits: int, rows: int, cols: i
                            name="x_red")
         return tiled_linear_te(x_red, rows, decode, lanes)
     chains = next(c for c in (4, 2, 1) if blocks % c == 0 and (c * cpb * batch <= 8 or c == 1))
-    xs = te.compute((batch, cpb, row_bytes), lambda b, t, kb: x[b, kb * cpb + t], name="x_split")
+    xs = te.compute((batch, cpb, cols // cpb), lambda b, t, kb: x[b, kb * cpb + t], name="x_split")
     g = te.reduce_axis((0, n_groups), name="g")
     ko = te.reduce_axis((0, blocks // chains), name="ko")
     dec = te.compute((rows, cpb, n_groups, gb), decode, name="decode")

@@ -9,7 +9,7 @@ meta "transposed" / "axis" say so (then matrix element (i, j) is G[j, i]). The a
 
 Codegen's interface: `array_names`, `decode_primfunc`, `schedule_decode_cpu`, and
 `fused_linear_primfunc` (y = x W^T, dequantised inside the reduction, tvm_gemv.py): groups
-along the reduction axis with 1/2/4/8-bit byte-aligned rows take the packed-rows form; grouping
+along the reduction axis with byte-aligned rows and groups (1-8 bits) take the packed-rows form; grouping
 along the output axis (the grouped matrix is W^T) takes the element form vectorised over output
 rows, along which its codes, scales and zero points are contiguous.
 """

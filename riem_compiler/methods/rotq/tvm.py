@@ -10,7 +10,7 @@ R = diag(s) blockdiag(Hn), Hn = H_B / sqrt(B) (symmetric), the weight is W = (Q 
 - fused (`fused_linear_primfunc`): y = x W^T = (x_pad R) Q^T, since W^T = R Q^T restricted to
   the real columns and x_pad is x with zero padded columns. The rotation moves to the activation
   (signs, 1/sqrt(B) and the same butterflies on x: O(batch * padded * log B) per call), then a
-  GEMV whose reduction decodes Q from the codes (tvm_gemv.py: packed rows for 1/2/4-bit codes with
+  GEMV whose reduction decodes Q from the codes (tvm_gemv.py: packed rows for codes with
   byte-aligned groups, the grid lookup in place of rtn's offset; else the element form). Q and W
   are never written to memory.
 

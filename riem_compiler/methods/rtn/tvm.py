@@ -10,7 +10,7 @@ Codes are read in the bitpack.py layout (8 bits a byte; 4/3/2 bits from a two-by
 
 Codegen's interface (as for every method's kernel module): `array_names`, `decode_primfunc`,
 `schedule_decode_cpu`, and `fused_linear_primfunc`: y = x W^T with the dequantisation inside the
-reduction (tvm_gemv.py: the packed-rows form for 2/4/8 bits with byte-aligned rows and groups,
+reduction (tvm_gemv.py: the packed-rows form for byte-aligned rows and groups of 1-8-bit codes,
 else the element form), so the weight stays in its stored bytes at run time.
 """
 from __future__ import annotations
