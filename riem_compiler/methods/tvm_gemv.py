@@ -37,6 +37,8 @@ schedule them.
 """
 from __future__ import annotations
 
+import math
+
 from tvm import te, tirx
 
 LANE_CHOICES = (16, 8, 4)
@@ -258,7 +260,7 @@ def tiled_linear_te(x_red: te.Tensor, rows: int, element, lanes: int, decode_sha
     batch, *dims = (int(d) for d in x_red.shape)
     assert dims[-1] % lanes == 0, (dims, lanes)
     dshape = list(dims if decode_shape is None else decode_shape)
-    strides = [int(_prod(dshape[j + 1:])) for j in range(len(dshape))]
+    strides = [math.prod(dshape[j + 1:]) for j in range(len(dshape))]
     if batch >= TILED_NN_FROM_ROWS:
         dec_t = te.compute((*dshape, rows), lambda *a: element(a[-1], *a[:-1]), name="decode_t")
         red = [te.reduce_axis((0, d), name=f"r{j}") for j, d in enumerate(dshape)]
@@ -286,13 +288,6 @@ def tiled_linear_te(x_red: te.Tensor, rows: int, element, lanes: int, decode_sha
     part = te.compute((batch, rows, lanes), partial, name="part")
     rl = te.reduce_axis((0, lanes), name="rl")
     return te.compute((batch, rows), lambda b, i: te.sum(part[b, i, rl], axis=rl), name="y")
-
-
-def _prod(xs) -> int:
-    out = 1
-    for v in xs:
-        out *= int(v)
-    return out
 
 
 def _has_block(sch, name: str) -> bool:
