@@ -43,9 +43,9 @@ from tvm import te, tirx
 
 LANE_CHOICES = (16, 8, 4)
 # PrimFunc attribute of a CPU kernel that gathers codes per weight (the element form along the
-# reduction: rows or groups that do not start on a byte boundary): measured slower than decoding once (vq in that
-# form, before its lookup-table kernel: 155 ms fused vs 39 ms decode-once on tvm_lowbit's 4x4096
-# MLP at batch 1; tiled, rtn 3-bit at 32 rows: 0.92-1.0 ms vs 0.26-0.31 ms for the dense matmul),
+# reduction: rows or groups that do not start on a byte boundary): measured slower than decoding
+# once (vq in that form, before its lookup-table kernel: 155 ms fused vs 39 ms decode-once on
+# tvm_lowbit's 4x4096 MLP at batch 1; tiled, rtn 3-bit at 32 rows: 0.92-1.0 ms vs 0.26-0.31 ms for the dense matmul),
 # so mode "auto" decodes such weights once at load
 SLOW_ON_CPU = "riem.fused_slower_than_decode_once"
 F32 = "float32"
@@ -100,7 +100,7 @@ def packed_rows_te(x: te.Tensor, codes: te.Tensor, bits: int, rows: int, cols: i
     6, 7 bits) reads both. Partial sums acc[b, i, c, t, lane]: `chains` independent vector
     accumulators (c) per code position in the unit (t), so consecutive fused multiply-adds do not
     wait on each other."""
-    cpb, _, n_groups, gb, lanes, bpu = layout
+    cpb, _, n_groups, gb, lanes, bpu = layout  # codes per unit, units per group (a unit is a byte for 1/2/4/8 bits)
     blocks = gb // lanes
     batch = int(x.shape[0])
     row_bytes = cols // cpb * bpu
