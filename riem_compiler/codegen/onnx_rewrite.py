@@ -35,7 +35,7 @@ Design:
   earlier body concatenated the branches into (rows, cols, K*m) and used a MatMul with a 1-D v,
   which onnxruntime runs slowly: opening a compressed MiniLM took ~20 s (see
   benchmarks/results/onnx_size_latency.md). UnpackBits reads each code from three gathered bytes
-  (int64 per code, no per-bit matrix).
+  of its 8-code unit (int32 per code, no per-bit matrix).
 - onnx_format="standard" (`Config.onnx_format`): a weight whose method has a standard-op form
   (`Method.onnx_native`; rtn 8/4-bit -> one DequantizeLinear on signed int8/int4 codes, no zero
   point, so the initializers hold exactly the CompressedWeight's bytes, input-major for 2-D

@@ -22,22 +22,35 @@ _F = 1  # TensorProto.FLOAT
 def UnpackBits(packed: UINT8, count: INT64, bits: int) -> FLOAT:
     """`count` codes of `bits` (1..16) bits from a little-endian bit stream (riem.pack_codes).
 
-    Code i starts at bit i*bits: it is read from the three bytes from byte (i*bits)//8 on, as
-    (b0 + 256 b1 + 65536 b2) // 2^((i*bits) % 8) mod 2^bits. Every tensor is one int64 per code
-    (no per-bit matrix; MatMul with a 1-D operand is slow in onnxruntime).
+    Every 8 codes fill exactly `bits` bytes (a unit), so the stream is read as a (units, bits) int32
+    matrix and code t of a unit is a constant-column gather: from byte (t*bits)//8 on, three bytes
+    (b0 + 256 b1 + 65536 b2) // 2^((t*bits) % 8) mod 2^bits (byte indices clamped to the unit:
+    a clamped byte only lands above the code's bits). int32 per code throughout, and the byte and
+    shift tables are 8 long: onnxruntime's constant folding holds every intermediate of every
+    layer until it ends, so their size is the file's peak memory at session creation.
     """
-    pow2 = op.Constant(value=np.array([1 << i for i in range(17)], dtype=np.int64))
+    pow2 = op.Constant(value=np.array([1 << i for i in range(17)], dtype=np.int32))
     nbits = op.Constant(value_int=bits)
     eight = op.Constant(value_int=8)
-    start = op.Range(op.Constant(value_int=0), op.Squeeze(count), op.Constant(value_int=1)) * nbits
+    one = op.Constant(value_int=1)
+    n = op.Squeeze(count)
+    units = op.Div(n + op.Constant(value_int=7), eight)
+    need = op.Reshape(units * nbits, op.Constant(value_ints=[1]))
+    wide = op.Slice(op.Concat(packed, op.Constant(value=np.zeros(16, dtype=np.uint8)), axis=0),
+                    op.Constant(value_ints=[0]), need)
+    unit_bytes = op.Reshape(op.Cast(wide, to=6), op.Concat(op.Reshape(units, op.Constant(value_ints=[1])),
+                                                           op.Reshape(nbits, op.Constant(value_ints=[1])), axis=0))
+    start = op.Range(op.Constant(value_int=0), eight, one) * nbits
     first = op.Div(start, eight)
-    wide = op.Cast(op.Concat(packed, op.Constant(value=np.zeros(2, dtype=np.uint8)), axis=0), to=7)  # int64
-    second = first + op.Constant(value_int=1)
-    third = first + op.Constant(value_int=2)
-    word = (op.Gather(wide, first) + op.Gather(wide, second) * op.Constant(value_int=256)
-            + op.Gather(wide, third) * op.Constant(value_int=65536))
+    last = nbits - one
+    word = (op.Gather(unit_bytes, first, axis=1)
+            + op.Gather(unit_bytes, op.Min(first + one, last), axis=1) * op.Constant(value=np.array(256, np.int32))
+            + op.Gather(unit_bytes, op.Min(first + op.Constant(value_int=2), last), axis=1)
+            * op.Constant(value=np.array(65536, np.int32)))
     code = op.Mod(op.Div(word, op.Gather(pow2, op.Mod(start, eight))), op.Gather(pow2, nbits))
-    return op.Cast(code, to=_F)
+    flat = op.Slice(op.Reshape(code, op.Constant(value_ints=[-1])), op.Constant(value_ints=[0]),
+                    op.Reshape(n, op.Constant(value_ints=[1])))
+    return op.Cast(flat, to=_F)
 
 
 FUNCTIONS = {"UnpackBits": (UnpackBits, ())}

@@ -30,15 +30,17 @@ def RotQSigns(count: int, seed_offset: int) -> FLOAT:
 
 @script(RIEM)
 def RotQHadamard(block: int, inv_sqrt_block: float) -> FLOAT:
-    """H_B / sqrt(B): H[i, j] = (-1)^(sum_k bit_k(i) bit_k(j)), bit_k(i) = (i // 2^k) mod 2."""
+    """H_B / sqrt(B): H[i, j] = (-1)^(sum_k bit_k(i) bit_k(j)), bit_k(i) = (i // 2^k) mod 2. The sum
+    is one (B, 12) x (12, B) float MatMul (small integers, exact in float32), so no (B, B, 12)
+    tensor is made: onnxruntime keeps every folded intermediate until its constant folding ends."""
     pow2 = op.Constant(value=np.array([1 << k for k in range(12)], dtype=np.int64))
     two = op.Constant(value_int=2)
     i = op.Range(op.Constant(value_int=0), op.Constant(value_int=block), op.Constant(value_int=1))
-    bits = op.Mod(op.Div(op.Unsqueeze(i, op.Constant(value_ints=[1])), op.Unsqueeze(pow2, op.Constant(value_ints=[0]))),
-                  two)  # (B, 12)
-    both = op.Unsqueeze(bits, op.Constant(value_ints=[1])) * op.Unsqueeze(bits, op.Constant(value_ints=[0]))
-    parity = op.Mod(op.ReduceSum(both, op.Constant(value_ints=[2]), keepdims=0), two)
-    sign = op.Cast(op.Constant(value_int=1) - two * parity, to=_F)
+    bits = op.Cast(op.Mod(op.Div(op.Unsqueeze(i, op.Constant(value_ints=[1])),
+                                 op.Unsqueeze(pow2, op.Constant(value_ints=[0]))), two), to=_F)  # (B, 12)
+    shared = op.MatMul(bits, op.Transpose(bits, perm=[1, 0]))
+    parity = op.Mod(shared, op.Constant(value_float=2.0), fmod=1)
+    sign = op.Constant(value_float=1.0) - op.Constant(value_float=2.0) * parity
     return sign * op.Constant(value_float=inv_sqrt_block)
 
 
