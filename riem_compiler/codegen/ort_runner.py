@@ -20,8 +20,8 @@ def release_freed_heap() -> bool:
 
     onnxruntime constant-folds a decoder-function file at session creation and keeps every folded
     intermediate until the pass ends; glibc then keeps the freed heap mapped. Measured on MiniLM's
-    `auto` plan at 1/8 (31 function-form layers): 1640 MiB added by the session, 106 MiB after
-    this call (dense file: 68 MiB; tvm_lowbit.md). The peak during session creation is unchanged.
+    `auto` plan at 1/8 (31 function-form layers): 995 MiB added by the session, 107 MiB after
+    this call (dense file: 67 MiB; tvm_lowbit.md). The peak during session creation is unchanged.
     A process that opens such a file with stock onnxruntime gets the same by calling malloc_trim
     itself, or by starting with GLIBC_TUNABLES=glibc.malloc.trim_threshold=0."""
     name = ctypes.util.find_library("c")
