@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 
 import numpy as np
 import onnx
-
-log = logging.getLogger("riem_compiler.ort_runner")
 
 
 def release_freed_heap() -> bool:
@@ -21,7 +18,7 @@ def release_freed_heap() -> bool:
     onnxruntime constant-folds a decoder-function file at session creation and keeps every folded
     intermediate until the pass ends; glibc then keeps the freed heap mapped. Measured on MiniLM's
     `auto` plan at 1/8 (31 function-form layers): 995 MiB added by the session, 107 MiB after
-    this call (dense file: 67 MiB; tvm_lowbit.md). The peak during session creation is unchanged.
+    this call (dense file: 67 MiB; tvm_lowbit.md). The peak during session creation is not changed by it.
     A process that opens such a file with stock onnxruntime gets the same by calling malloc_trim
     itself, or by starting with GLIBC_TUNABLES=glibc.malloc.trim_threshold=0."""
     name = ctypes.util.find_library("c")
@@ -67,7 +64,7 @@ class OnnxRuntimeModel:
             source = (path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto)
                       else str(path_or_model))
             self.session = ort.InferenceSession(source, sess_options=session_options, providers=providers)
-        release_freed_heap()
+        release_freed_heap()  # both paths: folding (above) or decoding in torch (fast start) leave freed heap
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
