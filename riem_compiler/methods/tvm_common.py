@@ -88,6 +88,17 @@ def matrix_weight(cw: CompressedWeight, element, name: str = "W") -> te.Tensor:
                       lambda i, *rest: element(i, flat_index(rest, tail)), name=name)
 
 
+def vectorize_inner(sch, loop) -> bool:
+    """Vectorise `loop` over the widest of VECTOR_CHOICES that divides its extent (split off as the
+    inner loop); False, leaving the loop alone, where none does."""
+    n = int(sch.get(loop).extent)
+    vec = next((v for v in VECTOR_CHOICES if n % v == 0), None)
+    if vec is None:
+        return False
+    sch.vectorize(sch.split(loop, [None, vec])[1])
+    return True
+
+
 def _spatial(sch, block) -> bool:
     return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
 

@@ -41,6 +41,8 @@ import math
 
 from tvm import te, tirx
 
+from riem_compiler.methods import tvm_common as tc
+
 LANE_CHOICES = (16, 8, 4)
 # PrimFunc attribute of a CPU kernel that gathers codes per weight (the element form along the
 # reduction: rows or groups that do not start on a byte boundary): measured slower than decoding
@@ -199,7 +201,7 @@ def element_linear_te(x: te.Tensor, rows: int, cols: int, element, target_kind: 
     schedule inlines into the reduction (the tiled form on CPU for many rows: decoded per tile)."""
     batch = int(x.shape[0])
     if is_tiled(batch, target_kind):  # the reduction padded to whole vector lanes, x zero there
-        lanes = next(v for v in LANE_CHOICES if v <= 8 or cols >= 4 * v)
+        lanes = 16 if cols >= 64 else 8
         padded = -(-cols // lanes) * lanes
         if padded == cols:
             return tiled_linear_te(x, rows, element, lanes)
@@ -352,22 +354,11 @@ def schedule_tiled_cpu(func):
     sch.compute_at(dec, jo, preserve_unit_loops=True)
     sch.set_scope(dec, 0, "local")
     last = sch.get_loops(dec)[-1]
-    n_last = int(sch.get(last).extent)
-    vec = _divisor(n_last, LANE_CHOICES) if n_last >= 4 else 1
-    if vec > 1 and n_last > vec:
-        sch.vectorize(sch.split(last, [None, vec])[1])
-    elif vec > 1:
-        sch.vectorize(last)
-    else:
+    if not tc.vectorize_inner(sch, last):
         sch.unroll(last)
     for blk in sch.get_child_blocks(sch.get_sblock("root")):
-        if sch.get(blk).name_hint not in ("x_red", "codebook_f32"):
-            continue
-        loops = sch.get_loops(blk)
-        n_in = int(sch.get(loops[-1]).extent)
-        v = _divisor(n_in, LANE_CHOICES) if n_in >= 4 else 1
-        if v > 1:
-            sch.vectorize(sch.split(loops[-1], [None, v])[1] if n_in > v else loops[-1])
+        if sch.get(blk).name_hint in ("x_red", "codebook_f32"):
+            tc.vectorize_inner(sch, sch.get_loops(blk)[-1])
     return scheduled(sch)
 
 

@@ -143,10 +143,7 @@ def schedule_decode_cpu(func, out_block: str = "W"):
         sch.compute_at(blk, rows, preserve_unit_loops=True)
     sch.parallel(rows)
     for blk in sch.get_child_blocks(rows) + [sch.get_sblock("signs")]:
-        inner = sch.get_loops(blk)[-1]
-        vec = next((v for v in tc.VECTOR_CHOICES if int(sch.get(inner).extent) % v == 0), 1)
-        if vec > 1:
-            sch.vectorize(sch.split(inner, [None, vec])[1])
+        tc.vectorize_inner(sch, sch.get_loops(blk)[-1])
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
@@ -199,10 +196,7 @@ def _schedule_rotation_cpu(func, blocks):
     sch = s_tir.Schedule(func)
     for name in blocks:
         loops = sch.get_loops(sch.get_sblock(name))
-        inner = loops[-1]
-        vec = next((v for v in tc.VECTOR_CHOICES if int(sch.get(inner).extent) % v == 0), 1)
-        if vec > 1:
-            sch.vectorize(sch.split(inner, [None, vec])[1])
+        tc.vectorize_inner(sch, loops[-1])
         if len(loops) > 1 and tg.is_tiled(int(sch.get(loops[0]).extent)):  # many rows of x: parallel over them
             sch.parallel(loops[0])
     return tg.scheduled(sch)
