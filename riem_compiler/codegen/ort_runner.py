@@ -6,7 +6,7 @@ Python API) needs only onnx, numpy and onnxruntime.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 
 import numpy as np
 import onnx
@@ -21,15 +21,23 @@ def release_freed_heap() -> bool:
     this call (dense file: 67 MiB; tvm_lowbit.md). The peak during session creation is not changed by it.
     A process that opens such a file with stock onnxruntime gets the same by calling malloc_trim
     itself, or by starting with GLIBC_TUNABLES=glibc.malloc.trim_threshold=0."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl, Windows): nothing to give back
+    trim = _malloc_trim()
+    if trim is None:  # not glibc (macOS, musl, Windows): nothing to give back
         return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim from the process's own symbols, looked up once (no library search:
+    ctypes.util.find_library runs a subprocess), or None where the C library has none."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 class OnnxRuntimeModel:
