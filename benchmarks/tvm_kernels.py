@@ -7,9 +7,9 @@ Each row: a random weight of MiniLM's shapes compressed by one method setting, t
 build_tvm runs for it (`Method.tvm_fused(..., for_memory=True)`: the form mode "fused" runs; mode
 "auto" runs the same one unless the row says "decode-once in auto"), and the dense NN matmul of the
 decoded weight scheduled by `tvm_schedules.schedule_matmul` (what decode-once runs), both compiled
-for this CPU and timed in one process: median of `--runs` calls. Which form the kernel takes (GEMV,
-tiled dot, tiled outer product) follows from the rows (methods/tvm_gemv.py). Writes
-tvm_kernels.md / .json under --out.
+for this CPU and timed in one process: median of `--runs` calls after 3 warm-ups. Which form the
+kernel takes (GEMV, tiled dot, tiled outer product) follows from the rows (methods/tvm_gemv.py).
+Writes tvm_kernels.md / .json under --out.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.tvm_lowbit import median_ms  # noqa: E402
 
 SHAPES = ((1536, 384), (384, 1536))
 
@@ -42,16 +43,6 @@ def settings():
             ("affine2-g64", lambda w: fit_affine(w, 2, 64, iterations=3)),
             ("vq-d4b8", lambda w: fit_vq(w, 4, 8, iterations=2)), ("vq-d3b9", lambda w: fit_vq(w, 3, 9, iterations=2)),
             ("rotq2-g64", lambda w: fit_rotq(w, 2, 64)))
-
-
-def _median_ms(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def dense_matmul(batch: int, rows: int, cols: int):
@@ -109,8 +100,8 @@ def measure(label: str, fit, shape, batch: int, runs: int) -> dict:
     ref = x @ W.T
     error = float(np.abs(y.numpy() - ref).max() / np.abs(ref).max())
     xd, wt = tvm.runtime.tensor(x), tvm.runtime.tensor(np.ascontiguousarray(W.T))
-    fused_ms = _median_ms(lambda: lib["fused"](*args, y), runs)
-    dense_ms = _median_ms(lambda: dense["dense"](xd, wt, y), runs)
+    fused_ms = median_ms(lambda: lib["fused"](*args, y), runs)
+    dense_ms = median_ms(lambda: dense["dense"](xd, wt, y), runs)
     return {"setting": label, "shape": list(shape), "rows": batch, "form": _form(kernel), "fused_ms": fused_ms,
             "dense_ms": dense_ms, "max_rel_error": error, "stored_bytes": int(cw.nbytes),
             "dense_bytes": int(W.nbytes), "auto": "fused" if not isinstance(auto, str) else "decode-once in auto"}

@@ -74,7 +74,8 @@ SETTINGS = {  # label -> (method, ratio, method options)
 }
 
 
-def _median_ms(fn, runs: int) -> float:
+def median_ms(fn, runs: int) -> float:
+    """Median milliseconds of `runs` calls of fn after 3 warm-up calls (also tvm_kernels.py's timer)."""
     for _ in range(3):
         fn()
     times = []
@@ -126,7 +127,7 @@ def measure(kind: str, paths: list[str], feeds_path: str, runs: int) -> dict:
             rss = rss_bytes() - before
             if kind != "tvm":  # what the heap onnxruntime's constant folding freed still holds
                 trimmed = rss_bytes() - before if release_freed_heap() else None
-        lat[b] = _median_ms(run, runs)
+        lat[b] = median_ms(run, runs)
         model = run = None  # free before the next batch
     np.savez(feeds_path + f".{os.getpid()}.out.npz", **out)
     return {"rss_mib": rss / 2 ** 20, "latency_ms": lat, "out": feeds_path + f".{os.getpid()}.out.npz",
