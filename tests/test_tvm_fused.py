@@ -28,10 +28,10 @@ def _weight(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-# (label, fit, batch): the packed-rows form (2/4/8 bits, byte-aligned rows and groups) and the
-# element form (3 bits, a row that ends mid-byte, a group that does not divide the row, the
-# output-axis affine grouping, codebooks; rotq: the rotation applied to x, then packed rows with a
-# grid lookup for 2/4 bits, the element form for 1/3 bits; padded columns, fitted grid)
+# (label, fit, batch): the packed-rows form (1-8 bits, rows and groups of whole units) and the
+# element form (a row that ends mid-unit, a group that does not divide the row or fill vector lanes,
+# the output-axis affine grouping, codebooks; rotq: the rotation applied to x, then packed rows with
+# a grid lookup, the element form for groups of one 3-byte unit; padded columns, fitted grid)
 CASES = [
     ("rtn4-g32", lambda: fit_rtn(_weight((24, 96)), 4, 32), 1),
     ("rtn2-row", lambda: fit_rtn(_weight((20, 64), 1), 2, None), 3),
@@ -63,8 +63,8 @@ CASES = [
     ("nn-rtn3-g64", lambda: fit_rtn(_weight((32, 128), 46), 3, 64), 64),
     ("nn-rotq3-g32", lambda: fit_rotq(_weight((24, 96), 47), 3, 32), 70),
     # the tiled form (at least TILED_FROM_ROWS activation rows): packed rows, the element form
-    # (padded reduction), codebooks (lane-aligned vectors, and a padded tail through the element
-    # form), rotq's rotation before it; rows that do not fill a tile; batches that do not fill a block
+    # (padded reduction), codebooks (lane-aligned vectors, and rows of vectors padded to whole lanes),
+    # rotq's rotation before it; rows that do not fill a tile; batches that do not fill a block
     ("tiled-rtn4-g32", lambda: fit_rtn(_weight((24, 96), 20), 4, 32), 8),
     ("tiled-rtn2-row-odd-rows", lambda: fit_rtn(_weight((13, 64), 21), 2, None), 7),
     ("tiled-rtn3-g20-odd", lambda: fit_rtn(_weight((13, 45), 22), 3, 20), 6),
