@@ -205,9 +205,7 @@ def element_linear_te(x: te.Tensor, rows: int, cols: int, element, target_kind: 
         padded = -(-cols // lanes) * lanes
         if padded == cols:
             return tiled_linear_te(x, rows, element, lanes)
-        x_red = te.compute((batch, padded), lambda b, k: tirx.Select(
-            k < cols, x[b, tirx.min(k, cols - 1)], tirx.const(0.0, F32)), name="x_red")
-        return tiled_linear_te(x_red, rows, lambda i, k: tirx.Select(
+        return tiled_linear_te(zero_padded(x, padded), rows, lambda i, k: tirx.Select(
             k < cols, element(i, tirx.min(k, cols - 1)), tirx.const(0.0, F32)), lanes)
     w = te.compute((rows, cols), lambda i, k: element(i, k), name="decode")
     k = te.reduce_axis((0, cols), name="k")
@@ -245,6 +243,14 @@ def schedule_element_cpu(func, along_rows: bool, keep=()):
     sch.vectorize(ii)
     sch.decompose_reduction(y, k)
     return scheduled(sch)
+
+
+def zero_padded(x: te.Tensor, width: int) -> te.Tensor:
+    """x (batch, cols) with zero columns up to `width`: the tiled form's x_red for a reduction padded to
+    whole lanes (min() keeps the unused read in bounds)."""
+    cols = int(x.shape[1])
+    return te.compute((int(x.shape[0]), width), lambda b, k: tirx.Select(
+        k < cols, x[b, tirx.min(k, cols - 1)], tirx.const(0.0, F32)), name="x_red")
 
 
 def tiled_linear_te(x_red: te.Tensor, rows: int, element, lanes: int, decode_shape=None) -> te.Tensor:

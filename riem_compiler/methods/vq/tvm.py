@@ -104,16 +104,13 @@ def _tiled_linear_te(cw: CompressedWeight, ph: dict, x: te.Tensor) -> te.Tensor:
     slots = next(v for v in range(vectors, vectors + 4) if (v * dim) % 4 == 0)
     padded = slots * dim
     lanes = next(v for v in tg.LANE_CHOICES if padded % v == 0)
-    batch = int(x.shape[0])
     cb = te.compute((1 << bits, dim), lambda k, j: codebook[k, j].astype("float32"), name="codebook_f32")
-    x_red = te.compute((batch, padded), lambda b, c: tirx.Select(
-        c < cols, x[b, tirx.min(c, cols - 1)], tirx.const(0.0, "float32")), name="x_red")
 
     def element(i, g, j):
         w = cb[unpack_code(codes, i * vectors + tirx.min(g, vectors - 1), bits), j] * (scale[i].astype("float32") * gain[0])
         return w if slots == vectors else tirx.Select(g < vectors, w, tirx.const(0.0, "float32"))
 
-    return tg.tiled_linear_te(x_red, n_out, element, lanes, decode_shape=(slots, dim))
+    return tg.tiled_linear_te(tg.zero_padded(x, padded), n_out, element, lanes, decode_shape=(slots, dim))
 
 
 def _lookup_linear_te(cw: CompressedWeight, ph: dict, x: te.Tensor) -> te.Tensor:
