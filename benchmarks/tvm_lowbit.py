@@ -98,7 +98,7 @@ def measure(kind: str, paths: list[str], feeds_path: str, runs: int) -> dict:
         import onnxruntime as ort
 
         # imported before the RSS baseline, as tvm is (it imports riem_compiler)
-        from riem_compiler.codegen.ort_runner import release_freed_heap
+        from riem_compiler.heap import release_freed_heap
 
     def load(path):
         if kind == "tvm":

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "riem_compiler"
 LAYERS = [  # (layer, module prefixes); the first matching prefix decides
     ("core", ["riem_compiler.errors", "riem_compiler.files", "riem_compiler.compressed", "riem_compiler.bitpack",
               "riem_compiler.metrics", "riem_compiler.riem", "riem_compiler.report", "riem_compiler.version",
-              "riem_compiler.pt2_safety", "riem_compiler.examples"]),
+              "riem_compiler.pt2_safety", "riem_compiler.examples", "riem_compiler.heap"]),
     ("frontend", ["riem_compiler.frontend"]),
     ("methods", ["riem_compiler.methods"]),
     ("passes", ["riem_compiler.passes", "riem_compiler.config", "riem_compiler.fit_cache"]),

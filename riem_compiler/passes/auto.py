@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LayerSpec
+from riem_compiler.heap import release_freed_heap
 from riem_compiler import methods
 from riem_compiler.methods.dense import fit_dense
 from riem_compiler.methods.rtn import LADDER as RTN_LADDER
@@ -325,7 +326,20 @@ def layer_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: flo
         over = len(pool) - len(kept)
         pool = kept or [_dense_candidate(spec)]
     _free_unpickable(pool, spec, budget_ratio)
+    _share_original(pool, spec)
+    release_freed_heap()  # a fit's temporaries are many times the layer: give their pages back
     return spec.name, pool, dropped, over, time.perf_counter() - t0, timing, off_target
+
+
+def _share_original(pool: list[Candidate], spec: LayerSpec) -> None:
+    """Make the float32 candidate hold the layer's own weight instead of a copy: once scored it is
+    only ever "keep the layer as it is" (never swapped in, measured or written), and a copy per
+    layer held the whole model once more for the run (called again where a remote job's pool
+    arrives, whose copy came back with it)."""
+    for c in pool:
+        if c.family == "dense32" and c.weight is not None:
+            c.weight = CompressedWeight(c.weight.method, c.weight.shape, dict(c.weight.meta),
+                                        {"weight": np.asarray(spec.weight, np.float32)})
 
 
 def _free_unpickable(pool: list[Candidate], spec: LayerSpec, budget_ratio: float) -> None:
@@ -387,12 +401,16 @@ def choose_methods_detailed(
 
         if plan_for not in PLAN_TARGETS:
             raise InputError(f"plan_for must be one of {PLAN_TARGETS} or None; got {plan_for!r}")
+    # largest layers first, so that no big fit starts last and runs alone (results do not depend on the order)
+    order = sorted(specs, key=lambda s: -s.weight.size)
+    by_name = {s.name: s for s in specs}
     jobs = [(spec, source, budget_ratio, error_ceiling, sensitivity.moment_error(spec) if sensitivity else None,
-             plan_for) for spec in specs]
+             plan_for) for spec in order]
     timing = {"candidates": {}, "scoring": 0.0}  # seconds summed over layers (over workers, not wall time)
     t_jobs = time.perf_counter()
     for name, pool, n_dropped, over, seconds, layer_timing, n_off in (executor or LocalExecutor()).map(layer_candidates,
                                                                                                      jobs):
+        _share_original(pool, by_name[name])
         found[name] = (pool, n_dropped, over, seconds, n_off)
         timing["scoring"] += layer_timing.pop("scoring", 0.0)
         for method_name, sec in layer_timing.items():

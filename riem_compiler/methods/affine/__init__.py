@@ -181,7 +181,7 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
         return q, err
 
     q, err = quantise(s16, z16)
-    best_q, best_s, best_z, best_err = q, s16, z16, err
+    best_s, best_z, best_err = s16, z16, err  # the codes follow from them: quantised once at the end
     s, z = s16.astype(np.float32), z16.astype(np.float32)
     beta, kappa = BETA0, penalty_growth(iterations)
     for _ in range(iterations):
@@ -209,11 +209,11 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, s16_new, best_s)
         best_z = np.where(better, z16_new, best_z)
-        best_q = np.where(better[..., None], q, best_q)
         s, z = s16_new.astype(np.float32), z16_new.astype(np.float32)
         if not (np.isfinite(s).all() and np.isfinite(z).all()):
             s, z = best_s.astype(np.float32), best_z.astype(np.float32)
             q, _ = quantise(best_s, best_z)
+    best_q, _ = quantise(best_s, best_z)
     codes = best_q.reshape(rows, groups * group)[:, :cols].astype(np.int64)
     return codes, best_s, best_z
 
