@@ -20,9 +20,10 @@ PREPROCESS_FIELDS = ("fold_batchnorm", "dead_channels", "equalize", "bias_correc
 # one torch thread per fit job; ONNX export: native forms per layer; ".2": affine's solver in float32
 # with an early stop, numpy BLAS threads pinned per job; ".3": no early stop; "2026-12-07": 25 BatchNorm-
 # inversion steps (were 100), auto's affine candidates at 15 iterations (were 30), probes on half the
-# sensitivity samples (were all); ".2": bias correction from folded BatchNorm statistics on by default);
-# results pages name it
-DEFAULTS_VERSION = "2026-12-07.2"
+# sensitivity samples (were all); ".2": bias correction from folded BatchNorm statistics on by default;
+# ".3": auto screens rtn/affine/rotq/vq candidates on a subset of rows and fits whole only those near
+# its plan); results pages name it
+DEFAULTS_VERSION = "2026-12-07.3"
 ONNX_FORMATS = ("auto", "functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 

@@ -210,7 +210,7 @@ def test_freeing_unpickable_candidates_changes_no_plan(ratio, monkeypatch):
     plans and the probe are those of a run that keeps every candidate, and most arrays are freed."""
     specs = _specs()
     freed = auto.choose_methods_detailed(specs, ratio)
-    monkeypatch.setattr(auto, "_free_unpickable", lambda pool, spec, budget_ratio: None)
+    monkeypatch.setattr(auto, "_free_unpickable", lambda pool, spec, budget_ratio, keep=(): None)
     kept = auto.choose_methods_detailed(specs, ratio)
     assert [c.label for c in freed.choices] == [c.label for c in kept.choices]
     assert freed.source == kept.source and freed.single_method == kept.single_method
@@ -221,3 +221,71 @@ def test_freeing_unpickable_candidates_changes_no_plan(ratio, monkeypatch):
     pools = [c.candidates for c in freed.choices]
     assert sum(c.weight is None for pool in pools for c in pool) > 0.5 * sum(len(pool) for pool in pools)
     assert all(c.weight is not None for c in kept.choices[0].candidates)
+
+
+def _screened_specs():
+    """Layers large enough for screening (CandidateGrid.screen_subset), one stored (in, out)."""
+    r = np.random.default_rng(1)
+    heavy = r.standard_normal((256, 192)) * np.exp(r.standard_normal((1, 192)))  # uneven input columns
+    return [LayerSpec("a.weight", "linear", (0.02 * r.standard_normal((384, 128))).astype(np.float32)),
+            LayerSpec("b.weight", "linear", (0.05 * heavy).astype(np.float32)),
+            LayerSpec("c.weight", "matmul", (0.03 * r.standard_normal((128, 256))).astype(np.float32), in_axis=0)]
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2])
+def test_screening_ships_whole_fits_within_the_budget(ratio):
+    specs = _screened_specs()
+    grid = auto.CandidateGrid()
+    assert all(grid.screen_subset(s) is not None for s in specs)
+    result = auto.choose_methods_detailed(specs, ratio)
+    assert sum(c.weight.nbytes for c in result.choices) <= ratio * sum(s.fp32_bytes for s in specs)
+    assert result.timing["screening"]["whole_fits"] > 0 and sum(c.screened for c in result.choices) > 0
+    for spec, choice in zip(specs, result.choices):
+        assert not any(c.estimated for c in choice.candidates)
+        assert tuple(choice.weight.shape) == spec.shape
+        whole = grid(spec, ratio, only={choice.label})  # rtn's setting for the budget is fitted whole anyway
+        if methods.get(choice.method).screened_on_rows and whole:
+            assert [auto.label(cw) for cw in whole] == [choice.label]
+            np.testing.assert_array_equal(decode(choice.weight), decode(whole[0]))
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2])
+def test_screened_plan_is_close_to_fitting_every_candidate_whole(ratio):
+    specs = _screened_specs()
+    screened = auto.choose_methods_detailed(specs, ratio)
+    whole = auto.choose_methods_detailed(specs, ratio, auto.CandidateGrid(screen_rows=1))
+    assert "screening" not in whole.timing
+    assert screened.proxy <= 1.05 * whole.proxy
+
+
+def test_screening_is_the_same_on_one_or_two_workers():
+    from riem_compiler.passes.executors import LocalExecutor
+
+    specs = _screened_specs()
+    one = auto.choose_methods_detailed(specs, 0.15, executor=LocalExecutor(workers=1))
+    two = auto.choose_methods_detailed(specs, 0.15, executor=LocalExecutor(workers=2))
+    assert [c.label for c in one.choices] == [c.label for c in two.choices]
+    for a, b in zip(one.choices, two.choices):
+        np.testing.assert_array_equal(decode(a.weight), decode(b.weight))
+
+
+def test_estimates_count_the_bytes_of_the_whole_weight():
+    grid = auto.CandidateGrid()
+    for spec in _screened_specs():
+        rows = grid.screen_subset(spec)
+        estimates = [cw for cw in grid(spec, 0.125, rows=rows) if tuple(cw.shape) != spec.shape]
+        assert {cw.method for cw in estimates} == {m.name for m in methods.all_methods() if m.screened_on_rows}
+        for cw in estimates:
+            assert cw.shape[spec.output_axis] == len(rows)
+            (whole,) = grid(spec, 0.125, only={auto.label(cw)})
+            assert methods.get(cw.method).nbytes_for_shape(cw, spec.shape) == whole.nbytes, auto.label(cw)
+
+
+def test_screening_leaves_small_grouped_and_gathered_layers_whole():
+    grid = auto.CandidateGrid()
+    r = np.random.default_rng(2)
+    assert grid.screen_subset(LayerSpec("s", "linear", r.standard_normal((64, 64)).astype(np.float32))) is None
+    assert grid.screen_subset(LayerSpec("g", "conv2d", r.standard_normal((512, 1, 3, 3)).astype(np.float32),
+                                        groups=512)) is None
+    assert grid.screen_subset(LayerSpec("e", "embedding", r.standard_normal((4096, 64)).astype(np.float32))) is None
+    assert auto.CandidateGrid(screen_rows=1).screen_subset(_screened_specs()[0]) is None

@@ -365,7 +365,7 @@ def test_freeing_unpickable_candidates_changes_no_plan_with_the_output_objective
     specs = _specs(model)
     sens = TorchSensitivity(model, specs, (torch.randn(2, 144),), settings=SensitivitySettings(samples=16))
     freed = auto.choose_methods_detailed(specs, 0.1, sensitivity=sens)
-    monkeypatch.setattr(auto, "_free_unpickable", lambda pool, spec, budget_ratio: None)
+    monkeypatch.setattr(auto, "_free_unpickable", lambda pool, spec, budget_ratio, keep=(): None)
     kept = auto.choose_methods_detailed(specs, 0.1, sensitivity=sens)
     assert [c.label for c in freed.choices] == [c.label for c in kept.choices]
     assert freed.measured == pytest.approx(kept.measured)
@@ -482,3 +482,23 @@ def test_probes_run_in_chunks_with_the_same_errors_and_moments(monkeypatch):
         noisy = {spec.name: spec.weight + 0.05 * np.random.default_rng(1).standard_normal(spec.shape)}
         for kw in ({}, {"probe": True}, {"holdout": True}):
             assert parts.measure(noisy, **kw) == pytest.approx(whole.measure(noisy, **kw), rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["matrix", "factor"])
+def test_moment_error_of_some_rows_is_those_rows_share(form):
+    """auto's screening scores a fit of a few output rows: their share of the whole layer error."""
+    from riem_compiler.passes.sensitivity import MomentError, SecondMoment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5 if form == "factor" else 40, 12, generator=g)
+    moment = SecondMoment(factor=x) if form == "factor" else SecondMoment(matrix=x.transpose(1, 2) @ x / 40)
+    row_weights = np.random.default_rng(0).uniform(0.5, 2.0, 10).astype(np.float32)
+    error = np.random.default_rng(1).standard_normal((10, 12)).astype(np.float32)
+    rows = np.array([1, 4, 7])
+    only_rows = np.zeros_like(error)
+    only_rows[rows] = error[rows]
+    for weights in (None, row_weights):
+        whole = MomentError(moment, False, 1, weights)
+        assert whole.for_rows(rows)(error[rows]) == pytest.approx(whole(only_rows), rel=1e-5)
+    stored_in_out = MomentError(moment, False, 0)
+    assert stored_in_out.for_rows(rows)(error[rows].T) == pytest.approx(stored_in_out(only_rows.T), rel=1e-5)

@@ -63,6 +63,11 @@ class LayerSpec:
         return tuple(self.weight.shape)
 
     @property
+    def output_axis(self) -> int:
+        """The weight axis of the layer's outputs (its rows)."""
+        return 1 if self.in_axis == 0 else 0
+
+    @property
     def matrix_shape(self) -> tuple[int, int]:
         return (self.weight.shape[0], int(np.prod(self.weight.shape[1:])))
 

@@ -107,6 +107,12 @@ def settings_key(settings) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def screening_rows(spec, options: dict) -> np.ndarray:
+    """The weight a candidate is fitted on: the layer's, or only its output rows options["rows"]."""
+    rows = options.get("rows")
+    return spec.weight if rows is None else np.take(spec.weight, rows, axis=spec.output_axis)
+
+
 class Method:
     """Base class; a method overrides what it has. Class attributes:
 
@@ -119,6 +125,10 @@ class Method:
     name: str = ""
     Settings: type = NoSettings
     tvm_dense_reason: str | None = "no TVM decode kernel: the TVM artifact stores the decoded weight dense"
+    # auto may first fit this method's candidates as estimates on a subset of a layer's output rows,
+    # to choose which to fit whole (passes/auto.py, screening): True where `candidates` reads
+    # options["rows"] and its error on those rows estimates the whole layer's
+    screened_on_rows: bool = False
 
     # ------------------------------------------------------------------ settings and fitting
     def settings(self, config) -> object:
@@ -135,7 +145,14 @@ class Method:
 
     def candidates(self, spec, budget_ratio: float, options: dict, attempt) -> None:
         """Add this method's candidates for `auto` to a CandidateList with
-        attempt(layer, label, fit_fn, *args, **kwargs). `options` are its grid options."""
+        attempt(layer, label, fit_fn, *args, **kwargs), label being what `label` will call the
+        fitted weight. `options` are its grid options; options["rows"] (screened_on_rows methods):
+        fit estimates of the weight cut to these output rows (`screening_rows`)."""
+
+    def nbytes_for_shape(self, cw: CompressedWeight, shape) -> int:
+        """Bytes cw's settings take for a weight of `shape` (screened_on_rows methods: cw was fitted
+        on a subset of that weight's output rows)."""
+        raise NotImplementedError(f"method {self.name!r} is not screened on rows")
 
     # ------------------------------------------------------------------ decoding
     def decode_torch(self, cw: CompressedWeight, tensors: dict):

@@ -282,6 +282,15 @@ class MomentError:
     # and the model's output see, so its candidates rank as before the fold
     rows: np.ndarray | None = None
 
+    def for_rows(self, rows: np.ndarray) -> "MomentError":
+        """The same error for the weight cut to these output rows (auto's screening fits): the
+        inputs are the layer's, and each kept row counts with its own factor. Not for a gathered
+        table or a grouped layer, whose moments belong to rows or groups."""
+        held = self.moment.matrix if self.moment.matrix is not None else self.moment.factor
+        if self.embedding or held.shape[0] != 1:
+            raise ValueError("a gathered table's or grouped layer's moments do not split by output rows")
+        return MomentError(self.moment, False, self.in_axis, None if self.rows is None else self.rows[rows])
+
     def __call__(self, error: np.ndarray) -> float:
         """error: W - W_hat in the layer's weight shape."""
         err = torch.from_numpy(np.ascontiguousarray(error, dtype=np.float32))

@@ -31,7 +31,7 @@ from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.methods.affine.layout import affine_layout, flipped
-from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
+from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, screening_rows, within_ratio
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 
 BITS = (8, 4, 3, 2, 1)
@@ -279,6 +279,11 @@ class Affine(Method):
     name = "affine"
     Settings = AffineSettings
     tvm_dense_reason = None
+    screened_on_rows = True  # groups along the input axis: every output row is coded on its own
+
+    def nbytes_for_shape(self, cw, shape):
+        return affine_nbytes(tuple(shape), cw.meta["bits"], cw.meta["group_size"],
+                             flipped(is_transposed(cw), cw.meta["axis"]))
 
     def fit(self, spec, ratio, settings, index=0):
         shape = spec.shape
@@ -302,8 +307,9 @@ class Affine(Method):
 
     def candidates(self, spec, budget_ratio, options, attempt):
         axis = options.get("axis", "in")
+        weight = screening_rows(spec, options)
         for bits, group in options.get("ladder", AUTO_LADDER):
-            attempt(spec.name, self.label_of(bits, group, axis), fit_affine, spec.weight, bits, group,
+            attempt(spec.name, self.label_of(bits, group, axis), fit_affine, weight, bits, group,
                     spec.in_axis, axis, options.get("iterations", AUTO_ITERATIONS), options.get("lp_norm", 0.7))
 
     def decode_torch(self, cw, tensors):

@@ -29,7 +29,7 @@ import torch
 from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
-from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
+from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, screening_rows, within_ratio
 from riem_compiler.methods.rotq import rotation
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 
@@ -271,6 +271,11 @@ class RotQ(Method):
     name = "rotq"
     Settings = RotQSettings
     tvm_dense_reason = None
+    screened_on_rows = True  # rotated and scaled row by row (the grid's overall scale cancels in the codes)
+
+    def nbytes_for_shape(self, cw, shape):
+        m = cw.meta
+        return rotq_nbytes(layout(tuple(shape), is_transposed(cw), m["group_size"], m["block"]), m["bits"])
 
     def fit(self, spec, ratio, settings, index=0):
         picks = choose_settings(spec, ratio, settings)
@@ -295,13 +300,14 @@ class RotQ(Method):
         seed = options.get("seed", 0)
         grid = options.get("grid", "gaussian")
         padded = layout(spec.shape, spec.in_axis == 0, None, None).padded
+        weight = screening_rows(spec, options)
         seen = set()
         for bits, group in options.get("ladder", AUTO_LADDER):
             # a group that does not divide this layer's padded columns becomes the largest one that does
             group = padded if group is None else max(g for g in range(1, min(group, padded) + 1) if padded % g == 0)
             if (bits, group) not in seen:
                 seen.add((bits, group))
-                attempt(spec.name, _label(bits, group, padded), fit_rotq, spec.weight, bits, group, None, seed, grid,
+                attempt(spec.name, _label(bits, group, padded), fit_rotq, weight, bits, group, None, seed, grid,
                         spec.in_axis)
 
     def decode_torch(self, cw, tensors):

@@ -31,7 +31,7 @@ import torch
 from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
-from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
+from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, screening_rows, within_ratio
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 
 BITS = (8, 7, 6, 5, 4, 3, 2)
@@ -225,6 +225,11 @@ class RTN(Method):
     name = "rtn"
     Settings = RTNSettings
     tvm_dense_reason = None
+    screened_on_rows = True  # every row scaled on its own (the budget's own setting is fitted whole)
+
+    def nbytes_for_shape(self, cw, shape):
+        m = cw.meta
+        return rtn_nbytes(tuple(shape), m["bits"], m["group_size"], is_transposed(cw), m.get("scale_dtype"))
 
     def fit(self, spec, ratio, settings, index=0):
         shape = spec.shape
@@ -241,9 +246,10 @@ class RTN(Method):
 
     def candidates(self, spec, budget_ratio, options, attempt):
         group_size = options.get("group_size", 128)
+        weight = screening_rows(spec, options)
         for bits, group in options.get("ladder", LADDER):
             group = None if group is None else group_size
-            attempt(spec.name, f"rtn{bits}" + ("" if group is None else f"/g{group}"), fit_rtn, spec.weight, bits,
+            attempt(spec.name, f"rtn{bits}" + ("" if group is None else f"/g{group}"), fit_rtn, weight, bits,
                     group, spec.in_axis)
         # the lowest-error setting that fits the budget itself (what fit gives at this ratio)
         attempt(spec.name, f"rtn best@{budget_ratio:g}", best_rtn, spec.weight, budget_ratio, spec.in_axis)

@@ -37,6 +37,9 @@ LADDER = ((2, 10), (2, 9), (2, 8), (2, 7), (3, 9), (3, 8), (4, 10), (4, 9), (4, 
 FIT_TRIES = 2
 # auto's candidates: about 4, 3, 2.5, 2, 1.5 and 1 code bits per weight
 AUTO_LADDER = ((2, 8), (3, 9), (4, 10), (4, 8), (6, 9), (8, 8))
+# auto's screening estimates learn the codebook from this many vectors per entry (a whole fit: `sample`)
+SCREEN_SAMPLE_PER_CODE = 16
+SCREEN_SEEDING = 2  # ... and seed k-means++ from this many per entry (a whole fit: 8)
 
 
 def _choice(value, name: str):
@@ -170,11 +173,12 @@ def kmeans_pp(X: np.ndarray, K: int, rng: np.random.Generator) -> np.ndarray:
     return C
 
 
-def kmeans(X: np.ndarray, K: int, iterations: int, seed: int) -> np.ndarray:
-    """Lloyd's k-means from a k-means++ start on up to 8*K of the (already shuffled) rows; an
-    empty cluster takes the point farthest from its centre. Deterministic for a seed."""
+def kmeans(X: np.ndarray, K: int, iterations: int, seed: int, seeding: int = 8) -> np.ndarray:
+    """Lloyd's k-means from a k-means++ start on up to seeding*K of the (already shuffled) rows (its
+    cost grows with K times that); an empty cluster takes the point farthest from its centre.
+    Deterministic for a seed."""
     rng = np.random.default_rng(seed)
-    C = kmeans_pp(X[: 8 * K], K, rng)
+    C = kmeans_pp(X[: seeding * K], K, rng)
     sq = (X * X).sum(axis=1)
     for _ in range(iterations):
         labels, dist = nearest(X, C)
@@ -191,11 +195,12 @@ def kmeans(X: np.ndarray, K: int, iterations: int, seed: int) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------- fit, decode
 def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, seed: int = 0,
-           sample: int = 65536) -> CompressedWeight:
+           sample: int = 65536, rows=None) -> CompressedWeight:
     """One codebook of 2**bits vectors of length `dim` for the whole weight (see the module
     docstring). The codebook is trained on a seeded sample of up to `sample` vectors of the
     RMS-normalised rows; then every vector gets its nearest (float16) entry and each row the
-    least-squares scale for its decoded row."""
+    least-squares scale for its decoded row. rows: code only these output rows (an estimate for
+    auto's screening: the codebook is learnt from every row, so the rows' error is a held-out one)."""
     if not isinstance(dim, int) or dim < 1:
         raise InputError(f"vq dim must be a positive integer, got {dim!r}")
     if not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
@@ -211,7 +216,11 @@ def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, s
     X = padded.reshape(n * v, dim)
     rng = np.random.default_rng(seed)
     train = X[rng.permutation(len(X))[:sample]]  # random order: kmeans seeds on its first rows
-    codebook = kmeans(train, 1 << bits, iterations, seed).astype(np.float16)
+    codebook = kmeans(train, 1 << bits, iterations, seed, 8 if rows is None else SCREEN_SEEDING).astype(np.float16)
+    if rows is not None:
+        M, rms, n = M[rows], rms[rows], len(rows)
+        X = padded[rows].reshape(n * v, dim)
+        shape = tuple(np.take(np.empty(shape, np.bool_), rows, axis=1 if transposed else 0).shape)
     labels, _ = nearest(X, codebook.astype(np.float32))
     Q = codebook.astype(np.float64)[labels].reshape(n, v * dim)[:, :d]
     qq = (Q * Q).sum(axis=1)
@@ -244,6 +253,11 @@ class VQ(Method):
     name = "vq"
     Settings = VQSettings
     tvm_dense_reason = None
+    # screened: the codebook learnt from a small sample of every row, the error of the screening rows
+    screened_on_rows = True
+
+    def nbytes_for_shape(self, cw, shape):
+        return vq_nbytes(tuple(shape), cw.meta["dim"], cw.meta["bits"], is_transposed(cw))
 
     def fit(self, spec, ratio, settings, index=0):
         transposed = spec.in_axis == 0
@@ -267,11 +281,13 @@ class VQ(Method):
         settings = VQSettings(**options.get("settings", {}))
         ladder = list(options.get("ladder", AUTO_LADDER))
         at_budget = vq_rungs(spec.shape, budget_ratio, VQSettings(), transposed)[:1]
+        rows = options.get("rows")
         for dim, bits in dict.fromkeys(ladder + at_budget):
             # above half the fp32 bytes, dense float16 is smaller and exact to 1e-3: skip
             if vq_nbytes(spec.shape, dim, bits, transposed) <= 0.5 * spec.fp32_bytes:
+                sample = settings.sample if rows is None else min(settings.sample, SCREEN_SAMPLE_PER_CODE << bits)
                 attempt(spec.name, f"vq{bits}/d{dim}", fit_vq, spec.weight, dim, bits, spec.in_axis,
-                        settings.iterations, settings.seed, settings.sample)
+                        settings.iterations, settings.seed, sample, rows)
 
     def decode_torch(self, cw, tensors):
         return decode_vq(cw, tensors)
