@@ -49,7 +49,6 @@ from tqdm.auto import tqdm
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LayerSpec
-from riem_compiler.heap import release_freed_heap
 from riem_compiler import methods
 from riem_compiler.methods.dense import fit_dense
 from riem_compiler.methods.rtn import LADDER as RTN_LADDER
@@ -392,7 +391,6 @@ def layer_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: flo
         # whole fits among estimates may yet be their family's single-method pick: kept
         _free_unpickable(pool, spec, budget_ratio, keep=refitted)
     _share_original(pool, spec)
-    release_freed_heap()  # a fit's temporaries are many times the layer: give their pages back
     return spec.name, pool, dropped, over, time.perf_counter() - t0, timing, off_target
 
 
