@@ -262,34 +262,47 @@ def render(doc: dict) -> str:
         lines += ["", "## Where auto's time goes", "",
                   "Candidate fits and scoring are summed over layers (they run on the local executor's workers "
                   "side by side, so they can exceed the wall time of the candidate jobs).", "",
-                  "| model | budget | total s | sensitivity s | candidate jobs (wall) s | fits per method s (summed) | "
-                  "scoring s | probes s | planning s | measurement s |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "Screening (from defaults 2026-12-07.3): the first pass fits most candidates as estimates on a "
+                  "subset of the rows; whole fits: the estimates fitted whole afterwards, in rounds, and the "
+                  "wall time of those rounds.", "",
+                  "| model | method | budget | total s | sensitivity s | candidate jobs (wall) s | whole fits (rounds, wall s) | "
+                  "fits per method s (summed) | scoring s | probes s | planning s | measurement s | run |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in split:
             t = r["auto_timing"]
             fits = ", ".join(f"{m} {s:.1f}" for m, s in sorted(t.get("candidates", {}).items(), key=lambda kv: -kv[1]) if s >= 0.05)
-            lines.append(f"| {r['model']} | 1/{round(1 / r['ratio'])} | {r['seconds']:.1f} | "
-                         f"{r.get('auto_sensitivity_seconds') or 0:.1f} | {t.get('candidate_jobs_wall', 0):.1f} | {fits} | "
-                         f"{t.get('scoring', 0):.1f} | {t.get('probes', 0):.1f} | {t.get('planning', 0):.1f} | "
-                         f"{t.get('measurement', 0):.1f} |")
+            sc = t.get("screening")
+            whole = f"{sc['whole_fits']} of {sc['whole_fits'] + sc['left_out']} ({sc['rounds']}, {sc['whole_fits_wall']:.1f})" \
+                if sc else "-"
+            lines.append(f"| {r['model']} | {r['method']} | 1/{round(1 / r['ratio'])} | {r['seconds']:.1f} | "
+                         f"{r.get('auto_sensitivity_seconds') or 0:.1f} | {t.get('candidate_jobs_wall', 0):.1f} | {whole} | "
+                         f"{fits} | {t.get('scoring', 0):.1f} | {t.get('probes', 0):.1f} | {t.get('planning', 0):.1f} | "
+                         f"{t.get('measurement', 0):.1f} | {r.get('run', '')} |")
     ladder = [r for r in doc["rows"] if r["model"] in LADDER]
     if ladder:
         lines += ["", "## Scale ladder", "",
                   f"Random N(0, 0.02) weights with real layer shapes, budget 1/{round(1 / LADDER_BUDGET)}; "
                   "time ~ params^k fitted by least squares over the ladder, extrapolated to a 7B decoder "
                   f"({PARAMS_7B / 1e9:.1f}e9 linear weights) on this machine.", "",
-                  "| method | points | k (time growth) | 7B extrapolation | (peak - loaded RSS) / fp32 weights (largest point) |",
-                  "|---|---|---|---|---|"]
+                  "Memory growth: how much (peak - loaded RSS) grows per MB of fp32 weights from the smallest "
+                  "point to the largest (the target: at most 2 MB per MB, plus a constant).", "",
+                  "| method | points | k (time growth) | 7B extrapolation | (peak - loaded RSS) / fp32 weights (largest point) "
+                  "| memory growth per fp32 MB |",
+                  "|---|---|---|---|---|---|"]
         for method in sorted({r["method"] for r in ladder}):
             rows = sorted([r for r in ladder if r["method"] == method and r.get("seconds")], key=lambda r: r["params"])
             fit = growth_exponent(rows)
             if fit is None:
-                lines.append(f"| {method} | {len(rows)} | - | - | - |")
+                lines.append(f"| {method} | {len(rows)} | - | - | - | - |")
                 continue
             k, c = fit
             hours = math.exp(c) * PARAMS_7B ** k / 3600
-            big = rows[-1]
+            small, big = rows[0], rows[-1]
+            growth = ((big["peak_rss_mb"] - big["rss_loaded_mb"]) - (small["peak_rss_mb"] - small["rss_loaded_mb"])) \
+                / (big["fp32_weight_mb"] - small["fp32_weight_mb"])
             lines.append(f"| {method} | {len(rows)} | {k:.2f} | {hours:.1f} h | "
-                         f"{(big['peak_rss_mb'] - big['rss_loaded_mb']) / big['fp32_weight_mb']:.2f}x ({big['model']}) |")
+                         f"{(big['peak_rss_mb'] - big['rss_loaded_mb']) / big['fp32_weight_mb']:.2f}x ({big['model']}) | "
+                         f"{growth:.2f} ({small['model']} to {big['model']}) |")
     return "\n".join(lines) + "\n"
 
 

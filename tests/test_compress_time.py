@@ -20,7 +20,8 @@ def test_page_names_its_runs_and_auto_split():
              "rss_loaded_mb": 700, "fp32_weight_mb": 84, "stored_ratio": 0.1249, "run": run["date"],
              "auto_picked": {"vq": 20, "rotq": 16}, "auto_sensitivity_seconds": 3.0,
              "auto_timing": {"candidates": {"vq": 5.0, "rtn": 1.0}, "scoring": 1.5, "candidate_jobs_wall": 4.0,
-                             "probes": 2.0, "planning": 0.1, "measurement": 1.0}},
+                             "probes": 2.0, "planning": 0.1, "measurement": 1.0,
+                             "screening": {"whole_fits": 120, "left_out": 850, "rounds": 2, "whole_fits_wall": 1.5}}},
             {"model": "minilm", "method": "nncf-peer", "ratio": 0.0625, "params": 2.2e7,
              "error": "no setting", "run": run["date"]}]
     for m, (p, s) in {"bert-base x1": (7e6, 3.0), "bert-base x4": (2.8e7, 12.0)}.items():
@@ -30,8 +31,10 @@ def test_page_names_its_runs_and_auto_split():
     assert "`python -m benchmarks.compress_time`" in page and "[2, 2, 2]" in page
     assert "| minilm | auto | 1/8 | 22.0 | 12.5 | 900 | 200 | 84 | 0.1249 | picked rotq x16, vq x20 |" in page
     assert "| minilm | nncf-peer | 1/16 | 22.0 | - |" in page and "no setting" in page
-    assert "| minilm | 1/8 | 12.5 | 3.0 | 4.0 | vq 5.0, rtn 1.0 | 1.5 | 2.0 | 0.1 | 1.0 |" in page
+    assert ("| minilm | auto | 1/8 | 12.5 | 3.0 | 4.0 | 120 of 970 (2, 1.5) | vq 5.0, rtn 1.0 | 1.5 | 2.0 | 0.1 | 1.0 "
+            "| 2026-12-06 20:00 UTC |") in page
     assert "| auto | 2 | 1.00 |" in page  # time grows linearly on these two points
+    assert "| 0.00 (bert-base x1 to bert-base x4) |" in page  # the same peak at both points
 
 
 def test_one_real_measurement_in_process():
