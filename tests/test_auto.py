@@ -289,3 +289,13 @@ def test_screening_leaves_small_grouped_and_gathered_layers_whole():
                                         groups=512)) is None
     assert grid.screen_subset(LayerSpec("e", "embedding", r.standard_normal((4096, 64)).astype(np.float32))) is None
     assert auto.CandidateGrid(screen_rows=1).screen_subset(_screened_specs()[0]) is None
+
+
+def test_a_whole_fit_rescales_its_familys_estimates_only():
+    est = [auto.Candidate(None, "vq8/d4", "vq", 100, 0.2, layer_error=2.0, estimated=True),
+           auto.Candidate(None, "vq9/d3", "vq", 120, 0.1, layer_error=1.0, estimated=True),
+           auto.Candidate(None, "rotq2/g64", "rotq", 110, 0.3, layer_error=3.0, estimated=True)]
+    whole = [auto.Candidate(object(), "vq8/d4", "vq", 100, 0.19, layer_error=1.8)]
+    auto._calibrate_estimates(est, est[0], whole)
+    assert est[1].rel_error == pytest.approx(0.1 * 0.19 / 0.2) and est[1].layer_error == pytest.approx(0.9)
+    assert (est[2].rel_error, est[2].layer_error) == (0.3, 3.0)
