@@ -210,7 +210,7 @@ def test_freeing_unpickable_candidates_changes_no_plan(ratio, monkeypatch):
     plans and the probe are those of a run that keeps every candidate, and most arrays are freed."""
     specs = _specs()
     freed = auto.choose_methods_detailed(specs, ratio)
-    monkeypatch.setattr(auto, "_free_unpickable", lambda pool, spec, budget_ratio, keep=(): None)
+    monkeypatch.setattr(auto, "_free_unpickable", lambda pool, spec, budget_ratio, also_keep=(): None)
     kept = auto.choose_methods_detailed(specs, ratio)
     assert [c.label for c in freed.choices] == [c.label for c in kept.choices]
     assert freed.source == kept.source and freed.single_method == kept.single_method

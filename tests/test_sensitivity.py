@@ -365,7 +365,7 @@ def test_freeing_unpickable_candidates_changes_no_plan_with_the_output_objective
     specs = _specs(model)
     sens = TorchSensitivity(model, specs, (torch.randn(2, 144),), settings=SensitivitySettings(samples=16))
     freed = auto.choose_methods_detailed(specs, 0.1, sensitivity=sens)
-    monkeypatch.setattr(auto, "_free_unpickable", lambda pool, spec, budget_ratio, keep=(): None)
+    monkeypatch.setattr(auto, "_free_unpickable", lambda pool, spec, budget_ratio, also_keep=(): None)
     kept = auto.choose_methods_detailed(specs, 0.1, sensitivity=sens)
     assert [c.label for c in freed.choices] == [c.label for c in kept.choices]
     assert freed.measured == pytest.approx(kept.measured)

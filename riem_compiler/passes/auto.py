@@ -389,7 +389,7 @@ def layer_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: flo
         pool = kept or ([] if only is not None else [_dense_candidate(spec)])
     if only is None:  # a second pass's fits are freed with the rest of the layer's pool (the caller's)
         # whole fits among estimates may yet be their family's single-method pick: kept
-        _free_unpickable(pool, spec, budget_ratio, keep=refitted)
+        _free_unpickable(pool, spec, budget_ratio, also_keep=refitted)
     _share_original(pool, spec)
     return spec.name, pool, dropped, over, time.perf_counter() - t0, timing, off_target
 
@@ -421,18 +421,18 @@ def _share_original(pool: list[Candidate], spec: LayerSpec) -> None:
                                         {"weight": np.asarray(spec.weight, np.float32)})
 
 
-def _free_unpickable(pool: list[Candidate], spec: LayerSpec, budget_ratio: float, keep=()) -> None:
+def _free_unpickable(pool: list[Candidate], spec: LayerSpec, budget_ratio: float, also_keep=()) -> None:
     """Drop the encoded arrays (weight None) of the candidates no plan can pick, so that a run
     holds each layer's few useful candidates, not all ~40 (peak RSS was 20x the fp32 weights).
 
     A candidate's cost is a per-layer gain >= 0 times its weight error squared or its layer error,
     so one that an earlier candidate of the pool (sorted by bytes, then error) matches or beats on
     bytes, weight error and layer error never costs less, and the knapsack (strict improvement,
-    earlier candidate on ties) never picks it. Kept besides: the probe, and each family's
-    single-method pick. The freed ones stay in the pool for the report (label, bytes, errors)."""
+    earlier candidate on ties) never picks it. Kept besides: the probe, each family's single-method
+    pick, and `also_keep`. The freed ones stay in the pool for the report (label, bytes, errors)."""
     if not pool:
         return
-    keep = {id(_probe(pool, spec, budget_ratio)), *map(id, keep)}
+    keep = {id(_probe(pool, spec, budget_ratio)), *map(id, also_keep)}
     for fam in {c.family for c in pool}:
         j = _single_method_pick(pool, spec, fam, budget_ratio)
         if j is not None:

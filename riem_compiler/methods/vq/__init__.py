@@ -37,9 +37,11 @@ LADDER = ((2, 10), (2, 9), (2, 8), (2, 7), (3, 9), (3, 8), (4, 10), (4, 9), (4, 
 FIT_TRIES = 2
 # auto's candidates: about 4, 3, 2.5, 2, 1.5 and 1 code bits per weight
 AUTO_LADDER = ((2, 8), (3, 9), (4, 10), (4, 8), (6, 9), (8, 8))
+# k-means++ seeds from this many (shuffled) vectors per codebook entry
+SEEDING = 8
 # auto's screening estimates learn the codebook from this many vectors per entry (a whole fit: `sample`)
 SCREEN_SAMPLE_PER_CODE = 16
-SCREEN_SEEDING = 2  # ... and seed k-means++ from this many per entry (a whole fit: 8)
+SCREEN_SEEDING = 2  # ... and seed k-means++ from this many per entry (a whole fit: SEEDING)
 
 
 def _choice(value, name: str):
@@ -173,7 +175,7 @@ def kmeans_pp(X: np.ndarray, K: int, rng: np.random.Generator) -> np.ndarray:
     return C
 
 
-def kmeans(X: np.ndarray, K: int, iterations: int, seed: int, seeding: int = 8) -> np.ndarray:
+def kmeans(X: np.ndarray, K: int, iterations: int, seed: int, seeding: int = SEEDING) -> np.ndarray:
     """Lloyd's k-means from a k-means++ start on up to seeding*K of the (already shuffled) rows (its
     cost grows with K times that); an empty cluster takes the point farthest from its centre.
     Deterministic for a seed."""
@@ -216,11 +218,12 @@ def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, s
     X = padded.reshape(n * v, dim)
     rng = np.random.default_rng(seed)
     train = X[rng.permutation(len(X))[:sample]]  # random order: kmeans seeds on its first rows
-    codebook = kmeans(train, 1 << bits, iterations, seed, 8 if rows is None else SCREEN_SEEDING).astype(np.float16)
+    codebook = kmeans(train, 1 << bits, iterations, seed, SEEDING if rows is None else SCREEN_SEEDING)
+    codebook = codebook.astype(np.float16)
     if rows is not None:
         M, rms, n = M[rows], rms[rows], len(rows)
         X = padded[rows].reshape(n * v, dim)
-        shape = tuple(np.take(np.empty(shape, np.bool_), rows, axis=1 if transposed else 0).shape)
+        shape = (shape[0], n) if transposed else (n, *shape[1:])
     labels, _ = nearest(X, codebook.astype(np.float32))
     Q = codebook.astype(np.float64)[labels].reshape(n, v * dim)[:, :d]
     qq = (Q * Q).sum(axis=1)
