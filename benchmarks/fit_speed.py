@@ -49,15 +49,12 @@ def autograd_step(params, W):
     phi = F._features(a, b, U, beta)
     with torch.no_grad():
         v, c = F._solve_readout(phi.detach(), W)
-    loss = ((phi @ v + c - W) ** 2).mean()
+    loss = ((F._readout(phi, v, c) - W) ** 2).mean()
     loss.backward()
 
 
 def fused_step(params, W):
-    a, b, U, beta = params
-    A = torch.einsum("iq,kmq->kim", a, U) + beta[:, None, :]
-    B = torch.einsum("kjq,kmq->kjm", riem.shifted_states(b, U.shape[0]), U)
-    F._FusedLoss.apply(A, B, W).backward()
+    F._FusedLoss.apply(*F.branch_inputs(*params), W).backward()
 
 
 def main(argv=None):

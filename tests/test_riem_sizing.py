@@ -39,26 +39,29 @@ def _reference_loss(a, b, U, beta, target):
     phi = fit._features(a, b, U, beta)
     with torch.no_grad():
         v, c = fit._solve_readout(phi.detach(), target)
-    return ((phi @ v + c - target) ** 2).mean()
+    return ((fit._readout(phi, v, c) - target) ** 2).mean()
 
 
+@pytest.mark.parametrize("beta_scale", [1.0, 60.0])  # product form of the sigmoid; |A| > 80: torch.sigmoid
 @pytest.mark.parametrize("chunk", [1 << 19, 40])  # one chunk, and rows chunked (40 floats -> 1 row)
-def test_fused_loss_matches_autograd_through_the_features(chunk, monkeypatch):
+def test_fused_loss_matches_autograd_through_the_features(chunk, beta_scale, monkeypatch):
     monkeypatch.setattr(fit, "CHUNK_FLOATS", chunk)
     g = torch.Generator().manual_seed(0)
     n_out, n_in, q, m = 9, 7, 5, 3
     target = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
     leaves = [torch.randn(n_out, q, generator=g, dtype=torch.float64), torch.randn(n_in, q, generator=g, dtype=torch.float64),
               torch.randn(6, m, q, generator=g, dtype=torch.float64) / math.sqrt(q),
-              torch.randn(6, m, generator=g, dtype=torch.float64)]
+              torch.randn(6, m, generator=g, dtype=torch.float64) * beta_scale]
+    A, _ = fit.branch_inputs(*leaves)
+    assert (float(A.abs().max()) < fit.EXP_FORM_LIMIT) == (beta_scale == 1.0)
     ref = [x.clone().requires_grad_() for x in leaves]
     new = [x.clone().requires_grad_() for x in leaves]
     loss_ref = _reference_loss(*ref, target)
     loss_ref.backward()
-    a, b, U, beta = new
-    A = torch.einsum("iq,kmq->kim", a, U) + beta[:, None, :]
-    B = torch.einsum("kjq,kmq->kjm", riem.shifted_states(b, 6), U)
-    loss = fit._FusedLoss.apply(A, B, target)
+    workspace = fit._Workspace()  # used by a larger step first: the buffers are reused, not reallocated
+    fit._FusedLoss.apply(*fit.branch_inputs(*(torch.randn(2 * x.shape[0], *x.shape[1:], dtype=x.dtype)
+                                              for x in leaves[:2]), *leaves[2:]), torch.zeros(18, 14, dtype=target.dtype), workspace)
+    loss = fit._FusedLoss.apply(*fit.branch_inputs(*new), target, workspace)
     loss.backward()
     assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-10)
     for x, y in zip(new, ref):

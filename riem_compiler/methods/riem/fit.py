@@ -49,93 +49,152 @@ class FitResult:
     time_capped: bool = False  # the time budget stopped the fit before steps_planned
 
 
+def branch_inputs(a, b, U, beta):
+    """(A, B) of shapes (K, m, N_out) and (K, m, N_in): branch k's metric-net input for row i and
+    column j is A[k, :, i] + B[k, :, j]. The width m is the outer axis so that every elementwise
+    pass over a (rows, cols) block runs along its contiguous columns (m is 5-48: with m innermost
+    the broadcast add and the product with dL/dW_hat ran 3-5x slower). B_k = U_k S^{s_k} b is
+    computed as (U_k rolled by s_k) b: one matrix product for all branches, no shifted copies of b."""
+    k_branches, m, q = U.shape
+    A = (U.reshape(k_branches * m, q) @ a.T).view(k_branches, m, -1) + beta[:, :, None]
+    rolled = torch.stack([torch.roll(U[k], s, dims=-1) for k, s in enumerate(riem.branch_shifts(q, k_branches))])
+    B = (rolled.reshape(k_branches * m, q) @ b.T).view(k_branches, m, -1)
+    return A, B
+
+
 def _features(a, b, U, beta):
-    """Phi[i, j, :] = sum_k sigmoid(A_k[i] + B_k[j]): W_hat = Phi @ v + c."""
-    A = torch.einsum("iq,kmq->kim", a, U) + beta[:, None, :]
-    B = torch.einsum("kjq,kmq->kjm", riem.shifted_states(b, U.shape[0]), U)
+    """Phi[:, i, j] = sum_k sigmoid(U_k a_i + U_k S^{s_k} b_j + beta_k), shape (m, N_out, N_in):
+    W_hat = v . Phi + c. The formula as written (riem.py), with shifted copies of b."""
+    A = torch.einsum("iq,kmq->kmi", a, U) + beta[:, :, None]
+    B = torch.einsum("kjq,kmq->kmj", riem.shifted_states(b, U.shape[0]), U)
     phi = None
     for k in range(U.shape[0]):
-        term = torch.sigmoid(A[k][:, None, :] + B[k][None, :, :])
+        term = torch.sigmoid(A[k][:, :, None] + B[k][:, None, :])
         phi = term if phi is None else phi + term
     return phi
 
 
-# elements per (rows x N_in x m) working chunk of the fused step: on CPU a few MB (stays in cache,
+def _readout(phi: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """W_hat = v . Phi + c for features of shape (m, rows, cols)."""
+    return torch.tensordot(v, phi, dims=1) + c
+
+
+# elements per (m x rows x N_in) working chunk of the fused step: on CPU a few MB (stays in cache,
 # few enough ops that dispatch overhead stays small); on a GPU large, so each branch is one kernel
 CHUNK_FLOATS = 1 << 19
 CHUNK_FLOATS_GPU = 1 << 26
+# sigmoid(a + b) = 1 / (1 + e^-a e^-b): a broadcast product, an add and a reciprocal per element
+# instead of an add and a sigmoid (2x faster on this CPU). Used while every |a|, |b| is below
+# this, so that e^-a and e^-b are finite and nonzero (their product may round to 0 or inf, which
+# gives the right limits 1 and 0, never 0 * inf); otherwise the step takes torch.sigmoid.
+EXP_FORM_LIMIT = 80.0
 
 
 def _chunk_rows(A: torch.Tensor, n_in: int) -> int:
     per = CHUNK_FLOATS if A.device.type == "cpu" else CHUNK_FLOATS_GPU
-    return max(1, per // (n_in * A.shape[-1]))
+    return max(1, per // (n_in * A.shape[1]))
+
+
+class _Workspace:
+    """Buffers of the fused step, kept across the steps of one fit: fresh multi-MB tensors every
+    step cost a page fault per 4 KiB on first write (a third of the step time on this CPU)."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel]
+
+
+class _BranchSigmoid:
+    """sigmoid(A[k, :, rows, None] + B[k, :, None, :]) into a (m, rows, N_in) buffer, by the
+    product form (EXP_FORM_LIMIT) when the step's A and B allow it."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor):
+        self.A, self.B = A, B
+        limit = max(float(A.abs().max()), float(B.abs().max())) if A.numel() and B.numel() else 0.0
+        self.exps = (torch.exp(-A), torch.exp(-B)) if limit < EXP_FORM_LIMIT else None
+
+    def __call__(self, k: int, r: int, rows: int, out: torch.Tensor) -> torch.Tensor:
+        if self.exps is None:
+            torch.add(self.A[k, :, r:r + rows, None], self.B[k, :, None, :], out=out)
+            return out.sigmoid_()
+        ea, eb = self.exps
+        torch.mul(ea[k, :, r:r + rows, None], eb[k, :, None, :], out=out)
+        return out.add_(1.0).reciprocal_()
 
 
 class _FusedLoss(torch.autograd.Function):
-    """Loss of one variable-projection step, mean((Phi v + c - T)^2) with (v, c) solved from Phi,
-    as a function of A (K, N_out, m) and B (K, N_in, m).
+    """Loss of one variable-projection step, mean((v . Phi + c - T)^2) with (v, c) solved from Phi,
+    as a function of A (K, m, N_out) and B (K, m, N_in) (`branch_inputs`).
 
-    Autograd through `_features` stores K sigmoid tensors of N_out x N_in x m and walks each of
+    Autograd through `_features` stores K sigmoid tensors of m x N_out x N_in and walks each of
     them several times. Here the forward keeps only Phi (the sum over branches, needed for the
     readout solve), and the backward recomputes each branch's sigmoid in row chunks small enough
-    to stay in cache: dL/dA_k[i] = v * sum_j G_ij s(1-s), dL/dB_k[j] = v * sum_i G_ij s(1-s), with
-    G = dL/dW_hat. (v, c) are held fixed, as in the autograd form (variable projection: at the
-    least-squares optimum the loss is stationary in them). Deterministic: fixed chunk order."""
+    to stay in cache: dL/dA_k[:, i] = v * sum_j G_ij s(1-s), dL/dB_k[:, j] = v * sum_i G_ij s(1-s),
+    with G = dL/dW_hat. (v, c) are held fixed, as in the autograd form (variable projection: at
+    the least-squares optimum the loss is stationary in them). Deterministic: fixed chunk order.
+    `ws`: a _Workspace reused across steps (None: a fresh one)."""
 
     @staticmethod
-    def forward(ctx, A, B, target):
-        k_branches, n_out, m = A.shape
-        n_in = B.shape[1]
+    def forward(ctx, A, B, target, ws=None):
+        ws = ws or _Workspace()
+        k_branches, m, n_out = A.shape
+        n_in = B.shape[2]
         rows = _chunk_rows(A, n_in)
-        phi = torch.empty(n_out, n_in, m, dtype=A.dtype, device=A.device)
-        buf = torch.empty(min(rows, n_out), n_in, m, dtype=A.dtype, device=A.device)
+        sig = _BranchSigmoid(A, B)
+        phi = ws.get("phi", m * n_out * n_in, A).view(m, n_out, n_in)
+        buf = ws.get("chunk", m * min(rows, n_out) * n_in, A)
         for r in range(0, n_out, rows):
-            p = phi[r:r + rows]
-            z = buf[: p.shape[0]]
-            for k in range(k_branches):
-                torch.add(A[k, r:r + rows, None, :], B[k, None, :, :], out=z)
-                if k == 0:
-                    torch.sigmoid(z, out=p)
-                else:
-                    p.add_(z.sigmoid_())
-        v, c = _solve_readout(phi, target)
-        resid = phi @ v + c - target
-        del phi
+            p = phi[:, r:r + rows]
+            sig(0, r, rows, p)
+            z = buf[: p.numel()].view(p.shape)
+            for k in range(1, k_branches):
+                p.add_(sig(k, r, rows, z))
+        v, c = _solve_readout(phi, target, centred=ws.get("centred", phi.numel(), A))
+        resid = _readout(phi, v, c) - target
         ctx.save_for_backward(A, B, resid, v)
+        ctx.ws = ws
         return (resid * resid).mean()
 
     @staticmethod
     def backward(ctx, grad):
         A, B, resid, v = ctx.saved_tensors
-        k_branches, n_out, m = A.shape
-        n_in = B.shape[1]
+        k_branches, m, n_out = A.shape
+        n_in = B.shape[2]
         rows = _chunk_rows(A, n_in)
+        sig = _BranchSigmoid(A, B)
         G = resid * (grad * 2.0 / resid.numel())  # dL/dW_hat
         gA = torch.empty_like(A)
         gB = torch.zeros_like(B)
-        buf = torch.empty(min(rows, n_out), n_in, m, dtype=A.dtype, device=A.device)
+        buf = ctx.ws.get("chunk", m * min(rows, n_out) * n_in, A)
         for r in range(0, n_out, rows):
-            z = buf[: min(rows, n_out - r)]
-            g = G[r:r + rows, :, None]
+            n = min(rows, n_out - r)
+            z = buf[: m * n * n_in].view(m, n, n_in)
+            g = G[None, r:r + rows, :]
             for k in range(k_branches):
-                torch.add(A[k, r:r + rows, None, :], B[k, None, :, :], out=z)
-                z.sigmoid_()
+                sig(k, r, rows, z)
                 z.addcmul_(z, z, value=-1.0)  # s (1 - s)
                 z.mul_(g)
-                torch.sum(z, 1, out=gA[k, r:r + rows])
-                gB[k] += z.sum(0)
-        return gA * v, gB * v, None
+                torch.sum(z, 2, out=gA[k, :, r:r + rows])
+                gB[k] += z.sum(1)
+        return gA * v[:, None], gB * v[:, None], None, None
 
 
-def _solve_readout(phi: torch.Tensor, target: torch.Tensor, ridge: float = 1e-6):
-    """Least squares for (v, c) given features; tiny ridge keeps it well posed."""
-    m = phi.shape[-1]
-    X = phi.reshape(-1, m)
-    mean_x = X.mean(0)
+def _solve_readout(phi: torch.Tensor, target: torch.Tensor, ridge: float = 1e-6,
+                   centred: torch.Tensor | None = None):
+    """Least squares for (v, c) given features (m, rows, cols); tiny ridge keeps it well posed.
+    centred: a buffer of phi's size for the centred features (None: allocated)."""
+    m = phi.shape[0]
+    X = phi.reshape(m, -1)
+    mean_x = X.mean(1)
     mean_t = target.mean()
-    Xc = X - mean_x
-    G = Xc.T @ Xc
-    rhs = Xc.T @ (target.reshape(-1) - mean_t)
+    Xc = torch.sub(X, mean_x[:, None], out=None if centred is None else centred.view(X.shape))
+    G = Xc @ Xc.T
+    rhs = Xc @ (target.reshape(-1) - mean_t)
     G = G + ridge * (G.diagonal().mean() + 1e-12) * torch.eye(m, device=G.device, dtype=G.dtype)
     v = _solve_symmetric(G, rhs)
     return v, mean_t - mean_x @ v
@@ -161,7 +220,7 @@ def _solve_readout_chunked(a, b, U, beta, target, rows: int = 256):
     rhs = torch.zeros(m + 1, dtype=torch.float64, device=dev)
     with torch.no_grad():
         for r in range(0, a.shape[0], rows):
-            phi = _features(a[r:r + rows], b, U, beta).reshape(-1, m).double()
+            phi = _features(a[r:r + rows], b, U, beta).reshape(m, -1).T.double()
             X = torch.cat([phi, torch.ones(phi.shape[0], 1, dtype=phi.dtype, device=dev)], 1)
             G += X.T @ X
             rhs += X.T @ target[r:r + rows].reshape(-1).double()
@@ -194,6 +253,7 @@ def fit_riem(
     beta = torch.zeros(k_branches, m, device=dev).requires_grad_()
     params = [a, b, U, beta]
     opt = torch.optim.Adam(params, lr=s.lr)
+    ws = _Workspace()
     steps = max(1, s.steps)
     qat_start = int(steps * (1.0 - s.qat_fraction)) if state_bits < 32 else steps
     full = n_out <= s.block and n_in <= s.block
@@ -220,9 +280,8 @@ def fit_riem(
             rows = torch.randperm(n_out, generator=gen)[: s.block].to(dev)
             cols = torch.randperm(n_in, generator=gen)[: s.block].to(dev)
             aa, bb, target = aa[rows], bb[cols], Wn[rows][:, cols]
-        A = torch.einsum("iq,kmq->kim", aa, U) + beta[:, None, :]
-        B = torch.einsum("kjq,kmq->kjm", riem.shifted_states(bb, k_branches), U)
-        loss = _FusedLoss.apply(A, B, target)
+        A, B = branch_inputs(aa, bb, U, beta)
+        loss = _FusedLoss.apply(A, B, target, ws)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
