@@ -68,6 +68,20 @@ def test_fused_loss_matches_autograd_through_the_features(chunk, beta_scale, mon
         np.testing.assert_allclose(x.grad.numpy(), y.grad.numpy(), rtol=1e-7, atol=1e-10)
 
 
+def test_chunked_readout_is_the_float64_least_squares():
+    g = torch.Generator().manual_seed(1)
+    n_out, n_in, q, m = 37, 11, 6, 4
+    a, b = torch.randn(n_out, q, generator=g), torch.randn(n_in, q, generator=g)
+    U, beta = torch.randn(6, m, q, generator=g) / math.sqrt(q), torch.randn(6, m, generator=g)
+    phi = fit._features(a.double(), b.double(), U.double(), beta.double()).reshape(m, -1).T
+    target = phi @ torch.randn(m, dtype=torch.float64, generator=g) + 0.3 + 0.01 * torch.randn(phi.shape[0], generator=g, dtype=torch.float64)
+    X = torch.cat([phi, torch.ones(len(phi), 1, dtype=phi.dtype)], 1)
+    ref = torch.linalg.lstsq(X, target[:, None]).solution[:, 0]
+    v, c = fit._solve_readout_chunked(a, b, U, beta, target.float().reshape(n_out, n_in), rows=8)  # 5 chunks
+    np.testing.assert_allclose(v.numpy(), ref[:m].numpy(), rtol=1e-4, atol=1e-4)
+    assert float(c) == pytest.approx(float(ref[m]), abs=1e-4)
+
+
 def test_search_picks_the_lowest_pilot_error_and_reports_the_runner_up():
     w = np.random.default_rng(0).standard_normal((24, 40)).astype(np.float32)
     settings = fit.FitSettings(steps=1000, seed=3)
