@@ -395,10 +395,10 @@ class RiemReuse:
                 self.fits[weight_key(spec.weight, ratio)] = cw
 
     def fitter(self, cfg: Config):
-        from riem_compiler.passes.auto import riem_method_fitter
         from riem_compiler import methods
 
-        fresh = riem_method_fitter(methods.get("riem").settings(cfg))
+        riem = methods.get("riem")
+        fresh = riem.candidate_fitter(riem.settings(cfg))
 
         def fit(weight, ratio):
             key = weight_key(weight, ratio)

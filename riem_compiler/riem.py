@@ -192,7 +192,7 @@ def stored_nbytes(
     return states + metric * np.dtype(metric_dtype).itemsize
 
 
-SIZINGS = ("max_q", "balanced", "search")
+SIZINGS = ("max_q", "balanced", "search", "wide")
 MAX_M = 32  # the widest metric net "balanced" sizing grows to (step cost grows with m)
 
 
@@ -203,6 +203,7 @@ def choose_size(
     """(q, m) whose stored bytes fit ratio * fp32 bytes; None when not even q=1 fits.
 
     "max_q": the largest q at metric width m (m shrunk if the metric net alone is too big).
+    "wide": the 1.3x-wider candidate of size_candidates (SEARCH_WIDER[-1]), without pilot fits.
     "balanced": W_hat depends on a state only through the k_branches * m numbers U_k a_i (and
     U_k S^s b_j), so state dimensions beyond k_branches * m carry nothing: m grows from the given
     width (up to MAX_M) until the largest q that fits is no more than k_branches * m, trading the
@@ -210,8 +211,9 @@ def choose_size(
     (benchmarks/results/fit_fidelity.md): q150/m16 0.279 vs q128/m22 0.188 relative error."""
     if sizing not in SIZINGS:
         raise ValueError(f"sizing must be one of {SIZINGS}, got {sizing!r}")
-    if sizing == "search":  # without pilot fits: the first candidate the search would try
-        found = size_candidates(n_out, n_in, ratio, (state_bits,), metric_dtype, k_branches)
+    if sizing in ("search", "wide"):  # search without pilot fits: the first candidate it would try
+        wider = (SEARCH_WIDER[-1],) if sizing == "wide" else SEARCH_WIDER
+        found = size_candidates(n_out, n_in, ratio, (state_bits,), metric_dtype, k_branches, wider)
         return found[0][:2] if found else None
     size = _max_q(n_out, n_in, ratio, state_bits, metric_dtype, m, k_branches)
     if sizing == "max_q" or size is None:

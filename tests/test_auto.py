@@ -125,7 +125,7 @@ def test_riem_candidates_through_callable():
     def fit(weight, ratio):
         calls.append(ratio)
         settings = methods.get("riem").Settings(steps=20, seed=0, state_bits=8, m=8, sizing="max_q")
-        return auto.riem_method_fitter(settings)(weight, ratio)
+        return methods.get("riem").candidate_fitter(settings)(weight, ratio)
 
     grid = auto.CandidateGrid(riem_fit=fit, riem_ratios=(0.25,), svd_ratios=(0.25,), rtn=((8, None), (4, 32)))
     result = auto.choose_methods_detailed(specs, 0.2, grid)
@@ -174,14 +174,15 @@ def test_compress_auto_default_grid_fits_riem_from_config(monkeypatch):
     from riem_compiler.config import Config
 
     made, fitted = [], []
-    real = auto.riem_method_fitter
+    riem = methods.get("riem")
+    real = type(riem).candidate_fitter
 
-    def spy(settings):
+    def spy(self, settings):
         made.append((settings.steps, settings.state_bits, settings.metric_dtype, settings.m))
-        fit = real(settings)
+        fit = real(self, settings)
         return lambda w, r: fitted.append(r) or fit(w, r)
 
-    monkeypatch.setattr(auto, "riem_method_fitter", spy)
+    monkeypatch.setattr(type(riem), "candidate_fitter", spy)
     specs = _specs()[1:2]
     config = Config(method="auto", ratio=0.2, steps=10, time_budget_s=5.0, m=8, quiet=True, auto_riem=True)
     compressed, records = auto.compress_auto(specs, config)
@@ -193,7 +194,8 @@ def test_default_auto_offers_no_riem_candidates_and_reports_its_time_split(monke
     """RieM candidates are opt-in (auto_riem): they cost minutes per model and were rarely picked."""
     from riem_compiler.config import Config
 
-    monkeypatch.setattr(auto, "riem_method_fitter", lambda settings: pytest.fail("RieM fitted by default"))
+    monkeypatch.setattr(type(methods.get("riem")), "candidate_fitter",
+                        lambda self, settings: pytest.fail("RieM fitted by default"))
     specs = _specs()[1:3]
     plan = {}
     compressed, records = auto.compress_auto(specs, Config(method="auto", ratio=0.2, quiet=True), plan=plan)

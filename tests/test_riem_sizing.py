@@ -108,7 +108,10 @@ def test_auto_state_bits_through_optimize_reports_choice_and_runner_up():
                       state_bits="auto", min_weight_size=0, quiet=True)
     (record,) = res.report.compressed
     s = record.settings
-    assert s["state_bits"] in riem.AUTO_STATE_BITS and s["sizing"] == "search" and "runner_up" in s
+    assert s["state_bits"] in riem.AUTO_STATE_BITS and s["sizing"] == "wide" and "runner_up" in s
+    # state widths searched at the wide shape only: one candidate per width
+    assert s["pilots"] == len(riem.size_candidates(32, 48, 0.3, riem.AUTO_STATE_BITS, "float16",
+                                                   wider=(riem.SEARCH_WIDER[-1],)))
     assert s["q"] <= riem.K_BRANCHES * s["m"]
     assert record.bytes_after <= 0.3 * 48 * 32 * 4
 
@@ -116,7 +119,18 @@ def test_auto_state_bits_through_optimize_reports_choice_and_runner_up():
 def test_pinned_shape_is_kept():
     settings = RieMSettings(sizing="max_q", m=8, state_bits=6, steps=5)
     q, m, bits, extra = choose_shape(np.zeros((40, 40), np.float32), 0.25, settings)
-    assert (q, m, bits) == (*riem.choose_size(40, 40, 0.25, 6, "float16", 8), 6) and extra == {}
+    assert (q, m, bits) == (*riem.choose_size(40, 40, 0.25, 6, "float16", 8), 6) and extra == {"sizing": "max_q"}
+
+
+def test_default_sizing_is_the_wider_search_shape_without_pilots(monkeypatch):
+    from riem_compiler.methods.riem import sizing
+
+    monkeypatch.setattr(sizing, "search_size", lambda *a, **k: pytest.fail("pilot fits by default"))
+    settings = RieMSettings()
+    assert settings.sizing == "wide" and not settings.searched
+    q, m, bits, extra = choose_shape(np.zeros((384, 384), np.float32), 0.125, settings)
+    first, second = riem.size_candidates(384, 384, 0.125, (8,), "float16")
+    assert (q, m, bits) == second and second[1] > first[1] and extra == {"sizing": "wide"}
 
 
 def test_auto_state_bits_only_for_riem():

@@ -259,30 +259,14 @@ class AutoResult:
         return format_choices(self.choices, self)
 
 
-def riem_method_fitter(riem_settings) -> RiemFit:
-    """A RiemFit that sizes like method="riem" does (methods.riem.choose_shape: the pilot-fit search
-    of q, m and state bits by default) and fits with the same settings."""
-    from riem_compiler.methods.riem import choose_shape, fit_settings
-    from riem_compiler.methods.riem.fit import fit_riem
-
-    def fit(weight: np.ndarray, ratio: float) -> CompressedWeight | None:
-        try:
-            q, m, bits, _ = choose_shape(weight, ratio, riem_settings)
-        except ValueError:  # nothing fits this ratio
-            return None
-        return fit_riem(weight, q, m, bits, riem_settings.metric_dtype, fit_settings(riem_settings),
-                        riem_settings.k_branches).weight
-
-    return fit
-
-
 def default_grid(config, cache=None) -> CandidateGrid:
     """auto's default candidates: the grid; with config.auto_riem also RieM fitted at config.ratio / 2
     (and the budget), sized and fitted as method="riem" would with the config's settings, through
     the fit cache when one is given."""
     if not config.auto_riem:
         return CandidateGrid()
-    fitter = riem_method_fitter(methods.get("riem").settings(config))
+    riem = methods.get("riem")
+    fitter = riem.candidate_fitter(riem.settings(config))
     if cache is not None:
         from riem_compiler.fit_cache import cached_riem_fit
 

@@ -18,11 +18,15 @@ ONNX_BRANCHES = 6  # riem.K_BRANCHES; the RieMMatrix ONNX body sums this many Ri
 @dataclass(frozen=True)
 class RieMSettings:
     """Sizing (state_bits, metric_dtype, m, k_branches, sizing) and fitting (steps, lr, time cap,
-    seed, device) of a RieM fit. sizing "search" (default): short pilot fits (pilot_steps each;
-    0: steps // 10, at least 1) choose among the shapes of riem.size_candidates, which never
-    leave a state dimension dead (q <= k_branches * m), and among state widths 8/6/4 when
-    state_bits is "auto"; "max_q": q is the largest that fits the ratio at width m; "balanced": m
-    grows until q <= k_branches * m (riem.choose_size). m is used by "max_q" and "balanced"."""
+    seed, device) of a RieM fit. sizing "wide" (default): riem.choose_size's 1.3x-wider shape of
+    the balanced width, no pilot fits (on 20 MiniLM layer/budget cells at 1/16, 1/8 and 1/4 its
+    1000-step fit was at or below the error of "search"'s pick in every cell, 6 strictly, in
+    15-30% less time: the 100-step pilots could not tell the two widths apart); "search": short
+    pilot fits (pilot_steps each; 0: steps // 10, at least 1) choose among the shapes of
+    riem.size_candidates, which never leave a state dimension dead (q <= k_branches * m); with
+    state_bits "auto", pilots choose among state widths 8/6/4 (at the wide shape under "wide");
+    "max_q": q is the largest that fits the ratio at width m; "balanced": m grows until
+    q <= k_branches * m (riem.choose_size). m is used by "max_q" and "balanced"."""
 
     state_bits: int | str = 8
     metric_dtype: str = "float16"
@@ -33,7 +37,7 @@ class RieMSettings:
     time_budget_s: float | None = None
     seed: int = 0
     device: str = "cpu"
-    sizing: str = "search"
+    sizing: str = "wide"
     pilot_steps: int = 0  # steps of each pilot fit of the search; 0: steps // 10 (at least 1)
 
     def __post_init__(self):
@@ -71,16 +75,17 @@ def choose_shape(weight, ratio: float, settings: RieMSettings, index: int = 0) -
     if settings.searched:
         from riem_compiler.methods.riem.sizing import search_size
 
+        wider = (riem.SEARCH_WIDER[-1],) if settings.sizing == "wide" else riem.SEARCH_WIDER
         choice = search_size(weight, ratio, settings.state_bits, settings.metric_dtype,
-                             fit_settings(settings, index), settings.pilot_budget(), settings.k_branches)
+                             fit_settings(settings, index), settings.pilot_budget(), settings.k_branches, wider)
         if choice is None:
             raise ValueError(f"too small: even q=1 needs more than {ratio:g} of its fp32 bytes")
-        return choice.q, choice.m, choice.state_bits, choice.report()
+        return choice.q, choice.m, choice.state_bits, {**choice.report(), "sizing": settings.sizing}
     size = riem.choose_size(n_out, n_in, ratio, settings.state_bits, settings.metric_dtype, settings.m,
                             settings.k_branches, settings.sizing)
     if size is None:
         raise ValueError(f"too small: even q=1 needs more than {ratio:g} of its fp32 bytes")
-    return size[0], size[1], settings.state_bits, {}
+    return size[0], size[1], settings.state_bits, {"sizing": settings.sizing}
 
 
 class RieM(Method):
@@ -98,6 +103,21 @@ class RieM(Method):
         if res.time_capped:
             report.update(steps_planned=res.steps_planned, time_capped=True)
         return Fitted(res.weight, res.rel_error, report)
+
+    def candidate_fitter(self, settings: RieMSettings):
+        """(weight, ratio) -> CompressedWeight, or None when nothing fits the ratio: auto's RieM
+        candidates (its grid's riem_fit), sized and fitted as this method fits a layer."""
+        def fit(weight, ratio):
+            from riem_compiler.methods.riem.fit import fit_riem
+
+            try:
+                q, m, bits, _ = choose_shape(weight, ratio, settings)
+            except ValueError:  # nothing fits this ratio
+                return None
+            return fit_riem(weight, q, m, bits, settings.metric_dtype, fit_settings(settings),
+                            settings.k_branches).weight
+
+        return fit
 
     def candidates(self, spec, budget_ratio, options, attempt):
         fit = options.get("fit")  # (weight, ratio) -> CompressedWeight | None; None: no RieM candidates

@@ -42,12 +42,13 @@ def bits_options(state_bits) -> tuple[int, ...]:
 
 
 def search_size(weight, ratio: float, state_bits, metric_dtype: str, fit_settings, pilot_steps: int,
-                k_branches: int = riem.K_BRANCHES) -> SizeChoice | None:
-    """The best candidate shape for `weight` at `ratio` by pilot-fit error; None when nothing fits."""
+                k_branches: int = riem.K_BRANCHES, wider=riem.SEARCH_WIDER) -> SizeChoice | None:
+    """The best candidate shape for `weight` at `ratio` by pilot-fit error; None when nothing fits.
+    wider: the metric widths tried per state width (riem.size_candidates)."""
     from riem_compiler.methods.riem.fit import fit_riem
 
     n_out, n_in = int(weight.shape[0]), int(math.prod(weight.shape[1:]))
-    found = riem.size_candidates(n_out, n_in, ratio, bits_options(state_bits), metric_dtype, k_branches)
+    found = riem.size_candidates(n_out, n_in, ratio, bits_options(state_bits), metric_dtype, k_branches, wider)
     if not found:
         return None
     if len(found) == 1:
