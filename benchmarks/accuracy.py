@@ -130,12 +130,11 @@ def make_mode(quick: bool, budgets: list[float] | None) -> Mode:
         mode = Mode(
             "full",
             budgets={m: list(BUDGETS) for m in MODELS},
-            # MiniLM: 400 steps, because 1000-step fits of its 36 layers at 5 ratios (the 4 budgets and
-            # auto's budget/2 candidates at 1/64) take about 2.5 h on 2 cores; the shorter fits cost
-            # RieM weight error (the 384x384 query at 1/4: 0.415 at 300 steps, 0.278 at 1000).
-            # EfficientNet-Lite2: 400 steps like MiniLM (60 layers, the 1000x1280 classifier among them)
+            # MiniLM: the default 1000 steps (since 2026-12-07 about 5.5 min per budget on 2 cores; the
+            # rows before that ran 400 steps, then 11-14 min per budget).
+            # EfficientNet-Lite2: 400 steps (60 layers, the 1000x1280 classifier among them)
             # MobileNetV2: the same settings as EfficientNet-Lite2 (53 layers, the same 1000x1280 head)
-            riem_steps={"digits_cnn": 1000, "digits_resnet8": 1000, "minilm": 400, "effnet_lite2": 400,
+            riem_steps={"digits_cnn": 1000, "digits_resnet8": 1000, "minilm": 1000, "effnet_lite2": 400,
                         "mobilenet_v2": 400},
             riem_time_s={m: None for m in MODELS},
             auto_riem_half={**{m: True for m in MODELS}, "effnet_lite2": False, "mobilenet_v2": False},
