@@ -281,3 +281,18 @@ def test_auto_gets_rotq_candidates_on_any_width():
         out = auto.CandidateGrid()(spec, 0.25)
         labels = [METHOD.label(cw) for cw in out if cw.method == "rotq"]
         assert out.dropped == 0 and len(labels) == len(set(labels)) >= 4, (shape, labels)
+
+
+@pytest.mark.parametrize("grid", ["gaussian", "fitted"])
+def test_groups_coded_in_blocks_give_the_same_weight(grid, monkeypatch):
+    # blocks bound the float64 temporaries; every step works group by group, so the codes,
+    # scales and grid are bit for bit those of one block
+    w = (np.random.default_rng(3).standard_normal((40, 96)) * 0.02).astype(np.float32)
+    whole = rotq.fit_rotq(w, 2, 32, None, 1, grid)
+    monkeypatch.setattr(rotq, "CODE_BLOCK_VALUES", 7 * 32)  # 7 groups per block: a partial last block
+    blocks = rotq.fit_rotq(w, 2, 32, None, 1, grid)
+    assert whole.arrays.keys() == blocks.arrays.keys()
+    for k in whole.arrays:
+        np.testing.assert_array_equal(whole.arrays[k], blocks.arrays[k])
+    rotated = rotation.rotate_numpy(w.astype(np.float64), 32, 1)
+    np.testing.assert_array_equal(rotated, rotation.rotate_numpy(w.astype(np.float64), 32, 1, overwrite=True))

@@ -164,10 +164,23 @@ def _least_squares_scale(X, codes, levels) -> np.ndarray:
     return _to_f16(np.where(qq > 0, (X * q).sum(axis=1) / np.where(qq > 0, qq, 1.0), 0.0))
 
 
+# groups coded at once: every step works group by group, so blocks of them give the same codes
+# while bounding the float64 temporaries (several per weight) to a few MB instead of the layer's size
+CODE_BLOCK_VALUES = 1 << 20
+
+
 def _code_groups(X: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per group (rows of X): the float16 scale minimising its squared error over multiples of
     the group's RMS, then one least-squares rescale (kept when better); codes are nearest levels
     of x / scale with the stored scale. Returns (scale, codes, squared error per group)."""
+    step = max(1, CODE_BLOCK_VALUES // max(1, X.shape[1]))
+    if len(X) <= step:
+        return _code_block(X, levels)
+    parts = [_code_block(X[a:a + step], levels) for a in range(0, len(X), step)]
+    return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _code_block(X: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rms = np.sqrt(np.mean(np.square(X), axis=1))
     best_s = np.zeros(len(X))
     best_c, best_e = _nearest(X, best_s, levels)
@@ -197,15 +210,19 @@ def fit_rotq(weight, bits: int = 2, group_size: int | None = 64, block: int | No
         raise InputError(f"rotq grid must be one of {GRIDS}, got {grid!r}")
     shape, transposed = weight_layout(weight, in_axis, "rotq")
     lay = layout(shape, transposed, group_size, block)
-    M = matrix(weight).astype(np.float64)
-    M = M.T if transposed else M
+    # float64 working copies, as few as possible (each is 2x the float32 weight): the padded
+    # matrix (filled straight from the weight), rotated in place of its signs, then the rotation
+    src = matrix(weight)
     padded = np.zeros((lay.rows, lay.padded))
-    padded[:, :lay.cols] = M
-    rotated = rotation.rotate_numpy(padded, lay.block, seed)
+    padded[:, :lay.cols] = src.T if transposed else src
+    rotated = rotation.rotate_numpy(padded, lay.block, seed, overwrite=True)
+    del padded
     layer_rms = float(np.sqrt(np.mean(np.square(rotated))))
     if not np.isfinite(layer_rms):
         raise InputError(f"rotq: weight of shape {shape} has non-finite values or overflows float64")
-    X = (rotated / layer_rms if layer_rms > 0 else rotated).reshape(-1, lay.group)
+    if layer_rms > 0:
+        rotated /= layer_rms
+    X = rotated.reshape(-1, lay.group)
     levels = np.array(lloyd_max_normal(1 << bits))
     scale, codes, err = _code_groups(X, levels)
     best = (float(err.sum()), levels, scale, codes)

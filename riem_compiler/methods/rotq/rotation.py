@@ -68,10 +68,12 @@ def hadamard_torch(block: int, device=None):
     return (1 - 2 * parity).to(torch.float32) * (1.0 / math.sqrt(block))
 
 
-def rotate_numpy(M: np.ndarray, block: int, seed: int) -> np.ndarray:
-    """M R for M (rows, padded cols) in float64: signs on columns, then H_B / sqrt(B) per block."""
+def rotate_numpy(M: np.ndarray, block: int, seed: int, overwrite: bool = False) -> np.ndarray:
+    """M R for M (rows, padded cols) in float64: signs on columns, then H_B / sqrt(B) per block.
+    overwrite: the signs are applied to M in place (a working copy the caller drops)."""
     n, dp = M.shape
-    X = (M * signs_numpy(seed, dp)[None, :]).reshape(n, dp // block, block)
+    signs = signs_numpy(seed, dp)[None, :]
+    X = (np.multiply(M, signs, out=M) if overwrite else M * signs).reshape(n, dp // block, block)
     return (X @ hadamard_numpy(block)).reshape(n, dp)
 
 
