@@ -26,13 +26,21 @@ def packed_nbytes(count: int, bits: int) -> int:
     return math.ceil(count * bits / 8)
 
 
+# codes packed at once: the bit matrix takes 5 bytes per bit of every code in flight (a 4-bit
+# weight: 20 bytes per weight), so long arrays go in chunks (a multiple of 8 codes: whole bytes)
+PACK_CHUNK = 1 << 20
+
+
 def pack(codes, bits: int) -> np.ndarray:
     """Unsigned integer codes (< 2**bits) -> flat uint8 array."""
-    flat = np.asarray(codes, dtype=np.uint32).ravel()
+    flat = np.asarray(codes).ravel()
     if bits == 8:
         return flat.astype(np.uint8)
     if bits == 16:
         return flat.astype("<u2").view(np.uint8)
+    if len(flat) > PACK_CHUNK:
+        return np.concatenate([pack(flat[a:a + PACK_CHUNK], bits) for a in range(0, len(flat), PACK_CHUNK)])
+    flat = flat.astype(np.uint32)
     bit_matrix = ((flat[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
     return np.packbits(bit_matrix.ravel(), bitorder="little")
 

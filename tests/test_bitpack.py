@@ -36,3 +36,12 @@ def test_eager_path_is_scoped_to_its_block():
 class _Unpack(torch.nn.Module):
     def forward(self, packed):
         return bitpack.unpack_torch(packed, 3, 8)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 7, 12])
+def test_long_arrays_pack_in_chunks_to_the_same_bytes(bits, monkeypatch):
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, size=1013)
+    whole = bitpack.pack(codes, bits)
+    monkeypatch.setattr(bitpack, "PACK_CHUNK", 64)  # 16 chunks and a partial one
+    np.testing.assert_array_equal(bitpack.pack(codes, bits), whole)
+    np.testing.assert_array_equal(bitpack.unpack(whole, bits, len(codes)), codes)
