@@ -175,5 +175,5 @@ def test_readout_solve_survives_a_singular_gram_matrix():
     assert torch.allclose(G @ x, torch.tensor([2.0, 2.0], dtype=torch.float64))
     assert torch.equal(_solve_symmetric(torch.zeros(3, 3), torch.zeros(3)), torch.zeros(3))
     assert torch.isnan(_solve_symmetric(torch.full((2, 2), float("nan")), torch.ones(2))).all()
-    v, c = _solve_readout(torch.ones(4, 5, 3), torch.full((4, 5), 0.5))  # constant features
+    v, c = _solve_readout(torch.ones(3, 4, 5), torch.full((4, 5), 0.5))  # constant features (m, rows, cols)
     assert torch.isfinite(v).all() and float(c) == pytest.approx(0.5)
