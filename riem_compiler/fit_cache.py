@@ -31,7 +31,8 @@ from riem_compiler.files import atomic_write
 log = logging.getLogger("riem_compiler.fit_cache")
 
 CACHE_FORMAT = "riem-fit-cache"
-CACHE_VERSION = 1
+# 2 (2026-12-07): RieM's faster step rounds differently, so fits cached by the old code are not reused
+CACHE_VERSION = 2
 # Config fields outside the methods' own settings that change a fit (or whether it is accepted)
 FIT_FIELDS = ("method", "ratio", "error_ceiling", "threads")
 TAG_NAME = "CACHEDIR.TAG"
