@@ -19,8 +19,8 @@ ONNX_BRANCHES = 6  # riem.K_BRANCHES; the RieMMatrix ONNX body sums this many Ri
 class RieMSettings:
     """Sizing (state_bits, metric_dtype, m, k_branches, sizing) and fitting (steps, lr, time cap,
     seed, device) of a RieM fit. sizing "wide" (default): riem.choose_size's 1.3x-wider shape of
-    the balanced width, no pilot fits (on 20 MiniLM layer/budget cells at 1/16, 1/8 and 1/4 its
-    1000-step fit was at or below the error of "search"'s pick in every cell, 6 strictly, in
+    the balanced width, no pilot fits (on 14 MiniLM layer/budget cells at 1/16, 1/8 and 1/4 its
+    1000-step fit was at or below the error of "search"'s pick in every cell, 5 strictly, in
     15-30% less time: the 100-step pilots could not tell the two widths apart); "search": short
     pilot fits (pilot_steps each; 0: steps // 10, at least 1) choose among the shapes of
     riem.size_candidates, which never leave a state dimension dead (q <= k_branches * m); with
