@@ -193,6 +193,12 @@ def stored_nbytes(
 
 
 SIZINGS = ("max_q", "balanced", "search", "wide")
+
+
+def search_widths(sizing: str) -> tuple[float, ...]:
+    """The metric widths (multiples of the balanced one) size_candidates offers a sizing: "wide"
+    only the widest of SEARCH_WIDER, "search" all of them."""
+    return (SEARCH_WIDER[-1],) if sizing == "wide" else SEARCH_WIDER
 MAX_M = 32  # the widest metric net "balanced" sizing grows to (step cost grows with m)
 
 
@@ -212,8 +218,8 @@ def choose_size(
     if sizing not in SIZINGS:
         raise ValueError(f"sizing must be one of {SIZINGS}, got {sizing!r}")
     if sizing in ("search", "wide"):  # search without pilot fits: the first candidate it would try
-        wider = (SEARCH_WIDER[-1],) if sizing == "wide" else SEARCH_WIDER
-        found = size_candidates(n_out, n_in, ratio, (state_bits,), metric_dtype, k_branches, wider)
+        found = size_candidates(n_out, n_in, ratio, (state_bits,), metric_dtype, k_branches,
+                                search_widths(sizing))
         return found[0][:2] if found else None
     size = _max_q(n_out, n_in, ratio, state_bits, metric_dtype, m, k_branches)
     if sizing == "max_q" or size is None:

@@ -75,9 +75,8 @@ def choose_shape(weight, ratio: float, settings: RieMSettings, index: int = 0) -
     if settings.searched:
         from riem_compiler.methods.riem.sizing import search_size
 
-        wider = (riem.SEARCH_WIDER[-1],) if settings.sizing == "wide" else riem.SEARCH_WIDER
-        choice = search_size(weight, ratio, settings.state_bits, settings.metric_dtype,
-                             fit_settings(settings, index), settings.pilot_budget(), settings.k_branches, wider)
+        choice = search_size(weight, ratio, settings.state_bits, settings.metric_dtype, fit_settings(settings, index),
+                             settings.pilot_budget(), settings.k_branches, riem.search_widths(settings.sizing))
         if choice is None:
             raise ValueError(f"too small: even q=1 needs more than {ratio:g} of its fp32 bytes")
         return choice.q, choice.m, choice.state_bits, {**choice.report(), "sizing": settings.sizing}
@@ -88,17 +87,21 @@ def choose_shape(weight, ratio: float, settings: RieMSettings, index: int = 0) -
     return size[0], size[1], settings.state_bits, {"sizing": settings.sizing}
 
 
+def _fit_at(weight, q: int, m: int, bits: int, settings: RieMSettings, index: int = 0):
+    """The FitResult of a RieM fit of `weight` at the shape choose_shape gave, with these settings."""
+    from riem_compiler.methods.riem.fit import fit_riem
+
+    return fit_riem(weight, q, m, bits, settings.metric_dtype, fit_settings(settings, index), settings.k_branches)
+
+
 class RieM(Method):
     name = "riem"
     Settings = RieMSettings
     tvm_dense_reason = None
 
     def fit(self, spec, ratio, settings, index=0):
-        from riem_compiler.methods.riem.fit import fit_riem
-
         q, m, bits, extra = choose_shape(spec.weight, ratio, settings, index)
-        res = fit_riem(spec.weight, q, m, bits, settings.metric_dtype, fit_settings(settings, index),
-                       settings.k_branches)
+        res = _fit_at(spec.weight, q, m, bits, settings, index)
         report = {"q": q, "m": m, "state_bits": bits, "steps": res.steps, **extra}
         if res.time_capped:
             report.update(steps_planned=res.steps_planned, time_capped=True)
@@ -108,14 +111,11 @@ class RieM(Method):
         """(weight, ratio) -> CompressedWeight, or None when nothing fits the ratio: auto's RieM
         candidates (its grid's riem_fit), sized and fitted as this method fits a layer."""
         def fit(weight, ratio):
-            from riem_compiler.methods.riem.fit import fit_riem
-
             try:
                 q, m, bits, _ = choose_shape(weight, ratio, settings)
             except ValueError:  # nothing fits this ratio
                 return None
-            return fit_riem(weight, q, m, bits, settings.metric_dtype, fit_settings(settings),
-                            settings.k_branches).weight
+            return _fit_at(weight, q, m, bits, settings).weight
 
         return fit
 

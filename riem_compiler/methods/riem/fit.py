@@ -126,6 +126,13 @@ class _BranchSigmoid:
         torch.mul(ea[k, :, r:r + rows, None], eb[k, :, None, :], out=out)
         return out.add_(1.0).reciprocal_()
 
+    def branch_sum(self, r: int, rows: int, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """Phi's rows r..r+rows (the sum over the branches) into `out`, with `scratch` of its size."""
+        self(0, r, rows, out)
+        for k in range(1, self.A.shape[0]):
+            out.add_(self(k, r, rows, scratch))
+        return out
+
 
 class _FusedLoss(torch.autograd.Function):
     """Loss of one variable-projection step, mean((v . Phi + c - T)^2) with (v, c) solved from Phi,
@@ -142,7 +149,7 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, B, target, ws=None):
         ws = ws or _Workspace()
-        k_branches, m, n_out = A.shape
+        _, m, n_out = A.shape
         n_in = B.shape[2]
         rows = _chunk_rows(A, n_in)
         sig = _BranchSigmoid(A, B)
@@ -150,14 +157,11 @@ class _FusedLoss(torch.autograd.Function):
         buf = ws.get("chunk", m * min(rows, n_out) * n_in, A)
         for r in range(0, n_out, rows):
             p = phi[:, r:r + rows]
-            sig(0, r, rows, p)
-            z = buf[: p.numel()].view(p.shape)
-            for k in range(1, k_branches):
-                p.add_(sig(k, r, rows, z))
+            sig.branch_sum(r, rows, p, buf[: p.numel()].view(p.shape))
         v, c = _solve_readout(phi, target, centred=ws.get("centred", phi.numel(), A))
         resid = _readout(phi, v, c) - target
         ctx.save_for_backward(A, B, resid, v)
-        ctx.ws = ws
+        ctx.ws, ctx.sig = ws, sig  # the backward recomputes the same sigmoids from the same exponentials
         return (resid * resid).mean()
 
     @staticmethod
@@ -166,7 +170,7 @@ class _FusedLoss(torch.autograd.Function):
         k_branches, m, n_out = A.shape
         n_in = B.shape[2]
         rows = _chunk_rows(A, n_in)
-        sig = _BranchSigmoid(A, B)
+        sig = ctx.sig
         G = resid * (grad * 2.0 / resid.numel())  # dL/dW_hat
         gA = torch.empty_like(A)
         gB = torch.zeros_like(B)
@@ -216,23 +220,18 @@ def _solve_readout_chunked(a, b, U, beta, target, rows: int = 256):
     """Same least squares over the whole matrix, accumulated in row chunks (bounded memory): the
     features of each chunk in float32, shifted by the first chunk's mean so that their float32
     Gram matrix carries no large common term, summed in float64."""
-    k_branches, m, _ = U.shape
+    m = U.shape[1]
     n_out, n_in = target.shape
-    A, B = branch_inputs(a, b, U, beta)
-    sig = _BranchSigmoid(A, B)
-    phi = torch.empty(m * min(rows, n_out) * n_in, dtype=A.dtype, device=A.device)
+    sig = _BranchSigmoid(*branch_inputs(a, b, U, beta))
+    phi = torch.empty(m * min(rows, n_out) * n_in, dtype=a.dtype, device=a.device)
     buf = torch.empty_like(phi)
-    G = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=A.device)
-    rhs = torch.zeros(m + 1, dtype=torch.float64, device=A.device)
+    G = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=a.device)
+    rhs = torch.zeros(m + 1, dtype=torch.float64, device=a.device)
     shift = None
     for r in range(0, n_out, rows):
         n = min(rows, n_out - r)
         p = phi[: m * n * n_in].view(m, n, n_in)
-        z = buf[: p.numel()].view(p.shape)
-        sig(0, r, rows, p)
-        for k in range(1, k_branches):
-            p.add_(sig(k, r, rows, z))
-        X = p.view(m, -1)
+        X = sig.branch_sum(r, rows, p, buf[: p.numel()].view(p.shape)).view(m, -1)
         shift = X.mean(1, keepdim=True) if shift is None else shift
         X -= shift
         t = target[r:r + n].reshape(-1)
