@@ -8,7 +8,8 @@ build_tvm runs for it (`Method.tvm_fused(..., for_memory=True)`: the form mode "
 "auto" runs the same one unless the row says "decode-once in auto"), and the dense NN matmul of the
 decoded weight scheduled by `tvm_schedules.schedule_matmul` (what decode-once runs), both compiled
 for this CPU and timed in one process: median of `--runs` calls after 3 warm-ups. Which form the
-kernel takes (GEMV, tiled dot, tiled outer product) follows from the rows (methods/tvm_gemv.py).
+kernel takes (GEMV, the int8-activation GEMV on a VNNI CPU, tiled dot, tiled outer product) follows from
+the rows (methods/tvm_gemv.py, tvm_gemv_int8.py). TVM runs on every physical core, as load_tvm sets it.
 Writes tvm_kernels.md / .json under --out.
 """
 from __future__ import annotations
@@ -65,6 +66,11 @@ def dense_matmul(batch: int, rows: int, cols: int):
 def _form(func) -> str:
     from tvm import s_tir
 
+    from riem_compiler.methods.tvm_gemv_int8 import FORM_ATTR
+
+    if func.attrs is not None and func.attrs.get(FORM_ATTR, False):
+        return "GEMV, int8 activations"
+
     sch = s_tir.Schedule(func)
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
     if "decode_t" in names:
@@ -87,8 +93,9 @@ def measure(label: str, fit, shape, batch: int, runs: int) -> dict:
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     cw = fit(w)
     method = methods.get(cw.method)
-    kernel = method.tvm_fused(cw, batch, "fused", "llvm", for_memory=True)
-    auto = method.tvm_fused(cw, batch, "fused", "llvm")
+    with target:  # as build_tvm asks: the kernels see the CPU's features (the int8 GEMV needs VNNI)
+        kernel = method.tvm_fused(cw, batch, "fused", "llvm", for_memory=True)
+        auto = method.tvm_fused(cw, batch, "fused", "llvm")
     lib = tvm.compile(tvm.IRModule({"fused": kernel}), target=target)
     dense = tvm.compile(tvm.IRModule({"dense": dense_matmul(batch, rows, cols)}), target=target)
     x = np.random.default_rng(1).standard_normal((batch, cols)).astype(np.float32)
@@ -113,7 +120,9 @@ def markdown(doc: dict) -> str:
              json.dumps(meta), "```", "",
              "One weight per row, random values of MiniLM's shapes; fused: the kernel build_tvm runs for it; dense: the "
              "decoded weight through decode-once's matmul schedule; median ms of one process, (x) fused over dense. "
-             "Error: max |fused - x W^T| over max |x W^T|, W decoded by numpy.", "",
+             "Error: max |fused - x W^T| over max |x W^T|, W decoded by numpy (the int8-activation GEMV adds x's "
+             "rounding to int8, as onnxruntime's MatMulNBits at accuracy_level 4). TVM's thread pool: "
+             f"{meta.get('tvm_threads', 1)} thread(s).", "",
              "| setting | weight (out x in) | rows | form | fused ms | dense ms | x | bytes (x fp32) | mode auto | "
              "error |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
@@ -130,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
+    from riem_compiler.codegen.tvm_runtime import use_all_cores
+
+    threads = use_all_cores()  # as load_tvm does: TVM's pool on every physical core
     start = time.time()
     load_before = list(os.getloadavg())
     rows = []
@@ -143,7 +155,8 @@ def main(argv=None) -> int:
     meta = {"command": " ".join(["python benchmarks/tvm_kernels.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "load_before": load_before, "load_after": list(os.getloadavg()), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "runs": args.runs, "elapsed_s": round(time.time() - start, 1)}
+            "machine": platform.machine(), "runs": args.runs, "tvm_threads": threads,
+            "elapsed_s": round(time.time() - start, 1)}
     doc = {"meta": meta, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import numpy as np
 from riem_compiler import methods
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.codegen.tvm_import import _Imported
+from riem_compiler.methods.tvm_gemv_int8 import FORM_ATTR
 
 OPAQUE_PATTERN = 8  # relay/relax OpPatternKind kOpaque: never fused with other operators
 
@@ -99,7 +100,8 @@ def _make_fused_main(imp: _Imported, kernel_weights: dict[str, CompressedWeight]
     kernel when the method offers one (`Method.tvm_fused`; for_memory as there). The other compact
     weights are decoded inside main (mode "fused": per call; mode "auto" lifts those decodes to
     load time afterwards). Returns (module, names of the weights that got a fused kernel,
-    {weight: why it did not} for the others)."""
+    {weight: why it did not} for the others, names of the fused weights whose kernel multiplies by
+    int8 activations)."""
     from tvm import relax
     from tvm.relax.dpl import is_op, wildcard
 
@@ -147,6 +149,7 @@ def _make_fused_main(imp: _Imported, kernel_weights: dict[str, CompressedWeight]
     bb2 = relax.BlockBuilder(mod)
     fused_cache: dict[tuple, object] = {}
     reasons: dict[str, str] = {}
+    int8_layers: set[str] = set()  # fused with int8 activations (tvm_gemv_int8.py)
 
     def rewriter(expr, matches):
         call = matches[mm_pat]
@@ -168,6 +171,8 @@ def _make_fused_main(imp: _Imported, kernel_weights: dict[str, CompressedWeight]
             if isinstance(kernel, str):
                 reasons[name] = kernel
                 return expr
+            if kernel.attrs is not None and kernel.attrs.get(FORM_ATTR, False):
+                int8_layers.add(name)
             fused_cache[key] = bb2.add_func(kernel.with_attr("op_pattern", OPAQUE_PATTERN), fname)
         x2 = relax.op.reshape(x, [rows, xshape[-1]])
         y = relax.call_tir(fused_cache[key], [x2] + list(w.args[1].fields), _tensor_sinfo([rows, cw.shape[0]], "float32"))
@@ -187,7 +192,7 @@ def _make_fused_main(imp: _Imported, kernel_weights: dict[str, CompressedWeight]
                              else "not used as the weight of a matmul x @ W.T")
     for name in fused:  # a weight fused at one use and refused at another still has its decode
         reasons.pop(name, None)
-    return mod, fused, reasons
+    return mod, fused, reasons, sorted(int8_layers)
 
 
 def _safe(name: str) -> str:

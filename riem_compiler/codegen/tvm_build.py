@@ -26,6 +26,7 @@ from riem_compiler.codegen.tvm_artifact import (CUDA_SOURCE_NAME, FORMAT, FORMAT
 from riem_compiler.codegen.tvm_assembly import (_add_decode_function, _make_fused_main, decode_kernel_schedules,
                                                 kernel_module)
 from riem_compiler.codegen.tvm_import import _import_torch
+from riem_compiler.methods.tvm_gemv_int8 import int8_activations
 from riem_compiler.codegen.tvm_pipeline import (LIFTED_NAME, BuildInfo, TvmBuildOptions, _apply_database,
                                                 _default_schedules, _entry_functions, _legalize_and_fuse,
                                                 _lower_and_compile, _schedule_decode_calls, _tune, compile_cuda_source,
@@ -113,10 +114,12 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
             mod = relax.transform.LiftTransformParams()(mod)
             lifted = LIFTED_NAME if LIFTED_NAME in _entry_functions(mod) else None
         mod = _add_decode_function(mod, kernel_weights, schedule_cpu=False)
-        fused, why = [], {name: "mode 'decode-once'" for name in kernel_weights}
+        fused, why, int8_layers = [], {name: "mode 'decode-once'" for name in kernel_weights}, []
     else:
-        mod, fused, why = _make_fused_main(imp, kernel_weights, "cuda" if tgt.kind.name == "cuda" else "llvm",
-                                           for_memory=opts.mode == "fused")
+        # the kernels ask the current target for its CPU features (tvm_gemv_int8.target_supports)
+        with tgt, int8_activations(opts.int8_activations):
+            mod, fused, why, int8_layers = _make_fused_main(imp, kernel_weights, "cuda" if tgt.kind.name == "cuda" else "llvm",
+                                               for_memory=opts.mode == "fused")
         if opts.mode == "auto":  # decodes of the weights not fused, and weight transposes, run once at load
             from tvm import relax
 
@@ -167,7 +170,7 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
         compressed_manifest.append({"name": name, "method": cw.method, "shape": list(cw.shape), "meta": cw.meta,
                                     "arrays": names})
     save_file(arrays, str(out / PARAMS_NAME))
-    layers = _layer_storage(result, imp, kernel_weights, stored_dense, opts.mode, fused, why)
+    layers = _layer_storage(result, imp, kernel_weights, stored_dense, opts.mode, fused, why, int8_layers)
     for row in layers:
         log.info("%s (%s): %s%s", row["name"], row["label"], row["decode"] or "stored dense",
                  f" ({row['why']})" if row["why"] else "")
@@ -201,11 +204,13 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
     return out
 
 
-def _layer_storage(result, imp, kernel_weights: dict, stored_dense: dict, mode: str, fused, why: dict) -> list[dict]:
+def _layer_storage(result, imp, kernel_weights: dict, stored_dense: dict, mode: str, fused, why: dict,
+                   int8_layers=()) -> list[dict]:
     """Per compressed weight (in parameter order): how the artifact stores it and why, where it
     is decoded and why there (`why`: a fused kernel's absence, from the method), its bytes:
     stored (the CompressedWeight), in the artifact, dense float32, and resident at run time (the
-    stored bytes when fused, the decoded float32 weight when decoded once)."""
+    stored bytes when fused, the decoded float32 weight when decoded once); "activations": int8
+    where the fused kernel multiplies the codes by an int8 copy of x (tvm_gemv_int8.py), else float32."""
     rows = []
     for name in imp.param_names:
         cw = result.compressed.get(name)
@@ -222,6 +227,7 @@ def _layer_storage(result, imp, kernel_weights: dict, stored_dense: dict, mode: 
             "name": name, "method": cw.method, "label": methods.get(cw.method).label(cw),
             "storage": "compact" if compact else "dense", "reason": stored_dense.get(name), "decode": decode,
             "why": None if not compact or name in fused else why.get(name),
+            "activations": "int8" if name in int8_layers else "float32",
             "stored_bytes": cw.nbytes,
             "artifact_bytes": cw.nbytes if compact else int(imp.param_values[name].nbytes),
             "dense_bytes": 4 * int(np.prod(cw.shape)),

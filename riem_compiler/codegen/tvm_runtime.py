@@ -10,6 +10,7 @@ through tvm_artifact.py, the format shared with the builder.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -20,10 +21,34 @@ from riem_compiler.codegen.tvm_artifact import compact_key, read_manifest
 log = logging.getLogger("riem_compiler.tvm_runtime")
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (sysfs topology; else every one)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
+
+
+def use_all_cores() -> int:
+    """Size TVM's CPU thread pool to the physical cores, as onnxruntime sizes its own; returns the
+    count. Without TVM_NUM_THREADS, TVM takes half the logical CPUs on x86 (it assumes two
+    hyper-threads a core): one thread on a 2-core machine without SMT, where onnxruntime runs two.
+    A TVM_NUM_THREADS the user set is kept; the pool reads it when it first starts, so this runs
+    before any TVM kernel does (TvmModel calls it)."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
+    return int(os.environ["TVM_NUM_THREADS"])
+
+
 class TvmModel:
     """Callable over a loaded artifact. `decode_seconds` is the time the load-time decode took."""
 
     def __init__(self, directory, device: str = "cpu"):
+        use_all_cores()
         import tvm
         from safetensors.numpy import load_file
         from tvm import relax

@@ -20,6 +20,7 @@ from tvm import te, tirx
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.methods import tvm_common as tc
 from riem_compiler.methods import tvm_gemv as tg
+from riem_compiler.methods import tvm_gemv_int8 as gi
 from riem_compiler.methods.affine.layout import affine_layout, flipped
 from riem_compiler.methods.rtn.layout import is_transposed
 
@@ -73,6 +74,9 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
     flip = flipped(is_transposed(cw), cw.meta["axis"])
     bits = int(cw.meta["bits"])
     if not flip and target_kind == "llvm":
+        lay = gi.layout(bits, cols, cw.meta["group_size"], rows)
+        if not isinstance(lay, str):
+            return gi.gemv_int8_primfunc(name, rows, n_out, cols, bits, lay, ph["scale"], ph["zero"])
         _, _, group, groups = affine_layout(cw.shape, cw.meta["group_size"], flip)
         layout = tg.packed_rows_layout(bits, cols, cw.meta["group_size"])
         if not isinstance(layout, str):

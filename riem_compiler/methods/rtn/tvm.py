@@ -20,6 +20,7 @@ from tvm import te, tirx
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.methods import tvm_common as tc
 from riem_compiler.methods import tvm_gemv as tg
+from riem_compiler.methods import tvm_gemv_int8 as gi
 
 ARRAYS = ("codes", "scale")
 
@@ -64,8 +65,9 @@ schedule_decode_cpu = tc.schedule_decode_cpu
 
 def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kind: str = "llvm"):
     """PrimFunc(x (rows, cols), codes, scale, y (rows, out)) = x W^T with W decoded inside the
-    reduction; scheduled for LLVM, left to dlight's GPU rules for cuda (there the element form,
-    the pattern those rules recognise). A str says why not."""
+    reduction; scheduled for LLVM (up to 4 rows on a VNNI CPU: the int8-activation GEMV of
+    tvm_gemv_int8.py), left to dlight's GPU rules for cuda (there the element form, the pattern
+    those rules recognise). A str says why not."""
     names = array_names(cw)
     ph = tc.placeholders(cw, names)
     n_out, cols = cw.matrix_shape
@@ -79,6 +81,10 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
     def scale_at(i, g):
         return tc.flat_load(scale, i * n_groups + g).astype("float32")
 
+    if target_kind == "llvm":
+        lay = gi.layout(bits, cols, group, rows)
+        if not isinstance(lay, str):
+            return gi.gemv_int8_primfunc(name, rows, n_out, cols, bits, lay, scale, offset=cw.meta["offset"])
     layout = tg.packed_rows_layout(bits, cols, group)
     if not isinstance(layout, str) and target_kind == "llvm":
         y = tg.packed_rows_te(x, codes, bits, n_out, cols, layout, scale_at, lambda i, g: offset)
@@ -86,3 +92,4 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
     y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph), target_kind)
     func = tg.primfunc([x, codes, scale], y, name)
     return tg.schedule_element_cpu(func, along_rows=False) if target_kind == "llvm" else func
+

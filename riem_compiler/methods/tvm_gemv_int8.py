@@ -1,0 +1,210 @@
+"""The int8-activation GEMV: y = x W^T for a few activation rows, W's codes multiplied by an int8
+copy of x with the CPU's 8-bit dot-product instruction (x86 AVX-512 VNNI `vpdpbusd`), the way
+onnxruntime's MatMulNBits does at accuracy_level 4.
+
+Why: the float forms of tvm_gemv.py spend five vector operations per weight (extract the code,
+convert, subtract the zero point, scale, multiply-add) and run at a fraction of memory bandwidth
+at batch 1. Here one `vpdpbusd` multiplies 64 codes by 64 int8 activations and adds them into 16
+int32 sums, so the kernel streams the codes from memory instead of waiting on arithmetic.
+
+Numerics: per group g of the weight (its row split into groups of `group` columns), x's group is
+quantised symmetrically to int8 with sx_g = max|x_g| / 127 (computed per call, in the same
+function), and
+
+    y_i = sum_g scale_ig * sx_g * (sum_k code_ik * xq_k  -  zero_ig * sum_k xq_k)
+
+with exact integer dot products. Against the float kernels this adds x's rounding error (about
+0.3-0.7% of the output's norm for normal-like activations; `error` in benchmarks/tvm_kernels.md),
+the same trade as onnxruntime's MatMulNBits at accuracy_level 4, which the `ort` ONNX form uses.
+
+Layout: the codes in the bitpack layout of the weight's (rows, cols) matrix view, 2, 4 or 8 bits,
+groups along the reduction holding a multiple of 16 bytes (4-bit: group 32, 64, 128, ...). A
+vector of VW bytes (64, 32 or 16: the largest dividing the group's bytes) holds 8 / bits codes a
+byte; code t of each byte is taken with a shift and a mask and multiplied by the activations of
+the columns it stands for (x de-interleaved once per call, as in tvm_gemv.packed_rows_te).
+Schedule: parallel over output rows (blocks of 2-4 rows measured slower: 0.13-0.24 ms vs 0.15 ms on
+4096x4096, 0.72-1.10 vs 0.44 ms on 11008x4096); per row and group, one int32 accumulator vector
+per activation row, converted and scaled into float32 accumulators once per group.
+
+Written in TVMScript (one PrimFunc, decode inside the reduction): TE cannot express the
+instruction's vector operands.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from tvm.script import tirx as T
+
+# activation rows per call up to which this form replaces the float GEMV
+MAX_BATCH = 4
+INTRINSICS = {64: "llvm.x86.avx512.vpdpbusd.512", 32: "llvm.x86.avx512.vpdpbusd.256",
+              16: "llvm.x86.avx512.vpdpbusd.128"}
+# PrimFunc attribute naming this form (the build's manifest reports it per layer)
+FORM_ATTR = "riem.int8_activations"
+# the CPU features the kernel needs (LLVM names)
+FEATURES = ("avx512vnni", "avx512bw", "avx512vl")
+_ENABLED: ContextVar[bool] = ContextVar("riem_int8_activations", default=True)
+
+
+@contextmanager
+def int8_activations(enabled: bool):
+    """Within this block, kernels are built with (True) or without (False) this form."""
+    token = _ENABLED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def target_supports() -> bool:
+    """Whether the current TVM target (`with target:`) is an LLVM CPU with VNNI."""
+    from tvm.target import Target, codegen
+
+    target = Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return False
+    return all(bool(codegen.target_has_features(f, target)) for f in FEATURES)
+
+
+def layout(bits: int, cols: int, group: int | None, batch: int) -> tuple[int, int, int] | str:
+    """(group, bytes per group, vector bytes) where this form applies, else why not."""
+    if not _ENABLED.get():
+        return "int8 activations are switched off for this build"
+    if int(batch) > MAX_BATCH:
+        return f"{batch} activation rows per call take the tiled form"
+    if bits not in (2, 4, 8):
+        return f"{bits}-bit codes do not fill whole bytes"
+    g = cols if group is None else int(group)
+    if cols % g:
+        return f"group {g} does not divide the row ({cols})"
+    group_bytes = g * bits // 8
+    vw = next((v for v in (64, 32, 16) if group_bytes % v == 0), None)
+    if vw is None:
+        return f"a group's {group_bytes} bytes are not a multiple of 16"
+    if not target_supports():
+        return "the target CPU has no AVX-512 VNNI"
+    return g, group_bytes, vw
+
+
+def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, lay, scale, zero=None,
+                       offset: float = 0):
+    """PrimFunc(x (batch, cols), codes, scale[, zero], y (batch, rows)); `scale` and `zero` the
+    method's placeholders of its stored arrays (one value per row and group, any float dtype),
+    `lay` from `layout`. The zero point is the stored `zero` (affine) or, without it, the
+    constant integer `offset` (rtn)."""
+    group, bg, vw = lay
+    ng = cols // group
+    lanes = vw // 4
+    chunks = bg // vw
+    cpb = 8 // bits
+    row_bytes = cols * bits // 8
+    mask = (1 << bits) - 1
+    nb = int(batch)
+    intrin = INTRINSICS[vw]
+    u8v, i8v, i32v, f32v = f"uint8x{vw}", f"int8x{vw}", f"int32x{lanes}", f"float32x{lanes}"
+    n_scale = rows * ng
+    scale_shape, scale_dtype = tuple(int(d) for d in scale.shape), str(scale.dtype)
+    int_offset = zero is None
+    if int_offset and float(offset) != int(offset):
+        raise ValueError(f"an integer zero point is needed, got {offset}")
+    off = int(offset)
+    if not int_offset:
+        zero_shape, zero_dtype = tuple(int(d) for d in zero.shape), str(zero.dtype)
+
+    def code_vec(v, t):  # code t of every byte of the vector v (uint8)
+        shifted = v if t == 0 else T.shift_right(v, T.broadcast(T.uint8(t * bits), vw))
+        return shifted if (t + 1) * bits == 8 else T.bitwise_and(shifted, T.broadcast(T.uint8(mask), vw))
+
+    if int_offset:
+        @T.prim_func(private=True)
+        def func(x: T.Buffer((nb, cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
+                 scale_in: T.Buffer(scale_shape, scale_dtype), y: T.Buffer((nb, rows), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            scale = T.decl_buffer((n_scale,), scale_dtype, data=scale_in.data)
+            xq = T.decl_buffer((nb * cpb * row_bytes,), "int8")
+            sx = T.decl_buffer((nb * ng,), "float32")
+            ql = T.decl_buffer((nb * ng * lanes,), "int32")
+            _quantise(x, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, chunks)
+            for i in T.parallel(rows):
+                acc = T.alloc_buffer((nb * lanes,), "int32", annotations={"disable_lower_builtin": True})
+                facc = T.alloc_buffer((nb * lanes,), "float32", annotations={"disable_lower_builtin": True})
+                for a in T.unroll(nb):
+                    facc[T.ramp(a * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                for g in range(ng):
+                    for b in T.unroll(nb):
+                        acc[T.ramp(b * lanes, 1, lanes)] = ql[T.ramp((b * ng + g) * lanes, 1, lanes)] * T.broadcast(T.int32(-off), lanes)
+                    for c in range(chunks):
+                        for t in T.unroll(cpb):
+                            for b in T.unroll(nb):
+                                acc[T.ramp(b * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
+                                    T.llvm_lookup_intrinsic_id(intrin), acc[T.ramp(b * lanes, 1, lanes)],
+                                    code_vec(codes.vload([i * row_bytes + g * bg + c * vw], u8v), t),
+                                    xq.vload([(b * cpb + t) * row_bytes + g * bg + c * vw], i8v), dtype=i32v)
+                    for b in T.unroll(nb):
+                        facc[T.ramp(b * lanes, 1, lanes)] = facc[T.ramp(b * lanes, 1, lanes)] + \
+                            T.Cast(f32v, acc[T.ramp(b * lanes, 1, lanes)]) * \
+                            T.broadcast(T.Cast("float32", scale[i * ng + g]) * sx[b * ng + g], lanes)
+                for b in T.unroll(nb):
+                    y[b, i] = T.float32(0)
+                    for lane in range(lanes):
+                        y[b, i] = y[b, i] + facc[b * lanes + lane]
+        return func.with_attr("global_symbol", name).with_attr(FORM_ATTR, True)
+
+    @T.prim_func(private=True)
+    def func_z(x: T.Buffer((nb, cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
+               scale_in: T.Buffer(scale_shape, scale_dtype), zero_in: T.Buffer(zero_shape, zero_dtype),
+               y: T.Buffer((nb, rows), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        scale = T.decl_buffer((n_scale,), scale_dtype, data=scale_in.data)
+        zero = T.decl_buffer((n_scale,), zero_dtype, data=zero_in.data)
+        xq = T.decl_buffer((nb * cpb * row_bytes,), "int8")
+        sx = T.decl_buffer((nb * ng,), "float32")
+        ql = T.decl_buffer((nb * ng * lanes,), "int32")
+        _quantise(x, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, chunks)
+        for i in T.parallel(rows):
+            acc = T.alloc_buffer((nb * lanes,), "int32", annotations={"disable_lower_builtin": True})
+            facc = T.alloc_buffer((nb * lanes,), "float32", annotations={"disable_lower_builtin": True})
+            for a in T.unroll(nb):
+                facc[T.ramp(a * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+            for g in range(ng):
+                for a in T.unroll(nb):
+                    acc[T.ramp(a * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                for c in range(chunks):
+                    for t in T.unroll(cpb):
+                        for b in T.unroll(nb):
+                            acc[T.ramp(b * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id(intrin), acc[T.ramp(b * lanes, 1, lanes)],
+                                code_vec(codes.vload([i * row_bytes + g * bg + c * vw], u8v), t),
+                                xq.vload([(b * cpb + t) * row_bytes + g * bg + c * vw], i8v), dtype=i32v)
+                for b in T.unroll(nb):
+                    facc[T.ramp(b * lanes, 1, lanes)] = facc[T.ramp(b * lanes, 1, lanes)] + \
+                        (T.Cast(f32v, acc[T.ramp(b * lanes, 1, lanes)]) -
+                         T.Cast(f32v, ql[T.ramp((b * ng + g) * lanes, 1, lanes)]) *
+                         T.broadcast(T.Cast("float32", zero[i * ng + g]), lanes)) * \
+                        T.broadcast(T.Cast("float32", scale[i * ng + g]) * sx[b * ng + g], lanes)
+            for b in T.unroll(nb):
+                y[b, i] = T.float32(0)
+                for lane in range(lanes):
+                    y[b, i] = y[b, i] + facc[b * lanes + lane]
+    return func_z.with_attr("global_symbol", name).with_attr(FORM_ATTR, True)
+
+
+@T.macro
+def _quantise(x, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, chunks):
+    """x's groups to int8 (xq, de-interleaved: code t of byte j stands for column j * cpb + t),
+    their scales sx, and per group the activations' sums in the accumulator's lanes (ql)."""
+    for b, g in T.grid(nb, ng):
+        amax = T.alloc_buffer((1,), "float32", annotations={"disable_lower_builtin": True})
+        amax[0] = T.float32(0)
+        for k in range(group):
+            amax[0] = T.max(amax[0], T.fabs(x[b, g * group + k]))
+        sx[b * ng + g] = amax[0] / T.float32(127)
+        for lane in range(lanes):
+            ql[(b * ng + g) * lanes + lane] = 0
+        for j, t in T.grid(bg, cpb):
+            xq[(b * cpb + t) * row_bytes + g * bg + j] = T.Cast("int8", T.round(T.if_then_else(
+                amax[0] > T.float32(0), x[b, g * group + j * cpb + t] * (T.float32(127) / amax[0]), T.float32(0))))
+            ql[(b * ng + g) * lanes + T.floordiv(T.floormod(j, vw), 4)] = \
+                ql[(b * ng + g) * lanes + T.floordiv(T.floormod(j, vw), 4)] + \
+                T.Cast("int32", xq[(b * cpb + t) * row_bytes + g * bg + j])
