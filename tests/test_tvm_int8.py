@@ -18,6 +18,7 @@ from riem_compiler.codegen.tvm_build import TvmBuildOptions, build_tvm, make_tar
 from riem_compiler.codegen.tvm_runtime import load_tvm  # noqa: E402
 from riem_compiler.methods import tvm_gemv_int8 as gi  # noqa: E402
 from riem_compiler.methods.affine import fit_affine  # noqa: E402
+from riem_compiler.methods.rotq import fit_rotq  # noqa: E402
 from riem_compiler.methods.rtn import fit_rtn  # noqa: E402
 
 TARGET = make_target(TvmBuildOptions())
@@ -32,16 +33,33 @@ def _weight(shape, seed=0):
 
 def int8_reference(cw, x: np.ndarray) -> np.ndarray:
     """y = x W^T the way the kernel computes it: x's groups rounded to int8 (scale max|x| / 127),
-    exact integer dot products with the codes, then the float scale and zero point per group."""
+    exact integer dot products with the codes (rotq: x padded and rotated first, the codes mapped
+    to their grid levels rounded to int8 steps of max|grid| / 127, plus 128), then the float scale
+    and zero point per group."""
     from riem_compiler import bitpack
+    from riem_compiler.methods.rotq.rotation import rotate_numpy
 
+    m = cw.meta
     rows, cols = cw.matrix_shape
-    bits, group = int(cw.meta["bits"]), cw.meta.get("group_size") or cols
+    if cw.method == "rotq":
+        cols = int(m["padded_cols"])
+        xp = np.zeros((len(x), cols))
+        xp[:, :x.shape[1]] = x
+        x = rotate_numpy(xp, int(m["block"]), int(m["seed"])).astype(np.float32)
+    bits, group = int(m["bits"]), m.get("group_size") or cols
     ng = cols // group
     codes = bitpack.unpack(cw.arrays["codes"], bits, rows * cols).reshape(rows, ng, group).astype(np.int64)
     scale = cw.arrays["scale"].astype(np.float32).reshape(rows, ng)
-    zero = (cw.arrays["zero"].astype(np.float32).reshape(rows, ng) if "zero" in cw.arrays
-            else np.full((rows, ng), float(cw.meta["offset"]), np.float32))
+    step = np.float32(1)
+    if cw.method == "rotq":
+        grid = cw.arrays["grid"].astype(np.float32)
+        step = np.abs(grid).max() / np.float32(127)
+        codes = (np.round(grid / step).astype(np.int64) + 128)[codes]
+        zero = np.full((rows, ng), 128.0, np.float32)
+    elif "zero" in cw.arrays:
+        zero = cw.arrays["zero"].astype(np.float32).reshape(rows, ng)
+    else:
+        zero = np.full((rows, ng), float(m["offset"]), np.float32)
     xg = x.reshape(len(x), ng, group).astype(np.float32)
     amax = np.abs(xg).max(axis=2)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
@@ -49,7 +67,7 @@ def int8_reference(cw, x: np.ndarray) -> np.ndarray:
     sx = amax / np.float32(127)
     dot = np.einsum("rgk,bgk->brg", codes, xq)  # exact
     qsum = xq.sum(axis=2)  # (b, g)
-    per_group = (dot - zero[None] * qsum[:, None, :]) * scale[None] * sx[:, None, :]
+    per_group = (dot - zero[None] * qsum[:, None, :]) * scale[None] * sx[:, None, :] * step
     return per_group.sum(axis=2)
 
 
@@ -62,6 +80,11 @@ CASES = [
     ("rtn4-row", lambda: fit_rtn(_weight((9, 128), 4), 4, None), 1),
     ("affine4-g128", lambda: fit_affine(_weight((24, 256), 5), 4, 128, iterations=2), 1),
     ("affine2-g64-b4", lambda: fit_affine(_weight((17, 128), 6), 2, 64, iterations=2), 4),
+    # rotq: x padded (250 -> 256 columns) and rotated in the kernel, the grid looked up in a register
+    ("rotq2-g64-padded", lambda: fit_rotq(_weight((20, 250), 7), 2, 64), 1),
+    ("rotq2-g64-block8", lambda: fit_rotq(_weight((20, 128), 10), 2, 64, block=8, seed=3), 2),
+    ("rotq4-g128-b2", lambda: fit_rotq(_weight((12, 256), 8), 4, 128), 2),
+    ("rotq2-g64-fitted-b3", lambda: fit_rotq(_weight((16, 256), 9), 2, 64, grid="fitted"), 3),
 ]
 
 
@@ -90,7 +113,7 @@ def test_int8_kernel_matches_its_integer_model_and_the_float_product(label, fit,
     W = methods.decode(cw).reshape(cw.matrix_shape)
     exact = x @ W.T
     rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
-    assert 0 < rel < 2e-2, rel  # x's int8 rounding, nothing more
+    assert 0 < rel < 2e-2, rel  # x's int8 rounding (rotq: and the grid's), nothing more
 
 
 @needs_vnni

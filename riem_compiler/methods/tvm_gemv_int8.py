@@ -40,6 +40,8 @@ from tvm.script import tirx as T
 MAX_BATCH = 4
 INTRINSICS = {64: "llvm.x86.avx512.vpdpbusd.512", 32: "llvm.x86.avx512.vpdpbusd.256",
               16: "llvm.x86.avx512.vpdpbusd.128"}
+# byte lookup in a 16-byte table per 128-bit lane (rotq's grid levels)
+PSHUFB = {64: "llvm.x86.avx512.pshuf.b.512", 32: "llvm.x86.avx2.pshuf.b", 16: "llvm.x86.ssse3.pshuf.b.128"}
 # PrimFunc attribute naming this form (the build's manifest reports it per layer)
 FORM_ATTR = "riem.int8_activations"
 # the CPU features the kernel needs (LLVM names)
@@ -88,11 +90,19 @@ def layout(bits: int, cols: int, group: int | None, batch: int) -> tuple[int, in
 
 
 def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, lay, scale, zero=None,
-                       offset: float = 0):
-    """PrimFunc(x (batch, cols), codes, scale[, zero], y (batch, rows)); `scale` and `zero` the
-    method's placeholders of its stored arrays (one value per row and group, any float dtype),
-    `lay` from `layout`. The zero point is the stored `zero` (affine) or, without it, the
-    constant integer `offset` (rtn)."""
+                       offset: float = 0, grid=None, rotation=None):
+    """PrimFunc(x (batch, in), codes, scale[, zero | grid], y (batch, rows)) over the (rows, cols)
+    matrix of codes; `scale`, `zero`, `grid` the method's placeholders of its stored arrays (one
+    scale / zero per row and group, any float dtype), `lay` from `layout`.
+
+    - rtn: code - `offset` (a constant integer);
+    - affine: code - the stored `zero`;
+    - rotq: `grid`[code] (2^bits float32 levels; bits <= 4), the levels rounded per call to int8
+      steps of max|grid| / 127 and looked up in a register (`vpshufb`) as level + 128 (unsigned,
+      the dot product's unsigned operand), so the offset is 128; `rotation` = (sign(c), block, in):
+      x (batch, in) is first padded to `cols` columns, multiplied by sign(c) (an expression of the
+      column: the scaled signs) and put through the butterflies of each block (rotq/tvm.py's
+      rotation), in the same function."""
     group, bg, vw = lay
     ng = cols // group
     lanes = vw // 4
@@ -104,107 +114,154 @@ def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, l
     intrin = INTRINSICS[vw]
     u8v, i8v, i32v, f32v = f"uint8x{vw}", f"int8x{vw}", f"int32x{lanes}", f"float32x{lanes}"
     n_scale = rows * ng
-    scale_shape, scale_dtype = tuple(int(d) for d in scale.shape), str(scale.dtype)
-    int_offset = zero is None
-    if int_offset and float(offset) != int(offset):
+    scale_shape, scale_dtype = _spec(scale)
+    if grid is not None:
+        if bits > 4:
+            raise ValueError(f"a {bits}-bit grid does not fit one 16-byte lookup")
+        offset, x_cols = 128, int(rotation[2])
+    else:
+        x_cols = cols
+    if float(offset) != int(offset):
         raise ValueError(f"an integer zero point is needed, got {offset}")
     off = int(offset)
-    if not int_offset:
-        zero_shape, zero_dtype = tuple(int(d) for d in zero.shape), str(zero.dtype)
+    lookup = PSHUFB[vw] if grid is not None else None
 
-    def code_vec(v, t):  # code t of every byte of the vector v (uint8)
+    def code_vec(v, t, table):  # code t of every byte of the vector v (uint8), through the table if any
         shifted = v if t == 0 else T.shift_right(v, T.broadcast(T.uint8(t * bits), vw))
-        return shifted if (t + 1) * bits == 8 else T.bitwise_and(shifted, T.broadcast(T.uint8(mask), vw))
+        code = shifted if (t + 1) * bits == 8 else T.bitwise_and(shifted, T.broadcast(T.uint8(mask), vw))
+        if table is None:
+            return code
+        return T.call_llvm_pure_intrin(u8v, T.llvm_lookup_intrinsic_id(lookup), table.vload([0], u8v), code)
 
-    if int_offset:
-        @T.prim_func(private=True)
-        def func(x: T.Buffer((nb, cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
-                 scale_in: T.Buffer(scale_shape, scale_dtype), y: T.Buffer((nb, rows), "float32")):
-            T.func_attr({"tirx.noalias": True})
-            scale = T.decl_buffer((n_scale,), scale_dtype, data=scale_in.data)
-            xq = T.decl_buffer((nb * cpb * row_bytes,), "int8")
-            sx = T.decl_buffer((nb * ng,), "float32")
-            ql = T.decl_buffer((nb * ng * lanes,), "int32")
-            _quantise(x, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, chunks)
-            for i in T.parallel(rows):
-                acc = T.alloc_buffer((nb * lanes,), "int32", annotations={"disable_lower_builtin": True})
-                facc = T.alloc_buffer((nb * lanes,), "float32", annotations={"disable_lower_builtin": True})
-                for a in T.unroll(nb):
-                    facc[T.ramp(a * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-                for g in range(ng):
-                    for b in T.unroll(nb):
-                        acc[T.ramp(b * lanes, 1, lanes)] = ql[T.ramp((b * ng + g) * lanes, 1, lanes)] * T.broadcast(T.int32(-off), lanes)
-                    for c in range(chunks):
-                        for t in T.unroll(cpb):
-                            for b in T.unroll(nb):
-                                acc[T.ramp(b * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
-                                    T.llvm_lookup_intrinsic_id(intrin), acc[T.ramp(b * lanes, 1, lanes)],
-                                    code_vec(codes.vload([i * row_bytes + g * bg + c * vw], u8v), t),
-                                    xq.vload([(b * cpb + t) * row_bytes + g * bg + c * vw], i8v), dtype=i32v)
-                    for b in T.unroll(nb):
-                        facc[T.ramp(b * lanes, 1, lanes)] = facc[T.ramp(b * lanes, 1, lanes)] + \
-                            T.Cast(f32v, acc[T.ramp(b * lanes, 1, lanes)]) * \
-                            T.broadcast(T.Cast("float32", scale[i * ng + g]) * sx[b * ng + g], lanes)
-                for b in T.unroll(nb):
-                    y[b, i] = T.float32(0)
-                    for lane in range(lanes):
-                        y[b, i] = y[b, i] + facc[b * lanes + lane]
-        return func.with_attr("global_symbol", name).with_attr(FORM_ATTR, True)
+    rotation_sign, rotation_stages = (rotation[0], int(rotation[1]).bit_length() - 1) if rotation else (None, 0)
 
-    @T.prim_func(private=True)
-    def func_z(x: T.Buffer((nb, cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
-               scale_in: T.Buffer(scale_shape, scale_dtype), zero_in: T.Buffer(zero_shape, zero_dtype),
-               y: T.Buffer((nb, rows), "float32")):
-        T.func_attr({"tirx.noalias": True})
-        scale = T.decl_buffer((n_scale,), scale_dtype, data=scale_in.data)
-        zero = T.decl_buffer((n_scale,), zero_dtype, data=zero_in.data)
+    def x_at(x, b, c):  # the activation of column c, rotq: of x padded with zeros to `cols` columns
+        if rotation is None:
+            return x[b, c]
+        return T.Select(c < x_cols, x[b, T.min(c, x_cols - 1)], T.float32(0))
+
+    @T.macro
+    def body(x, codes, scale, zero, grid, y):
+        xf = T.decl_buffer((nb * cols,), "float32")
+        xt = T.decl_buffer((nb * cols if rotation is not None else 1,), "float32")
         xq = T.decl_buffer((nb * cpb * row_bytes,), "int8")
         sx = T.decl_buffer((nb * ng,), "float32")
         ql = T.decl_buffer((nb * ng * lanes,), "int32")
-        _quantise(x, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, chunks)
+        table = T.decl_buffer((vw,), "uint8")
+        level_step = T.decl_buffer((1,), "float32")
+        level_step[0] = T.float32(1)
+        if grid is not None:  # the levels as unsigned int8 steps, replicated in every 16-byte lane
+            level_step[0] = T.float32(0)
+            for v in range(1 << bits):
+                level_step[0] = T.max(level_step[0], T.fabs(grid[v]))
+            level_step[0] = T.if_then_else(level_step[0] > T.float32(0), level_step[0] / T.float32(127), T.float32(1))
+            for j in range(vw):
+                table[j] = T.Cast("uint8", T.Cast("int32", T.round(grid[T.floormod(j, 16) % (1 << bits)] /
+                                                                    level_step[0])) + 128)
+        for b, c in T.grid(nb, cols):
+            xf[b * cols + c] = x_at(x, b, c)
+        if rotation is not None:  # x R: signs and 1/sqrt(B), then the butterflies of each block of B
+            for b, c in T.grid(nb, cols):
+                xf[b * cols + c] = xf[b * cols + c] * rotation_sign(c)
+            for stage in T.unroll(rotation_stages):  # as rotq/tvm.py's hadamard_stages, h = 2^stage
+                for b, c in T.grid(nb, cols):
+                    xt[b * cols + c] = T.Select(
+                        T.floormod(T.floordiv(c, 1 << stage), 2) == 0,
+                        xf[b * cols + c + (1 << stage)] + xf[b * cols + c],
+                        xf[b * cols + c - (1 << stage)] - xf[b * cols + c])
+                for b, c in T.grid(nb, cols):
+                    xf[b * cols + c] = xt[b * cols + c]
+        _quantise(xf, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, cols)
         for i in T.parallel(rows):
             acc = T.alloc_buffer((nb * lanes,), "int32", annotations={"disable_lower_builtin": True})
             facc = T.alloc_buffer((nb * lanes,), "float32", annotations={"disable_lower_builtin": True})
             for a in T.unroll(nb):
                 facc[T.ramp(a * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
             for g in range(ng):
-                for a in T.unroll(nb):
-                    acc[T.ramp(a * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                for b in T.unroll(nb):  # the constant zero point's term, - offset * sum(xq), is the start
+                    acc[T.ramp(b * lanes, 1, lanes)] = ql[T.ramp((b * ng + g) * lanes, 1, lanes)] * \
+                        T.broadcast(T.int32(-off), lanes)
                 for c in range(chunks):
                     for t in T.unroll(cpb):
                         for b in T.unroll(nb):
                             acc[T.ramp(b * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
-                                T.llvm_lookup_intrinsic_id(intrin), acc[T.ramp(b * lanes, 1, lanes)],
-                                code_vec(codes.vload([i * row_bytes + g * bg + c * vw], u8v), t),
-                                xq.vload([(b * cpb + t) * row_bytes + g * bg + c * vw], i8v), dtype=i32v)
+                                i32v, T.llvm_lookup_intrinsic_id(intrin), acc[T.ramp(b * lanes, 1, lanes)],
+                                code_vec(codes.vload([i * row_bytes + g * bg + c * vw], u8v), t,
+                                         None if grid is None else table),
+                                xq.vload([(b * cpb + t) * row_bytes + g * bg + c * vw], i8v))
                 for b in T.unroll(nb):
-                    facc[T.ramp(b * lanes, 1, lanes)] = facc[T.ramp(b * lanes, 1, lanes)] + \
-                        (T.Cast(f32v, acc[T.ramp(b * lanes, 1, lanes)]) -
-                         T.Cast(f32v, ql[T.ramp((b * ng + g) * lanes, 1, lanes)]) *
-                         T.broadcast(T.Cast("float32", zero[i * ng + g]), lanes)) * \
-                        T.broadcast(T.Cast("float32", scale[i * ng + g]) * sx[b * ng + g], lanes)
+                    if zero is None:
+                        facc[T.ramp(b * lanes, 1, lanes)] = facc[T.ramp(b * lanes, 1, lanes)] + \
+                            T.Cast(f32v, acc[T.ramp(b * lanes, 1, lanes)]) * \
+                            T.broadcast(T.Cast("float32", scale[i * ng + g]) * sx[b * ng + g] * level_step[0], lanes)
+                    else:
+                        facc[T.ramp(b * lanes, 1, lanes)] = facc[T.ramp(b * lanes, 1, lanes)] + \
+                            (T.Cast(f32v, acc[T.ramp(b * lanes, 1, lanes)]) -
+                             T.Cast(f32v, ql[T.ramp((b * ng + g) * lanes, 1, lanes)]) *
+                             T.broadcast(T.Cast("float32", zero[i * ng + g]), lanes)) * \
+                            T.broadcast(T.Cast("float32", scale[i * ng + g]) * sx[b * ng + g], lanes)
             for b in T.unroll(nb):
                 y[b, i] = T.float32(0)
                 for lane in range(lanes):
                     y[b, i] = y[b, i] + facc[b * lanes + lane]
-    return func_z.with_attr("global_symbol", name).with_attr(FORM_ATTR, True)
+
+    if grid is not None:
+        grid_shape, grid_dtype = _spec(grid)
+
+        @T.prim_func(private=True)
+        def func_grid(x: T.Buffer((nb, x_cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
+                      scale_in: T.Buffer(scale_shape, scale_dtype), grid_in: T.Buffer(grid_shape, grid_dtype),
+                      y: T.Buffer((nb, rows), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            scale_flat = T.decl_buffer((n_scale,), scale_dtype, data=scale_in.data)
+            grid_flat = T.decl_buffer((1 << bits,), grid_dtype, data=grid_in.data)
+            body(x, codes, scale_flat, None, grid_flat, y)
+        func = func_grid
+    elif zero is not None:
+        zero_shape, zero_dtype = _spec(zero)
+
+        @T.prim_func(private=True)
+        def func_zero(x: T.Buffer((nb, x_cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
+                      scale_in: T.Buffer(scale_shape, scale_dtype), zero_in: T.Buffer(zero_shape, zero_dtype),
+                      y: T.Buffer((nb, rows), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            scale_flat = T.decl_buffer((n_scale,), scale_dtype, data=scale_in.data)
+            zero_flat = T.decl_buffer((n_scale,), zero_dtype, data=zero_in.data)
+            body(x, codes, scale_flat, zero_flat, None, y)
+        func = func_zero
+    else:
+        @T.prim_func(private=True)
+        def func_offset(x: T.Buffer((nb, x_cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
+                        scale_in: T.Buffer(scale_shape, scale_dtype), y: T.Buffer((nb, rows), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            scale_flat = T.decl_buffer((n_scale,), scale_dtype, data=scale_in.data)
+            body(x, codes, scale_flat, None, None, y)
+        func = func_offset
+    return func.with_attr("global_symbol", name).with_attr(FORM_ATTR, True)
+
+
+def _spec(t) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype) of a placeholder."""
+    return tuple(int(d) for d in t.shape), str(t.dtype)
 
 
 @T.macro
-def _quantise(x, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, chunks):
-    """x's groups to int8 (xq, de-interleaved: code t of byte j stands for column j * cpb + t),
-    their scales sx, and per group the activations' sums in the accumulator's lanes (ql)."""
+def _quantise(x, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, cols):
+    """x's groups (x flat, nb rows of `cols`) to int8 (xq, de-interleaved: code t of byte j stands for
+    column j * cpb + t), their scales sx, and per group the activations' sums in the accumulator's
+    lanes (ql)."""
     for b, g in T.grid(nb, ng):
         amax = T.alloc_buffer((1,), "float32", annotations={"disable_lower_builtin": True})
         amax[0] = T.float32(0)
         for k in range(group):
-            amax[0] = T.max(amax[0], T.fabs(x[b, g * group + k]))
+            amax[0] = T.max(amax[0], T.fabs(x[b * cols + g * group + k]))
         sx[b * ng + g] = amax[0] / T.float32(127)
         for lane in range(lanes):
             ql[(b * ng + g) * lanes + lane] = 0
         for j, t in T.grid(bg, cpb):
             xq[(b * cpb + t) * row_bytes + g * bg + j] = T.Cast("int8", T.round(T.if_then_else(
-                amax[0] > T.float32(0), x[b, g * group + j * cpb + t] * (T.float32(127) / amax[0]), T.float32(0))))
+                amax[0] > T.float32(0), x[b * cols + g * group + j * cpb + t] * (T.float32(127) / amax[0]),
+                T.float32(0))))
             ql[(b * ng + g) * lanes + T.floordiv(T.floormod(j, vw), 4)] = \
                 ql[(b * ng + g) * lanes + T.floordiv(T.floormod(j, vw), 4)] + \
                 T.Cast("int32", xq[(b * cpb + t) * row_bytes + g * bg + j])

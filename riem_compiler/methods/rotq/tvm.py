@@ -26,6 +26,7 @@ from tvm import te, tirx
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.methods import tvm_common as tc
 from riem_compiler.methods import tvm_gemv as tg
+from riem_compiler.methods import tvm_gemv_int8 as gi
 from riem_compiler.methods.rotq import rotation
 
 ARRAYS = ("codes", "scale", "grid")
@@ -152,7 +153,8 @@ def schedule_decode_cpu(func, out_block: str = "W"):
 def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kind: str = "llvm"):
     """PrimFunc(x (rows, cols), codes, scale, grid, y (rows, out)) = (x_pad R) Q^T: the rotation on
     x (signs, butterflies), then a GEMV decoding Q inside the reduction; scheduled for LLVM, left
-    to dlight's GPU rules for cuda (there the element form)."""
+    to dlight's GPU rules for cuda (there the element form). Up to 4 rows on a VNNI CPU, 2- and
+    4-bit codes: the int8-activation GEMV (tvm_gemv_int8.py), the grid looked up in a register."""
     names = array_names(cw)
     ph = tc.placeholders(cw, names)
     m = cw.meta
@@ -166,6 +168,12 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
     def rot_in(b, c):  # zero padded columns, signs, 1/sqrt(B); min() keeps the unused read in bounds
         return tirx.Select(c < cols, x[b, tirx.min(c, cols - 1)], tirx.const(0.0, F32)) * signs[c]
 
+    if target_kind == "llvm" and bits <= 4:
+        lay = gi.layout(bits, dp, g, batch)
+        if not isinstance(lay, str):
+            return gi.gemv_int8_primfunc(name, batch, n_out, dp, bits, lay, ph["scale"], grid=ph["grid"],
+                                         rotation=(lambda c: sign_at(seed, c) * tirx.const(1.0 / math.sqrt(block), F32),
+                                                   block, cols))
     xr, stages = hadamard_stages(te.compute((batch, dp), rot_in, name="rot_in"), block, "rot")
     inputs = [x] + [ph[k] for k in names]
     layout = tg.packed_rows_layout(bits, dp, g)
