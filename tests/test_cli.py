@@ -281,3 +281,20 @@ def test_cli_defaults_are_configs_defaults():
     built = _config_from_args(build_parser().parse_args(["model.onnx", "--no-cache"]))
     for f in dataclasses.fields(Config):
         assert getattr(built, f.name) == getattr(Config(), f.name), f.name
+
+
+def test_tvm_float_activations_flag_reaches_build_tvm(tmp_path):
+    from riem_compiler.cli import write_artifact
+    from riem_compiler.cli.arguments import build_parser
+
+    seen = {}
+
+    class _Res:
+        def build_tvm(self, directory, **kwargs):
+            seen.update(kwargs)
+            return directory
+
+    for flags, expected in (([], True), (["--tvm-float-activations"], False)):
+        args = build_parser().parse_args(["m.pt2", "-o", str(tmp_path / "o"), "--target", "tvm-llvm", *flags])
+        write_artifact(_Res(), args, tmp_path / "s", tmp_path / "o")
+        assert seen["int8_activations"] is expected and seen["mode"] == "auto"

@@ -56,7 +56,8 @@ def write_artifact(res, args, staging: Path, out: Path) -> Path:
     if (previous_db / "database_tuning_record.json").is_file():
         options["tuning_db"] = str(previous_db)  # reuse an earlier tuning run of the same OUT
     return res.build_tvm(staging, target=args.target.split("-", 1)[1], tune_trials=args.tune_trials,
-                         mode=args.tvm_mode, arch=args.arch, **options)
+                         mode=args.tvm_mode, arch=args.arch, int8_activations=not args.tvm_float_activations,
+                         **options)
 
 
 def verify_artifact(res, loaded: Loaded, args, staging: Path):

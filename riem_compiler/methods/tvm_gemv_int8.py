@@ -69,12 +69,22 @@ def target_supports() -> bool:
     return all(bool(codegen.target_has_features(f, target)) for f in FEATURES)
 
 
-def layout(bits: int, cols: int, group: int | None, batch: int) -> tuple[int, int, int] | str:
-    """(group, bytes per group, vector bytes) where this form applies, else why not."""
+def enabled(batch: int) -> str | None:
+    """None when an int8-activation kernel may be built for `batch` rows here, else why not."""
     if not _ENABLED.get():
         return "int8 activations are switched off for this build"
     if int(batch) > MAX_BATCH:
         return f"{batch} activation rows per call take the tiled form"
+    if not target_supports():
+        return "the target CPU has no AVX-512 VNNI"
+    return None
+
+
+def layout(bits: int, cols: int, group: int | None, batch: int) -> tuple[int, int, int] | str:
+    """(group, bytes per group, vector bytes) where this form applies, else why not."""
+    why = enabled(batch)
+    if why is not None:
+        return why
     if bits not in (2, 4, 8):
         return f"{bits}-bit codes do not fill whole bytes"
     g = cols if group is None else int(group)
@@ -84,8 +94,6 @@ def layout(bits: int, cols: int, group: int | None, batch: int) -> tuple[int, in
     vw = next((v for v in (64, 32, 16) if group_bytes % v == 0), None)
     if vw is None:
         return f"a group's {group_bytes} bytes are not a multiple of 16"
-    if not target_supports():
-        return "the target CPU has no AVX-512 VNNI"
     return g, group_bytes, vw
 
 

@@ -23,6 +23,7 @@ from tvm import te, tirx
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.methods import tvm_common as tc
 from riem_compiler.methods import tvm_gemv as tg
+from riem_compiler.methods.vq import tvm_int8 as vq_int8
 
 ARRAYS = ("codes", "codebook", "scale", "gain")
 
@@ -77,9 +78,10 @@ schedule_decode_cpu = tc.schedule_decode_cpu
 
 
 def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kind: str = "llvm"):
-    """PrimFunc(x (rows, cols), codes, codebook, scale, gain, y (rows, out)) = x W^T: the lookup-table
-    form, scheduled, for LLVM; the codebook lookup inside the reduction, left to dlight's GPU
-    rules, for cuda."""
+    """PrimFunc(x (rows, cols), codes, codebook, scale, gain, y (rows, out)) = x W^T: for LLVM, the
+    int8-activation GEMV on a VNNI CPU at 1-4 rows (vq/tvm_int8.py), else the lookup-table form or
+    the tiled form, scheduled; the codebook lookup inside the reduction, left to dlight's GPU rules,
+    for cuda."""
     names = array_names(cw)
     ph = tc.placeholders(cw, names)
     n_out, cols = cw.matrix_shape
@@ -89,6 +91,9 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
         return tg.primfunc([x] + [ph[n] for n in names], y, name)
     if tg.is_tiled(rows):
         return tg.schedule_tiled_cpu(tg.primfunc([x] + [ph[n] for n in names], _tiled_linear_te(cw, ph, x), name))
+    lay = vq_int8.layout(cw, rows)
+    if not isinstance(lay, str):
+        return vq_int8.fused_int8_primfunc(cw, rows, name, lay, unpack_code)
     return _schedule_lookup_cpu(tg.primfunc([x] + [ph[n] for n in names], _lookup_linear_te(cw, ph, x), name))
 
 

@@ -1,0 +1,133 @@
+"""vq's int8-activation GEMV (1-4 activation rows per call on an AVX-512 VNNI CPU): the codebook
+rounded per call to int8 steps of max|codebook| / 127 and held as a table of 32-bit words (4 values
+of an entry each, plus 128: the dot product's unsigned operand), every code's words fetched from it
+and multiplied by 4 int8 activations with `vpdpbusd`. A d-vector spans ceil(d / 4) words; its slots
+past d multiply activations that are zero. The float lookup-table form (vq/tvm.py) computes a table
+of 2^bits dot products per vector slot of x per call and gathers from it (a table of up to
+cols / d x 2^bits floats); this one gathers from a table of 2^bits words that stays in L1.
+
+Numerics, per row i: y_i = scale_i * gain * step * sum_blocks sx_blk * (sum codes' words . xq -
+128 sum xq), exact in int32 within a block of x (64, 32 or 16 codes), x rounded per block to int8
+with sx = max|x_blk| / 127; the codebook's rounding adds about 0.4% of its largest value per weight
+(tests/test_tvm_int8.py checks against a numpy model of the same integers).
+
+Codes of any width up to 16 bits: each row's codes are unpacked once per row into an int32 buffer
+(padded with code 0 to whole vectors of 16; those slots meet zero activations), then gathered by
+16 at a time.
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from riem_compiler.compressed import CompressedWeight
+from riem_compiler.methods import tvm_gemv_int8 as gi
+from riem_compiler.methods.rtn.layout import is_transposed
+
+MAX_DIM = 8  # two 32-bit words per code
+MAX_BITS = 12  # a table of 2^12 entries x 2 words: 32 KiB, the L1 of most cores
+
+
+def layout(cw: CompressedWeight, batch: int) -> tuple[int, int, int, int] | str:
+    """(vectors per row, words per code, padded vectors per row, codes per x block), or why not."""
+    dim, bits = int(cw.meta["dim"]), int(cw.meta["bits"])
+    why = gi.enabled(batch)
+    if why is not None:
+        return why
+    if is_transposed(cw):
+        return "a transposed codebook layout"
+    if dim > MAX_DIM:
+        return f"vectors of {dim} values span more than two 32-bit words"
+    if bits > MAX_BITS:
+        return f"a table of 2^{bits} entries does not stay in L1"
+    v = -(-cw.matrix_shape[1] // dim)
+    vpad = -(-v // 16) * 16
+    return v, -(-dim // 4), vpad, next(b for b in (64, 32, 16) if vpad % b == 0)
+
+
+def fused_int8_primfunc(cw: CompressedWeight, batch: int, name: str, lay, unpack_code):
+    """PrimFunc(x (batch, cols), codes, codebook, scale, gain, y (batch, rows)); `unpack_code(codes,
+    n, bits)` reads code n (vq/tvm.py's reader)."""
+    rows, cols = cw.matrix_shape
+    dim, bits = int(cw.meta["dim"]), int(cw.meta["bits"])
+    v, words, vpad, blk = lay
+    nb, n_entries, nblk = int(batch), 1 << bits, vpad // blk
+    codes_len = int(cw.arrays["codes"].size)
+    scale_shape = tuple(int(d) for d in cw.arrays["scale"].shape)
+    scale_dtype = str(cw.arrays["scale"].dtype)
+    cb_dtype = str(cw.arrays["codebook"].dtype)
+    dot = gi.INTRINSICS[64]
+
+    def level(codebook, step, k, slot):  # entry k's value at slot (past dim: any, its x is zero) + 128
+        return T.if_then_else(slot < dim, T.Cast("int64", T.round(
+            T.Cast("float32", codebook[k, T.min(slot, dim - 1)]) / step)) + 128, T.int64(128))
+
+    def x_at(x, b, g, slot):  # x's value at vector g, slot (zero past the row and past dim)
+        col = g * dim + slot
+        return T.if_then_else(T.And(slot < dim, col < cols), x[b, T.min(col, cols - 1)], T.float32(0))
+
+    @T.prim_func(private=True)
+    def func(x: T.Buffer((nb, cols), "float32"), codes: T.Buffer((codes_len,), "uint8"),
+             codebook: T.Buffer((n_entries, dim), cb_dtype), scale_in: T.Buffer(scale_shape, scale_dtype),
+             gain: T.Buffer((1,), "float32"), y: T.Buffer((nb, rows), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        scale = T.decl_buffer((rows,), scale_dtype, data=scale_in.data)
+        table = T.decl_buffer((words * n_entries,), "int32")  # word w of entry k at w * n_entries + k
+        table1 = T.decl_buffer((n_entries,), "int32", data=table.data, elem_offset=n_entries)
+        step = T.decl_buffer((1,), "float32")
+        xq = T.decl_buffer((nb * words * vpad * 4,), "int8")  # (b, word, vector, 4 slots)
+        sx = T.decl_buffer((nb * nblk,), "float32")
+        ql = T.decl_buffer((nb * nblk * 16,), "int32")
+        step[0] = T.float32(0)
+        for k, j in T.grid(n_entries, dim):
+            step[0] = T.max(step[0], T.fabs(T.Cast("float32", codebook[k, j])))
+        step[0] = T.if_then_else(step[0] > T.float32(0), step[0] / T.float32(127), T.float32(1))
+        for w, k in T.grid(words, n_entries):  # 4 unsigned bytes, little-endian, as one int32
+            table[w * n_entries + k] = T.Cast("int32", level(codebook, step[0], k, w * 4)
+                                              + level(codebook, step[0], k, w * 4 + 1) * T.int64(256)
+                                              + level(codebook, step[0], k, w * 4 + 2) * T.int64(65536)
+                                              + level(codebook, step[0], k, w * 4 + 3) * T.int64(16777216))
+        for b, bk in T.grid(nb, nblk):
+            amax = T.alloc_buffer((1,), "float32", annotations={"disable_lower_builtin": True})
+            amax[0] = T.float32(0)
+            for g, s in T.grid(blk, dim):
+                amax[0] = T.max(amax[0], T.fabs(x_at(x, b, bk * blk + g, s)))
+            sx[b * nblk + bk] = amax[0] / T.float32(127)
+            for lane in range(16):
+                ql[(b * nblk + bk) * 16 + lane] = 0
+            for g, w, s in T.grid(blk, words, 4):
+                xq[((b * words + w) * vpad + bk * blk + g) * 4 + s] = T.Cast("int8", T.round(T.if_then_else(
+                    amax[0] > T.float32(0), x_at(x, b, bk * blk + g, w * 4 + s) * (T.float32(127) / amax[0]),
+                    T.float32(0))))
+                ql[(b * nblk + bk) * 16 + T.floormod(g, 16)] = ql[(b * nblk + bk) * 16 + T.floormod(g, 16)] + \
+                    T.Cast("int32", xq[((b * words + w) * vpad + bk * blk + g) * 4 + s])
+        for i in T.parallel(rows):
+            idx = T.alloc_buffer((vpad,), "int32", annotations={"disable_lower_builtin": True})
+            acc = T.alloc_buffer((nb * 16,), "int32", annotations={"disable_lower_builtin": True})
+            facc = T.alloc_buffer((nb * 16,), "float32", annotations={"disable_lower_builtin": True})
+            for g in range(vpad):
+                idx[g] = T.if_then_else(g < v, unpack_code(codes, i * v + T.min(g, v - 1), bits), 0)
+            for a in T.unroll(nb):
+                facc[T.ramp(a * 16, 1, 16)] = T.broadcast(T.float32(0), 16)
+            for bk in range(nblk):
+                for b in T.unroll(nb):  # - 128 * sum(xq): the unsigned levels' offset
+                    acc[T.ramp(b * 16, 1, 16)] = ql[T.ramp((b * nblk + bk) * 16, 1, 16)] * T.broadcast(T.int32(-128), 16)
+                for c in range(blk // 16):
+                    for b in T.unroll(nb):
+                        acc[T.ramp(b * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                            "int32x16", T.llvm_lookup_intrinsic_id(dot), acc[T.ramp(b * 16, 1, 16)],
+                            T.reinterpret(table[idx.vload([bk * blk + c * 16], "int32x16")], dtype="uint8x64"),
+                            xq.vload([(b * words * vpad + bk * blk + c * 16) * 4], "int8x64"))
+                        if words == 2:
+                            acc[T.ramp(b * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                "int32x16", T.llvm_lookup_intrinsic_id(dot), acc[T.ramp(b * 16, 1, 16)],
+                                T.reinterpret(table1[idx.vload([bk * blk + c * 16], "int32x16")], dtype="uint8x64"),
+                                xq.vload([((b * words + 1) * vpad + bk * blk + c * 16) * 4], "int8x64"))
+                for b in T.unroll(nb):
+                    facc[T.ramp(b * 16, 1, 16)] = facc[T.ramp(b * 16, 1, 16)] + \
+                        T.Cast("float32x16", acc[T.ramp(b * 16, 1, 16)]) * T.broadcast(sx[b * nblk + bk], 16)
+            for b in T.unroll(nb):
+                y[b, i] = T.float32(0)
+                for lane in range(16):
+                    y[b, i] = y[b, i] + facc[b * 16 + lane]
+                y[b, i] = y[b, i] * (T.Cast("float32", scale[i]) * gain[0] * step[0])
+    return func.with_attr("global_symbol", name).with_attr(gi.FORM_ATTR, True)
