@@ -293,7 +293,7 @@ def run_mlp(settings: list[str], batches: list[int], runs: int, tmp: Path) -> li
         stored = sum(cw.nbytes for cw in res.compressed.values())
         labels = sorted({rc.methods.get(cw.method).label(cw) for cw in res.compressed.values()})
         for mode, form in (("fused", "tvm fused"), ("decode-once", "tvm decode-once")):
-            paths, builds = [], []
+            paths, builds, int8_batches = [], [], []
             for b in batches:
                 res.example_inputs = (torch.from_numpy(feeds[f"{b}.0"]),)
                 t0 = time.perf_counter()
@@ -301,10 +301,12 @@ def run_mlp(settings: list[str], batches: list[int], runs: int, tmp: Path) -> li
                 builds.append(time.perf_counter() - t0)
                 paths.append(f"{out}@{b}")
                 manifest = json.loads((out / "manifest.json").read_text())
+                if any(row.get("activations") == "int8" for row in manifest["layers"]):
+                    int8_batches.append(b)
             forms[f"{form} {label}"] = ("tvm", paths, label)
             info[f"{form} {label}"] = {
                 "build_s": builds, "fit_s": fit_s, "stored_weight_bytes": stored, "layer_labels": labels,
-                "decode": sorted({row["decode"] for row in manifest["layers"]}),
+                "decode": sorted({row["decode"] for row in manifest["layers"]}), "int8_batches": int8_batches,
                 "auto_picks": {str(b): _auto_choice(res, b) for b in batches},
                 "resident_weight_bytes": sum(row["resident_bytes"] for row in manifest["layers"])}
         if method in ("rtn", "affine"):
@@ -346,6 +348,8 @@ def layer_summary(manifest: dict) -> dict:
     groups = {}
     for row in manifest["layers"]:
         decode = row["decode"] or "stored dense"
+        if row.get("activations") == "int8":
+            decode += ", int8 activations"
         key = (row["method"], decode, row["why"] or row["reason"])
         groups[key] = groups.get(key, 0) + 1
     return {"groups": [{"method": m, "decode": d, "why": w, "layers": n} for (m, d, w), n in sorted(
@@ -520,7 +524,9 @@ def markdown_mlp(rows, meta) -> list[str]:
     lines = [f"Model: {meta['model']}; dense weights {meta['dense_weight_bytes'] / 2 ** 20:.0f} MiB. Resident: VmRSS "
              "added by loading the model and one call in a fresh process (x: against onnxruntime dense). Latency: "
              "median ms; (x) against onnxruntime dense in the same run. Error: relative Frobenius norm of the output "
-             "against onnxruntime dense.", "",
+             "against onnxruntime dense. TVM runs on every physical core (load_tvm sizes its thread pool; onnxruntime "
+             "runs 2 threads); its kernels at 1-4 rows per call multiply int8 activations on an AVX-512 VNNI CPU "
+             "where the method has that form (decode column), as MatMulNBits does at accuracy_level 4.", "",
              "| form | resident MiB (x dense) | " + " | ".join(f"batch {b} ms (x)" for b in bs) + " | error b1 | "
              "decode | weight bytes resident (manifest) | auto picks |",
              "|---|---|" + "---|" * len(bs) + "---|---|---|---|"]
@@ -528,14 +534,23 @@ def markdown_mlp(rows, meta) -> list[str]:
         lat = " | ".join(f"{r['latency_ms'][b]:.2f} ({r['latency_ms'][b] / dense['latency_ms'][b]:.2f})" for b in bs)
         res_w = r.get("resident_weight_bytes")
         lines.append(f"| {r['form']} | {r['rss_mib']:.0f} ({r['rss_mib'] / dense['rss_mib']:.2f}) | {lat} | "
-                     f"{r['output_rel_error'][bs[0]]:.2e} | {', '.join(r.get('decode', [])) or '-'} | "
+                     f"{r['output_rel_error'][bs[0]]:.2e} | {_decode_text(r)} | "
                      f"{'-' if res_w is None else f'{res_w / 2 ** 20:.1f} MiB'} | "
                      f"{', '.join(f'b{b}: {v}' for b, v in r['auto_picks'].items()) if 'auto_picks' in r else '-'} |")
     lines += ["", "Per-setting details (layer labels, stored bytes, build seconds) are in tvm_lowbit.json.", ""]
     return lines
 
 
-SHORT_DECODE = {"fused into the matmul": "fused", "once at load": "at load", "per call": "per call",
+def _decode_text(row: dict) -> str:
+    """Where a row's weights are decoded, and at which batches its kernels take int8 activations."""
+    text = ", ".join(row.get("decode", [])) or "-"
+    if row.get("int8_batches"):
+        text += " (int8 activations at b" + ", b".join(str(b) for b in row["int8_batches"]) + ")"
+    return text
+
+
+SHORT_DECODE = {"fused into the matmul": "fused", "fused into the matmul, int8 activations": "fused (int8 x)",
+                "once at load": "at load", "per call": "per call",
                 "stored dense": "stored dense"}
 
 
@@ -634,7 +649,7 @@ def add_notes(notes: dict, form: str, layers: dict) -> None:
     The decode-once mode's reason is the mode itself, so it is left out."""
     for b, summary in layers.items():
         for g in summary["groups"]:
-            if g["decode"] == "fused into the matmul" or g["why"] == "mode 'decode-once'":
+            if g["decode"].startswith("fused into the matmul") or g["why"] == "mode 'decode-once'":
                 continue
             key = (form, SHORT_DECODE.get(g["decode"], g["decode"]), g["why"] or "no reason recorded")
             methods, batches = notes.setdefault(key, ({}, []))
