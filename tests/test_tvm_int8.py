@@ -127,6 +127,11 @@ CASES = [
     ("vq-d5-b8-padded", lambda: fit_vq(_weight((10, 384), 12), 5, 8, iterations=2), 2),
     ("vq-d3-b9", lambda: fit_vq(_weight((12, 96), 13), 3, 9, iterations=1), 3),
     ("vq-d8-b10-b4", lambda: fit_vq(_weight((9, 128), 14), 8, 10, iterations=1), 4),
+    # many activation rows (a sequence): in chunks of 4, 2 or 1 rows
+    ("rtn4-g128-b32", lambda: fit_rtn(_weight((16, 256), 15), 4, 128), 32),
+    ("affine4-g32-b6", lambda: fit_affine(_weight((8, 128), 16), 4, 32, iterations=2), 6),
+    ("rotq4-g128-b7", lambda: fit_rotq(_weight((8, 256), 17), 4, 128), 7),
+    ("vq-d4-b8-b18", lambda: fit_vq(_weight((8, 256), 18), 4, 8, iterations=1), 18),
 ]
 
 

@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(rtn, affine, vq), else decode once at load; decode-once: every weight decoded at load; "
                         "fused: every weight kept compact (fused kernels, other decodes per call)")
     b.add_argument("--tvm-float-activations", action="store_true",
-                   help="keep float32 activations in every TVM kernel (default: rtn / affine / rotq layers at "
-                        "1-4 rows per call multiply their codes by an int8 copy of x on AVX-512 VNNI CPUs, "
+                   help="keep float32 activations in every TVM kernel (default: rtn / affine / rotq / vq layers at "
+                        "1-32 rows per call multiply their codes by an int8 copy of x on AVX-512 VNNI CPUs, "
                         "as onnxruntime's MatMulNBits does)")
     b.add_argument("--arch", default="sm_80", help="CUDA architecture for tvm-cuda (default sm_80)")
 

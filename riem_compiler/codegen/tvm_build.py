@@ -53,7 +53,9 @@ def build_tvm(result, out_dir, target: str = "llvm", tune_trials: int = 0, mode:
     whose method offers a fused dequantise-matmul kernel that pays for it (`Method.tvm_fused`: rtn
     and affine with 1-8-bit codes in byte-aligned rows and groups, rotq likewise (the rotation
     applied to x), vq, svd as two thin matmuls; at any batch: GEMV forms up to 4 activation rows per
-    call on CPU, the tiled form (a tile of the weight decoded once per call) from 5) runs that kernel,
+    call on CPU, the tiled form (a tile of the weight decoded once per call) from 5; on an AVX-512 VNNI
+    CPU, rtn / affine / rotq / vq up to 32 rows multiply int8 activations instead, unless
+    int8_activations=False: methods/tvm_gemv_int8.py) runs that kernel,
     so the weight stays in its stored bytes at run time; every other compact weight is decoded once
     at load, with the method's reason in the manifest (riem: its decode costs far more than the
     matmul; rows or groups that do not start on a byte boundary: the CPU kernel reads a code per weight through a

@@ -48,7 +48,7 @@ class TvmBuildOptions:
     # decode-once: weight layout changes (transposes) run once at load; mode "auto" always lifts
     # (its decode-once weights are decoded by the lifted function)
     lift_params: bool = True
-    # llvm on a CPU with AVX-512 VNNI: rtn / affine layers at 1-4 activation rows per call multiply
+    # llvm on a CPU with AVX-512 VNNI: rtn / affine / rotq / vq layers at 1-32 activation rows per call multiply
     # their codes by an int8 copy of x (methods/tvm_gemv_int8.py, as MatMulNBits at accuracy_level
     # 4); False keeps float32 activations in every kernel
     int8_activations: bool = True

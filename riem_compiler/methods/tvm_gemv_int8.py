@@ -37,7 +37,7 @@ from contextvars import ContextVar
 from tvm.script import tirx as T
 
 # activation rows per call up to which this form replaces the float GEMV
-MAX_BATCH = 4
+MAX_BATCH = 32
 INTRINSICS = {64: "llvm.x86.avx512.vpdpbusd.512", 32: "llvm.x86.avx512.vpdpbusd.256",
               16: "llvm.x86.avx512.vpdpbusd.128"}
 # byte lookup in a 16-byte table per 128-bit lane (rotq's grid levels)
@@ -119,6 +119,7 @@ def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, l
     row_bytes = cols * bits // 8
     mask = (1 << bits) - 1
     nb = int(batch)
+    cb = next(c for c in (4, 2, 1) if nb % c == 0)  # activation rows per chunk
     intrin = INTRINSICS[vw]
     u8v, i8v, i32v, f32v = f"uint8x{vw}", f"int8x{vw}", f"int32x{lanes}", f"float32x{lanes}"
     n_scale = rows * ng
@@ -166,52 +167,55 @@ def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, l
             for j in range(vw):
                 table[j] = T.Cast("uint8", T.Cast("int32", T.round(grid[T.floormod(j, 16) % (1 << bits)] /
                                                                     level_step[0])) + 128)
-        for b, c in T.grid(nb, cols):
-            xf[b * cols + c] = x_at(x, b, c)
-        if rotation is not None:  # x R: signs and 1/sqrt(B), then the butterflies of each block of B
-            for b, c in T.grid(nb, cols):
-                xf[b * cols + c] = xf[b * cols + c] * rotation_sign(c)
-            for stage in T.unroll(rotation_stages):  # as rotq/tvm.py's hadamard_stages, h = 2^stage
-                for b, c in T.grid(nb, cols):
-                    xt[b * cols + c] = T.Select(
-                        T.floormod(T.floordiv(c, 1 << stage), 2) == 0,
-                        xf[b * cols + c + (1 << stage)] + xf[b * cols + c],
-                        xf[b * cols + c - (1 << stage)] - xf[b * cols + c])
-                for b, c in T.grid(nb, cols):
-                    xf[b * cols + c] = xt[b * cols + c]
+        for b in T.parallel(nb):
+            for c in range(cols):
+                xf[b * cols + c] = x_at(x, b, c)
+            if rotation is not None:  # x R: signs and 1/sqrt(B), then the butterflies of each block of B
+                for c in range(cols):
+                    xf[b * cols + c] = xf[b * cols + c] * rotation_sign(c)
+                for stage in T.unroll(rotation_stages):  # as rotq/tvm.py's hadamard_stages, h = 2^stage
+                    for c in range(cols):
+                        xt[b * cols + c] = T.Select(
+                            T.floormod(T.floordiv(c, 1 << stage), 2) == 0,
+                            xf[b * cols + c + (1 << stage)] + xf[b * cols + c],
+                            xf[b * cols + c - (1 << stage)] - xf[b * cols + c])
+                    for c in range(cols):
+                        xf[b * cols + c] = xt[b * cols + c]
         _quantise(xf, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, cols)
         for i in T.parallel(rows):
-            acc = T.alloc_buffer((nb * lanes,), "int32", annotations={"disable_lower_builtin": True})
-            facc = T.alloc_buffer((nb * lanes,), "float32", annotations={"disable_lower_builtin": True})
-            for a in T.unroll(nb):
-                facc[T.ramp(a * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-            for g in range(ng):
-                for b in T.unroll(nb):  # the constant zero point's term, - offset * sum(xq), is the start
-                    acc[T.ramp(b * lanes, 1, lanes)] = ql[T.ramp((b * ng + g) * lanes, 1, lanes)] * \
-                        T.broadcast(T.int32(-off), lanes)
-                for c in range(chunks):
-                    for t in T.unroll(cpb):
-                        for b in T.unroll(nb):
-                            acc[T.ramp(b * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
-                                i32v, T.llvm_lookup_intrinsic_id(intrin), acc[T.ramp(b * lanes, 1, lanes)],
-                                code_vec(codes.vload([i * row_bytes + g * bg + c * vw], u8v), t,
-                                         None if grid is None else table),
-                                xq.vload([(b * cpb + t) * row_bytes + g * bg + c * vw], i8v))
-                for b in T.unroll(nb):
-                    if zero is None:
-                        facc[T.ramp(b * lanes, 1, lanes)] = facc[T.ramp(b * lanes, 1, lanes)] + \
-                            T.Cast(f32v, acc[T.ramp(b * lanes, 1, lanes)]) * \
-                            T.broadcast(T.Cast("float32", scale[i * ng + g]) * sx[b * ng + g] * level_step[0], lanes)
-                    else:
-                        facc[T.ramp(b * lanes, 1, lanes)] = facc[T.ramp(b * lanes, 1, lanes)] + \
-                            (T.Cast(f32v, acc[T.ramp(b * lanes, 1, lanes)]) -
-                             T.Cast(f32v, ql[T.ramp((b * ng + g) * lanes, 1, lanes)]) *
-                             T.broadcast(T.Cast("float32", zero[i * ng + g]), lanes)) * \
-                            T.broadcast(T.Cast("float32", scale[i * ng + g]) * sx[b * ng + g], lanes)
-            for b in T.unroll(nb):
-                y[b, i] = T.float32(0)
-                for lane in range(lanes):
-                    y[b, i] = y[b, i] + facc[b * lanes + lane]
+            acc = T.alloc_buffer((cb * lanes,), "int32", annotations={"disable_lower_builtin": True})
+            facc = T.alloc_buffer((cb * lanes,), "float32", annotations={"disable_lower_builtin": True})
+            for bc in range(nb // cb):  # the activation rows in chunks of cb, each chunk's sums in registers
+                for a in T.unroll(cb):
+                    facc[T.ramp(a * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                for g in range(ng):
+                    for a in T.unroll(cb):  # the constant zero point's term, - offset * sum(xq), is the start
+                        acc[T.ramp(a * lanes, 1, lanes)] = ql[T.ramp(((bc * cb + a) * ng + g) * lanes, 1, lanes)] * \
+                            T.broadcast(T.int32(-off), lanes)
+                    for c in range(chunks):
+                        for t in T.unroll(cpb):
+                            for a in T.unroll(cb):
+                                acc[T.ramp(a * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
+                                    i32v, T.llvm_lookup_intrinsic_id(intrin), acc[T.ramp(a * lanes, 1, lanes)],
+                                    code_vec(codes.vload([i * row_bytes + g * bg + c * vw], u8v), t,
+                                             None if grid is None else table),
+                                    xq.vload([((bc * cb + a) * cpb + t) * row_bytes + g * bg + c * vw], i8v))
+                    for a in T.unroll(cb):
+                        if zero is None:
+                            facc[T.ramp(a * lanes, 1, lanes)] = facc[T.ramp(a * lanes, 1, lanes)] + \
+                                T.Cast(f32v, acc[T.ramp(a * lanes, 1, lanes)]) * T.broadcast(
+                                    T.Cast("float32", scale[i * ng + g]) * sx[(bc * cb + a) * ng + g] * level_step[0],
+                                    lanes)
+                        else:
+                            facc[T.ramp(a * lanes, 1, lanes)] = facc[T.ramp(a * lanes, 1, lanes)] + \
+                                (T.Cast(f32v, acc[T.ramp(a * lanes, 1, lanes)]) -
+                                 T.Cast(f32v, ql[T.ramp(((bc * cb + a) * ng + g) * lanes, 1, lanes)]) *
+                                 T.broadcast(T.Cast("float32", zero[i * ng + g]), lanes)) * \
+                                T.broadcast(T.Cast("float32", scale[i * ng + g]) * sx[(bc * cb + a) * ng + g], lanes)
+                for a in T.unroll(cb):
+                    y[bc * cb + a, i] = T.float32(0)
+                    for lane in range(lanes):
+                        y[bc * cb + a, i] = y[bc * cb + a, i] + facc[a * lanes + lane]
 
     if grid is not None:
         grid_shape, grid_dtype = _spec(grid)
@@ -258,18 +262,17 @@ def _quantise(x, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, cols)
     """x's groups (x flat, nb rows of `cols`) to int8 (xq, de-interleaved: code t of byte j stands for
     column j * cpb + t), their scales sx, and per group the activations' sums in the accumulator's
     lanes (ql)."""
-    for b, g in T.grid(nb, ng):
-        amax = T.alloc_buffer((1,), "float32", annotations={"disable_lower_builtin": True})
+    for bg_ in T.parallel(nb * ng):
+        amax = T.alloc_buffer((2,), "float32", annotations={"disable_lower_builtin": True})
         amax[0] = T.float32(0)
         for k in range(group):
-            amax[0] = T.max(amax[0], T.fabs(x[b * cols + g * group + k]))
-        sx[b * ng + g] = amax[0] / T.float32(127)
+            amax[0] = T.max(amax[0], T.fabs(x[T.floordiv(bg_, ng) * cols + T.floormod(bg_, ng) * group + k]))
+        sx[bg_] = amax[0] / T.float32(127)
+        amax[1] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
         for lane in range(lanes):
-            ql[(b * ng + g) * lanes + lane] = 0
+            ql[bg_ * lanes + lane] = 0
         for j, t in T.grid(bg, cpb):
-            xq[(b * cpb + t) * row_bytes + g * bg + j] = T.Cast("int8", T.round(T.if_then_else(
-                amax[0] > T.float32(0), x[b * cols + g * group + j * cpb + t] * (T.float32(127) / amax[0]),
-                T.float32(0))))
-            ql[(b * ng + g) * lanes + T.floordiv(T.floormod(j, vw), 4)] = \
-                ql[(b * ng + g) * lanes + T.floordiv(T.floormod(j, vw), 4)] + \
-                T.Cast("int32", xq[(b * cpb + t) * row_bytes + g * bg + j])
+            xq[(T.floordiv(bg_, ng) * cpb + t) * row_bytes + T.floormod(bg_, ng) * bg + j] = T.Cast("int8", T.round(
+                x[T.floordiv(bg_, ng) * cols + T.floormod(bg_, ng) * group + j * cpb + t] * amax[1]))
+            ql[bg_ * lanes + T.floordiv(T.floormod(j, vw), 4)] = ql[bg_ * lanes + T.floordiv(T.floormod(j, vw), 4)] + \
+                T.Cast("int32", xq[(T.floordiv(bg_, ng) * cpb + t) * row_bytes + T.floormod(bg_, ng) * bg + j])

@@ -65,7 +65,7 @@ schedule_decode_cpu = tc.schedule_decode_cpu
 
 def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kind: str = "llvm"):
     """PrimFunc(x (rows, cols), codes, scale, y (rows, out)) = x W^T with W decoded inside the
-    reduction; scheduled for LLVM (up to 4 rows on a VNNI CPU: the int8-activation GEMV of
+    reduction; scheduled for LLVM (up to 32 rows on a VNNI CPU: the int8-activation GEMV of
     tvm_gemv_int8.py), left to dlight's GPU rules for cuda (there the element form, the pattern
     those rules recognise). A str says why not."""
     names = array_names(cw)

@@ -79,7 +79,7 @@ schedule_decode_cpu = tc.schedule_decode_cpu
 
 def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kind: str = "llvm"):
     """PrimFunc(x (rows, cols), codes, codebook, scale, gain, y (rows, out)) = x W^T: for LLVM, the
-    int8-activation GEMV on a VNNI CPU at 1-4 rows (vq/tvm_int8.py), else the lookup-table form or
+    int8-activation GEMV on a VNNI CPU up to 32 rows (vq/tvm_int8.py), else the lookup-table form or
     the tiled form, scheduled; the codebook lookup inside the reduction, left to dlight's GPU rules,
     for cuda."""
     names = array_names(cw)
@@ -89,11 +89,11 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
     if target_kind != "llvm":
         y = tg.element_linear_te(x, n_out, cols, decode_element(cw, ph), target_kind)
         return tg.primfunc([x] + [ph[n] for n in names], y, name)
-    if tg.is_tiled(rows):
-        return tg.schedule_tiled_cpu(tg.primfunc([x] + [ph[n] for n in names], _tiled_linear_te(cw, ph, x), name))
     lay = vq_int8.layout(cw, rows)
     if not isinstance(lay, str):
         return vq_int8.fused_int8_primfunc(cw, rows, name, lay, unpack_code)
+    if tg.is_tiled(rows):
+        return tg.schedule_tiled_cpu(tg.primfunc([x] + [ph[n] for n in names], _tiled_linear_te(cw, ph, x), name))
     return _schedule_lookup_cpu(tg.primfunc([x] + [ph[n] for n in names], _lookup_linear_te(cw, ph, x), name))
 
 

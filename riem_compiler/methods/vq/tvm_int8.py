@@ -1,4 +1,4 @@
-"""vq's int8-activation GEMV (1-4 activation rows per call on an AVX-512 VNNI CPU): the codebook
+"""vq's int8-activation GEMV (up to tvm_gemv_int8.MAX_BATCH activation rows per call on an AVX-512 VNNI CPU): the codebook
 rounded per call to int8 steps of max|codebook| / 127 and held as a table of 32-bit words (4 values
 of an entry each, plus 128: the dot product's unsigned operand), every code's words fetched from it
 and multiplied by 4 int8 activations with `vpdpbusd`. A d-vector spans ceil(d / 4) words; its slots
@@ -51,6 +51,7 @@ def fused_int8_primfunc(cw: CompressedWeight, batch: int, name: str, lay, unpack
     dim, bits = int(cw.meta["dim"]), int(cw.meta["bits"])
     v, words, vpad, blk = lay
     nb, n_entries, nblk = int(batch), 1 << bits, vpad // blk
+    cb = next(c for c in (4, 2, 1) if nb % c == 0)  # activation rows per chunk
     codes_len = int(cw.arrays["codes"].size)
     scale_shape = tuple(int(d) for d in cw.arrays["scale"].shape)
     scale_dtype = str(cw.arrays["scale"].dtype)
@@ -86,48 +87,52 @@ def fused_int8_primfunc(cw: CompressedWeight, batch: int, name: str, lay, unpack
                                               + level(codebook, step[0], k, w * 4 + 1) * T.int64(256)
                                               + level(codebook, step[0], k, w * 4 + 2) * T.int64(65536)
                                               + level(codebook, step[0], k, w * 4 + 3) * T.int64(16777216))
-        for b, bk in T.grid(nb, nblk):
-            amax = T.alloc_buffer((1,), "float32", annotations={"disable_lower_builtin": True})
+        for bb in T.parallel(nb * nblk):  # x's blocks to int8, their scales, their sums per lane
+            amax = T.alloc_buffer((2,), "float32", annotations={"disable_lower_builtin": True})
             amax[0] = T.float32(0)
             for g, s in T.grid(blk, dim):
-                amax[0] = T.max(amax[0], T.fabs(x_at(x, b, bk * blk + g, s)))
-            sx[b * nblk + bk] = amax[0] / T.float32(127)
+                amax[0] = T.max(amax[0], T.fabs(x_at(x, T.floordiv(bb, nblk), T.floormod(bb, nblk) * blk + g, s)))
+            sx[bb] = amax[0] / T.float32(127)
+            amax[1] = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
             for lane in range(16):
-                ql[(b * nblk + bk) * 16 + lane] = 0
+                ql[bb * 16 + lane] = 0
             for g, w, s in T.grid(blk, words, 4):
-                xq[((b * words + w) * vpad + bk * blk + g) * 4 + s] = T.Cast("int8", T.round(T.if_then_else(
-                    amax[0] > T.float32(0), x_at(x, b, bk * blk + g, w * 4 + s) * (T.float32(127) / amax[0]),
-                    T.float32(0))))
-                ql[(b * nblk + bk) * 16 + T.floormod(g, 16)] = ql[(b * nblk + bk) * 16 + T.floormod(g, 16)] + \
-                    T.Cast("int32", xq[((b * words + w) * vpad + bk * blk + g) * 4 + s])
+                xq[((T.floordiv(bb, nblk) * words + w) * vpad + T.floormod(bb, nblk) * blk + g) * 4 + s] = \
+                    T.Cast("int8", T.round(x_at(x, T.floordiv(bb, nblk), T.floormod(bb, nblk) * blk + g, w * 4 + s)
+                                           * amax[1]))
+                ql[bb * 16 + T.floormod(g, 16)] = ql[bb * 16 + T.floormod(g, 16)] + T.Cast(
+                    "int32", xq[((T.floordiv(bb, nblk) * words + w) * vpad + T.floormod(bb, nblk) * blk + g) * 4 + s])
         for i in T.parallel(rows):
             idx = T.alloc_buffer((vpad,), "int32", annotations={"disable_lower_builtin": True})
-            acc = T.alloc_buffer((nb * 16,), "int32", annotations={"disable_lower_builtin": True})
-            facc = T.alloc_buffer((nb * 16,), "float32", annotations={"disable_lower_builtin": True})
+            acc = T.alloc_buffer((cb * 16,), "int32", annotations={"disable_lower_builtin": True})
+            facc = T.alloc_buffer((cb * 16,), "float32", annotations={"disable_lower_builtin": True})
             for g in range(vpad):
                 idx[g] = T.if_then_else(g < v, unpack_code(codes, i * v + T.min(g, v - 1), bits), 0)
-            for a in T.unroll(nb):
-                facc[T.ramp(a * 16, 1, 16)] = T.broadcast(T.float32(0), 16)
-            for bk in range(nblk):
-                for b in T.unroll(nb):  # - 128 * sum(xq): the unsigned levels' offset
-                    acc[T.ramp(b * 16, 1, 16)] = ql[T.ramp((b * nblk + bk) * 16, 1, 16)] * T.broadcast(T.int32(-128), 16)
-                for c in range(blk // 16):
-                    for b in T.unroll(nb):
-                        acc[T.ramp(b * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                            "int32x16", T.llvm_lookup_intrinsic_id(dot), acc[T.ramp(b * 16, 1, 16)],
-                            T.reinterpret(table[idx.vload([bk * blk + c * 16], "int32x16")], dtype="uint8x64"),
-                            xq.vload([(b * words * vpad + bk * blk + c * 16) * 4], "int8x64"))
-                        if words == 2:
-                            acc[T.ramp(b * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                "int32x16", T.llvm_lookup_intrinsic_id(dot), acc[T.ramp(b * 16, 1, 16)],
-                                T.reinterpret(table1[idx.vload([bk * blk + c * 16], "int32x16")], dtype="uint8x64"),
-                                xq.vload([((b * words + 1) * vpad + bk * blk + c * 16) * 4], "int8x64"))
-                for b in T.unroll(nb):
-                    facc[T.ramp(b * 16, 1, 16)] = facc[T.ramp(b * 16, 1, 16)] + \
-                        T.Cast("float32x16", acc[T.ramp(b * 16, 1, 16)]) * T.broadcast(sx[b * nblk + bk], 16)
-            for b in T.unroll(nb):
-                y[b, i] = T.float32(0)
-                for lane in range(16):
-                    y[b, i] = y[b, i] + facc[b * 16 + lane]
-                y[b, i] = y[b, i] * (T.Cast("float32", scale[i]) * gain[0] * step[0])
+            for bc in range(nb // cb):  # the activation rows in chunks of cb, each chunk's sums in registers
+                for a in T.unroll(cb):
+                    facc[T.ramp(a * 16, 1, 16)] = T.broadcast(T.float32(0), 16)
+                for bk in range(nblk):
+                    for a in T.unroll(cb):  # - 128 * sum(xq): the unsigned levels' offset
+                        acc[T.ramp(a * 16, 1, 16)] = ql[T.ramp(((bc * cb + a) * nblk + bk) * 16, 1, 16)] * \
+                            T.broadcast(T.int32(-128), 16)
+                    for c in range(blk // 16):
+                        for a in T.unroll(cb):
+                            acc[T.ramp(a * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                "int32x16", T.llvm_lookup_intrinsic_id(dot), acc[T.ramp(a * 16, 1, 16)],
+                                T.reinterpret(table[idx.vload([bk * blk + c * 16], "int32x16")], dtype="uint8x64"),
+                                xq.vload([((bc * cb + a) * words * vpad + bk * blk + c * 16) * 4], "int8x64"))
+                            if words == 2:
+                                acc[T.ramp(a * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                    "int32x16", T.llvm_lookup_intrinsic_id(dot), acc[T.ramp(a * 16, 1, 16)],
+                                    T.reinterpret(table1[idx.vload([bk * blk + c * 16], "int32x16")], dtype="uint8x64"),
+                                    xq.vload([(((bc * cb + a) * words + 1) * vpad + bk * blk + c * 16) * 4], "int8x64"))
+                    for a in T.unroll(cb):
+                        facc[T.ramp(a * 16, 1, 16)] = facc[T.ramp(a * 16, 1, 16)] + \
+                            T.Cast("float32x16", acc[T.ramp(a * 16, 1, 16)]) * \
+                            T.broadcast(sx[(bc * cb + a) * nblk + bk], 16)
+                for a in T.unroll(cb):
+                    y[bc * cb + a, i] = T.float32(0)
+                    for lane in range(16):
+                        y[bc * cb + a, i] = y[bc * cb + a, i] + facc[a * 16 + lane]
+                    y[bc * cb + a, i] = y[bc * cb + a, i] * (T.Cast("float32", scale[i]) * gain[0] * step[0])
     return func.with_attr("global_symbol", name).with_attr(gi.FORM_ATTR, True)
