@@ -213,9 +213,7 @@ def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, l
                                  T.broadcast(T.Cast("float32", zero[i * ng + g]), lanes)) * \
                                 T.broadcast(T.Cast("float32", scale[i * ng + g]) * sx[(bc * cb + a) * ng + g], lanes)
                 for a in T.unroll(cb):
-                    y[bc * cb + a, i] = T.float32(0)
-                    for lane in range(lanes):
-                        y[bc * cb + a, i] = y[bc * cb + a, i] + facc[a * lanes + lane]
+                    y[bc * cb + a, i] = lane_sum(facc, a * lanes, lanes)
 
     if grid is not None:
         grid_shape, grid_dtype = _spec(grid)
@@ -250,6 +248,16 @@ def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, l
             body(x, codes, scale_flat, None, None, y)
         func = func_offset
     return func.with_attr("global_symbol", name).with_attr(FORM_ATTR, True)
+
+
+def lane_sum(buf, start: int, count: int):
+    """buf[start] + ... + buf[start + count - 1] as a balanced tree of adds (depth log2(count)): a
+    running sum is a chain of count dependent adds, which bounded the kernels at few activation rows
+    (16 lanes: 64 cycles of latency per output)."""
+    if count == 1:
+        return buf[start]
+    half = count // 2
+    return lane_sum(buf, start, half) + lane_sum(buf, start + half, count - half)
 
 
 def _spec(t) -> tuple[tuple[int, ...], str]:
