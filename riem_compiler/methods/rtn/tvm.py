@@ -83,7 +83,7 @@ def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kin
 
     if target_kind == "llvm":
         lay = gi.layout(bits, cols, group, rows)
-        if not isinstance(lay, str):
+        if not isinstance(lay, str) and float(cw.meta["offset"]).is_integer():  # an integer zero point
             return gi.gemv_int8_primfunc(name, rows, n_out, cols, bits, lay, scale, offset=cw.meta["offset"])
     layout = tg.packed_rows_layout(bits, cols, group)
     if not isinstance(layout, str) and target_kind == "llvm":
