@@ -199,6 +199,8 @@ def search_widths(sizing: str) -> tuple[float, ...]:
     """The metric widths (multiples of the balanced one) size_candidates offers a sizing: "wide"
     only the widest of SEARCH_WIDER, "search" all of them."""
     return (SEARCH_WIDER[-1],) if sizing == "wide" else SEARCH_WIDER
+
+
 MAX_M = 32  # the widest metric net "balanced" sizing grows to (step cost grows with m)
 
 

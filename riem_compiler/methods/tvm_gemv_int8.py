@@ -148,14 +148,12 @@ def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, l
 
     rotation_sign, rotation_stages = (rotation[0], int(rotation[1]).bit_length() - 1) if rotation else (None, 0)
 
-    def x_at(x, b, c):  # the activation of column c, rotq: of x padded with zeros to `cols` columns
-        if rotation is None:
-            return x[b, c]
-        return T.Select(c < x_cols, x[b, T.min(c, x_cols - 1)], T.float32(0))
+    has_grid, has_zero = grid is not None, zero is not None
 
+    # x, scale, extra: flat views; extra the grid (rotq), the zero points (affine) or None (rtn)
     @T.macro
-    def body(x, codes, scale, zero, grid, y):
-        xf = T.decl_buffer((nb * cols,), "float32")
+    def body(x, codes, scale, extra, y):
+        xf = T.decl_buffer((nb * cols if rotation is not None else 1,), "float32")
         xt = T.decl_buffer((nb * cols if rotation is not None else 1,), "float32")
         xq = T.decl_buffer((nb * cpb * row_bytes,), "int8")
         sx = T.decl_buffer((nb * ng,), "float32")
@@ -163,20 +161,21 @@ def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, l
         table = T.decl_buffer((vw,), "uint8")
         level_step = T.decl_buffer((1,), "float32")
         level_step[0] = T.float32(1)
-        if grid is not None:  # the levels as unsigned int8 steps, replicated in every 16-byte lane
+        if has_grid:  # the levels as unsigned int8 steps, replicated in every 16-byte lane
             level_step[0] = T.float32(0)
             for v in range(1 << bits):
-                level_step[0] = T.max(level_step[0], T.fabs(grid[v]))
+                level_step[0] = T.max(level_step[0], T.fabs(extra[v]))
             level_step[0] = T.if_then_else(level_step[0] > T.float32(0), level_step[0] / T.float32(127), T.float32(1))
             for j in range(vw):
-                table[j] = T.Cast("uint8", T.Cast("int32", T.round(grid[T.floormod(j, 16) % (1 << bits)] /
+                table[j] = T.Cast("uint8", T.Cast("int32", T.round(extra[T.floormod(j, 16) % (1 << bits)] /
                                                                     level_step[0])) + 128)
-        for b in T.parallel(nb):
-            for c in range(cols):
-                xf[b * cols + c] = x_at(x, b, c)
-            if rotation is not None:  # x R: signs and 1/sqrt(B), then the butterflies of each block of B
+        if rotation is None:
+            _quantise(x, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, cols)
+        else:  # x R: x padded with zeros, signs and 1/sqrt(B), then the butterflies of each block of B
+            for b in T.parallel(nb):
                 for c in range(cols):
-                    xf[b * cols + c] = xf[b * cols + c] * rotation_sign(c)
+                    xf[b * cols + c] = T.Select(c < x_cols, x[b * x_cols + T.min(c, x_cols - 1)],
+                                                T.float32(0)) * rotation_sign(c)
                 for stage in T.unroll(rotation_stages):  # as rotq/tvm.py's hadamard_stages, h = 2^stage
                     for c in range(cols):
                         xt[b * cols + c] = T.Select(
@@ -185,7 +184,7 @@ def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, l
                             xf[b * cols + c - (1 << stage)] - xf[b * cols + c])
                     for c in range(cols):
                         xf[b * cols + c] = xt[b * cols + c]
-        _quantise(xf, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, cols)
+            _quantise(xf, xq, sx, ql, nb, ng, group, bg, cpb, row_bytes, vw, lanes, cols)
         for i in T.parallel(rows):
             acc = T.alloc_buffer((cb * lanes,), "int32", annotations={"disable_lower_builtin": True})
             facc = T.alloc_buffer((cb * lanes,), "float32", annotations={"disable_lower_builtin": True})
@@ -202,10 +201,10 @@ def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, l
                                 acc[T.ramp(a * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
                                     i32v, T.llvm_lookup_intrinsic_id(intrin), acc[T.ramp(a * lanes, 1, lanes)],
                                     code_vec(codes.vload([i * row_bytes + g * bg + c * vw], u8v), t,
-                                             None if grid is None else table),
+                                             table if has_grid else None),
                                     xq.vload([((bc * cb + a) * cpb + t) * row_bytes + g * bg + c * vw], i8v))
                     for a in T.unroll(cb):
-                        if zero is None:
+                        if not has_zero:
                             facc[T.ramp(a * lanes, 1, lanes)] = facc[T.ramp(a * lanes, 1, lanes)] + \
                                 T.Cast(f32v, acc[T.ramp(a * lanes, 1, lanes)]) * T.broadcast(
                                     T.Cast("float32", scale[i * ng + g]) * sx[(bc * cb + a) * ng + g] * level_step[0],
@@ -214,43 +213,32 @@ def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, l
                             facc[T.ramp(a * lanes, 1, lanes)] = facc[T.ramp(a * lanes, 1, lanes)] + \
                                 (T.Cast(f32v, acc[T.ramp(a * lanes, 1, lanes)]) -
                                  T.Cast(f32v, ql[T.ramp(((bc * cb + a) * ng + g) * lanes, 1, lanes)]) *
-                                 T.broadcast(T.Cast("float32", zero[i * ng + g]), lanes)) * \
+                                 T.broadcast(T.Cast("float32", extra[i * ng + g]), lanes)) * \
                                 T.broadcast(T.Cast("float32", scale[i * ng + g]) * sx[(bc * cb + a) * ng + g], lanes)
                 for a in T.unroll(cb):
                     y[bc * cb + a, i] = lane_sum(facc, a * lanes, lanes)
 
-    if grid is not None:
-        grid_shape, grid_dtype = _spec(grid)
+    if has_grid or has_zero:  # one stored array beside the scales: rotq's grid, affine's zero points
+        extra_shape, extra_dtype = _spec(grid if has_grid else zero)
+        extra_len = (1 << bits) if has_grid else n_scale
 
         @T.prim_func(private=True)
-        def func_grid(x: T.Buffer((nb, x_cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
-                      scale_in: T.Buffer(scale_shape, scale_dtype), grid_in: T.Buffer(grid_shape, grid_dtype),
-                      y: T.Buffer((nb, rows), "float32")):
+        def func(x: T.Buffer((nb, x_cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
+                 scale_in: T.Buffer(scale_shape, scale_dtype), extra_in: T.Buffer(extra_shape, extra_dtype),
+                 y: T.Buffer((nb, rows), "float32")):
             T.func_attr({"tirx.noalias": True})
+            x_flat = T.decl_buffer((nb * x_cols,), "float32", data=x.data)
             scale_flat = T.decl_buffer((n_scale,), scale_dtype, data=scale_in.data)
-            grid_flat = T.decl_buffer((1 << bits,), grid_dtype, data=grid_in.data)
-            body(x, codes, scale_flat, None, grid_flat, y)
-        func = func_grid
-    elif zero is not None:
-        zero_shape, zero_dtype = _spec(zero)
-
-        @T.prim_func(private=True)
-        def func_zero(x: T.Buffer((nb, x_cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
-                      scale_in: T.Buffer(scale_shape, scale_dtype), zero_in: T.Buffer(zero_shape, zero_dtype),
-                      y: T.Buffer((nb, rows), "float32")):
-            T.func_attr({"tirx.noalias": True})
-            scale_flat = T.decl_buffer((n_scale,), scale_dtype, data=scale_in.data)
-            zero_flat = T.decl_buffer((n_scale,), zero_dtype, data=zero_in.data)
-            body(x, codes, scale_flat, zero_flat, None, y)
-        func = func_zero
+            extra_flat = T.decl_buffer((extra_len,), extra_dtype, data=extra_in.data)
+            body(x_flat, codes, scale_flat, extra_flat, y)
     else:
         @T.prim_func(private=True)
-        def func_offset(x: T.Buffer((nb, x_cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
-                        scale_in: T.Buffer(scale_shape, scale_dtype), y: T.Buffer((nb, rows), "float32")):
+        def func(x: T.Buffer((nb, x_cols), "float32"), codes: T.Buffer((rows * row_bytes,), "uint8"),
+                 scale_in: T.Buffer(scale_shape, scale_dtype), y: T.Buffer((nb, rows), "float32")):
             T.func_attr({"tirx.noalias": True})
+            x_flat = T.decl_buffer((nb * x_cols,), "float32", data=x.data)
             scale_flat = T.decl_buffer((n_scale,), scale_dtype, data=scale_in.data)
-            body(x, codes, scale_flat, None, None, y)
-        func = func_offset
+            body(x_flat, codes, scale_flat, None, y)
     return func.with_attr("global_symbol", name).with_attr(FORM_ATTR, True)
 
 
