@@ -110,12 +110,13 @@ def vq_rungs(shape, ratio: float, settings: VQSettings, transposed: bool = False
 
 
 # ---------------------------------------------------------------------------------------- k-means
-def nearest(X: np.ndarray, C: np.ndarray, chunk: int = 1 << 17) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the nearest row of C for each row of X, and that squared distance minus ||x||^2
-    (float32 BLAS: [x, 1] [-2 C^T; ||c||^2], one product instead of a product and a pass adding
+def nearest(X: np.ndarray, C: np.ndarray, chunk: int = 1 << 17, distances: bool = True):
+    """Index of the nearest row of C for each row of X, and (distances) that squared distance minus
+    ||x||^2 (float32 BLAS: [x, 1] [-2 C^T; ||c||^2], one product instead of a product and a pass adding
     ||c||^2, in chunks of about `chunk` distances: 512 KiB chunks stay in cache, 2.5-4x faster than
     16 MiB ones for the same labels; against 256 KiB ones they halve the Python steps between the
-    kernels, which two fit jobs side by side wait on each other for)."""
+    kernels, which two fit jobs side by side wait on each other for). Without distances, only the
+    labels (the gather of each row's minimum was 10-20% of a call with a small codebook)."""
     K, d = C.shape
     step = max(1, chunk // K)
     B = np.empty((d + 1, K), np.float32)
@@ -123,15 +124,17 @@ def nearest(X: np.ndarray, C: np.ndarray, chunk: int = 1 << 17) -> tuple[np.ndar
     B[d] = (C * C).sum(axis=1)
     Xa = np.ones((min(step, len(X)), d + 1), np.float32)
     labels = np.empty(len(X), np.int64)
-    dist = np.empty(len(X), np.float32)
+    dist = np.empty(len(X), np.float32) if distances else None
+    index = np.arange(len(Xa)) if distances else None
     for s in range(0, len(X), step):
         m = min(step, len(X) - s)
         Xa[:m, :d] = X[s:s + m]
         p = Xa[:m] @ B
         a = p.argmin(axis=1)
         labels[s:s + m] = a
-        dist[s:s + m] = p[np.arange(m), a]
-    return labels, dist
+        if distances:
+            dist[s:s + m] = p[index[:m], a]
+    return (labels, dist) if distances else labels
 
 
 def squared_distances(XT: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -140,14 +143,11 @@ def squared_distances(XT: np.ndarray, c: np.ndarray) -> np.ndarray:
     The sum replays numpy's order: sequential below 8 terms, 8 interleaved accumulators combined
     pairwise up to 128 (its pairwise block); longer vectors use numpy itself."""
     d = len(XT)
+    if d < 8:  # numpy reduces the outer axis row after row: the same sequential order, 3 calls instead of 2d
+        return np.square(XT - c[:, None]).sum(axis=0)
     if d > 128:
         return ((np.ascontiguousarray(XT.T) - c) ** 2).sum(axis=1)
     terms = [np.square(XT[j] - c[j]) for j in range(d)]
-    if d < 8:
-        total = terms[0]
-        for t in terms[1:]:
-            total += t
-        return total
     acc = terms[:8]
     full = d - d % 8
     for i in range(8, full, 8):
@@ -181,50 +181,79 @@ def kmeans(X: np.ndarray, K: int, iterations: int, seed: int, seeding: int = SEE
     Deterministic for a seed."""
     rng = np.random.default_rng(seed)
     C = kmeans_pp(X[: seeding * K], K, rng)
-    sq = (X * X).sum(axis=1)
     for _ in range(iterations):
-        labels, dist = nearest(X, C)
+        labels = nearest(X, C, distances=False)
         count = np.bincount(labels, minlength=K)
         full = count > 0
+        empty = np.flatnonzero(~full)
+        # rare: the distances to this pass's centres, computed again (the same products) only now
+        dist = nearest(X, C)[1] if len(empty) else None
         for j in range(X.shape[1]):
             C[full, j] = np.bincount(labels, weights=X[:, j], minlength=K)[full] / count[full]
-        empty = np.flatnonzero(~full)
         if len(empty):
-            far = np.argsort(-(dist + sq), kind="stable")[: len(empty)]
+            far = np.argsort(-(dist + (X * X).sum(axis=1)), kind="stable")[: len(empty)]
             C[empty[: len(far)]] = X[far]
     return C
 
 
 # -------------------------------------------------------------------------------------- fit, decode
+class Normalised:
+    """A weight's quantised matrix (float64, rows = outputs) and its RMS-normalised float32 rows,
+    made on first use and kept for every (dim, bits) fitted on it (auto fits 7 rungs a layer: this
+    preparation and the training sample's permutation were a fifth of a screening fit). The same
+    values as a fit that prepares them itself. Not shared between threads."""
+
+    def __init__(self, weight, in_axis: int = 1):
+        self.weight, self.in_axis = weight, in_axis
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        self._made = False
+
+    def _make(self) -> None:
+        if self._made:
+            return
+        self.shape, self.transposed = weight_layout(self.weight, self.in_axis, "vq")
+        M = matrix(self.weight).astype(np.float64)
+        self.M = M.T if self.transposed else M
+        self.rms = np.sqrt((self.M * self.M).mean(axis=1))
+        safe = np.where(self.rms > 0, self.rms, 1.0)
+        self.rows = (self.M / safe[:, None]).astype(np.float32)
+        self._made = True
+
+    def order(self, seed: int, count: int) -> np.ndarray:
+        """The seeded random order of `count` vectors (rungs of one vector length share it)."""
+        key = (seed, count)
+        if key not in self._orders:
+            self._orders[key] = np.random.default_rng(seed).permutation(count)
+        return self._orders[key]
+
+
 def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, seed: int = 0,
-           sample: int = 65536, rows=None) -> CompressedWeight:
+           sample: int = 65536, rows=None, normalised: Normalised | None = None) -> CompressedWeight:
     """One codebook of 2**bits vectors of length `dim` for the whole weight (see the module
     docstring). The codebook is trained on a seeded sample of up to `sample` vectors of the
     RMS-normalised rows; then every vector gets its nearest (float16) entry and each row the
     least-squares scale for its decoded row. rows: code only these output rows (an estimate for
-    auto's screening: the codebook is learnt from every row, so the rows' error is a held-out one)."""
+    auto's screening: the codebook is learnt from every row, so the rows' error is a held-out one).
+    normalised: `Normalised(weight, in_axis)` when several fits share it."""
     if not isinstance(dim, int) or dim < 1:
         raise InputError(f"vq dim must be a positive integer, got {dim!r}")
     if not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
         raise InputError(f"vq bits must be in 1..{MAX_BITS}, got {bits!r}")
-    shape, transposed = weight_layout(weight, in_axis, "vq")
-    M = matrix(weight).astype(np.float64)
-    M = M.T if transposed else M
+    norm = normalised if normalised is not None else Normalised(weight, in_axis)
+    norm._make()
+    shape, transposed, M, rms = norm.shape, norm.transposed, norm.M, norm.rms
     n, d, v = vq_layout(shape, dim, transposed)
-    rms = np.sqrt((M * M).mean(axis=1))
-    safe = np.where(rms > 0, rms, 1.0)
     padded = np.zeros((n, v * dim), np.float32)
-    padded[:, :d] = M / safe[:, None]
+    padded[:, :d] = norm.rows
     X = padded.reshape(n * v, dim)
-    rng = np.random.default_rng(seed)
-    train = X[rng.permutation(len(X))[:sample]]  # random order: kmeans seeds on its first rows
+    train = X[norm.order(seed, len(X))[:sample]]  # random order: kmeans seeds on its first rows
     codebook = kmeans(train, 1 << bits, iterations, seed, SEEDING if rows is None else SCREEN_SEEDING)
     codebook = codebook.astype(np.float16)
     if rows is not None:
         M, rms, n = M[rows], rms[rows], len(rows)
         X = padded[rows].reshape(n * v, dim)
         shape = (shape[0], n) if transposed else (n, *shape[1:])
-    labels, _ = nearest(X, codebook.astype(np.float32))
+    labels = nearest(X, codebook.astype(np.float32), distances=False)
     Q = codebook.astype(np.float64)[labels].reshape(n, v * dim)[:, :d]
     qq = (Q * Q).sum(axis=1)
     row_scale = np.where(qq > 0, (M * Q).sum(axis=1) / np.where(qq > 0, qq, 1.0), rms)
@@ -285,12 +314,13 @@ class VQ(Method):
         ladder = list(options.get("ladder", AUTO_LADDER))
         at_budget = vq_rungs(spec.shape, budget_ratio, VQSettings(), transposed)[:1]
         rows = options.get("rows")
+        normalised = Normalised(spec.weight, spec.in_axis)  # made by the first fit, shared by the rest
         for dim, bits in dict.fromkeys(ladder + at_budget):
             # above half the fp32 bytes, dense float16 is smaller and exact to 1e-3: skip
             if vq_nbytes(spec.shape, dim, bits, transposed) <= 0.5 * spec.fp32_bytes:
                 sample = settings.sample if rows is None else min(settings.sample, SCREEN_SAMPLE_PER_CODE << bits)
                 attempt(spec.name, f"vq{bits}/d{dim}", fit_vq, spec.weight, dim, bits, spec.in_axis,
-                        settings.iterations, settings.seed, sample, rows)
+                        settings.iterations, settings.seed, sample, rows, normalised)
 
     def decode_torch(self, cw, tensors):
         return decode_vq(cw, tensors)
