@@ -32,7 +32,8 @@ log = logging.getLogger("riem_compiler.fit_cache")
 
 CACHE_FORMAT = "riem-fit-cache"
 # 2 (2026-12-07): RieM's faster step rounds differently, so fits cached by the old code are not reused
-CACHE_VERSION = 2
+# 3 (2026-12-07): so does its sigmoid as e^a / (e^a + e^-b)
+CACHE_VERSION = 3
 # Config fields outside the methods' own settings that change a fit (or whether it is accepted)
 FIT_FIELDS = ("method", "ratio", "error_ceiling", "threads")
 TAG_NAME = "CACHEDIR.TAG"

@@ -83,10 +83,11 @@ def _readout(phi: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> torch.Tenso
 # few enough ops that dispatch overhead stays small); on a GPU large, so each branch is one kernel
 CHUNK_FLOATS = 1 << 19
 CHUNK_FLOATS_GPU = 1 << 26
-# sigmoid(a + b) = 1 / (1 + e^-a e^-b): a broadcast product, an add and a reciprocal per element
-# instead of an add and a sigmoid (2x faster on this CPU). Used while every |a|, |b| is below
-# this, so that e^-a and e^-b are finite and nonzero (their product may round to 0 or inf, which
-# gives the right limits 1 and 0, never 0 * inf); otherwise the step takes torch.sigmoid.
+# sigmoid(a + b) = e^a / (e^a + e^-b): a broadcast add and a division per element instead of an add
+# and a sigmoid (2x faster on this CPU), and a branch adds into the sum in the same pass as its division
+# (addcdiv: the forward's sum over branches 1.7x faster than 1 / (1 + e^-a e^-b) computed and added).
+# Used while every |a|, |b| is below this, so that e^a and e^-b are finite, nonzero normal numbers and
+# their sum is finite; otherwise the step takes torch.sigmoid.
 EXP_FORM_LIMIT = 80.0
 
 
@@ -111,26 +112,33 @@ class _Workspace:
 
 class _BranchSigmoid:
     """sigmoid(A[k, :, rows, None] + B[k, :, None, :]) into a (m, rows, N_in) buffer, by the
-    product form (EXP_FORM_LIMIT) when the step's A and B allow it."""
+    exponential form (EXP_FORM_LIMIT) when the step's A and B allow it."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor):
         self.A, self.B = A, B
         limit = max(float(A.abs().max()), float(B.abs().max())) if A.numel() and B.numel() else 0.0
-        self.exps = (torch.exp(-A), torch.exp(-B)) if limit < EXP_FORM_LIMIT else None
+        self.exps = (torch.exp(A), torch.exp(-B)) if limit < EXP_FORM_LIMIT else None
 
     def __call__(self, k: int, r: int, rows: int, out: torch.Tensor) -> torch.Tensor:
         if self.exps is None:
             torch.add(self.A[k, :, r:r + rows, None], self.B[k, :, None, :], out=out)
             return out.sigmoid_()
         ea, eb = self.exps
-        torch.mul(ea[k, :, r:r + rows, None], eb[k, :, None, :], out=out)
-        return out.add_(1.0).reciprocal_()
+        numerator = ea[k, :, r:r + rows, None]
+        torch.add(numerator, eb[k, :, None, :], out=out)
+        return torch.div(numerator, out, out=out)
 
     def branch_sum(self, r: int, rows: int, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         """Phi's rows r..r+rows (the sum over the branches) into `out`, with `scratch` of its size."""
         self(0, r, rows, out)
         for k in range(1, self.A.shape[0]):
-            out.add_(self(k, r, rows, scratch))
+            if self.exps is None:
+                out.add_(self(k, r, rows, scratch))
+                continue
+            ea, eb = self.exps
+            numerator = ea[k, :, r:r + rows, None]
+            torch.add(numerator, eb[k, :, None, :], out=scratch)
+            out.addcdiv_(numerator, scratch)
         return out
 
 
