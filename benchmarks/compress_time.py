@@ -245,7 +245,8 @@ def render(doc: dict) -> str:
              "process (model loading included), default settings. Runs (each row names its run):", ""]
     for run in doc.get("runs", []):
         lines.append(f"- {run['date']}: `{run['command']}`, {run['machine']}; load average (1, 5, 15 min) "
-                     f"before {run['load_before']}, after {run.get('load_after')}")
+                     f"before {run['load_before']}, after {run.get('load_after')}"
+                     + (f" (**{run['partial']}**)" if run.get("partial") else ""))
     lines += ["", "| model | method | budget | weights (M) | seconds | peak RSS MB | peak - loaded MB | fp32 weights MB | stored | notes | run |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
@@ -285,15 +286,17 @@ def render(doc: dict) -> str:
                   "time ~ params^k fitted by least squares over the ladder, extrapolated to a 7B decoder "
                   f"({PARAMS_7B / 1e9:.1f}e9 linear weights) on this machine.", "",
                   "Memory growth: how much (peak - loaded RSS) grows per MB of fp32 weights from the smallest "
-                  "point to the largest (the target: at most 2 MB per MB, plus a constant).", "",
+                  "point to the largest (the target: at most 2 MB per MB, plus a constant); deeper, same layers: "
+                  "the same between two points of one shape that differ only in their number of blocks (what "
+                  "grows with the model's depth, not with the size of its largest layer).", "",
                   "| method | points | k (time growth) | 7B extrapolation | (peak - loaded RSS) / fp32 weights (largest point) "
-                  "| memory growth per fp32 MB |",
-                  "|---|---|---|---|---|---|"]
+                  "| memory growth per fp32 MB | deeper, same layers: MB per fp32 MB | deeper: time per block |",
+                  "|---|---|---|---|---|---|---|---|"]
         for method in sorted({r["method"] for r in ladder}):
             rows = sorted([r for r in ladder if r["method"] == method and r.get("seconds")], key=lambda r: r["params"])
             fit = growth_exponent(rows)
             if fit is None:
-                lines.append(f"| {method} | {len(rows)} | - | - | - | - |")
+                lines.append(f"| {method} | {len(rows)} | - | - | - | - | - | - |")
                 continue
             k, c = fit
             hours = math.exp(c) * PARAMS_7B ** k / 3600
@@ -302,8 +305,25 @@ def render(doc: dict) -> str:
                 / (big["fp32_weight_mb"] - small["fp32_weight_mb"])
             lines.append(f"| {method} | {len(rows)} | {k:.2f} | {hours:.1f} h | "
                          f"{(big['peak_rss_mb'] - big['rss_loaded_mb']) / big['fp32_weight_mb']:.2f}x ({big['model']}) | "
-                         f"{growth:.2f} ({small['model']} to {big['model']}) |")
+                         f"{growth:.2f} ({small['model']} to {big['model']}) | {_deeper(rows)} |")
     return "\n".join(lines) + "\n"
+
+
+def _deeper(rows: list[dict]) -> str:
+    """Per ladder shape measured at two depths: (peak - loaded RSS) growth per fp32 MB between them, and
+    seconds per block at each depth (two cells of the table)."""
+    growth, per_block = [], []
+    for shape in sorted({r["model"].split(" x")[0] for r in rows}):
+        pts = sorted([r for r in rows if r["model"].split(" x")[0] == shape], key=lambda r: r["params"])
+        if len(pts) < 2:
+            continue
+        a, b = pts[0], pts[-1]
+        mb = ((b["peak_rss_mb"] - b["rss_loaded_mb"]) - (a["peak_rss_mb"] - a["rss_loaded_mb"])) \
+            / (b["fp32_weight_mb"] - a["fp32_weight_mb"])
+        growth.append(f"{mb:.2f} ({a['model']} to {b['model']})")
+        blocks = [LADDER[p["model"]][2] for p in (a, b)]
+        per_block.append(f"{shape}: {a['seconds'] / blocks[0]:.1f} / {b['seconds'] / blocks[1]:.1f} s")
+    return f"{'; '.join(growth) or '-'} | {'; '.join(per_block) or '-'}"
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -363,23 +383,33 @@ def main(argv=None) -> int:
         print(f"{model_name:16s} {method:13s} 1/{round(1 / ratio):<3d} "
               + (f"{row['seconds']:8.1f} s" if row.get("seconds") is not None else f"  error: {row.get('error')}")
               + (f"  peak RSS {row['peak_rss_mb']:.0f} MB" if row.get("peak_rss_mb") else ""), flush=True)
-    doc["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    # keep rows of earlier runs that this run did not measure
+        merged = _write(out, old, doc, final=False)  # after every row: a long run that stops keeps what it measured
+    merged = _write(out, old, doc, final=True)
+    print(render(merged))
+    return 0
+
+
+def _write(out: Path, old: dict, doc: dict, final: bool) -> dict:
+    """This run's rows merged with the earlier rows it did not measure, written as .json, .md and .png.
+    Before the run ends (final False) the run says so, with how many rows it has measured."""
+    doc = {**doc, "load_after": [round(x, 2) for x in os.getloadavg()]}
+    if not final:
+        doc["partial"] = f"in progress: {len(doc['rows'])} row(s) measured so far"
     measured = {(r["model"], r["method"], r["ratio"]) for r in doc["rows"]}
     kept = [r for r in old.get("rows", []) if (r["model"], r["method"], r["ratio"]) not in measured]
-    doc["rows"] = kept + doc["rows"]
-    this_run = {k: doc[k] for k in ("date", "command", "machine", "load_before", "load_after")}
+    rows = kept + doc["rows"]
+    this_run = {k: doc[k] for k in ("date", "command", "machine", "load_before", "load_after", "partial") if k in doc}
     runs = {r["date"]: r for r in old.get("runs", [])}
     runs[doc["date"]] = this_run
-    used = {r.get("run") for r in doc["rows"]}
-    doc["runs"] = [runs[d] for d in sorted(runs) if d in used]
-    doc["rows"].sort(key=lambda r: (r["model"] in LADDER, r["model"], r["method"], -r["ratio"]))
+    used = {r.get("run") for r in rows}
+    merged = {**doc, "rows": sorted(rows, key=lambda r: (r["model"] in LADDER, r["model"], r["method"], -r["ratio"])),
+              "runs": [runs[d] for d in sorted(runs) if d in used]}
+    merged.pop("partial", None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    out.with_suffix(".md").write_text(render(doc))
-    plot(doc, out.with_suffix(".png"))
-    print(render(doc))
-    return 0
+    out.with_suffix(".json").write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+    out.with_suffix(".md").write_text(render(merged))
+    plot(merged, out.with_suffix(".png"))
+    return merged
 
 
 if __name__ == "__main__":

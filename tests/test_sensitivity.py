@@ -502,3 +502,46 @@ def test_moment_error_of_some_rows_is_those_rows_share(form):
         assert whole.for_rows(rows)(error[rows]) == pytest.approx(whole(only_rows), rel=1e-5)
     stored_in_out = MomentError(moment, False, 0)
     assert stored_in_out.for_rows(rows)(error[rows].T) == pytest.approx(stored_in_out(only_rows.T), rel=1e-5)
+
+
+class TiedHead(nn.Module):
+    """An embedding whose table is also the output projection (tied), between them a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(40, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+def test_probes_share_the_models_weights_swap_tied_ones_everywhere_and_leave_the_model_as_it_was():
+    """The sensitivity's model holds the user's tensors (no second copy of the weights); a probe
+    swaps whole tensors into it, in every module that holds a tied one, and puts the user's back:
+    the measured error is that of a deep copy whose tensor is overwritten in place, bit for bit."""
+    torch.manual_seed(0)
+    model = TiedHead().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    specs = _specs(model)
+    x = (torch.randint(0, 40, (2, 6)),)
+    sens = TorchSensitivity(model, specs, x, settings=SensitivitySettings(samples=8, holdout=4))
+    own = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert {t.data_ptr() for t in sens.model.parameters()} <= own  # shared, not copied
+    assert sens.model is not model and sens.model.emb is not model.emb
+    name = "head.weight"  # the tied table, found through the Linear that uses it
+    assert name in {s.name for s in specs}
+    noisy = (model.emb.weight.detach().numpy() + 0.1).astype(np.float32)
+    got = sens.measure({name: noisy})
+    ref = copy.deepcopy(model)  # the tied table overwritten in place: both of its uses see the change
+    with torch.no_grad():
+        ref.emb.weight.copy_(torch.from_numpy(noisy))
+        outs = [ref(*[t[i:i + sens.chunk] for t in sens.inputs]) for i in range(0, 8, sens.chunk)]
+    num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outs, sens.reference))
+    den = sum(float(r.double().pow(2).sum()) for r in sens.reference)
+    assert got == num / den > 0
+    assert sens.model.head.weight is sens.model.emb.weight is model.emb.weight  # put back
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -421,7 +421,7 @@ class TorchSensitivity(Sensitivity):
         self.output_fn = output_fn
         s = self.settings
         t0 = time.perf_counter()
-        self.model = copy.deepcopy(model).eval()  # probes swap weights in place: never in the user's model
+        self.model = shared_weights_copy(model).eval()  # probes swap tensors into its modules, never into the user's
         source = self.model if input_model is None else input_model
         self.inputs, self.input_mode = inputs if inputs is not None else probe_inputs(
             source, example_inputs, s.samples, s.seed, sampler, s.inversion_steps, progress)
@@ -429,6 +429,7 @@ class TorchSensitivity(Sensitivity):
                                        s.inversion_steps, progress)
         self.tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
                         **dict(self.model.named_buffers(remove_duplicate=False))}
+        self.holders = tensor_holders(self.model)
         self.chunk = forward_chunk(self.model, self.inputs)  # before the moments' hooks go on
         modules = dict(self.model.named_modules())
         found, handles = {}, []
@@ -488,23 +489,47 @@ class TorchSensitivity(Sensitivity):
         """Relative squared output error ||y - y_ref||^2 / ||y_ref||^2 with these weights swapped in."""
         inputs, reference = ((self.holdout, self.reference_holdout) if holdout else
                              (self.probe_inputs, self.probe_reference) if probe else (self.inputs, self.reference))
-        saved = {}
+        saved = []
         try:
             with torch.no_grad():
                 for name, value in swaps.items():
                     t = self.tensors[name]
-                    saved[name] = t.detach().clone()
-                    t.copy_(torch.from_numpy(np.asarray(value, np.float32)).reshape(t.shape))
+                    # a tensor of t's dtype, device and strides (the same kernels run), holding the value
+                    new = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+                    new.copy_(torch.from_numpy(np.asarray(value, np.float32)).reshape(t.shape))
+                    if isinstance(t, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=False)
+                    for table, key in self.holders[id(t)]:  # every module attribute holding t (tied weights)
+                        saved.append((table, key, table[key]))
+                        table[key] = new
                 out = self._run(inputs)
         finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    self.tensors[name].copy_(value)
+            for table, key, old in reversed(saved):
+                table[key] = old
         num = den = 0.0
         for ref_part, out_part in zip(reference, out, strict=True):
             a, b = squared_error_terms(ref_part, out_part)
             num, den = num + a, den + b
         return num / den if den > 0 else num
+
+
+def shared_weights_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the model's own tensors (not copies):
+    the probes replace whole tensors in the copy's modules and never write into one, so the user's
+    model is untouched while its weights are held once (a deep copy held the whole model again)."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, shared)
+
+
+def tensor_holders(model: nn.Module) -> dict[int, list[tuple[dict, str]]]:
+    """id(tensor) -> every (module._parameters or module._buffers, key) that holds it."""
+    holders: dict[int, list[tuple[dict, str]]] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is not None:
+                    holders.setdefault(id(t), []).append((table, key))
+    return holders
 
 
 def _samples(inputs: tuple) -> int | None:
