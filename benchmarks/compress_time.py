@@ -28,6 +28,7 @@ Usage:
     python -m benchmarks.compress_time                     # everything (hours with riem)
     python -m benchmarks.compress_time --models minilm --methods auto rtn nncf-peer
     python -m benchmarks.compress_time --ladder-only --methods auto rtn
+    python -m benchmarks.compress_time --methods auto minilm:auto@ray rtn    # auto@ray on MiniLM only
 Writes benchmarks/results/compress_time.{md,json,png} (merged with rows already there, each row
 keeping the run that measured it).
 """
@@ -355,7 +356,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--models", nargs="*", default=list(MODEL_BUDGETS), help="real models (default: all)")
-    ap.add_argument("--methods", nargs="*", default=[*METHODS, *PEERS])
+    ap.add_argument("--methods", nargs="*", default=[*METHODS, *PEERS],
+                    help="methods, peers, executor variants (auto@w1, auto@ray, auto@ray2n); MODEL:METHOD for one model only")
     ap.add_argument("--ladder", nargs="*", default=list(LADDER), help="ladder entries (default: all)")
     ap.add_argument("--ladder-methods", nargs="*", default=["auto", "rtn"])
     ap.add_argument("--ladder-only", action="store_true")
@@ -373,7 +375,9 @@ def main(argv=None) -> int:
            "command": "python -m benchmarks.compress_time " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
            "load_before": [round(x, 2) for x in os.getloadavg()], "rows": []}
-    todo = [] if args.ladder_only else [(m, meth, r) for m in args.models for r in MODEL_BUDGETS[m] for meth in args.methods]
+    todo = [] if args.ladder_only else [(m, meth.partition(":")[2] or meth, r) for m in args.models
+                                        for r in MODEL_BUDGETS[m] for meth in args.methods
+                                        if ":" not in meth or meth.partition(":")[0] == m]
     if not args.no_ladder:
         todo += [(m, meth, LADDER_BUDGET) for m in args.ladder for meth in args.ladder_methods]
     for model_name, method, ratio in todo:

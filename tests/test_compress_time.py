@@ -42,3 +42,37 @@ def test_one_real_measurement_in_process():
     assert "error" not in row, row
     assert row["params"] == 4 * 768 * 768 + 2 * 768 * 3072
     assert 0.12 < row["stored_ratio"] <= 0.125 and row["seconds"] > 0 and row["peak_rss_mb"] >= row["rss_loaded_mb"] > 0
+
+
+def test_rows_are_written_as_they_finish_and_model_qualified_methods_run_on_that_model_only(tmp_path, monkeypatch):
+    """A long run that stops keeps the rows it measured (the page says the run was in progress);
+    `minilm:auto@ray` measures MiniLM only; the ladder table gives the growth with depth at fixed shapes."""
+    done, stop_at = [], [3]
+
+    def child(model, method, ratio, timeout):
+        if len(done) == stop_at[0]:
+            raise RuntimeError("the run stops here")
+        done.append((model, method, ratio))
+        params = {"minilm": 2.2e7, "effnet_lite2": 6e6, "bert-base x1": 7e6, "bert-base x4": 2.8e7}[model]
+        return {"model": model, "method": method, "ratio": ratio, "params": params, "seconds": 1.0 + len(done),
+                "peak_rss_mb": 500 + len(done) * 10, "rss_loaded_mb": 400, "fp32_weight_mb": params * 4 / 2**20}
+
+    monkeypatch.setattr(ct, "_child", child)
+    out = tmp_path / "ct"
+    with pytest.raises(RuntimeError, match="stops here"):
+        ct.main(["--models", "minilm", "effnet_lite2", "--methods", "rtn", "minilm:auto@ray", "--no-ladder",
+                 "--out", str(out)])
+    assert done == [("minilm", "rtn", 1 / 8), ("minilm", "auto@ray", 1 / 8), ("minilm", "rtn", 1 / 16)]
+    import json
+
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["model"], r["method"], r["ratio"]) for r in doc["rows"]] == sorted(done, key=lambda t: (t[0], t[1], -t[2]))
+    assert "in progress: 3 row(s) measured so far" in out.with_suffix(".md").read_text()
+    done.clear()
+    stop_at[0] = None
+    ct.main(["--models", "effnet_lite2", "--methods", "rtn", "minilm:auto@ray", "--ladder", "bert-base x1",
+             "bert-base x4", "--ladder-methods", "auto", "--out", str(out)])
+    assert ("effnet_lite2", "auto@ray", 0.25) not in done and ("effnet_lite2", "rtn", 0.25) in done
+    page = out.with_suffix(".md").read_text()
+    assert "in progress" not in page.split("## Where")[0].split("\n- ")[-1]  # the last run finished
+    assert "| 0.12 (bert-base x1 to bert-base x4) | bert-base: 4.0 / 1.2 s |" in page  # 1 block, then 4
