@@ -200,31 +200,31 @@ def kmeans(X: np.ndarray, K: int, iterations: int, seed: int, seeding: int = SEE
 class Normalised:
     """A weight's quantised matrix (float64, rows = outputs) and its RMS-normalised float32 rows,
     made on first use and kept for every (dim, bits) fitted on it (auto fits 7 rungs a layer: this
-    preparation and the training sample's permutation were a fifth of a screening fit). The same
-    values as a fit that prepares them itself. Not shared between threads."""
+    preparation and the training sample's permutation were a fifth of a screening fit), with the
+    last permutation drawn (consecutive rungs of one vector length share it). The same values as a
+    fit that prepares them itself. Not shared between threads."""
 
     def __init__(self, weight, in_axis: int = 1):
         self.weight, self.in_axis = weight, in_axis
-        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        self._order: tuple[tuple[int, int], np.ndarray] | None = None
         self._made = False
 
-    def _make(self) -> None:
-        if self._made:
-            return
-        self.shape, self.transposed = weight_layout(self.weight, self.in_axis, "vq")
-        M = matrix(self.weight).astype(np.float64)
-        self.M = M.T if self.transposed else M
-        self.rms = np.sqrt((self.M * self.M).mean(axis=1))
-        safe = np.where(self.rms > 0, self.rms, 1.0)
-        self.rows = (self.M / safe[:, None]).astype(np.float32)
-        self._made = True
+    def ready(self) -> "Normalised":
+        if not self._made:
+            self.shape, self.transposed = weight_layout(self.weight, self.in_axis, "vq")
+            M = matrix(self.weight).astype(np.float64)
+            self.M = M.T if self.transposed else M
+            self.rms = np.sqrt((self.M * self.M).mean(axis=1))
+            safe = np.where(self.rms > 0, self.rms, 1.0)
+            self.rows = (self.M / safe[:, None]).astype(np.float32)
+            self._made = True
+        return self
 
     def order(self, seed: int, count: int) -> np.ndarray:
-        """The seeded random order of `count` vectors (rungs of one vector length share it)."""
-        key = (seed, count)
-        if key not in self._orders:
-            self._orders[key] = np.random.default_rng(seed).permutation(count)
-        return self._orders[key]
+        """The seeded random order of `count` vectors."""
+        if self._order is None or self._order[0] != (seed, count):
+            self._order = ((seed, count), np.random.default_rng(seed).permutation(count))
+        return self._order[1]
 
 
 def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, seed: int = 0,
@@ -239,8 +239,7 @@ def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, s
         raise InputError(f"vq dim must be a positive integer, got {dim!r}")
     if not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
         raise InputError(f"vq bits must be in 1..{MAX_BITS}, got {bits!r}")
-    norm = normalised if normalised is not None else Normalised(weight, in_axis)
-    norm._make()
+    norm = (normalised if normalised is not None else Normalised(weight, in_axis)).ready()
     shape, transposed, M, rms = norm.shape, norm.transposed, norm.M, norm.rms
     n, d, v = vq_layout(shape, dim, transposed)
     padded = np.zeros((n, v * dim), np.float32)
