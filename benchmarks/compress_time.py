@@ -247,11 +247,14 @@ def render(doc: dict) -> str:
     for run in doc.get("runs", []):
         lines.append(f"- {run['date']}: `{run['command']}`, {run['machine']}; load average (1, 5, 15 min) "
                      f"before {run['load_before']}, after {run.get('load_after')}"
-                     + (f" (**{run['partial']}**)" if run.get("partial") else ""))
+                     + (f" (**{run['partial']}**)" if run.get("partial") else "")
+                     + (f"; {run['note']}" if run.get("note") else ""))
     lines += ["", "| model | method | budget | weights (M) | seconds | peak RSS MB | peak - loaded MB | fp32 weights MB | stored | notes | run |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         notes = r.get("error") or r.get("setting") or ""
+        if not notes and r.get("stored_ratio") is not None and r["stored_ratio"] >= 0.9999:
+            notes = "every layer kept dense: the method applies to none of them"
         if r.get("auto_picked"):
             notes = "picked " + ", ".join(f"{k} x{v}" for k, v in sorted(r["auto_picked"].items()))
         peak, loaded = r.get("peak_rss_mb", math.nan), r.get("rss_loaded_mb", math.nan)
