@@ -390,7 +390,7 @@ def main(argv=None) -> int:
         print(f"{model_name:16s} {method:13s} 1/{round(1 / ratio):<3d} "
               + (f"{row['seconds']:8.1f} s" if row.get("seconds") is not None else f"  error: {row.get('error')}")
               + (f"  peak RSS {row['peak_rss_mb']:.0f} MB" if row.get("peak_rss_mb") else ""), flush=True)
-        merged = _write(out, old, doc, final=False)  # after every row: a long run that stops keeps what it measured
+        _write(out, old, doc, final=False)  # after every row: a long run that stops keeps what it measured
     merged = _write(out, old, doc, final=True)
     print(render(merged))
     return 0
@@ -400,18 +400,17 @@ def _write(out: Path, old: dict, doc: dict, final: bool) -> dict:
     """This run's rows merged with the earlier rows it did not measure, written as .json, .md and .png.
     Before the run ends (final False) the run says so, with how many rows it has measured."""
     doc = {**doc, "load_after": [round(x, 2) for x in os.getloadavg()]}
-    if not final:
-        doc["partial"] = f"in progress: {len(doc['rows'])} row(s) measured so far"
     measured = {(r["model"], r["method"], r["ratio"]) for r in doc["rows"]}
     kept = [r for r in old.get("rows", []) if (r["model"], r["method"], r["ratio"]) not in measured]
     rows = kept + doc["rows"]
-    this_run = {k: doc[k] for k in ("date", "command", "machine", "load_before", "load_after", "partial") if k in doc}
+    this_run = {k: doc[k] for k in ("date", "command", "machine", "load_before", "load_after")}
+    if not final:
+        this_run["partial"] = f"in progress: {len(doc['rows'])} row(s) measured so far"
     runs = {r["date"]: r for r in old.get("runs", [])}
     runs[doc["date"]] = this_run
     used = {r.get("run") for r in rows}
     merged = {**doc, "rows": sorted(rows, key=lambda r: (r["model"] in LADDER, r["model"], r["method"], -r["ratio"])),
               "runs": [runs[d] for d in sorted(runs) if d in used]}
-    merged.pop("partial", None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
     out.with_suffix(".md").write_text(render(merged))

@@ -84,6 +84,11 @@ def enabled(batch: int) -> str | None:
     return None
 
 
+def rows_per_chunk(batch: int) -> int:
+    """Activation rows whose int32 sums a kernel keeps in registers at once (4, 2 or 1, dividing batch)."""
+    return next(c for c in (4, 2, 1) if int(batch) % c == 0)
+
+
 def layout(bits: int, cols: int, group: int | None, batch: int) -> tuple[int, int, int] | str:
     """(group, bytes per group, vector bytes) where this form applies, else why not."""
     why = enabled(batch)
@@ -123,7 +128,7 @@ def gemv_int8_primfunc(name: str, batch: int, rows: int, cols: int, bits: int, l
     row_bytes = cols * bits // 8
     mask = (1 << bits) - 1
     nb = int(batch)
-    cb = next(c for c in (4, 2, 1) if nb % c == 0)  # activation rows per chunk
+    cb = rows_per_chunk(nb)
     intrin = INTRINSICS[vw]
     u8v, i8v, i32v, f32v = f"uint8x{vw}", f"int8x{vw}", f"int32x{lanes}", f"float32x{lanes}"
     n_scale = rows * ng

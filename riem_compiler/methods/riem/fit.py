@@ -123,10 +123,15 @@ class _BranchSigmoid:
         if self.exps is None:
             torch.add(self.A[k, :, r:r + rows, None], self.B[k, :, None, :], out=out)
             return out.sigmoid_()
+        numerator = self._exp_sum(k, r, rows, out)
+        return torch.div(numerator, out, out=out)
+
+    def _exp_sum(self, k: int, r: int, rows: int, out: torch.Tensor) -> torch.Tensor:
+        """e^a + e^-b into `out`; returns the numerator e^a (broadcast along the columns)."""
         ea, eb = self.exps
         numerator = ea[k, :, r:r + rows, None]
         torch.add(numerator, eb[k, :, None, :], out=out)
-        return torch.div(numerator, out, out=out)
+        return numerator
 
     def branch_sum(self, r: int, rows: int, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         """Phi's rows r..r+rows (the sum over the branches) into `out`, with `scratch` of its size."""
@@ -135,10 +140,7 @@ class _BranchSigmoid:
             if self.exps is None:
                 out.add_(self(k, r, rows, scratch))
                 continue
-            ea, eb = self.exps
-            numerator = ea[k, :, r:r + rows, None]
-            torch.add(numerator, eb[k, :, None, :], out=scratch)
-            out.addcdiv_(numerator, scratch)
+            out.addcdiv_(self._exp_sum(k, r, rows, scratch), scratch)
         return out
 
 

@@ -153,7 +153,7 @@ def schedule_decode_cpu(func, out_block: str = "W"):
 def fused_linear_primfunc(cw: CompressedWeight, rows: int, name: str, target_kind: str = "llvm"):
     """PrimFunc(x (rows, cols), codes, scale, grid, y (rows, out)) = (x_pad R) Q^T: the rotation on
     x (signs, butterflies), then a GEMV decoding Q inside the reduction; scheduled for LLVM, left
-    to dlight's GPU rules for cuda (there the element form). Up to 4 rows on a VNNI CPU, 2- and
+    to dlight's GPU rules for cuda (there the element form). Up to 32 rows on a VNNI CPU, 2- and
     4-bit codes: the int8-activation GEMV (tvm_gemv_int8.py), the grid looked up in a register."""
     names = array_names(cw)
     ph = tc.placeholders(cw, names)

@@ -56,7 +56,7 @@ def fused_int8_primfunc(cw: CompressedWeight, batch: int, name: str, lay, unpack
     dim, bits = int(cw.meta["dim"]), int(cw.meta["bits"])
     v, words, vpad, blk = lay
     nb, n_entries, nblk = int(batch), 1 << bits, vpad // blk
-    cb = next(c for c in (4, 2, 1) if nb % c == 0)  # activation rows per chunk
+    cb = gi.rows_per_chunk(nb)
     codes_len = int(cw.arrays["codes"].size)
     scale_shape = tuple(int(d) for d in cw.arrays["scale"].shape)
     scale_dtype = str(cw.arrays["scale"].dtype)
