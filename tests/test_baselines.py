@@ -300,3 +300,46 @@ def test_tucker2_small_budgets_choose_ranks_that_decode(rule, ratio):
     assert r_out <= r_in * 9 and r_in <= r_out * 9
     assert cw.arrays["out_factor"].shape == (32, r_out) and cw.arrays["in_factor"].shape == (32, r_in)
     assert decode(cw).shape == w.shape and cw.nbytes <= ratio * w.size * 4
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (64, 64)])
+def test_matrix_svd_through_the_gram_matrix_matches_lapack(shape):
+    """matrix_svd's eigen-decomposition of the shorter side's Gram matrix gives LAPACK's singular
+    values and truncations, orthonormal factors, and exact zero directions on rank-deficient input."""
+    r = _rng(3)
+    M = r.standard_normal(shape) * np.exp(r.standard_normal(shape[1]))  # an uneven spectrum
+    U, S, Vt = svd_m.matrix_svd(M)
+    U0, S0, Vt0 = np.linalg.svd(M, full_matrices=False)
+    np.testing.assert_allclose(S, S0, rtol=1e-10, atol=1e-12 * S0[0])
+    k = min(shape)
+    np.testing.assert_allclose(U.T @ U, np.eye(k), atol=1e-10)
+    np.testing.assert_allclose(Vt @ Vt.T, np.eye(k), atol=1e-10)
+    for rank in (1, k // 3, k):
+        np.testing.assert_allclose((U[:, :rank] * S[:rank]) @ Vt[:rank], (U0[:, :rank] * S0[:rank]) @ Vt0[:rank],
+                                   atol=1e-10 * S0[0])
+    low = r.standard_normal((shape[0], 3)) @ r.standard_normal((3, shape[1]))
+    U, S, Vt = svd_m.matrix_svd(low)
+    assert np.isfinite(U).all() and np.isfinite(Vt).all()
+    np.testing.assert_allclose((U * S) @ Vt, low, atol=1e-12 * np.abs(low).max())
+    U, S, Vt = svd_m.matrix_svd(np.zeros(shape))
+    assert not S.any() and np.isfinite(U).all() and np.isfinite(Vt).all() and not ((U * S) @ Vt).any()
+
+
+def test_svd_candidates_skip_factors_as_large_as_the_matrix():
+    """No candidate rank stores as many numbers as the matrix (rank * (n + d) >= n * d)."""
+    from riem_compiler.frontend.layers import LayerSpec
+
+    w = (0.02 * _rng(4).standard_normal((64, 48))).astype(np.float32)
+    got = []
+
+    def attempt(layer, what, fit, *args, keep=True, **kwargs):
+        result = fit(*args, **kwargs)
+        if keep:
+            got.append(result)
+        return result
+
+    svd_m.SVD().candidates(LayerSpec("w", "linear", w), 0.5, {"ratios": (1.0, 0.5, 0.25)}, attempt)
+    ranks = {(cw.meta["factor_bits"], cw.meta["rank"]) for cw in got}
+    assert ranks and all(rank * (64 + 48) < 64 * 48 for _, rank in ranks)
+    # ratio 0.5: float16 rank 27 (just below 64 * 48 / (64 + 48) = 27.4) stays; int8 rank 50 goes
+    assert (16, 27) in ranks and (8, 24) in ranks and (8, 50) not in ranks

@@ -1,4 +1,6 @@
 """PyTorch frontend: which weights are found, with which attributes, and what is skipped."""
+import numpy as np
+import pytest
 import torch
 
 from riem_compiler.config import Config
@@ -117,3 +119,19 @@ def test_functional_conv_groups_stride_dilation():
     assert "w_mixed" not in found
     assert [why for n, why in det.skipped if n == "w_mixed"] == ["used by convolutions with different groups [1, 4]"]
     _FunctionalGrouped()(torch.randn(2, 8, 6, 6))  # the module itself is valid
+
+
+def test_float32_weights_are_read_only_views_not_copies():
+    """A spec holds the model's own float32 weight (a copy held the model once more for the whole
+    run) and cannot write into it; other dtypes are converted into arrays of their own."""
+    model = MLP()
+    found = names(find_torch_layers(model, Config(min_weight_size=0)))
+    w = found["fc1.weight"].weight
+    assert w.dtype == np.float32 and not w.flags.writeable
+    assert np.shares_memory(w, model.fc1.weight.detach().numpy())
+    with pytest.raises(ValueError):
+        w[0, 0] = 1.0
+    half = MLP().half()
+    converted = names(find_torch_layers(half, Config(min_weight_size=0)))["fc1.weight"].weight
+    assert converted.dtype == np.float32 and converted.flags.writeable
+    np.testing.assert_array_equal(converted, half.fc1.weight.detach().float().numpy())

@@ -165,7 +165,15 @@ def _module_spec(mod_name: str, mod: nn.Module, kind: str) -> LayerSpec:
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().float().numpy().copy()
+    """The weight as float32 numpy: a float32 CPU weight as a read-only view of the model's own
+    tensor (a copy held every weight of the model once more for the whole run; nothing writes a
+    spec's weight), any other one converted (a copy of its own)."""
+    t = t.detach()
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        return t.cpu().float().numpy()
+    view = t.numpy()
+    view.flags.writeable = False
+    return view
 
 
 def _weight_source(node) -> str | None:

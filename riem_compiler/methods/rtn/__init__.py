@@ -113,19 +113,39 @@ def rtn_settings_for_ratio(ratio: float, shape=None, group_size: int = 128,
 
 
 def _quantise(M: np.ndarray, bits: int, g: int, sdtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(signed codes int64, scale (rows, groups) in sdtype, float32 scale per column) of the
-    (rows, cols) matrix M with groups of g columns (the last may be shorter)."""
+    """(signed codes int16, scale (rows, groups) in sdtype, the float32 scales as (rows, groups, 1))
+    of the (rows, cols) matrix M with groups of g columns (the last may be shorter).
+
+    Works on the (rows, groups, g) view in place of per-column copies: int64 codes and float64
+    temporaries had made a fit take 9x its weight's bytes."""
     n, d = M.shape
     groups = math.ceil(d / g)
     qmax = (1 << (bits - 1)) - 1
-    padded = np.zeros((n, groups * g), dtype=np.float32)
-    padded[:, :d] = M
-    absmax = np.abs(padded.reshape(n, groups, g)).max(axis=2)
+    if groups * g == d:
+        grouped = np.asarray(M, np.float32).reshape(n, groups, g)
+    else:
+        grouped = np.zeros((n, groups, g), dtype=np.float32)
+        grouped.reshape(n, groups * g)[:, :d] = M
+    absmax = np.abs(grouped).max(axis=2)
     tiny = np.finfo(sdtype).smallest_subnormal
     scale = np.maximum(absmax / qmax, tiny).astype(sdtype)  # codes use the stored (rounded) scale
-    scale_cols = np.repeat(scale.astype(np.float32), g, axis=1)[:, :d]
-    codes = np.clip(np.rint(M / scale_cols), -qmax, qmax).astype(np.int64)
-    return codes, scale, scale_cols
+    scale_groups = scale.astype(np.float32)[:, :, None]
+    q = grouped / scale_groups
+    np.rint(q, out=q)
+    np.clip(q, -qmax, qmax, out=q)
+    codes = q.reshape(n, groups * g)[:, :d].astype(np.int16)
+    return codes, scale, scale_groups
+
+
+def _rounding_error(M: np.ndarray, codes: np.ndarray, scale_groups: np.ndarray, g: int, rows: int = 256) -> float:
+    """||codes * scale - M||_F (groups of g columns) in float64, a block of rows at a time (no
+    full-size float64 copy)."""
+    n, d = M.shape
+    total = 0.0
+    for a in range(0, n, rows):
+        cols = np.repeat(scale_groups[a:a + rows, :, 0], g, axis=1)[:, :d]
+        total += float(np.sum(np.square(codes[a:a + rows] * cols.astype(np.float64) - M[a:a + rows])))
+    return math.sqrt(total)
 
 
 def fit_rtn(weight, bits: int = 8, group_size: int | None = None, in_axis: int = 1,
@@ -194,8 +214,9 @@ def best_rtn(weight, ratio: float, in_axis: int = 1, native: bool = False) -> Co
     best = None
     for bits, group, sdtype in layouts:
         with np.errstate(over="ignore", invalid="ignore"):
-            codes, _, scale_cols = _quantise(M, bits, M.shape[1] if group is None else group, sdtype)
-            err = float(np.sqrt(np.sum(np.square(codes * scale_cols - M, dtype=np.float64))))
+            g = M.shape[1] if group is None else group
+            codes, _, scale_groups = _quantise(M, bits, g, sdtype)
+            err = _rounding_error(M, codes, scale_groups, g)
         err = err / norm if norm > 0 else err
         if not np.isfinite(err):  # float16 scales overflow on weights beyond ~4e6
             continue

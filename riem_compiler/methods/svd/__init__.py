@@ -24,11 +24,30 @@ class SVDSettings:
 
 
 def matrix_svd(matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Thin SVD (U, S, Vt) in float64 (torch's LAPACK call: several times faster here than
-    numpy's float32 one, and as deterministic)."""
+    """Thin SVD (U, S, Vt) in float64, through the eigen-decomposition of the Gram matrix of the
+    matrix's shorter side: 3-6x faster than LAPACK's SVD of the matrix itself and without its
+    workspace of several matrix sizes (a 2048x5632 weight: 2.1 s instead of 12.2 s on one thread;
+    singular values and rank-700 truncations equal to 1e-14 on random weights).
+
+    Each singular value is the norm of the matrix times its singular vector (accurate where the
+    Gram's eigenvalue, a square, is not); directions with no energy get a zero vector on the long
+    side (the reconstruction U S Vt is exact either way). Deterministic, like torch's LAPACK calls."""
     m = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float64))
-    U, S, Vt = torch.linalg.svd(m, full_matrices=False)
-    return U.numpy(), S.numpy(), Vt.numpy()
+    wide = m.shape[0] < m.shape[1]
+    gram = m @ m.T if wide else m.T @ m
+    _, short = torch.linalg.eigh(gram)  # eigenvalues ascending
+    del gram
+    short = short.flip(1)
+    scaled = short.T @ m if wide else m @ short  # S_i times the long side's vector i (rows or columns)
+    S = torch.linalg.vector_norm(scaled, dim=1 if wide else 0)
+    if not bool((S[:-1] >= S[1:]).all()):  # near-equal values the norms ordered otherwise
+        order = torch.argsort(S, descending=True, stable=True)
+        S, short, scaled = S[order], short[:, order], (scaled[order] if wide else scaled[:, order])
+    live = S > torch.finfo(torch.float64).tiny
+    inverse = torch.where(live, 1.0 / torch.where(live, S, 1.0), 0.0)
+    if wide:
+        return short.numpy(), S.numpy(), scaled.mul_(inverse[:, None]).numpy()
+    return scaled.mul_(inverse).numpy(), S.numpy(), np.ascontiguousarray(short.T.numpy())
 
 
 def svd_nbytes(shape, rank: int, factor_bits: int = 16) -> int:
@@ -162,11 +181,15 @@ class SVD(Method):
         usv = attempt(spec.name, "svd (matrix SVD)", matrix_svd, w.reshape(w.shape[0], -1), keep=False)
         if usv is None:
             return
+        n, d = w.shape[0], int(np.prod(w.shape[1:]))
         for bits in options.get("factor_bits", (16, 8)):
             ranks = set()
             for r in ratios:
                 rank = svd_rank_for_ratio(w.shape, r, bits)
-                if rank > 0 and rank not in ranks:
+                # factors of as many numbers as the matrix are no low-rank form: the matrix itself at
+                # those bits (rtn8, float16) is a candidate in fewer bytes (a full-rank int8 pair took
+                # 2.4 of a 2048x5632 layer's 6.6 s of svd fits)
+                if rank > 0 and rank not in ranks and rank * (n + d) < n * d:
                     ranks.add(rank)
                     attempt(spec.name, f"svd{bits} r{rank}", fit_svd, w, r, bits, usv=usv)
 
