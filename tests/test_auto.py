@@ -213,7 +213,16 @@ def test_freeing_unpickable_candidates_changes_no_plan(ratio, monkeypatch):
     specs = _specs()
     freed = auto.choose_methods_detailed(specs, ratio)
     monkeypatch.setattr(auto, "_free_unpickable", lambda pool, spec, budget_ratio, also_keep=(): None)
+    over_budget_only = auto.choose_methods_detailed(specs, ratio)
+    monkeypatch.setattr(auto, "_free_over_budget", lambda pools, budget: None)
     kept = auto.choose_methods_detailed(specs, ratio)
+    # what _free_over_budget alone frees: candidates too large for any plan within the budget
+    pools = [c.candidates for c in over_budget_only.choices]
+    least = [min(c.nbytes for c in pool) for pool in pools]
+    gone = [(c, sum(least) - own + c.nbytes) for pool, own in zip(pools, least) for c in pool if c.weight is None]
+    assert all(need > over_budget_only.budget_bytes for _, need in gone)
+    assert gone or ratio > 0.1  # at 0.08 the float16 copies of the large layers cannot be in a plan
+    assert [c.label for c in over_budget_only.choices] == [c.label for c in kept.choices]
     assert [c.label for c in freed.choices] == [c.label for c in kept.choices]
     assert freed.source == kept.source and freed.single_method == kept.single_method
     for f, k in zip(freed.choices, kept.choices):

@@ -102,3 +102,19 @@ def test_label_family_and_settings(name):
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown compression method 'nope'"):
         methods.get("nope")
+
+
+@pytest.mark.parametrize("n", [1, 9, 65536, 65537, 300_007])
+def test_relative_error_in_blocks_gives_the_whole_array_sum_bit_for_bit(n):
+    """metrics.relative_error sums in blocks split where numpy's pairwise sum splits: the same bits
+    as summing the whole float64 difference (what local and Ray runs compare), without its copies."""
+    from riem_compiler.metrics import relative_error
+
+    r = np.random.default_rng(n)
+    w = r.standard_normal(n).astype(np.float32).reshape(-1, 1) if n % 2 else r.standard_normal(n).astype(np.float32)
+    approx = (w + 1e-3 * r.standard_normal(w.shape)).astype(np.float16)
+    ref64 = np.asarray(w, np.float64)
+    whole = float(np.sqrt(np.sum(np.square(ref64 - np.asarray(approx, np.float64))))) / float(np.sqrt(np.sum(np.square(ref64))))
+    assert relative_error(w, approx) == whole
+    with pytest.raises(ValueError, match="values for a weight of"):
+        relative_error(w, approx.reshape(-1)[:-1])

@@ -432,6 +432,21 @@ def _free_unpickable(pool: list[Candidate], spec: LayerSpec, budget_ratio: float
             c.weight = None
 
 
+def _free_over_budget(pools: list[list[Candidate]], budget: int) -> None:
+    """Drop the encoded arrays of the candidates that no plan within `budget` bytes can hold: their
+    bytes plus the fewest bytes of every other layer exceed it (e.g. a large layer's float16 copy
+    at 1/8, kept by the layer's job as the front's most accurate point). A plan within the budget,
+    single-method ones included, passes that test in every layer, so no plan changes; the freed
+    candidates stay in the pools for the report. The float32 candidate holds the layer's own weight
+    (_share_original): nothing to free."""
+    least = [min((c.nbytes for c in pool), default=0) for pool in pools]
+    floor = sum(least)
+    for pool, own in zip(pools, least):
+        for c in pool:
+            if c.weight is not None and c.family != "dense32" and floor - own + c.nbytes > budget:
+                c.weight = None
+
+
 def choose_methods_detailed(
     specs: list[LayerSpec], budget_ratio: float, candidates: CandidateSource | None = None,
     proxy: str = "size_weighted", resolution: int = 4096, progress: bool = False,
@@ -518,6 +533,7 @@ def choose_methods_detailed(
         set_costs(i, pool)
     probe_bar.close()
     timing["probes"] = time.perf_counter() - t_probes
+    _free_over_budget(pools, budget)
 
     screened = [0] * len(specs)  # estimates not fitted whole
     if screen:  # fit whole the estimates near what the knapsack picks, until it picks near none
@@ -551,6 +567,7 @@ def choose_methods_detailed(
             screened[i] = sum(c.estimated for c in pools[i])
             pools[i] = [c for c in pools[i] if not c.estimated]
             _free_unpickable(pools[i], spec, budget_ratio)
+        _free_over_budget(pools, budget)
         timing["screening"] = {"whole_fits": whole_fits, "rounds": rounds, "left_out": sum(screened),
                                "whole_fits_wall": round(time.perf_counter() - t_refit, 3)}
     if sum(dropped):

@@ -117,8 +117,10 @@ def _quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 codes with one float32 scale per row."""
     scale = (np.abs(x).max(axis=1) / 127.0).astype(np.float32)
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-    codes = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
-    return codes, scale
+    q = x / scale[:, None]
+    np.rint(q, out=q)
+    np.clip(q, -127, 127, out=q)  # in place: the factors are up to 1.5x the weight's bytes in float64
+    return q.astype(np.int8), scale
 
 
 def fit_svd(weight, ratio: float, factor_bits: int = 16, *, usv=None) -> CompressedWeight:
@@ -143,9 +145,9 @@ def fit_svd(weight, ratio: float, factor_bits: int = 16, *, usv=None) -> Compres
     meta = {"rank": rank, "factor_bits": factor_bits}
     if factor_bits == 8:
         left_codes, left_scale = _quantize_rows_int8(left)
+        del left
         left_q = left_codes.astype(np.float64) * left_scale[:, None]
-        M = M.astype(np.float64)
-        right = solve_least_squares(left_q, M)
+        right = solve_least_squares(left_q, M.astype(np.float64))
         right_codes, right_scale = _quantize_rows_int8(right)
         arrays = {"left_codes": left_codes, "left_scale": left_scale,
                   "right_codes": right_codes, "right_scale": right_scale}
