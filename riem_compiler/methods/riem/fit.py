@@ -275,7 +275,9 @@ def fit_riem(
     s = settings or FitSettings()
     t0 = time.perf_counter()
     shape = tuple(weight.shape)
-    W = torch.as_tensor(np.asarray(weight, dtype=np.float32)).reshape(shape[0], -1)
+    # a copy: a spec's weight is a read-only view of the model's tensor, which torch would share
+    W = (weight.detach().float() if isinstance(weight, torch.Tensor) else
+         torch.from_numpy(np.array(weight, dtype=np.float32))).reshape(shape[0], -1)
     dev = torch.device(s.device)
     W = W.to(dev)
     n_out, n_in = W.shape
