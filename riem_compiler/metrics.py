@@ -17,28 +17,29 @@ def relative_error(weight, approx) -> float:
     a = np.ravel(np.asarray(approx))
     if a.size != w.size:
         raise ValueError(f"relative_error: {a.size} values for a weight of {w.size}")
-    diff = float(np.sqrt(_sum_of_squares(w, a, 0, w.size)))
-    norm = float(np.sqrt(_sum_of_squares(w, None, 0, w.size)))
+    diff_sq, norm_sq = _sums_of_squares(w, a, 0, w.size)
+    diff, norm = float(np.sqrt(diff_sq)), float(np.sqrt(norm_sq))
     return diff / norm if norm > 0 else diff
 
 
-# values per np.sum call of `_sum_of_squares`
+# values per np.sum call of `_sums_of_squares`
 SUM_BLOCK = 1 << 16
 
 
-def _sum_of_squares(x: np.ndarray, y: np.ndarray | None, lo: int, n: int) -> float:
-    """sum((x - y)^2) over x[lo:lo + n] in float64, bit for bit what np.sum gives over the whole
-    float64 difference: pieces split where numpy's pairwise summation splits n (n // 2, rounded
-    down to a multiple of 8), each piece summed by np.sum. Whole-array float64 copies had made
-    scoring a candidate take 10x its weight's bytes."""
+def _sums_of_squares(x: np.ndarray, y: np.ndarray, lo: int, n: int) -> tuple[float, float]:
+    """(sum (x - y)^2, sum x^2) over x[lo:lo + n] in float64, bit for bit what np.sum gives over the
+    whole float64 arrays: pieces split where numpy's pairwise summation splits n (n // 2, rounded
+    down to a multiple of 8), each piece summed by np.sum, both sums from one float64 copy of the
+    piece. Whole-array float64 copies had made scoring a candidate take 10x its weight's bytes."""
     if n <= SUM_BLOCK:
-        d = x[lo:lo + n].astype(np.float64)
-        if y is not None:
-            d -= y[lo:lo + n]
-        return np.sum(np.square(d, out=d))
+        piece = x[lo:lo + n].astype(np.float64)
+        norm_sq = np.sum(np.square(piece))
+        piece -= y[lo:lo + n]
+        return np.sum(np.square(piece, out=piece)), norm_sq
     half = n // 2
     half -= half % 8
-    return _sum_of_squares(x, y, lo, half) + _sum_of_squares(x, y, lo + half, n - half)
+    first, second = _sums_of_squares(x, y, lo, half), _sums_of_squares(x, y, lo + half, n - half)
+    return first[0] + second[0], first[1] + second[1]
 
 
 def flat_outputs(out) -> list:

@@ -275,7 +275,8 @@ def fit_riem(
     s = settings or FitSettings()
     t0 = time.perf_counter()
     shape = tuple(weight.shape)
-    # a copy: a spec's weight is a read-only view of the model's tensor, which torch would share
+    # numpy copied: a spec's weight is a read-only view of the model's tensor, which torch.as_tensor
+    # would share with a warning (nothing here writes W)
     W = (weight.detach().float() if isinstance(weight, torch.Tensor) else
          torch.from_numpy(np.array(weight, dtype=np.float32))).reshape(shape[0], -1)
     dev = torch.device(s.device)
