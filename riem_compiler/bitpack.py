@@ -45,24 +45,36 @@ def pack(codes, bits: int) -> np.ndarray:
     return np.packbits(bit_matrix.ravel(), bitorder="little")
 
 
-def unpack(packed, bits: int, count: int) -> np.ndarray:
-    """Inverse of `pack`: the first `count` codes as int64."""
+def unpack(packed, bits: int, count: int, dtype=np.int64) -> np.ndarray:
+    """Inverse of `pack`: the first `count` codes, as `dtype`. Long arrays are read in chunks of
+    PACK_CHUNK codes into the one output array, so the index and window temporaries stay small
+    (whole, they took ~30 bytes per code: 1.4 GB for a 4096x11008 3-bit weight)."""
     packed = np.asarray(packed, dtype=np.uint8).ravel()
+    out = np.empty(count, dtype)
     if bits == 8:
-        return packed[:count].astype(np.int64)
-    if bits == 16:
-        return packed.view("<u2")[:count].astype(np.int64)
+        out[:] = packed[:count]
+    elif bits == 16:
+        out[:] = packed.view("<u2")[:count]
+    else:
+        for a in range(0, count, PACK_CHUNK):  # a chunk starts on a whole byte (PACK_CHUNK % 8 == 0)
+            b = min(a + PACK_CHUNK, count)
+            out[a:b] = _unpack_bits(packed[a * bits // 8: packed_nbytes(b, bits)], bits, b - a)
+    return out
+
+
+def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The first `count` codes of a stream that starts on code 0, for widths other than 8 and 16."""
     mask = (1 << bits) - 1
     if 8 % bits == 0:
         shifts = np.arange(0, 8, bits, dtype=np.uint8)
-        return ((packed[:, None] >> shifts) & mask).ravel()[:count].astype(np.int64)
+        return ((packed[:, None] >> shifts) & mask).ravel()[:count]
     # code j starts at stream bit j*bits and spans at most 3 bytes (bits <= 16, offset <= 7)
     start = np.arange(count, dtype=np.int64) * bits
     first = start >> 3
     padded = np.zeros(len(packed) + 3, np.uint32)
     padded[: len(packed)] = packed
     window = padded[first] | (padded[first + 1] << 8) | (padded[first + 2] << 16)
-    return ((window >> (start & 7).astype(np.uint32)) & mask).astype(np.int64)
+    return (window >> (start & 7).astype(np.uint32)) & mask
 
 
 @contextlib.contextmanager
@@ -76,14 +88,19 @@ def eager_numpy():
         _EAGER_NUMPY.reset(token)
 
 
+def is_eager() -> bool:
+    """Inside `eager_numpy()`: decoders may also work in place (nothing is being traced)."""
+    return _EAGER_NUMPY.get()
+
+
 def unpack_torch(packed, bits: int, count: int):
     """Torch form of `unpack`, float32 codes. Written with floor division and remainder only
     (no bit shifts), so torch.export and torch.onnx trace it. When bits divides 8, code j of a
     byte is (byte // 2**(j*bits)) % 2**bits; otherwise the bit stream is read bit by bit."""
     import torch
 
-    if _EAGER_NUMPY.get() and packed.device.type == "cpu" and bits not in (8, 16):
-        return torch.from_numpy(unpack(packed.numpy(), bits, count).astype(np.float32))
+    if _EAGER_NUMPY.get() and packed.device.type == "cpu":
+        return torch.from_numpy(unpack(packed.numpy(), bits, count, np.float32))
     p = packed.reshape(-1, 1).to(torch.int32)
     if bits == 8:
         return p.reshape(-1)[:count].to(torch.float32)

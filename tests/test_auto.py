@@ -310,3 +310,51 @@ def test_a_whole_fit_rescales_its_familys_estimates_only():
     auto._calibrate_estimates(est, est[0], whole)
     assert est[1].rel_error == pytest.approx(0.1 * 0.19 / 0.2) and est[1].layer_error == pytest.approx(0.9)
     assert (est[2].rel_error, est[2].layer_error) == (0.3, 3.0)
+
+
+def test_held_candidates_wait_in_files_and_change_nothing(tmp_path, monkeypatch):
+    """auto keeps the arrays of its held candidates in files (candidate_store.py): the same plan,
+    picks and weights as holding them in memory; the picks come back as plain arrays and the
+    files are gone when the plan is made."""
+    from riem_compiler.passes import candidate_store
+
+    specs = _screened_specs() + _specs()
+    in_memory = auto.choose_methods_detailed(specs, 0.15)
+    assert in_memory.held_on_disk == 0  # these layers' arrays are all under the 1 MiB floor
+
+    made = []
+
+    class SmallFloor(candidate_store.CandidateStore):
+        def __init__(self):
+            super().__init__(min_bytes=256, directory=str(tmp_path))
+            made.append(self)
+
+    monkeypatch.setattr(auto, "CandidateStore", SmallFloor)
+    on_disk = auto.choose_methods_detailed(specs, 0.15)
+    assert on_disk.held_on_disk > 0 and list(tmp_path.iterdir()) == []
+    mapped = [c.weight for ch in on_disk.choices for c in ch.candidates
+              if c.weight is not None and any(isinstance(a, np.memmap) for a in c.weight.arrays.values())]
+    assert mapped  # held candidates that were not picked: still readable after the files went
+    assert all(decode(cw).shape == cw.shape for cw in mapped)
+    assert [c.label for c in on_disk.choices] == [c.label for c in in_memory.choices]
+    assert on_disk.source == in_memory.source and on_disk.measured == in_memory.measured
+    for a, b in zip(on_disk.choices, in_memory.choices):
+        assert not any(isinstance(x, np.memmap) for x in a.weight.arrays.values())
+        assert [(c.label, c.nbytes, c.rel_error) for c in a.candidates] == \
+            [(c.label, c.nbytes, c.rel_error) for c in b.candidates]
+        np.testing.assert_array_equal(decode(a.weight), decode(b.weight))
+
+
+def test_a_store_that_cannot_write_keeps_the_candidate_in_memory(tmp_path, caplog):
+    from riem_compiler.methods.dense import fit_dense
+    from riem_compiler.passes.candidate_store import CandidateStore
+
+    cw = fit_dense(np.ones((64, 64), np.float32), "float16")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    store = CandidateStore(min_bytes=1, directory=str(not_a_dir))
+    with caplog.at_level("WARNING", logger="riem_compiler.auto"):
+        assert store.hold(cw) is cw and store.hold(cw) is cw
+    assert store.spilled_bytes == 0
+    assert len([r for r in caplog.records if "stay in memory" in r.getMessage()]) == 1
+    store.close()

@@ -139,3 +139,29 @@ def test_bad_choice_is_an_input_error():
         rtn_m.RTNSettings(choose="first")
     with pytest.raises(InputError, match="scale_dtype"):
         rtn_m.fit_rtn(_weight((4, 4)), 8, None, scale_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("in_axis", [1, 0])
+@pytest.mark.parametrize("group", [None, 16, 128])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_eager_decode_in_place_matches_the_traced_form_and_holds_the_weight_once(bits, group, in_axis, monkeypatch):
+    """methods.decode (eager: unpack to float32, offset and scales applied in place) gives the same
+    bits as the traceable decode_torch, which exports take; its numpy peak is the weight once, plus
+    the transposed copy of a transposed weight (torch's, not counted here)."""
+    import tracemalloc
+
+    from riem_compiler import bitpack
+
+    monkeypatch.setattr(bitpack, "PACK_CHUNK", 2048)  # unpack's temporaries: a small chunk's worth
+    w = _weight((256, 1000), bits)  # 1000 columns: partial last groups of 16 and of 128
+    cw = rtn_m.fit_rtn(w, bits, group, in_axis)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in cw.arrays.items()}
+    traced = methods.decode_torch(cw, tensors).numpy()
+    tracemalloc.start()
+    try:
+        eager = methods.decode(cw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(eager.view(np.uint32), traced.view(np.uint32))
+    assert peak <= 1.25 * w.nbytes

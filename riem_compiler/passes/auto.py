@@ -49,9 +49,11 @@ from tqdm.auto import tqdm
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LayerSpec
+from riem_compiler.heap import release_freed_heap
 from riem_compiler import methods
 from riem_compiler.methods.dense import fit_dense
 from riem_compiler.methods.rtn import LADDER as RTN_LADDER
+from riem_compiler.passes.candidate_store import CandidateStore, in_memory
 from riem_compiler.metrics import relative_error
 
 log = logging.getLogger("riem_compiler.auto")
@@ -237,6 +239,7 @@ class AutoResult:
     # "candidate_jobs_wall", "probes" (sensitivity gains), "planning", "measurement" (plans end to end)
     timing: dict = field(default_factory=dict)
     plan_for: str | None = None  # the deployment target planned for (Config.plan_for); bytes are then run-time bytes
+    held_on_disk: int = 0  # bytes of held candidates' arrays written to files while planning (candidate_store.py)
 
     @property
     def nbytes(self) -> int:
@@ -253,6 +256,7 @@ class AutoResult:
                 "objective": self.objective, "proxy": self.proxy, "source": self.source,
                 "single_method": self.single_method, "measured": self.measured, "sensitivity": self.sensitivity,
                 "seconds": round(self.seconds, 3), "timing": self.timing, "dropped": self.dropped,
+                "held_on_disk_bytes": self.held_on_disk,
                 "choices": [c.to_dict() for c in self.choices]}
 
     def table(self) -> str:
@@ -460,6 +464,16 @@ def choose_methods_detailed(
     with a larger relative weight error are left out (dense float32 stays as the fallback).
     plan_for: a deployment target (config.PLAN_TARGETS): only candidates it runs compressed, costed at
     their run-time bytes (methods/targets.py); None: every candidate at its stored bytes."""
+    store = CandidateStore()  # the held candidates' arrays, in files until the plan is made
+    try:
+        return _choose_methods_detailed(specs, budget_ratio, candidates, proxy, resolution, progress, sensitivity,
+                                        executor, error_ceiling, plan_for, store)
+    finally:
+        store.close()
+
+
+def _choose_methods_detailed(specs, budget_ratio, candidates, proxy, resolution, progress, sensitivity, executor,
+                             error_ceiling, plan_for, store: CandidateStore) -> AutoResult:
     from riem_compiler.passes.executors import LocalExecutor
 
     if not specs:
@@ -494,6 +508,9 @@ def choose_methods_detailed(
     def run_jobs(jobs, each):
         for name, pool, n_dropped, over, sec, layer_timing, n_off in run.map(layer_candidates, jobs):
             _share_original(pool, by_name[name])
+            for c in pool:
+                if c.weight is not None and c.family != "dense32":  # dense32 holds the layer's own weight
+                    c.weight = store.hold(c.weight)
             timing["scoring"] += layer_timing.pop("scoring", 0.0)
             for method_name, x in layer_timing.items():
                 timing["candidates"][method_name] = timing["candidates"].get(method_name, 0.0) + x
@@ -508,6 +525,7 @@ def choose_methods_detailed(
     t_jobs = time.perf_counter()
     run_jobs(jobs, first_pass)
     bar.close()
+    release_freed_heap()  # the jobs' temporaries (per phase, not per job: heap.py)
     timing["candidate_jobs_wall"] = time.perf_counter() - t_jobs
     pools = [found[s.name][0] for s in specs]
     dropped = [found[s.name][1] for s in specs]
@@ -563,6 +581,7 @@ def choose_methods_detailed(
             refit_bar.total = (refit_bar.total or 0) + len(refits)
             run_jobs(refits, lambda *result: (second_pass(*result), refit_bar.update()))
         refit_bar.close()
+        release_freed_heap()
         for i, spec in enumerate(specs):
             screened[i] = sum(c.estimated for c in pools[i])
             pools[i] = [c for c in pools[i] if not c.estimated]
@@ -612,6 +631,7 @@ def choose_methods_detailed(
     choices = []
     for i, (spec, pool) in enumerate(zip(specs, pools)):
         c = pool[plan[i]]
+        c.weight = in_memory(c.weight)  # the pick outlives the store's files
         notes = [f"{dropped[i]} candidate(s) dropped (fit failed or non-finite error)"] if dropped[i] else []
         if over_ceiling[i]:
             notes.append(f"{over_ceiling[i]} candidate(s) above error_ceiling {error_ceiling:g} left out")
@@ -633,7 +653,7 @@ def choose_methods_detailed(
                         sensitivity=sensitivity.summary() if sensitivity is not None else {},
                         seconds=time.perf_counter() - t0,
                         timing={k: (round(v, 3) if isinstance(v, float) else {m: round(x, 3) for m, x in v.items()})
-                                for k, v in timing.items()}, plan_for=plan_for)
+                                for k, v in timing.items()}, plan_for=plan_for, held_on_disk=store.spilled_bytes)
     log.info("auto: %d layers, %d / %d %sbytes (budget %d), %s %.4g via %s%s", len(specs), result.nbytes,
              total_fp32, f"{plan_for} run-time " if plan_for else "", budget, result.objective, best_cost, plan_source,
              f", measured output error {measured[plan_source]:.4g}" if measured else "")

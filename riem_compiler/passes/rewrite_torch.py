@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from riem_compiler.bitpack import eager_numpy
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.methods import decode_torch
 from riem_compiler.passes import input_scales
@@ -55,7 +56,7 @@ class RieMWeight(nn.Module):
             return self.decode()
         anchor = getattr(self, self._array_names[0])
         if self._cache is None or self._cache.device != anchor.device:
-            with torch.no_grad():
+            with torch.no_grad(), eager_numpy():  # an eager decode: CPU codes unpack in chunks, in place
                 self._cache = self.decode()
         return self._cache
 

@@ -234,11 +234,17 @@ def decode_rtn(cw: CompressedWeight, t: dict) -> torch.Tensor:
     transposed = is_transposed(cw)
     n, d, g = _rtn_layout(cw.shape, cw.meta["group_size"], transposed)
     bits = cw.meta["bits"]
-    codes = bitpack.unpack_torch(t["codes"], bits, n * d).reshape(n, d) - float(cw.meta["offset"])
+    codes = bitpack.unpack_torch(t["codes"], bits, n * d).reshape(n, d)
     scale = t["scale"].to(torch.float32).reshape(n, -1)
-    if cw.meta["group_size"] is not None:
-        scale = scale.repeat_interleave(g, dim=1)[:, :d]
-    W = codes * scale
+    span = d if cw.meta["group_size"] is None else g  # columns per scale
+    if bitpack.is_eager() and span * scale.shape[1] == d:  # in place: the decode holds the matrix once
+        codes.sub_(float(cw.meta["offset"]))
+        codes.view(n, -1, span).mul_(scale.unsqueeze(2))
+        W = codes
+    else:
+        if cw.meta["group_size"] is not None:
+            scale = scale.repeat_interleave(g, dim=1)[:, :d]
+        W = (codes - float(cw.meta["offset"])) * scale
     return W.T.contiguous() if transposed else W
 
 

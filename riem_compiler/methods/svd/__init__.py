@@ -84,21 +84,31 @@ def solve_least_squares(A: np.ndarray, B: np.ndarray, min_pivot: float = 1e-8) -
     rows for zero columns, and a truncated eigen-decomposition (a pseudo-inverse) of the
     column-scaled Gram matrix of the rest. Never raises on a finite A and B.
     """
+    return solve_normal_equations(*normal_equations(A, B), min_pivot=min_pivot)
+
+
+def normal_equations(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(A^T A, A^T B) in float64; B's float64 copy lives only in here."""
     A = np.asarray(A, dtype=np.float64)
     B = np.asarray(B, dtype=np.float64)
-    G = A.T @ A
-    rhs = A.T @ B
+    return A.T @ A, A.T @ B
+
+
+def solve_normal_equations(G: np.ndarray, rhs: np.ndarray, min_pivot: float = 1e-8) -> np.ndarray:
+    """`solve_least_squares` from its normal equations (so that a caller can free A and B first)."""
     k = G.shape[0]
-    X = np.zeros((k,) + B.shape[1:])
+    shape = (k,) + rhs.shape[1:]
     d = np.diag(G).copy()
     eps = np.finfo(np.float64).eps
     if not (np.isfinite(G).all() and np.isfinite(rhs).all()):
-        return np.full(X.shape, np.nan)  # overflowed: a non-finite fit, which callers report
+        return np.full(shape, np.nan)  # overflowed: a non-finite fit, which callers report
     if k == 0 or not d.max(initial=0.0) > 0:  # A == 0: the minimum-norm solution is 0
-        return X
+        return np.zeros(shape)
     live = d > k * eps * d.max()
     s = 1.0 / np.sqrt(d[live])
-    Gs = G[np.ix_(live, live)] * s[:, None] * s[None, :]  # unit diagonal
+    Gs = G[np.ix_(live, live)]  # a copy, scaled in place to a unit diagonal
+    Gs *= s[:, None]
+    Gs *= s[None, :]
     if live.all():
         try:
             pivots = np.diag(np.linalg.cholesky(Gs))
@@ -110,17 +120,20 @@ def solve_least_squares(A: np.ndarray, B: np.ndarray, min_pivot: float = 1e-8) -
     keep = w > Gs.shape[0] * eps * w.max()
     Vk = V[:, keep]
     col = (-1,) + (1,) * (rhs.ndim - 1)  # broadcast a per-row vector over rhs's other axes
+    X = np.zeros(shape)
     X[live] = s.reshape(col) * (Vk @ ((Vk.T @ (s.reshape(col) * rhs[live])) / w[keep].reshape(col)))
     return X
 
 
 def _quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 codes with one float32 scale per row."""
+    """Symmetric int8 codes with one float32 scale per row. Overwrites x (a float64 factor, up to
+    2x the weight's bytes: a copy of it was most of the fit's peak)."""
     scale = (np.abs(x).max(axis=1) / 127.0).astype(np.float32)
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-    q = x / scale[:, None]
+    q = x
+    q /= scale[:, None]
     np.rint(q, out=q)
-    np.clip(q, -127, 127, out=q)  # in place: the factors are up to 1.5x the weight's bytes in float64
+    np.clip(q, -127, 127, out=q)
     return q.astype(np.int8), scale
 
 
@@ -147,8 +160,12 @@ def fit_svd(weight, ratio: float, factor_bits: int = 16, *, usv=None) -> Compres
     if factor_bits == 8:
         left_codes, left_scale = _quantize_rows_int8(left)
         del left
-        left_q = left_codes.astype(np.float64) * left_scale[:, None]
-        right = solve_least_squares(left_q, M.astype(np.float64))
+        left_q = left_codes.astype(np.float64)
+        left_q *= left_scale[:, None]
+        G, rhs = normal_equations(left_q, M)
+        del left_q  # the solve holds only the (rank x rank) and (rank x cols) systems
+        right = solve_normal_equations(G, rhs)
+        del G, rhs
         right_codes, right_scale = _quantize_rows_int8(right)
         arrays = {"left_codes": left_codes, "left_scale": left_scale,
                   "right_codes": right_codes, "right_scale": right_scale}
