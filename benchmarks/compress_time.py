@@ -202,6 +202,7 @@ def measure_one(model_name: str, method: str, ratio: float) -> dict:
                 for c in auto.get("choices", []):
                     picked[c["method"]] = picked.get(c["method"], 0) + 1
                 out["auto_picked"] = picked
+                out["held_on_disk_mb"] = auto.get("held_on_disk_bytes", 0) / 2**20
     except Exception as exc:  # noqa: BLE001 - a row that fails says why; the run goes on
         out["error"] = f"{type(exc).__name__}: {exc}"
     out["peak_rss_mb"] = _peak_rss_mb()
@@ -257,6 +258,8 @@ def render(doc: dict) -> str:
             notes = "every layer kept dense: the method applies to none of them"
         if r.get("auto_picked"):
             notes = "picked " + ", ".join(f"{k} x{v}" for k, v in sorted(r["auto_picked"].items()))
+            if r.get("held_on_disk_mb"):  # not in the peak: candidates held in files while auto plans
+                notes += f"; {r['held_on_disk_mb']:.0f} MB of held candidates in files"
         peak, loaded = r.get("peak_rss_mb", math.nan), r.get("rss_loaded_mb", math.nan)
         cells = [r["model"], r["method"], f"1/{round(1 / r['ratio'])}", f"{r.get('params', 0) / 1e6:.1f}",
                  _num(r.get("seconds"), ".1f"), f"{peak:.0f}", f"{peak - loaded:.0f}",

@@ -18,7 +18,7 @@ def test_page_names_its_runs_and_auto_split():
            "load_before": [1, 1, 1], "load_after": [2, 2, 2]}
     rows = [{"model": "minilm", "method": "auto", "ratio": 0.125, "params": 2.2e7, "seconds": 12.5, "peak_rss_mb": 900,
              "rss_loaded_mb": 700, "fp32_weight_mb": 84, "stored_ratio": 0.1249, "run": run["date"],
-             "auto_picked": {"vq": 20, "rotq": 16}, "auto_sensitivity_seconds": 3.0,
+             "auto_picked": {"vq": 20, "rotq": 16}, "auto_sensitivity_seconds": 3.0, "held_on_disk_mb": 41.4,
              "auto_timing": {"candidates": {"vq": 5.0, "rtn": 1.0}, "scoring": 1.5, "candidate_jobs_wall": 4.0,
                              "probes": 2.0, "planning": 0.1, "measurement": 1.0,
                              "screening": {"whole_fits": 120, "left_out": 850, "rounds": 2, "whole_fits_wall": 1.5}}},
@@ -29,7 +29,8 @@ def test_page_names_its_runs_and_auto_split():
                      "rss_loaded_mb": 500, "fp32_weight_mb": p * 4 / 2**20, "run": run["date"]})
     page = ct.render({"runs": [run], "rows": rows})
     assert "`python -m benchmarks.compress_time`" in page and "[2, 2, 2]" in page
-    assert "| minilm | auto | 1/8 | 22.0 | 12.5 | 900 | 200 | 84 | 0.1249 | picked rotq x16, vq x20 |" in page
+    assert ("| minilm | auto | 1/8 | 22.0 | 12.5 | 900 | 200 | 84 | 0.1249 | picked rotq x16, vq x20; "
+            "41 MB of held candidates in files |") in page
     assert "| minilm | nncf-peer | 1/16 | 22.0 | - |" in page and "no setting" in page
     assert ("| minilm | auto | 1/8 | 12.5 | 3.0 | 4.0 | 120 of 970 (2, 1.5) | vq 5.0, rtn 1.0 | 1.5 | 2.0 | 0.1 | 1.0 "
             "| 2026-12-06 20:00 UTC |") in page
