@@ -230,7 +230,8 @@ def test_freeing_unpickable_candidates_changes_no_plan(ratio, monkeypatch):
             [(c.label, c.nbytes, c.rel_error) for c in k.candidates]
         np.testing.assert_array_equal(decode(f.weight), decode(k.weight))
     pools = [c.candidates for c in freed.choices]
-    assert sum(c.weight is None for pool in pools for c in pool) > 0.5 * sum(len(pool) for pool in pools)
+    # (svd's rungs of as many numbers as the matrix, always freed, are no longer fitted)
+    assert sum(c.weight is None for pool in pools for c in pool) > 0.4 * sum(len(pool) for pool in pools)
     assert all(c.weight is not None for c in kept.choices[0].candidates)
 
 

@@ -324,3 +324,22 @@ def test_matrix_svd_through_the_gram_matrix_matches_lapack(shape):
     U, S, Vt = svd_m.matrix_svd(np.zeros(shape))
     assert not S.any() and np.isfinite(U).all() and np.isfinite(Vt).all() and not ((U * S) @ Vt).any()
 
+
+def test_svd_candidates_skip_factors_as_large_as_the_matrix():
+    """No candidate rank stores as many numbers as the matrix (rank * (n + d) >= n * d)."""
+    from riem_compiler.frontend.layers import LayerSpec
+
+    w = (0.02 * _rng(4).standard_normal((64, 48))).astype(np.float32)
+    got = []
+
+    def attempt(layer, what, fit, *args, keep=True, **kwargs):
+        result = fit(*args, **kwargs)
+        if keep:
+            got.append(result)
+        return result
+
+    svd_m.SVD().candidates(LayerSpec("w", "linear", w), 0.5, {"ratios": (1.0, 0.5, 0.25)}, attempt)
+    ranks = {(cw.meta["factor_bits"], cw.meta["rank"]) for cw in got}
+    assert ranks and all(rank * (64 + 48) < 64 * 48 for _, rank in ranks)
+    # ratio 0.5: float16 rank 27 (just below 64 * 48 / (64 + 48) = 27.4) stays; int8 rank 50 goes
+    assert (16, 27) in ranks and (8, 24) in ranks and (8, 50) not in ranks
