@@ -26,8 +26,9 @@ def packed_nbytes(count: int, bits: int) -> int:
     return math.ceil(count * bits / 8)
 
 
-# codes packed at once: the bit matrix takes 5 bytes per bit of every code in flight (a 4-bit
-# weight: 20 bytes per weight), so long arrays go in chunks (a multiple of 8 codes: whole bytes)
+# codes packed or unpacked at once: the bit matrix takes 5 bytes per bit of every code in flight
+# (a 4-bit weight: 20 bytes per weight), unpack's index and window arrays ~30 bytes per code, so
+# long arrays go in chunks (a multiple of 8 codes: whole bytes)
 PACK_CHUNK = 1 << 20
 
 

@@ -75,15 +75,8 @@ def svd_rank_for_ratio(shape, ratio: float, factor_bits: int = 16) -> int:
 
 def solve_least_squares(A: np.ndarray, B: np.ndarray, min_pivot: float = 1e-8) -> np.ndarray:
     """X minimising ||A X - B||_F (float64), through the normal equations A^T A X = A^T B (fast:
-    A is tall with few columns, B is wide), robust to a rank-deficient A.
-
-    When A has no zero column and its column-scaled Gram matrix passes a Cholesky test (every
-    pivot above `min_pivot`; the quantised factors here are near-orthogonal, so that test is
-    tight) this is the plain LU solve, as before. Otherwise (rank-deficient or all-zero weights,
-    factor columns that quantise to zero, dependent columns) the minimum-norm solution: zero
-    rows for zero columns, and a truncated eigen-decomposition (a pseudo-inverse) of the
-    column-scaled Gram matrix of the rest. Never raises on a finite A and B.
-    """
+    A is tall with few columns, B is wide), robust to a rank-deficient A (`solve_normal_equations`).
+    fit_svd calls the two steps itself, so that it can free A and B before the solve."""
     return solve_normal_equations(*normal_equations(A, B), min_pivot=min_pivot)
 
 
@@ -95,7 +88,15 @@ def normal_equations(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def solve_normal_equations(G: np.ndarray, rhs: np.ndarray, min_pivot: float = 1e-8) -> np.ndarray:
-    """`solve_least_squares` from its normal equations (so that a caller can free A and B first)."""
+    """X solving G X = rhs for G = A^T A, rhs = A^T B: the least-squares solution of A X = B.
+
+    When A has no zero column and its column-scaled Gram matrix passes a Cholesky test (every
+    pivot above `min_pivot`; the quantised factors here are near-orthogonal, so that test is
+    tight) this is the plain LU solve. Otherwise (rank-deficient or all-zero weights, factor
+    columns that quantise to zero, dependent columns) the minimum-norm solution: zero rows for
+    zero columns, and a truncated eigen-decomposition (a pseudo-inverse) of the column-scaled
+    Gram matrix of the rest. Never raises on finite G and rhs.
+    """
     k = G.shape[0]
     shape = (k,) + rhs.shape[1:]
     d = np.diag(G).copy()
