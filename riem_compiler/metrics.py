@@ -3,8 +3,11 @@
 - `relative_error`: ||W - W_hat||_F / ||W||_F in float64 (||W - W_hat||_F when W == 0). No floor
   on ||W||: a weight of subnormal magnitude would otherwise score any W_hat (even 0) as exact.
 - `output_error`: ||y - y_ref|| / ||y_ref|| over every tensor of two model outputs.
+- `spectrum`: what the truncated SVD of a matrix loses at every rank.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,6 +23,40 @@ def relative_error(weight, approx) -> float:
     diff_sq, norm_sq = _sums_of_squares(w, a, 0, w.size)
     diff, norm = float(np.sqrt(diff_sq)), float(np.sqrt(norm_sq))
     return diff / norm if norm > 0 else diff
+
+
+@dataclass(frozen=True, eq=False)
+class Spectrum:
+    """What the truncated SVD of a layer's weight loses at each rank, without the SVD itself: the
+    squared singular values and the singular vectors of the shorter side of the layer's view (out x
+    in: the matrix that multiplies the layer's inputs)."""
+
+    squares: np.ndarray  # squared singular values, descending, float64
+    vectors: object  # torch.Tensor (short side, k), float32 orthonormal columns in the order of squares
+    side: str  # "out" or "in": the side of the layer's view the vectors span
+    tails: np.ndarray  # tails[r] = ||W - W_r||_F^2 of the rank-r truncation, r = 0 .. k, float64
+
+    def relative_error(self, rank: int) -> float:
+        """||W - W_r|| / ||W|| of the truncated SVD at this rank (Eckart-Young: the least of any rank-r W_hat)."""
+        total = self.tails[0]
+        return float(np.sqrt(self.tails[min(rank, len(self.tails) - 1)] / total)) if total > 0 else 0.0
+
+
+def spectrum(layer_matrix) -> Spectrum:
+    """The `Spectrum` of an (out, in) matrix, from the eigen-decomposition of the Gram matrix of its
+    shorter side in float32. One thread, 4096x11008: 10 s, where the float64 SVD with both factors and
+    svd's fits took 41 s; the tails agree with float64's to 1e-8 of the energy on such a layer."""
+    import torch
+
+    m = torch.as_tensor(np.array(layer_matrix, dtype=np.float32, copy=False))
+    side = "out" if m.shape[0] <= m.shape[1] else "in"
+    gram = m @ m.T if side == "out" else m.T @ m
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    del gram
+    squares = values.flip(0).double().clamp_(min=0.0).numpy()
+    tails = np.zeros(len(squares) + 1)
+    tails[:-1] = np.cumsum(squares[::-1])[::-1]
+    return Spectrum(squares, vectors.flip(1), side, tails)
 
 
 # values per np.sum call of `_sums_of_squares`

@@ -293,6 +293,73 @@ def test_estimates_count_the_bytes_of_the_whole_weight():
             assert methods.get(cw.method).nbytes_for_shape(cw, spec.shape) == whole.nbytes, auto.label(cw)
 
 
+def test_svd_is_screened_by_its_spectrum():
+    """Screening's first pass gives svd a RankEstimate per candidate (no SVD, no fit): the labels and
+    bytes of its whole fits, and the errors of the truncated SVD of each rank, which the float16 fits
+    are close to and no fit goes below; a second pass fits only the labels asked for."""
+    from riem_compiler.methods.base import RankEstimate
+
+    grid = auto.CandidateGrid()
+    for spec in _screened_specs():
+        first = grid(spec, 0.125, rows=grid.screen_subset(spec))
+        estimates = [c for c in first if isinstance(c, RankEstimate)]
+        assert estimates and not any(getattr(c, "method", "") == "svd" and not isinstance(c, RankEstimate)
+                                     for c in first)
+        whole = [cw for cw in grid(spec, 0.125) if cw.method == "svd"]
+        assert [e.label for e in estimates] == [auto.label(cw) for cw in whole]
+        assert [e.nbytes for e in estimates] == [cw.nbytes for cw in whole]
+        pool, *_ = auto._evaluate_candidates(spec, grid, 0.125, rows=grid.screen_subset(spec))
+        scored = {c.label: c for c in pool if c.family.startswith("svd")}
+        assert scored.keys() == {e.label for e in estimates}
+        assert all(c.estimated and c.weight is None for c in scored.values())
+        for cw in whole:
+            rel = methods.relative_error(spec.weight, cw)
+            assert scored[auto.label(cw)].rel_error <= rel * (1 + 1e-5)
+            if cw.meta["factor_bits"] == 16:
+                assert scored[auto.label(cw)].rel_error == pytest.approx(rel, rel=2e-3)
+        (one,) = grid(spec, 0.125, only={estimates[-1].label})
+        assert auto.label(one) == estimates[-1].label
+        np.testing.assert_array_equal(decode(one), decode(whole[-1]))
+
+
+def test_an_svd_estimate_that_cannot_be_had_is_a_whole_fit():
+    """Moments that count output rows unevenly (folded input scales) have no per-rank truncation
+    error: that layer's svd candidates are fitted whole in the same job, not dropped."""
+    import torch
+
+    from riem_compiler.passes.sensitivity import MomentError, SecondMoment
+
+    spec = _screened_specs()[0]
+    x = torch.randn(1, 64, spec.shape[1], generator=torch.Generator().manual_seed(0))
+    uneven = MomentError(SecondMoment(factor=x), False, 1, np.linspace(0.5, 2, spec.shape[0]).astype(np.float32))
+    grid = auto.CandidateGrid()
+    pool, dropped, _ = auto._evaluate_candidates(spec, grid, 0.125, uneven, rows=grid.screen_subset(spec))
+    svd = [c for c in pool if c.family.startswith("svd")]
+    assert svd and dropped == 0 and not any(c.estimated for c in svd)
+    whole = {auto.label(cw): cw for cw in grid(spec, 0.125) if cw.method == "svd"}
+    assert {c.label for c in svd} == whole.keys()
+    for c in svd:
+        np.testing.assert_array_equal(decode(c.weight), decode(whole[c.label]))
+
+
+def test_spectrum_tails_are_the_truncation_errors():
+    from riem_compiler.metrics import spectrum
+
+    r = np.random.default_rng(3)
+    for shape in ((30, 12), (12, 30)):
+        m = r.standard_normal(shape).astype(np.float32)
+        s = np.linalg.svd(m.astype(np.float64), compute_uv=False)
+        found = spectrum(m)
+        np.testing.assert_allclose(found.tails, [np.sum(s[k:] ** 2) for k in range(len(s) + 1)],
+                                   rtol=1e-5, atol=1e-6 * np.sum(s ** 2))
+        np.testing.assert_allclose(np.sqrt(found.squares), s, rtol=1e-4)
+        assert found.side == ("out" if shape[0] <= shape[1] else "in")
+        assert found.relative_error(4) == pytest.approx(np.sqrt(np.sum(s[4:] ** 2) / np.sum(s ** 2)), rel=1e-5)
+    low = (r.standard_normal((20, 2)) @ r.standard_normal((2, 16))).astype(np.float32)  # rank 2
+    assert spectrum(low).relative_error(2) <= 1e-3  # float32 products: rounding of 1e-7 of the energy
+    assert spectrum(np.zeros((3, 4), np.float32)).relative_error(0) == 0.0
+
+
 def test_screening_leaves_small_grouped_and_gathered_layers_whole():
     grid = auto.CandidateGrid()
     r = np.random.default_rng(2)

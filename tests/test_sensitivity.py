@@ -504,6 +504,35 @@ def test_moment_error_of_some_rows_is_those_rows_share(form):
     assert stored_in_out.for_rows(rows)(error[rows].T) == pytest.approx(stored_in_out(only_rows.T), rel=1e-5)
 
 
+@pytest.mark.parametrize("form", ["matrix", "factor"])
+def test_truncation_errors_are_the_layer_errors_of_the_truncated_svd(form):
+    """auto's screening estimates svd's candidates from a spectrum and the moments, without the SVD's
+    factors: at every rank, the layer error of the truncated SVD itself (wide and tall, either axis)."""
+    from riem_compiler.metrics import spectrum
+    from riem_compiler.passes.sensitivity import MomentError, SecondMoment
+
+    g = torch.Generator().manual_seed(0)
+    for n_in, n_out in ((12, 10), (12, 30)):
+        x = torch.randn(1, 7 if form == "factor" else 40, n_in, generator=g) * torch.linspace(0.2, 2.0, n_in)
+        moment = SecondMoment(factor=x) if form == "factor" else SecondMoment(matrix=x.transpose(1, 2) @ x / 40)
+        w = np.random.default_rng(n_out).standard_normal((n_out, n_in)).astype(np.float32)
+        for stored, in_axis in ((w, 1), (np.ascontiguousarray(w.T), 0)):
+            err = MomentError(moment, False, in_axis)
+            errors = err.truncation_errors(stored, spectrum(w))
+            u, sv, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+            assert len(errors) == len(sv) + 1 and errors[-1] == 0
+            for r in range(len(sv) + 1):
+                cut = ((u[:, :r] * sv[:r]) @ vt[:r]).astype(np.float32)
+                diff = w - cut if in_axis == 1 else (w - cut).T
+                assert errors[r] == pytest.approx(err(diff), rel=1e-3, abs=1e-5 * errors[0])
+    scaled = MomentError(moment, False, 1, np.ones(30, np.float32))  # folded input scales: not separable
+    with pytest.raises(ValueError):
+        scaled.truncation_errors(w, spectrum(w))
+    grouped = MomentError(SecondMoment(matrix=torch.eye(4).repeat(2, 1, 1)), False, 1)
+    with pytest.raises(ValueError):
+        grouped.truncation_errors(np.ones((4, 4), np.float32), spectrum(np.ones((4, 4), np.float32)))
+
+
 class TiedHead(nn.Module):
     """An embedding whose table is also the output projection (tied), between them a Linear."""
 

@@ -34,6 +34,21 @@ class Fitted:
     report: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True, eq=False)
+class RankEstimate:
+    """A low-rank candidate auto has not fitted yet (`Method.screened_by_rank`): its settings' bytes on
+    the whole weight, and the layer's `metrics.Spectrum`, from which auto takes the errors of the
+    truncated SVD of its rank (the fit's, before its factors are rounded to their bits)."""
+
+    method: str
+    label: str
+    family: str
+    shape: tuple
+    nbytes: int
+    rank: int
+    spectrum: object  # metrics.Spectrum, shared by the layer's estimates
+
+
 @dataclass
 class DecoderCall:
     """One ONNX node that decodes a CompressedWeight: op type, array keys in input order,
@@ -129,6 +144,10 @@ class Method:
     # to choose which to fit whole (passes/auto.py, screening): True where `candidates` reads
     # options["rows"] and its error on those rows estimates the whole layer's
     screened_on_rows: bool = False
+    # ... or first give each low-rank candidate the errors of the truncated SVD of its rank (a
+    # `RankEstimate`: no factors), to fit whole only those that can matter: True where `candidates`
+    # reads options["rank_estimates"]
+    screened_by_rank: bool = False
 
     # ------------------------------------------------------------------ settings and fitting
     def settings(self, config) -> object:
@@ -147,7 +166,8 @@ class Method:
         """Add this method's candidates for `auto` to a CandidateList with
         attempt(layer, label, fit_fn, *args, **kwargs), label being what `label` will call the
         fitted weight. `options` are its grid options; options["rows"] (screened_on_rows methods):
-        fit estimates of the weight cut to these output rows (`screening_rows`)."""
+        fit estimates of the weight cut to these output rows (`screening_rows`); options["rank_estimates"]
+        (screened_by_rank methods): add a `RankEstimate` per candidate instead of fitting it."""
 
     def nbytes_for_shape(self, cw: CompressedWeight, shape) -> int:
         """Bytes cw's settings take for a weight of `shape` (screened_on_rows methods: cw was fitted

@@ -291,6 +291,35 @@ class MomentError:
             raise ValueError("a gathered table's or grouped layer's moments do not split by output rows")
         return MomentError(self.moment, False, self.in_axis, None if self.rows is None else self.rows[rows])
 
+    def truncation_errors(self, weight, spectrum) -> np.ndarray:
+        """errors[r] = E||(W - W_r) x||^2 of the rank-r truncated SVD W_r of the weight (r = 0 .. k), from
+        its `metrics.Spectrum`: W - W_r = sum over i >= r of s_i a_i b_i^T, so the error is the sum over
+        i >= r of s_i^2 b_i^T M b_i. auto's screening estimates svd's candidates with it. Not for a
+        gathered table, a grouped layer, or rows counted unevenly (folded input scales), where the
+        terms do not separate."""
+        held = self.moment.matrix if self.moment.matrix is not None else self.moment.factor
+        if self.embedding or held.shape[0] != 1 or self.rows is not None:
+            raise ValueError("the truncation's error is not a sum per singular value with these moments")
+        w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+        w = w.reshape(w.shape[0], -1)
+        if self.in_axis == 0:  # stored (in, out): the layer's view is the transpose
+            w = w.T
+        v = spectrum.vectors
+        if self.moment.matrix is None:  # M = F^T F: b^T M b = ||F b||^2, and s_i F b_i = (W F^T)^T a_i
+            f = self.moment.factor[0].float()
+            z = f @ v if spectrum.side == "in" else (w @ f.T).T @ v
+            terms = z.double().pow(2).sum(0)
+        else:
+            m = self.moment.matrix[0].float()
+            c = v if spectrum.side == "in" else w.T @ v  # b_i, or s_i b_i = W^T a_i
+            terms = (c * (m @ c)).double().sum(0)
+        terms = terms.clamp(min=0.0).numpy()
+        if spectrum.side == "in":
+            terms = terms * spectrum.squares
+        errors = np.zeros(len(terms) + 1)
+        errors[:-1] = np.cumsum(terms[::-1])[::-1]
+        return errors
+
     def __call__(self, error: np.ndarray) -> float:
         """error: W - W_hat in the layer's weight shape."""
         err = torch.from_numpy(np.ascontiguousarray(error, dtype=np.float32))

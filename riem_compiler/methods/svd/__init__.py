@@ -9,7 +9,8 @@ import torch
 
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
-from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, ratios_with, within_ratio
+from riem_compiler.methods.base import DecoderCall, Method, RankEstimate, fp32_bytes, matrix, ratios_with, within_ratio
+from riem_compiler.metrics import spectrum
 
 FACTOR_BITS = (32, 16, 8)
 
@@ -189,6 +190,7 @@ class SVD(Method):
     name = "svd"
     Settings = SVDSettings
     tvm_dense_reason = None
+    screened_by_rank = True  # a layer's spectrum costs a quarter of its SVD and fits (metrics.spectrum)
 
     def fit(self, spec, ratio, settings, index=0):
         # InputError (a ValueError) when not even rank 1 fits
@@ -199,10 +201,8 @@ class SVD(Method):
         if w.ndim < 2 or min(w.shape[0], int(np.prod(w.shape[1:]))) <= 1:
             return
         ratios = ratios_with(options.get("ratios", ()), budget_ratio)
-        usv = attempt(spec.name, "svd (matrix SVD)", matrix_svd, w.reshape(w.shape[0], -1), keep=False)
-        if usv is None:
-            return
         n, d = w.shape[0], int(np.prod(w.shape[1:]))
+        rungs = []  # (bits, rank, ratio), one per (bits, rank)
         for bits in options.get("factor_bits", (16, 8)):
             ranks = set()
             for r in ratios:
@@ -212,7 +212,33 @@ class SVD(Method):
                 # 2.4 of a 2048x5632 layer's 6.6 s of svd fits)
                 if rank > 0 and rank not in ranks and rank * (n + d) < n * d:
                     ranks.add(rank)
-                    attempt(spec.name, f"svd{bits} r{rank}", fit_svd, w, r, bits, usv=usv)
+                    rungs.append((bits, rank, r))
+        if not rungs:
+            return
+        if options.get("rank_estimates"):  # auto's screening: the truncated SVD's errors, no factors yet
+            layer_view = w.reshape(n, d).T if spec.in_axis == 0 else w.reshape(n, d)
+            found = attempt(spec.name, "svd (spectrum)", spectrum, layer_view, keep=False)
+            if found is None:
+                return
+            for bits, rank, _ in rungs:
+                attempt(spec.name, f"svd{bits} r{rank}", RankEstimate, self.name, f"svd{bits} r{rank}",
+                        f"svd{bits}", w.shape, svd_nbytes(w.shape, rank, bits), rank, found)
+            return
+        usv = []  # the matrix SVD (or why it failed), made at the first fit attempted: auto's second
+        # pass may attempt none of them
+
+        def fit(ratio, bits):
+            if not usv:
+                try:
+                    usv.append(matrix_svd(w.reshape(n, d)))
+                except Exception as exc:  # noqa: BLE001 - each candidate is dropped with it
+                    usv.append(exc)
+            if isinstance(usv[0], Exception):
+                raise usv[0]
+            return fit_svd(w, ratio, bits, usv=usv[0])
+
+        for bits, rank, r in rungs:
+            attempt(spec.name, f"svd{bits} r{rank}", fit, r, bits)
 
     def decode_torch(self, cw, tensors):
         return decode_svd(cw, tensors)
