@@ -42,13 +42,25 @@ class Spectrum:
         return float(np.sqrt(self.tails[min(rank, len(self.tails) - 1)] / total)) if total > 0 else 0.0
 
 
+def read_only_tensor(array: np.ndarray):
+    """torch.from_numpy without its warning about a read-only array (the frontend's weights are):
+    for tensors that are only read."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(array)
+
+
 def spectrum(layer_matrix) -> Spectrum:
     """The `Spectrum` of an (out, in) matrix, from the eigen-decomposition of the Gram matrix of its
     shorter side in float32. One thread, 4096x11008: 10 s, where the float64 SVD with both factors and
     svd's fits took 41 s; the tails agree with float64's to 1e-8 of the energy on such a layer."""
     import torch
 
-    m = torch.as_tensor(np.array(layer_matrix, dtype=np.float32, copy=False))
+    m = read_only_tensor(np.asarray(layer_matrix, dtype=np.float32))
     side = "out" if m.shape[0] <= m.shape[1] else "in"
     gram = m @ m.T if side == "out" else m.T @ m
     values, vectors = torch.linalg.eigh(gram)  # ascending

@@ -218,3 +218,45 @@ def test_tvm_kernel_matches_torch(shape, dim, bits):
     transposed = vq_m.fit_vq(_heavy((9, 7), 2), 2, 4, in_axis=0, iterations=2)
     with pytest.raises(ValueError, match="transposed"):
         kernel.decode_primfunc(transposed, "d")
+
+
+@pytest.mark.parametrize("in_axis", [1, 0])
+def test_a_fit_in_chunks_of_rows_is_the_fit_in_one(monkeypatch, in_axis):
+    """fit_vq normalises and codes the rows a chunk at a time (ROW_CHUNK_VALUES): the same arrays bit
+    for bit as in one chunk, padded or not, whole or on screening rows."""
+    from riem_compiler.methods import vq as vq_m
+
+    r = np.random.default_rng(4)
+    w = (r.standard_normal((90, 70)) * np.exp(r.standard_normal((90, 1)))).astype(np.float32)
+    w = np.ascontiguousarray(w.T) if in_axis == 0 else w
+    for dim, bits, rows in ((2, 8, None), (3, 9, None), (5, 6, np.arange(0, 90, 7)), (4, 10, np.arange(3, 90, 5))):
+        fits = []
+        for values in (1 << 24, 300):
+            monkeypatch.setattr(vq_m, "ROW_CHUNK_VALUES", values)
+            fits.append(vq_m.fit_vq(w, dim, bits, in_axis, 4, 0, 2048, rows))
+        one, chunked = fits
+        assert one.shape == chunked.shape and one.meta == chunked.meta
+        for key in one.arrays:
+            np.testing.assert_array_equal(one.arrays[key], chunked.arrays[key])
+
+
+def test_a_fit_holds_little_besides_the_normalised_rows(monkeypatch):
+    """Whole, the float64 matrix, its decoded copy, their products and the padded vectors took ~10x a
+    weight's fp32 bytes per fit (two fits side by side: most of auto's peak on a 7B block). Now: the
+    normalised float32 rows, the codes, and chunks (small ones here, so that the bound is the weight's:
+    the default chunks hold a few tens of MB at most)."""
+    import tracemalloc
+
+    from riem_compiler.methods import vq as vq_m
+
+    from riem_compiler import bitpack
+
+    monkeypatch.setattr(vq_m, "ROW_CHUNK_VALUES", 1 << 16)
+    monkeypatch.setattr(bitpack, "PACK_CHUNK", 1 << 16)  # packing's bit matrix: 5 bytes per bit of a chunk
+    w = (np.random.default_rng(5).standard_normal((1024, 5632)) * 0.02).astype(np.float32)
+    for dim, bits in ((2, 8), (5, 9)):
+        tracemalloc.start()
+        vq_m.fit_vq(w, dim, bits, 1, 2, 0, 8192)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak <= 2.5 * w.nbytes, (dim, bits, peak / w.nbytes)

@@ -34,7 +34,7 @@ from riem_compiler import methods
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LayerSpec
-from riem_compiler.metrics import squared_error_terms
+from riem_compiler.metrics import read_only_tensor, squared_error_terms
 
 log = logging.getLogger("riem_compiler.sensitivity")
 # conv patches are unfolded at most this many bytes at a time (conv_patches)
@@ -300,7 +300,7 @@ class MomentError:
         held = self.moment.matrix if self.moment.matrix is not None else self.moment.factor
         if self.embedding or held.shape[0] != 1 or self.rows is not None:
             raise ValueError("the truncation's error is not a sum per singular value with these moments")
-        w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+        w = read_only_tensor(np.ascontiguousarray(weight, dtype=np.float32))
         w = w.reshape(w.shape[0], -1)
         if self.in_axis == 0:  # stored (in, out): the layer's view is the transpose
             w = w.T

@@ -197,12 +197,18 @@ def kmeans(X: np.ndarray, K: int, iterations: int, seed: int, seeding: int = SEE
 
 
 # -------------------------------------------------------------------------------------- fit, decode
+# output rows at a time for the float64 work of a fit (normalising, the least-squares row scales): whole,
+# the float64 matrix, its decoded copy and their products held ~10x a 4096x11008 weight's fp32 bytes
+ROW_CHUNK_VALUES = 1 << 20
+
+
 class Normalised:
-    """A weight's quantised matrix (float64, rows = outputs) and its RMS-normalised float32 rows,
-    made on first use and kept for every (dim, bits) fitted on it (auto fits 7 rungs a layer: this
-    preparation and the training sample's permutation were a fifth of a screening fit), with the
-    last permutation drawn (consecutive rungs of one vector length share it). The same values as a
-    fit that prepares them itself. Not shared between threads."""
+    """A weight's RMS-normalised float32 rows (rows = outputs, C order) and their RMS, made on first use
+    and kept for every (dim, bits) fitted on it (auto fits 7 rungs a layer: this preparation and the
+    training sample's permutation were a fifth of a screening fit), with the last permutation drawn
+    (consecutive rungs of one vector length share it). `M` is the weight's matrix view (no copy); the
+    float64 values are made a chunk of rows at a time. The same values as a fit that prepares them
+    itself. Not shared between threads."""
 
     def __init__(self, weight, in_axis: int = 1):
         self.weight, self.in_axis = weight, in_axis
@@ -212,19 +218,57 @@ class Normalised:
     def ready(self) -> "Normalised":
         if not self._made:
             self.shape, self.transposed = weight_layout(self.weight, self.in_axis, "vq")
-            M = matrix(self.weight).astype(np.float64)
+            M = matrix(self.weight)
             self.M = M.T if self.transposed else M
-            self.rms = np.sqrt((self.M * self.M).mean(axis=1))
-            safe = np.where(self.rms > 0, self.rms, 1.0)
-            self.rows = (self.M / safe[:, None]).astype(np.float32)
+            n = self.M.shape[0]
+            self.rms = np.empty(n)
+            self.rows = np.empty(self.M.shape, np.float32)
+            for a, b in row_chunks(self.M.shape):
+                part = self.M[a:b].astype(np.float64)
+                self.rms[a:b] = np.sqrt((part * part).mean(axis=1))
+                safe = np.where(self.rms[a:b] > 0, self.rms[a:b], 1.0)
+                self.rows[a:b] = part / safe[:, None]
             self._made = True
         return self
 
-    def order(self, seed: int, count: int) -> np.ndarray:
-        """The seeded random order of `count` vectors."""
-        if self._order is None or self._order[0] != (seed, count):
-            self._order = ((seed, count), np.random.default_rng(seed).permutation(count))
-        return self._order[1]
+    def order(self, seed: int, count: int, first: int) -> np.ndarray:
+        """The first `first` of the seeded random order of `count` vectors (only a prefix is kept: the
+        whole order took 8 bytes a vector, a 2-vector code's weight twice over)."""
+        if self._order is None or self._order[0] != (seed, count) or len(self._order[1]) < min(first, count):
+            self._order = ((seed, count), np.random.default_rng(seed).permutation(count)[:first].copy())
+        return self._order[1][:first]
+
+    def vectors(self, index: np.ndarray, dim: int) -> np.ndarray:
+        """The normalised rows' vectors of length `dim` at these flat indices (row-major, zero-padded
+        at each row's end), without a padded copy of every row."""
+        n, d = self.rows.shape
+        v = -(-d // dim)
+        if d == v * dim:
+            return self.rows.reshape(n * v, dim)[index]
+        row, at = np.divmod(index, v)
+        cols = at[:, None] * dim + np.arange(dim)
+        inside = cols < d
+        out = np.zeros((len(index), dim), np.float32)
+        out[inside] = self.rows[np.broadcast_to(row[:, None], cols.shape)[inside], cols[inside]]
+        return out
+
+
+def padded_rows(rows: np.ndarray, dim: int) -> np.ndarray:
+    """The rows as vectors of length `dim` (each row zero-padded to a whole number): (rows * v, dim)."""
+    n, d = rows.shape
+    v = -(-d // dim)
+    if d == v * dim:
+        return rows.reshape(n * v, dim)
+    out = np.zeros((n, v * dim), np.float32)
+    out[:, :d] = rows
+    return out.reshape(n * v, dim)
+
+
+def row_chunks(shape):
+    """(start, stop) of consecutive row ranges of about ROW_CHUNK_VALUES values (at least one row)."""
+    n, d = shape[0], max(1, int(np.prod(shape[1:])))
+    step = max(1, ROW_CHUNK_VALUES // d)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, seed: int = 0,
@@ -242,20 +286,31 @@ def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, s
     norm = (normalised if normalised is not None else Normalised(weight, in_axis)).ready()
     shape, transposed, M, rms = norm.shape, norm.transposed, norm.M, norm.rms
     n, d, v = vq_layout(shape, dim, transposed)
-    padded = np.zeros((n, v * dim), np.float32)
-    padded[:, :d] = norm.rows
-    X = padded.reshape(n * v, dim)
-    train = X[norm.order(seed, len(X))[:sample]]  # random order: kmeans seeds on its first rows
+    train = norm.vectors(norm.order(seed, n * v, sample), dim)  # random order: kmeans seeds on its first rows
     codebook = kmeans(train, 1 << bits, iterations, seed, SEEDING if rows is None else SCREEN_SEEDING)
     codebook = codebook.astype(np.float16)
+    del train
+    normalised_rows = norm.rows
     if rows is not None:
         M, rms, n = M[rows], rms[rows], len(rows)
-        X = padded[rows].reshape(n * v, dim)
+        normalised_rows = normalised_rows[rows]
         shape = (shape[0], n) if transposed else (n, *shape[1:])
-    labels = nearest(X, codebook.astype(np.float32), distances=False)
-    Q = codebook.astype(np.float64)[labels].reshape(n, v * dim)[:, :d]
-    qq = (Q * Q).sum(axis=1)
-    row_scale = np.where(qq > 0, (M * Q).sum(axis=1) / np.where(qq > 0, qq, 1.0), rms)
+    centres, wide = codebook.astype(np.float32), codebook.astype(np.float64)
+    labels = np.empty(n * v, np.uint16)  # codes of at most MAX_BITS bits
+    # the vectors in chunks that fill whole steps of `nearest` (the same products as one call)
+    step = max(1, (1 << 17) // (1 << bits))
+    chunk = max(1, ROW_CHUNK_VALUES // dim // step) * step
+    for s in range(0, n * v, chunk):
+        e = min(s + chunk, n * v)
+        first, last = s // v, -(-e // v)
+        labels[s:e] = nearest(padded_rows(normalised_rows[first:last], dim)[s - first * v:e - first * v], centres,
+                              distances=False)
+    row_scale = np.empty(n)
+    for a, b in row_chunks((n, v * dim)):
+        Q = wide[labels[a * v:b * v]].reshape(b - a, v * dim)[:, :d]
+        qq = (Q * Q).sum(axis=1)
+        row_scale[a:b] = np.where(qq > 0, (M[a:b].astype(np.float64) * Q).sum(axis=1) / np.where(qq > 0, qq, 1.0),
+                                  rms[a:b])
     gain = float(np.abs(row_scale).max())
     gain = gain if gain > 0 and np.isfinite(np.float32(gain)) and np.float32(gain) > 0 else 1.0
     arrays = {"codes": bitpack.pack(labels, bits), "codebook": codebook,
