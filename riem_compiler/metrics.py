@@ -71,6 +71,12 @@ def spectrum(layer_matrix) -> Spectrum:
     return Spectrum(squares, vectors.flip(1), side, tails)
 
 
+def sum_of_squares(x: np.ndarray) -> float:
+    """np.sum(np.square(x)) in float64, bit for bit, without the whole squared copy (`_sums_of_squares`)."""
+    flat = np.ravel(np.asarray(x))
+    return float(_sums_of_squares(flat, flat, 0, flat.size)[1]) if flat.size else 0.0
+
+
 # values per np.sum call of `_sums_of_squares`
 SUM_BLOCK = 1 << 16
 

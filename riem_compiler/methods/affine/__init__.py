@@ -121,8 +121,34 @@ def penalty_growth(iterations: int) -> float:
     return (BETA_END / BETA0) ** (1.0 / iterations) if iterations > 0 else KAPPA
 
 
+# values of the grouped matrix solved at a time (whole rows): every step of the solve is per group, so
+# chunks of rows give the same codes, and a whole 4096x11008 solve held 9x its bytes in temporaries
+SOLVE_CHUNK_VALUES = 1 << 20
+
+
 def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_norm: float = 0.7,
                  update_scale: bool = True):
+    """Codes (rows, cols) uint8, scale and zero (rows, groups) float16 of the grouped matrix G, solved
+    SOLVE_CHUNK_VALUES at a time (`solve_affine_rows`: where an iteration's scale or zero overflows
+    float16, it falls back to the best so far in the chunk's rows)."""
+    rows, cols = np.shape(G)
+    groups = math.ceil(cols / group) if cols else 0
+    step = max(1, SOLVE_CHUNK_VALUES // max(1, groups * group))
+    if rows <= step:
+        codes, scale, zero = solve_affine_rows(G, bits, group, iterations, lp_norm, update_scale)
+        return codes.astype(np.uint8), scale, zero
+    codes = np.empty((rows, cols), np.uint8)
+    scale = np.empty((rows, groups), np.float16)
+    zero = np.empty((rows, groups), np.float16)
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        codes[a:b], scale[a:b], zero[a:b] = solve_affine_rows(G[a:b], bits, group, iterations, lp_norm,
+                                                              update_scale)
+    return codes, scale, zero
+
+
+def solve_affine_rows(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_norm: float = 0.7,
+                      update_scale: bool = True):
     """Codes (rows, cols) int64, scale and zero (rows, groups) float16 of the grouped matrix G.
 
     Groups are `group` consecutive columns (the last may be shorter; padding is masked out).

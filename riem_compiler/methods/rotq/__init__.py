@@ -29,6 +29,7 @@ import torch
 from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
+from riem_compiler.metrics import sum_of_squares
 from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, screening_rows, within_ratio
 from riem_compiler.methods.rotq import rotation
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
@@ -210,14 +211,18 @@ def fit_rotq(weight, bits: int = 2, group_size: int | None = 64, block: int | No
         raise InputError(f"rotq grid must be one of {GRIDS}, got {grid!r}")
     shape, transposed = weight_layout(weight, in_axis, "rotq")
     lay = layout(shape, transposed, group_size, block)
-    # float64 working copies, as few as possible (each is 2x the float32 weight): the padded
-    # matrix (filled straight from the weight), rotated in place of its signs, then the rotation
+    # one float64 working copy (2x the float32 weight): the rotated matrix, made CODE_BLOCK_VALUES at a
+    # time from padded rows of the weight (each row is rotated on its own: the same products)
     src = matrix(weight)
-    padded = np.zeros((lay.rows, lay.padded))
-    padded[:, :lay.cols] = src.T if transposed else src
-    rotated = rotation.rotate_numpy(padded, lay.block, seed, overwrite=True)
+    src = src.T if transposed else src
+    rotated = np.empty((lay.rows, lay.padded))
+    step = max(1, CODE_BLOCK_VALUES // lay.padded)
+    for a in range(0, lay.rows, step):
+        padded = np.zeros((min(step, lay.rows - a), lay.padded))
+        padded[:, :lay.cols] = src[a:a + step]
+        rotated[a:a + step] = rotation.rotate_numpy(padded, lay.block, seed, overwrite=True)
     del padded
-    layer_rms = float(np.sqrt(np.mean(np.square(rotated))))
+    layer_rms = float(np.sqrt(sum_of_squares(rotated) / rotated.size)) if rotated.size else float("nan")
     if not np.isfinite(layer_rms):
         raise InputError(f"rotq: weight of shape {shape} has non-finite values or overflows float64")
     if layer_rms > 0:
