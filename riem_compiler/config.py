@@ -22,8 +22,9 @@ PREPROCESS_FIELDS = ("fold_batchnorm", "dead_channels", "equalize", "bias_correc
 # inversion steps (were 100), auto's affine candidates at 15 iterations (were 30), probes on half the
 # sensitivity samples (were all); ".2": bias correction from folded BatchNorm statistics on by default;
 # ".3": auto screens rtn/affine/rotq/vq candidates on a subset of rows and fits whole only those near
-# its plan); results pages name it
-DEFAULTS_VERSION = "2026-12-07.3"
+# its plan; "2026-12-08": and svd's by the truncated SVD's errors from the layer's spectrum); results
+# pages name it
+DEFAULTS_VERSION = "2026-12-08"
 ONNX_FORMATS = ("auto", "functions", "standard", "ort")  # how compressed weights are written to ONNX (codegen/onnx_rewrite.py)
 
 
