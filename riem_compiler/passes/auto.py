@@ -29,8 +29,9 @@ rows, bytes of the whole weight. The probe is fitted whole, and its whole fit re
 estimates in the layer. svd's candidates (`screened_by_rank`) are first the errors of the truncated
 SVD of their rank, from the layer's spectrum (`metrics.spectrum`; no factors and no fits: a quarter
 of the time of its SVD and fits on a 4096x11008 layer). A second pass fits whole only the
-estimates near the knapsack's pick on the layer's (bytes, cost) front; the others leave the pool. Layers too small to gain, grouped
-convolutions and gathered tables are fitted whole from the start, as is everything under a plan target.
+estimates near the knapsack's pick on the layer's (bytes, cost) front; the others leave the pool.
+Layers too small to gain, grouped convolutions and gathered tables are fitted whole from the start, as
+is everything under a plan target.
 
 With a deployment target (`Config.plan_for`, "onnx" or "tvm") a candidate enters the pool only if that
 target runs it in a compressed form, and it costs its run-time weight bytes instead of its stored bytes

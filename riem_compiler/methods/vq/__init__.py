@@ -110,7 +110,11 @@ def vq_rungs(shape, ratio: float, settings: VQSettings, transposed: bool = False
 
 
 # ---------------------------------------------------------------------------------------- k-means
-def nearest(X: np.ndarray, C: np.ndarray, chunk: int = 1 << 17, distances: bool = True):
+# distances per BLAS product of `nearest`
+NEAREST_CHUNK = 1 << 17
+
+
+def nearest(X: np.ndarray, C: np.ndarray, chunk: int = NEAREST_CHUNK, distances: bool = True):
     """Index of the nearest row of C for each row of X, and (distances) that squared distance minus
     ||x||^2 (float32 BLAS: [x, 1] [-2 C^T; ||c||^2], one product instead of a product and a pass adding
     ||c||^2, in chunks of about `chunk` distances: 512 KiB chunks stay in cache, 2.5-4x faster than
@@ -233,7 +237,7 @@ class Normalised:
 
     def order(self, seed: int, count: int, first: int) -> np.ndarray:
         """The first `first` of the seeded random order of `count` vectors (only a prefix is kept: the
-        whole order took 8 bytes a vector, a 2-vector code's weight twice over)."""
+        whole order held 8 bytes a vector, as much as the float32 weight at 2 values a vector)."""
         if self._order is None or self._order[0] != (seed, count) or len(self._order[1]) < min(first, count):
             self._order = ((seed, count), np.random.default_rng(seed).permutation(count)[:first].copy())
         return self._order[1][:first]
@@ -298,7 +302,7 @@ def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, s
     centres, wide = codebook.astype(np.float32), codebook.astype(np.float64)
     labels = np.empty(n * v, np.uint16)  # codes of at most MAX_BITS bits
     # the vectors in chunks that fill whole steps of `nearest` (the same products as one call)
-    step = max(1, (1 << 17) // (1 << bits))
+    step = max(1, NEAREST_CHUNK // (1 << bits))
     chunk = max(1, ROW_CHUNK_VALUES // dim // step) * step
     for s in range(0, n * v, chunk):
         e = min(s + chunk, n * v)
