@@ -331,12 +331,38 @@ def decode_vq(cw: CompressedWeight, t: dict) -> torch.Tensor:
     transposed = is_transposed(cw)
     dim, bits = cw.meta["dim"], cw.meta["bits"]
     n, d, v = vq_layout(cw.shape, dim, transposed)
+    if bitpack.is_eager() and t["codes"].device.type == "cpu":
+        return _decode_vq_in_chunks(cw, t, n, d, v, transposed)
     codes = bitpack.unpack_torch(t["codes"], bits, n * v).to(torch.int64)
     vectors = torch.index_select(t["codebook"].to(torch.float32), 0, codes)
     rows = vectors.reshape(n, v * dim)[:, :d]
     scale = t["scale"].to(torch.float32) * t["gain"].to(torch.float32)
     W = rows * scale.reshape(n, 1)
     return W.T.contiguous() if transposed else W
+
+
+def _decode_vq_in_chunks(cw: CompressedWeight, t: dict, n: int, d: int, v: int, transposed: bool) -> torch.Tensor:
+    """decode_vq's values, bit for bit, written a chunk of rows at a time into the one output (eager
+    decodes only: scoring, the rewritten model's cached weight). Whole, the int64 codes, the gathered
+    vectors and the scaled rows held 3-4x a d2 weight's float32 bytes."""
+    dim, bits = cw.meta["dim"], cw.meta["bits"]
+    book = t["codebook"].to(torch.float32)
+    scale = t["scale"].to(torch.float32) * t["gain"].to(torch.float32)
+    packed = t["codes"].numpy().reshape(-1)
+    out = torch.empty((d, n) if transposed else (n, d))
+    whole = 8 // math.gcd(8, v * bits)  # rows per chunk start on a whole byte of the codes
+    step = max(1, ROW_CHUNK_VALUES // (v * dim) // whole) * whole
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        start = a * v * bits // 8
+        codes = bitpack.unpack(packed[start:bitpack.packed_nbytes(b * v, bits)], bits, (b - a) * v)
+        rows = torch.index_select(book, 0, torch.from_numpy(codes)).reshape(b - a, v * dim)[:, :d]
+        rows = rows * scale[a:b].reshape(-1, 1)
+        if transposed:
+            out[:, a:b] = rows.T
+        else:
+            out[a:b] = rows
+    return out
 
 
 class VQ(Method):
