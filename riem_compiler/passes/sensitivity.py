@@ -34,7 +34,7 @@ from riem_compiler import methods
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.frontend.layers import LayerSpec
-from riem_compiler.metrics import read_only_tensor, squared_error_terms
+from riem_compiler.metrics import read_only_tensor, squared_error_terms, tail_sums
 
 log = logging.getLogger("riem_compiler.sensitivity")
 # conv patches are unfolded at most this many bytes at a time (conv_patches)
@@ -316,9 +316,7 @@ class MomentError:
         terms = terms.clamp(min=0.0).numpy()
         if spectrum.side == "in":
             terms = terms * spectrum.squares
-        errors = np.zeros(len(terms) + 1)
-        errors[:-1] = np.cumsum(terms[::-1])[::-1]
-        return errors
+        return tail_sums(terms)
 
     def __call__(self, error: np.ndarray) -> float:
         """error: W - W_hat in the layer's weight shape."""

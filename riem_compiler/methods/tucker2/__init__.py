@@ -11,6 +11,7 @@ from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, ratios_with, within_ratio
 from riem_compiler.methods.svd import matrix_svd
+from riem_compiler.metrics import tail_sums
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,7 @@ def tucker2_ranks_by_energy(weight, ratio: float, svds=None) -> tuple[int, int] 
     out_ch, in_ch, kernel = shape[0], shape[1], int(np.prod(shape[2:]))
     (_, s_out), (_, s_in) = svds or channel_svds(weight)
     s_out, s_in = s_out ** 2, s_in ** 2
-    tail_out = np.concatenate([np.cumsum(s_out[::-1])[::-1], [0.0]])  # tail_out[r] = sum s_out[r:]
-    tail_in = np.concatenate([np.cumsum(s_in[::-1])[::-1], [0.0]])
+    tail_out, tail_in = tail_sums(s_out), tail_sums(s_in)  # tail_out[r] = sum s_out[r:]
     r_out = np.arange(1, len(s_out) + 1)[:, None]
     r_in = np.arange(1, len(s_in) + 1)[None, :]
     nbytes = 2 * (out_ch * r_out + in_ch * r_in + r_out * r_in * kernel)
