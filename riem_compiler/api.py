@@ -180,7 +180,7 @@ def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None, outp
     from riem_compiler.frontend.torch_frontend import as_module, find_torch_layers
     from riem_compiler.passes import input_scales
     from riem_compiler.passes.preprocess import correct_biases, prepare_torch
-    from riem_compiler.passes.rewrite_torch import apply_compressed
+    from riem_compiler.passes.rewrite_torch import apply_compressed, decoding_per_call
 
     model = as_module(graph)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
@@ -209,7 +209,8 @@ def _optimize_torch(graph, example_inputs, cfg: Config, input_sampler=None, outp
     if corrected is not None:
         report.preprocess = {**(report.preprocess or {}), "bias_correction": corrected}
     if example_inputs is not None and compressed:
-        report.output_error = model_output_error(model, new_model, example_inputs)
+        with decoding_per_call():  # the result stays compact until it is run
+            report.output_error = model_output_error(model, new_model, example_inputs)
     if not compressed:
         log.warning("no layer was compressed; the model is returned unchanged (see the report)")
     result = Result(new_model, report, compressed, det.layers, cfg, "torch", example_inputs, model,

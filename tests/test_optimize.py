@@ -1,4 +1,5 @@
 """End to end through `riem_compiler.optimize` for PyTorch inputs: rewrite, report, save/load, errors."""
+import copy
 import json
 import logging
 
@@ -168,3 +169,66 @@ def test_nan_weight_and_error_ceiling_leave_layers_unchanged():
 def test_refine_option_needs_example_inputs():
     with pytest.raises(rc.InputError, match="example_inputs"):
         rc.optimize(structured(MLP()), ratio=0.5, refine=True, quiet=True, **FAST)
+
+
+def test_the_rewrite_shares_nothing_with_the_input_and_copies_a_tied_weight_once():
+    """apply_compressed no longer deep-copies the weights it replaces (a model-sized copy at the end
+    of a run); a weight tied to a layer it keeps (an embedding table that is also the compressed
+    output head) is copied once, so the result never aliases the user's tensors."""
+    import torch.nn as nn
+
+    from riem_compiler.frontend.torch_frontend import find_torch_layers
+    from riem_compiler.methods import rtn
+    from riem_compiler.passes.rewrite_torch import apply_compressed
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid = nn.Embedding(40, 16), nn.Linear(16, 16)
+            self.head = nn.Linear(16, 40, bias=False)
+            self.head.weight = self.emb.weight
+            self.extra = nn.Linear(16, 40, bias=False)  # a second user of the same table
+            self.extra.weight = self.emb.weight
+
+        def forward(self, ids):
+            h = torch.tanh(self.mid(self.emb(ids)))
+            return self.head(h) + self.extra(h)
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    specs = find_torch_layers(model, rc.Config(min_weight_size=0, quiet=True)).layers
+    tied = next(s for s in specs if s.module == "head")  # the table, through one of its Linear users
+    compressed = {s.name: rtn.fit_rtn(s.weight, 4) for s in specs if s.module in ("mid", "head")}
+    assert tied.name in compressed
+    out = apply_compressed(model, specs, compressed)
+    own = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not own & {t.data_ptr() for t in [*out.parameters(), *out.buffers()]}
+    assert isinstance(out.head, RieMLinear) and isinstance(out.mid, RieMLinear)
+    assert out.emb.weight is out.extra.weight  # the layers kept still share one table: one copy
+    reference = copy.deepcopy(model)  # the same rewrite by hand: decoded weights in a deep copy
+    with torch.no_grad():
+        reference.head = torch.nn.Linear(16, 40, bias=False)
+        reference.head.weight.copy_(torch.from_numpy(decode(compressed[tied.name])).reshape(40, 16))
+        reference.mid.weight.copy_(torch.from_numpy(decode(compressed["mid.weight"])).reshape(16, 16))
+        ids = torch.randint(0, 40, (2, 5))
+        assert torch.equal(out(ids), reference(ids))
+        out.emb.weight.add_(1.0)  # writing the result leaves the input alone
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_optimize_returns_a_compact_model_and_its_output_error_is_the_cached_models():
+    """optimize checks the output with each layer decoded per call (the result held a model-sized cache
+    of decoded weights before anyone ran it); the error is bit for bit that of the cached model, and
+    the first call of the result caches as documented."""
+    from riem_compiler.metrics import model_output_error
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = (torch.randn(4, 32),)
+    res = rc.optimize(model, example_inputs=x, ratio=0.25, method="rtn", quiet=True, min_weight_size=0)
+    weights = [m for m in res.model.modules() if isinstance(m, RieMWeight)]
+    assert weights and all(m._cache is None for m in weights)
+    assert res.report.output_error == model_output_error(model, res.model, x) > 0
+    assert all(m._cache is not None for m in weights)

@@ -320,3 +320,24 @@ def test_rotated_in_chunks_of_rows_is_rotated_in_one(monkeypatch):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak <= 3.3 * tracemalloc_w.nbytes, peak / tracemalloc_w.nbytes  # was 4.0x; the float64 rotation is 2x
+
+
+@pytest.mark.parametrize("in_axis", [1, 0])
+def test_an_eager_decode_in_chunks_is_the_traced_decode(monkeypatch, in_axis):
+    """Scoring and the rewritten model decode eagerly: the levels gathered and scaled a chunk of rows at
+    a time from uint8 codes, the signs applied in place (whole, the int64 codes, the gathered levels and
+    the scaled and signed copies held ~5x the weight): bit for bit the traced form, with padded columns,
+    row and group scales and both axes."""
+    from riem_compiler.methods import rotq as rq
+
+    monkeypatch.setattr(rq, "DECODE_CHUNK_CODES", 300)
+    w = np.random.default_rng(9).standard_normal((45, 70)).astype(np.float32)
+    w = np.ascontiguousarray(w.T) if in_axis == 0 else w
+    for bits, group, grid in ((4, 24, "gaussian"), (3, None, "fitted"), (2, 8, "gaussian"), (1, None, "gaussian")):
+        cw = rq.fit_rotq(w, bits, group, None, 0, grid, in_axis)
+        t = {k: torch.from_numpy(np.asarray(a)) for k, a in cw.arrays.items()}
+        traced = rq.decode_rotq(cw, t)
+        with bitpack.eager_numpy():
+            eager = rq.decode_rotq(cw, t)
+        assert torch.equal(traced, eager), (bits, group)
+        assert np.array_equal(methods.decode(cw), traced.reshape(cw.shape).numpy())

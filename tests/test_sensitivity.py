@@ -574,3 +574,88 @@ def test_probes_share_the_models_weights_swap_tied_ones_everywhere_and_leave_the
     assert sens.model.head.weight is sens.model.emb.weight is model.emb.weight  # put back
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_swap_in_decode_memory_measures_what_a_copy_measures():
+    """A whole plan's decodes are swapped in as they are (methods.decode gives torch-aligned,
+    contiguous arrays the caller owns), not copied again: the module reads the decode's own memory,
+    and the error is bit for bit that of the copied swap (a misaligned array is still copied)."""
+    torch.manual_seed(0)
+    model = TiedHead().eval()
+    specs = _specs(model)
+    sens = TorchSensitivity(model, specs, (torch.randint(0, 40, (2, 6)),),
+                            settings=SensitivitySettings(samples=8, holdout=4))
+    cw = rtn_m.fit_rtn(model.mid.weight.detach().numpy(), 3)
+    decoded = methods.decode(cw)
+    assert decoded.flags.c_contiguous and decoded.ctypes.data % methods.ALIGNMENT == 0
+    assert not any(np.may_share_memory(decoded, a) for a in cw.arrays.values())
+    seen = []
+    hook = sens.model.mid.register_forward_pre_hook(lambda m, args: seen.append(m.weight.data_ptr()))
+    try:
+        got = sens.measure({"mid.weight": decoded}, holdout=True)
+        raw = np.empty(decoded.nbytes + 2 * methods.ALIGNMENT, np.uint8)  # the same values, misaligned
+        start = (-raw.ctypes.data) % methods.ALIGNMENT + 4
+        shifted = raw[start:start + decoded.nbytes].view(np.float32).reshape(decoded.shape)
+        shifted[...] = decoded
+        copied = sens.measure({"mid.weight": shifted}, holdout=True)
+    finally:
+        hook.remove()
+    assert seen[0] == decoded.ctypes.data and seen[-1] != shifted.ctypes.data
+    assert got == copied > 0
+    assert sens.plan_error({"mid.weight": cw}) == got
+
+
+def test_decode_never_hands_back_the_stored_array():
+    """A float32 dense record decodes to a copy: callers may write into a decode (auto's scoring
+    forms W - W_hat in its memory) without touching the candidate."""
+    w = np.random.default_rng(0).standard_normal((64, 24)).astype(np.float32)
+    cw = fit_dense(w, "float32")
+    out = methods.decode(cw)
+    out -= 1.0
+    assert np.array_equal(cw.arrays["weight"], w) and not np.may_share_memory(out, cw.arrays["weight"])
+
+
+class ReadsChildWeight(nn.Module):
+    """The parent multiplies by its child's weight itself: the weight is read outside the child's call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 12)
+        self.b = nn.Linear(12, 12)
+
+    def forward(self, x):
+        return torch.tanh(self.a(x)) @ self.b.weight.T
+
+
+@pytest.mark.parametrize("model_cls", [TiedHead, ReadsChildWeight])
+def test_a_plan_is_measured_one_decoded_pick_at_a_time_with_the_same_value(monkeypatch, model_cls):
+    """plan_error decodes each pick while a module holding its weight runs (a whole plan's decodes
+    were a model-sized copy): the same value, bit for bit, as swapping every decode in at once. While
+    one layer runs the others hold a placeholder; a weight read outside its modules' calls (a parent
+    multiplying by its child's weight) falls back to the plan decoded at once."""
+    from riem_compiler.passes import sensitivity as sens_m
+
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    specs = _specs(model)
+    x = (torch.randint(0, 40, (2, 6)),) if model_cls is TiedHead else (torch.randn(3, 12),)
+    sens = TorchSensitivity(model, specs, x, settings=SensitivitySettings(samples=8, holdout=4))
+    plan = {s.name: rtn_m.fit_rtn(s.weight, 3) for s in specs}
+    at_once = sens.measure({name: methods.decode(cw).reshape(sens.specs[name].shape) for name, cw in plan.items()},
+                           holdout=True)
+    fallbacks, seen = [], []
+    real = sens_m.Sensitivity.plan_error
+    monkeypatch.setattr(sens_m.Sensitivity, "plan_error", lambda self, w: fallbacks.append(1) or real(self, w))
+    first = sens.model.mid if model_cls is TiedHead else sens.model.a
+    other = sens.model.emb if model_cls is TiedHead else sens.model.b
+    hook = first.register_forward_hook(lambda m, a, o: seen.append(type(other._parameters["weight"]).__name__))
+    try:
+        got = sens.plan_error(plan)
+    finally:
+        hook.remove()
+    assert got == at_once > 0
+    assert fallbacks == ([] if model_cls is TiedHead else [1])
+    if model_cls is TiedHead:
+        assert seen and set(seen) == {"_Absent"}  # the table is decoded only while emb or head runs
+    assert all(type(t) in (torch.Tensor, nn.Parameter) for t in sens.model.parameters())  # put back
+    assert {t.data_ptr() for t in sens.model.parameters()} <= {t.data_ptr() for t in model.parameters()}

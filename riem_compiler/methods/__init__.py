@@ -42,14 +42,23 @@ def decode_torch(cw, tensors: dict):
 
 
 def decode(cw) -> np.ndarray:
-    """The float32 weight, in cw's shape (numpy)."""
+    """The float32 weight, in cw's shape (numpy): the caller's own array (never a view of cw's, so it
+    may be written), C-contiguous in torch's 64-byte aligned memory, so that callers reshape it without
+    a copy and swap it into a model as it is (the same kernels, whatever allocator made the decode)."""
     import torch
 
     from riem_compiler.bitpack import eager_numpy
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in cw.arrays.items()}
     with torch.no_grad(), eager_numpy():
-        return decode_torch(cw, tensors).numpy()
+        out = decode_torch(cw, tensors)
+        if (not out.is_contiguous() or out.data_ptr() % ALIGNMENT
+                or any(np.may_share_memory(out.numpy(), a) for a in cw.arrays.values())):
+            out = torch.empty(out.shape, dtype=out.dtype).copy_(out)
+        return out.numpy()
+
+
+ALIGNMENT = 64  # bytes: torch's CPU allocator's alignment
 
 
 def relative_error(weight, cw) -> float:

@@ -683,6 +683,15 @@ def _dense_candidate(spec: LayerSpec) -> Candidate:
     return Candidate(dense, label(dense), family(dense), dense.nbytes, methods.relative_error(spec.weight, dense))
 
 
+def _difference(weight: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    """weight - decoded in float32, in decoded's memory where it may be written (it is not used after):
+    one layer-sized array less per candidate job, the same bits."""
+    diff = decoded.reshape(weight.shape)
+    if diff.dtype != np.float32 or not diff.flags.writeable or np.may_share_memory(diff, weight):
+        return np.asarray(weight, np.float32) - diff
+    return np.subtract(np.asarray(weight, np.float32), diff, out=diff)
+
+
 def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio: float,
                          moment_error=None, timing: dict | None = None, plan_for: str | None = None,
                          rows: np.ndarray | None = None,
@@ -772,7 +781,7 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
                              estimated=is_estimate)
             error_of = subset_error if is_estimate else moment_error
             if error_of is not None and math.isfinite(err):
-                cand.layer_error = error_of(np.asarray(weight, np.float32) - decoded.reshape(weight.shape))
+                cand.layer_error = error_of(_difference(weight, decoded))
                 cand.layer_error *= scale_up if is_estimate else 1.0
             del decoded
         except Exception as exc:  # noqa: BLE001

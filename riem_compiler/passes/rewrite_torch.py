@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import logging
 
@@ -28,6 +30,21 @@ from riem_compiler.passes import input_scales
 log = logging.getLogger("riem_compiler.rewrite")
 
 RIEM_SUFFIX = "_riem"
+
+
+_NO_CACHE = contextvars.ContextVar("riem_no_cache", default=False)
+
+
+@contextlib.contextmanager
+def decoding_per_call():
+    """Within this block, rewritten layers decode their weight for each call and keep nothing: optimize's
+    own check of the output (a model-sized cache of decoded weights in the result, before the user ever
+    runs it). The values are those of the cached decode."""
+    token = _NO_CACHE.set(True)
+    try:
+        yield
+    finally:
+        _NO_CACHE.reset(token)
 
 
 class RieMWeight(nn.Module):
@@ -57,7 +74,10 @@ class RieMWeight(nn.Module):
         anchor = getattr(self, self._array_names[0])
         if self._cache is None or self._cache.device != anchor.device:
             with torch.no_grad(), eager_numpy():  # an eager decode: CPU codes unpack in chunks, in place
-                self._cache = self.decode()
+                weight = self.decode()
+            if _NO_CACHE.get():
+                return weight
+            self._cache = weight
         return self._cache
 
     def _apply(self, fn, recurse=True):
@@ -168,7 +188,7 @@ def apply_compressed(model: nn.Module, specs, compressed: dict[str, CompressedWe
     compressed) with every weight in `compressed` replaced. The input is not modified."""
     base = graph_module if graph_module is not None and any(
         not s.module for s in specs if s.name in compressed) else model
-    out = copy.deepcopy(base)
+    out, shared = _copy_keeping(base, compressed)
     for spec in specs:
         cw = compressed.get(spec.name)
         if cw is None:
@@ -181,10 +201,36 @@ def apply_compressed(model: nn.Module, specs, compressed: dict[str, CompressedWe
             setattr(out.get_submodule(parent) if parent else out, attr, new)
         else:
             _rewrite_functional(out, spec.name, cw, recompute)
+    _unshare(out, shared)
     if isinstance(out, torch.fx.GraphModule):
         out.graph.lint()
         out.recompile()
     return out
+
+
+def _copy_keeping(base: nn.Module, names) -> tuple[nn.Module, dict[int, torch.Tensor]]:
+    """A deep copy of base that shares, instead of copying, the tensors named (the weights the rewrite
+    replaces): a model-sized copy of weights about to be dropped was the end of a run's memory peak.
+    Returns the copy and id -> shared tensor, for `_unshare`."""
+    tensors = {**dict(base.named_parameters(remove_duplicate=False)),
+               **dict(base.named_buffers(remove_duplicate=False))}
+    shared = {id(tensors[n]): tensors[n] for n in names if n in tensors}
+    return copy.deepcopy(base, dict(shared)), shared
+
+
+def _unshare(out: nn.Module, shared: dict[int, torch.Tensor]) -> None:
+    """Copy into `out` the shared tensors it still holds after the rewrite (a weight tied to a layer
+    that was not replaced), once per tensor, so that the rewritten model never aliases the input's."""
+    copies: dict[int, torch.Tensor] = {}
+    for module in out.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is None or id(t) not in shared:
+                    continue
+                if id(t) not in copies:
+                    data = t.detach().clone()
+                    copies[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
+                table[key] = copies[id(t)]
 
 
 def _rewrite_functional(gm: torch.fx.GraphModule, param_name: str, cw: CompressedWeight, recompute: bool):

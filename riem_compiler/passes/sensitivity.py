@@ -520,24 +520,111 @@ class TorchSensitivity(Sensitivity):
         try:
             with torch.no_grad():
                 for name, value in swaps.items():
-                    t = self.tensors[name]
-                    # a tensor of t's dtype, device and strides (the same kernels run), holding the value
-                    new = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
-                    new.copy_(torch.from_numpy(np.asarray(value, np.float32)).reshape(t.shape))
-                    if isinstance(t, nn.Parameter):
-                        new = nn.Parameter(new, requires_grad=False)
-                    for table, key in self.holders[id(t)]:  # every module attribute holding t (tied weights)
-                        saved.append((table, key, table[key]))
-                        table[key] = new
+                    self._put(name, _as_parameter_like(self.tensors[name], _swap_tensor(self.tensors[name], value)),
+                              saved)
                 out = self._run(inputs)
         finally:
-            for table, key, old in reversed(saved):
-                table[key] = old
-        num = den = 0.0
-        for ref_part, out_part in zip(reference, out, strict=True):
-            a, b = squared_error_terms(ref_part, out_part)
-            num, den = num + a, den + b
-        return num / den if den > 0 else num
+            _restore(saved)
+        return _relative_squared_error(reference, out)
+
+    def plan_error(self, weights: dict[str, CompressedWeight]) -> float:
+        """Measured relative squared output error of a whole plan on the held-out inputs: each pick
+        decoded when a module that holds its weight runs and dropped when it returns (a whole plan's
+        decodes were a model-sized copy at the end of auto). Between those calls the weight is an
+        `_Absent` placeholder, so a read anywhere else raises, and the plan is measured with every pick
+        decoded at once instead: the same value either way."""
+        saved, hooks = [], []
+        owner = {id(table): m for m in self.model.modules() for table in (m._parameters, m._buffers)}
+        try:
+            with torch.no_grad():
+                for name, cw in weights.items():
+                    t = self.tensors[name]
+                    placeholder = torch.Tensor._make_subclass(_Absent, torch.empty_strided(
+                        t.size(), t.stride(), dtype=t.dtype, device="meta"))
+                    self._put(name, placeholder, saved)
+                    by_module: dict[int, list] = {}
+                    for table, key in self.holders[id(t)]:
+                        by_module.setdefault(id(owner[id(table)]), []).append((table, key))
+                    for entries in by_module.values():
+                        module = owner[id(entries[0][0])]
+                        swap = _DecodeDuringCall(entries, placeholder, t, cw, self.specs[name].shape)
+                        hooks += [module.register_forward_pre_hook(swap.enter),
+                                  module.register_forward_hook(swap.leave)]
+                return _relative_squared_error(self.reference_holdout, self._run(self.holdout))
+        except Exception as exc:  # noqa: BLE001 - e.g. read outside its modules' calls: measured the plain way
+            log.debug("plan error with one pick decoded at a time raised %s: %s; decoding the plan at once",
+                      type(exc).__name__, exc)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            _restore(saved)
+        return super().plan_error(weights)
+
+    def _put(self, name: str, new: torch.Tensor, saved: list) -> None:
+        """new in every module attribute that holds the weight `name` (tied weights), the old ones in saved."""
+        for table, key in self.holders[id(self.tensors[name])]:
+            saved.append((table, key, table[key]))
+            table[key] = new
+
+
+class _Absent(torch.Tensor):
+    """Stands for a pick's weight outside the calls of the modules that hold it: any use raises
+    (a meta tensor would not: F.linear of a CPU input and a meta weight returns garbage)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", func)
+        raise LookupError(f"a plan's weight was read outside the modules that hold it ({name})")
+
+
+class _DecodeDuringCall:
+    """Forward hooks of one module holding a pick's weight (entries: its (table, key) pairs): the decode
+    goes in when the module is called, the `_Absent` placeholder back when it returns."""
+
+    def __init__(self, entries: list, placeholder: torch.Tensor, original: torch.Tensor, cw: CompressedWeight, shape):
+        self.entries, self.placeholder, self.original, self.cw, self.shape = entries, placeholder, original, cw, shape
+
+    def enter(self, module, args):
+        decoded = methods.decode(self.cw).reshape(self.shape)
+        new = _as_parameter_like(self.original, _swap_tensor(self.original, decoded))
+        for table, key in self.entries:
+            table[key] = new
+
+    def leave(self, module, args, output):
+        for table, key in self.entries:
+            table[key] = self.placeholder
+
+
+def _as_parameter_like(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    return nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+
+
+def _restore(saved: list) -> None:
+    for table, key, old in reversed(saved):
+        table[key] = old
+
+
+def _relative_squared_error(reference: list, out: list) -> float:
+    num = den = 0.0
+    for ref_part, out_part in zip(reference, out, strict=True):
+        a, b = squared_error_terms(ref_part, out_part)
+        num, den = num + a, den + b
+    return num / den if den > 0 else num
+
+
+def _swap_tensor(t: torch.Tensor, value) -> torch.Tensor:
+    """A tensor of t's dtype, device and strides (the same kernels run) holding value: the value's
+    own float32 memory where it already has that layout and torch's 64-byte alignment (a kernel's path
+    may depend on the alignment; a whole plan's decodes are not held twice)."""
+    array = np.asarray(value)
+    if (array.dtype == np.float32 and t.dtype == torch.float32 and t.device.type == "cpu" and array.size == t.numel()
+            and array.ctypes.data % methods.ALIGNMENT == 0):
+        view = read_only_tensor(array).reshape(t.shape)  # the probes only read the swapped-in weights
+        if view.stride() == t.stride():
+            return view
+    new = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    new.copy_(torch.from_numpy(np.asarray(value, np.float32)).reshape(t.shape))
+    return new
 
 
 def shared_weights_copy(model: nn.Module) -> nn.Module:

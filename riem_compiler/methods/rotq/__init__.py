@@ -257,11 +257,34 @@ def decode_rotq(cw: CompressedWeight, t: dict) -> torch.Tensor:
     transposed = is_transposed(cw)
     n, d = quantised_shape(cw.shape, transposed)
     dp, g = m["padded_cols"], m["group_size"]
-    codes = bitpack.unpack_torch(t["codes"], m["bits"], n * dp).to(torch.int64)
-    values = t["grid"].to(torch.float32)[codes].reshape(n, dp // g, g)
-    Q = (values * t["scale"].to(torch.float32).reshape(n, dp // g, 1)).reshape(n, dp)
-    W = rotation.unrotate_torch(Q, m["block"], m["seed"])[:, :d]
+    if bitpack.is_eager() and t["codes"].device.type == "cpu":
+        Q = _scaled_levels_in_chunks(t, m["bits"], n, dp, g)
+    else:
+        codes = bitpack.unpack_torch(t["codes"], m["bits"], n * dp).to(torch.int64)
+        values = t["grid"].to(torch.float32)[codes].reshape(n, dp // g, g)
+        Q = (values * t["scale"].to(torch.float32).reshape(n, dp // g, 1)).reshape(n, dp)
+    W = rotation.unrotate_torch(Q, m["block"], m["seed"], in_place=bitpack.is_eager())[:, :d]
     return W.T.contiguous() if transposed else W
+
+
+# codes per chunk of an eager decode's gather: whole, the int64 codes and the gathered levels held 3x the
+# weight's float32 bytes beside the scaled matrix
+DECODE_CHUNK_CODES = 1 << 20
+
+
+def _scaled_levels_in_chunks(t: dict, bits: int, n: int, dp: int, g: int) -> torch.Tensor:
+    """grid[codes] * scale as (n, dp) float32, the traced form's values bit for bit (elementwise), a
+    chunk of rows at a time into the one output, from codes unpacked once as uint8."""
+    codes = bitpack.unpack(t["codes"].numpy(), bits, n * dp, np.uint8)
+    grid = t["grid"].to(torch.float32)
+    scale = t["scale"].to(torch.float32).reshape(n, dp // g, 1)
+    out = torch.empty((n, dp))
+    step = max(1, DECODE_CHUNK_CODES // dp)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        index = torch.from_numpy(codes[a * dp:b * dp]).to(torch.int64)
+        out[a:b] = (grid[index].reshape(b - a, dp // g, g) * scale[a:b]).reshape(b - a, dp)
+    return out
 
 
 def _label(bits: int, group: int | None, padded: int | None = None) -> str:

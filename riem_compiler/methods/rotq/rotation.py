@@ -77,11 +77,13 @@ def rotate_numpy(M: np.ndarray, block: int, seed: int, overwrite: bool = False) 
     return (X @ hadamard_numpy(block)).reshape(n, dp)
 
 
-def unrotate_torch(Q, block: int, seed: int):
-    """Q R^T = (Q blockdiag(H_B / sqrt(B))) diag(s) for Q (rows, padded cols), float32 torch."""
+def unrotate_torch(Q, block: int, seed: int, in_place: bool = False):
+    """Q R^T = (Q blockdiag(H_B / sqrt(B))) diag(s) for Q (rows, padded cols), float32 torch.
+    in_place: the signs multiply the product where it is (eager decodes; the same values)."""
     n, dp = Q.shape
     X = (Q.reshape(n, dp // block, block) @ hadamard_torch(block, Q.device)).reshape(n, dp)
-    return X * signs_torch(seed, dp, Q.device)[None, :]
+    signs = signs_torch(seed, dp, Q.device)[None, :]
+    return X.mul_(signs) if in_place else X * signs
 
 
 def choose_block(cols: int, max_block: int = 256, max_padding: float = 1 / 16) -> int:

@@ -33,6 +33,7 @@ from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, screening_rows, within_ratio
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
+from riem_compiler.metrics import sum_of_squares
 
 BITS = (8, 7, 6, 5, 4, 3, 2)
 # (bits, group_size) from most to fewest bytes; `rtn_settings_for_ratio` takes the first that fits.
@@ -210,7 +211,7 @@ def best_rtn(weight, ratio: float, in_axis: int = 1, native: bool = False) -> Co
                                  row_scales=("float32",)) if native else []
     layouts = layouts or rtn_layouts_within(shape, ratio, transposed)
     M = np.ascontiguousarray(matrix(weight).T) if transposed else matrix(weight)
-    norm = float(np.sqrt(np.sum(np.square(M, dtype=np.float64))))
+    norm = math.sqrt(sum_of_squares(M))  # no float64 copy of the layer (2x its bytes, on every worker)
     best = None
     for bits, group, sdtype in layouts:
         with np.errstate(over="ignore", invalid="ignore"):
