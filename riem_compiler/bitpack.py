@@ -51,7 +51,7 @@ def unpack(packed, bits: int, count: int, dtype=np.int64) -> np.ndarray:
     PACK_CHUNK codes into the one output array, so the index and window temporaries stay small
     (whole, they took ~30 bytes per code: 1.4 GB for a 4096x11008 3-bit weight)."""
     packed = np.asarray(packed, dtype=np.uint8).ravel()
-    out = np.empty(count, dtype)
+    out = aligned_empty(count, dtype)
     if bits == 8:
         out[:] = packed[:count]
     elif bits == 16:
@@ -61,6 +61,16 @@ def unpack(packed, bits: int, count: int, dtype=np.int64) -> np.ndarray:
             b = min(a + PACK_CHUNK, count)
             out[a:b] = _unpack_bits(packed[a * bits // 8: packed_nbytes(b, bits)], bits, b - a)
     return out
+
+
+def aligned_empty(count: int, dtype, alignment: int = 64) -> np.ndarray:
+    """np.empty(count, dtype) starting on an `alignment`-byte boundary, as torch's allocator gives: a
+    decode written into it (rtn's, in place) is swapped into a model as it is, where numpy's own large
+    arrays start 16 bytes into a page and would be copied once more."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(count * dtype.itemsize + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + count * dtype.itemsize].view(dtype)
 
 
 def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:

@@ -66,3 +66,14 @@ def test_unpack_holds_little_besides_its_output(bits, monkeypatch):
     finally:
         tracemalloc.stop()
     assert out.nbytes <= peak <= 1.25 * out.nbytes
+
+
+def test_unpack_writes_into_torch_aligned_memory():
+    """unpack's output starts on a 64-byte boundary whatever its size (numpy's large arrays start 16
+    bytes into a page): an eager rtn decode made in it is swapped into a model without another copy."""
+    rng = np.random.default_rng(3)
+    for count, bits in ((5, 3), (1000, 4), (3_000_000, 2), (2_000_001, 8)):
+        codes = rng.integers(0, 1 << bits, count)
+        out = bitpack.unpack(bitpack.pack(codes, bits), bits, count, np.float32)
+        assert out.ctypes.data % 64 == 0 and out.flags.c_contiguous and out.flags.writeable
+        assert np.array_equal(out, codes.astype(np.float32))
