@@ -24,9 +24,9 @@ def test_page_names_its_runs_and_auto_split():
                              "screening": {"whole_fits": 120, "left_out": 850, "rounds": 2, "whole_fits_wall": 1.5}}},
             {"model": "minilm", "method": "nncf-peer", "ratio": 0.0625, "params": 2.2e7,
              "error": "no setting", "run": run["date"]}]
-    for m, (p, s) in {"bert-base x1": (7e6, 3.0), "bert-base x4": (2.8e7, 12.0)}.items():
-        rows.append({"model": m, "method": "auto", "ratio": 0.125, "params": p, "seconds": s, "peak_rss_mb": 600,
-                     "rss_loaded_mb": 500, "fp32_weight_mb": p * 4 / 2**20, "run": run["date"]})
+    for m, (p, s, peak, loaded) in {"bert-base x1": (7e6, 3.0, 600, 500), "bert-base x4": (2.8e7, 12.0, 700, 550)}.items():
+        rows.append({"model": m, "method": "auto", "ratio": 0.125, "params": p, "seconds": s, "peak_rss_mb": peak,
+                     "rss_loaded_mb": loaded, "fp32_weight_mb": p * 4 / 2**20, "run": run["date"]})
     page = ct.render({"runs": [run], "rows": rows})
     assert "`python -m benchmarks.compress_time`" in page and "[2, 2, 2]" in page
     assert ("| minilm | auto | 1/8 | 22.0 | 12.5 | 900 | 200 | 84 | 0.1249 | picked rotq x16, vq x20; "
@@ -35,7 +35,9 @@ def test_page_names_its_runs_and_auto_split():
     assert ("| minilm | auto | 1/8 | 12.5 | 3.0 | 4.0 | 120 of 970 (2, 1.5) | vq 5.0, rtn 1.0 | 1.5 | 2.0 | 0.1 | 1.0 "
             "| 2026-12-06 20:00 UTC |") in page
     assert "| auto | 2 | 1.00 |" in page  # time grows linearly on these two points
-    assert "| 0.00 (bert-base x1 to bert-base x4) |" in page  # the same peak at both points
+    # the peak RSS itself grows 100 MB over 80.1 fp32 MB (peak - loaded: 50 MB), against 2 MB per MB
+    assert "| 1.25 (bert-base x1 to bert-base x4) | 1.25 (bert-base x1 to bert-base x4) |" in page
+    assert "| 1.40x (bert-base x4) |" in page  # (700 - 550) / 106.8
 
 
 def test_one_real_measurement_in_process():
