@@ -113,29 +113,38 @@ def rtn_settings_for_ratio(ratio: float, shape=None, group_size: int = 128,
     return None
 
 
+# values quantised at once: the grouped copy, its absolute values and the quotients are made for a
+# chunk of rows into whole-layer codes and scales (whole, they held 2x a weight's float32 bytes)
+QUANTISE_CHUNK_VALUES = 1 << 20
+
+
 def _quantise(M: np.ndarray, bits: int, g: int, sdtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(signed codes int16, scale (rows, groups) in sdtype, the float32 scales as (rows, groups, 1))
     of the (rows, cols) matrix M with groups of g columns (the last may be shorter).
 
-    Works on the (rows, groups, g) view in place of per-column copies: int64 codes and float64
-    temporaries had made a fit take 9x its weight's bytes."""
+    Works on the (rows, groups, g) view of a chunk of rows at a time (every step is per row): int64
+    codes and float64 temporaries had made a fit take 9x its weight's bytes, whole-layer float32 ones 2x."""
     n, d = M.shape
     groups = math.ceil(d / g)
     qmax = (1 << (bits - 1)) - 1
-    if groups * g == d:
-        grouped = np.asarray(M, np.float32).reshape(n, groups, g)
-    else:
-        grouped = np.zeros((n, groups, g), dtype=np.float32)
-        grouped.reshape(n, groups * g)[:, :d] = M
-    absmax = np.abs(grouped).max(axis=2)
     tiny = np.finfo(sdtype).smallest_subnormal
-    scale = np.maximum(absmax / qmax, tiny).astype(sdtype)  # codes use the stored (rounded) scale
-    scale_groups = scale.astype(np.float32)[:, :, None]
-    q = grouped / scale_groups
-    np.rint(q, out=q)
-    np.clip(q, -qmax, qmax, out=q)
-    codes = q.reshape(n, groups * g)[:, :d].astype(np.int16)
-    return codes, scale, scale_groups
+    codes = np.empty((n, d), np.int16)
+    scale = np.empty((n, groups), sdtype)
+    step = max(1, QUANTISE_CHUNK_VALUES // (groups * g))
+    for a in range(0, n, step):
+        rows = M[a:a + step]
+        if groups * g == d:
+            grouped = np.asarray(rows, np.float32).reshape(len(rows), groups, g)
+        else:
+            grouped = np.zeros((len(rows), groups, g), dtype=np.float32)
+            grouped.reshape(len(rows), groups * g)[:, :d] = rows
+        absmax = np.abs(grouped).max(axis=2)
+        scale[a:a + step] = np.maximum(absmax / qmax, tiny).astype(sdtype)  # codes use the stored (rounded) scale
+        q = grouped / scale[a:a + step].astype(np.float32)[:, :, None]
+        np.rint(q, out=q)
+        np.clip(q, -qmax, qmax, out=q)
+        codes[a:a + step] = q.reshape(len(rows), groups * g)[:, :d]
+    return codes, scale, scale.astype(np.float32)[:, :, None]
 
 
 def _rounding_error(M: np.ndarray, codes: np.ndarray, scale_groups: np.ndarray, g: int, rows: int = 256) -> float:
@@ -165,7 +174,8 @@ def fit_rtn(weight, bits: int = 8, group_size: int | None = None, in_axis: int =
     sdtype = rtn_scale_dtype(group_size, scale_dtype)
     codes, scale, _ = _quantise(M, bits, g, sdtype)
     offset = 1 << (bits - 1)
-    arrays = {"codes": bitpack.pack(codes + offset, bits),
+    codes += offset  # in place: the codes are this fit's own
+    arrays = {"codes": bitpack.pack(codes, bits),
               "scale": scale.reshape(n) if group_size is None else scale}
     meta = {"bits": bits, "group_size": group_size, "offset": offset, "scale_dtype": sdtype}
     if transposed:
@@ -218,6 +228,7 @@ def best_rtn(weight, ratio: float, in_axis: int = 1, native: bool = False) -> Co
             g = M.shape[1] if group is None else group
             codes, _, scale_groups = _quantise(M, bits, g, sdtype)
             err = _rounding_error(M, codes, scale_groups, g)
+            del codes, scale_groups  # before the next setting's (or the final fit's) codes
         err = err / norm if norm > 0 else err
         if not np.isfinite(err):  # float16 scales overflow on weights beyond ~4e6
             continue
