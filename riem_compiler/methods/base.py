@@ -295,5 +295,13 @@ def matrix(weight) -> np.ndarray:
     return w.reshape(w.shape[0], -1)
 
 
+def row_ranges(rows: int, values_per_row: int, values: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive ranges of whole rows of about `values` values each (at least one
+    row): how the fits and eager decodes that work a chunk of rows at a time into whole-layer outputs
+    split a layer (every step per row, so the chunks give the same values as one)."""
+    step = max(1, values // max(1, values_per_row))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
 def fp32_bytes(shape) -> int:
     return int(np.prod(shape)) * 4

@@ -31,7 +31,8 @@ from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.methods.affine.layout import affine_layout, flipped
-from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, screening_rows, within_ratio
+from riem_compiler.methods.base import (DecoderCall, Method, fp32_bytes, matrix, row_ranges, screening_rows,
+                                        within_ratio)
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 
 BITS = (8, 4, 3, 2, 1)
@@ -133,15 +134,14 @@ def solve_affine(G: np.ndarray, bits: int, group: int, iterations: int = 30, lp_
     float16, it falls back to the best so far in the chunk's rows)."""
     rows, cols = np.shape(G)
     groups = math.ceil(cols / group) if cols else 0
-    step = max(1, SOLVE_CHUNK_VALUES // max(1, groups * group))
-    if rows <= step:
+    ranges = row_ranges(rows, groups * group, SOLVE_CHUNK_VALUES)
+    if len(ranges) <= 1:
         codes, scale, zero = solve_affine_rows(G, bits, group, iterations, lp_norm, update_scale)
         return codes.astype(np.uint8), scale, zero
     codes = np.empty((rows, cols), np.uint8)
     scale = np.empty((rows, groups), np.float16)
     zero = np.empty((rows, groups), np.float16)
-    for a in range(0, rows, step):
-        b = min(a + step, rows)
+    for a, b in ranges:
         codes[a:b], scale[a:b], zero[a:b] = solve_affine_rows(G[a:b], bits, group, iterations, lp_norm,
                                                               update_scale)
     return codes, scale, zero

@@ -30,7 +30,8 @@ from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
 from riem_compiler.metrics import sum_of_squares
-from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, screening_rows, within_ratio
+from riem_compiler.methods.base import (DecoderCall, Method, fp32_bytes, matrix, row_ranges, screening_rows,
+                                        within_ratio)
 from riem_compiler.methods.rotq import rotation
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 
@@ -216,12 +217,11 @@ def fit_rotq(weight, bits: int = 2, group_size: int | None = 64, block: int | No
     src = matrix(weight)
     src = src.T if transposed else src
     rotated = np.empty((lay.rows, lay.padded))
-    step = max(1, CODE_BLOCK_VALUES // lay.padded)
-    for a in range(0, lay.rows, step):
-        padded = np.zeros((min(step, lay.rows - a), lay.padded))
-        padded[:, :lay.cols] = src[a:a + step]
-        rotated[a:a + step] = rotation.rotate_numpy(padded, lay.block, seed, overwrite=True)
-    del padded
+    for a, b in row_ranges(lay.rows, lay.padded, CODE_BLOCK_VALUES):
+        padded = np.zeros((b - a, lay.padded))
+        padded[:, :lay.cols] = src[a:b]
+        rotated[a:b] = rotation.rotate_numpy(padded, lay.block, seed, overwrite=True)
+        del padded
     layer_rms = float(np.sqrt(sum_of_squares(rotated) / rotated.size)) if rotated.size else float("nan")
     if not np.isfinite(layer_rms):
         raise InputError(f"rotq: weight of shape {shape} has non-finite values or overflows float64")
@@ -279,9 +279,7 @@ def _scaled_levels_in_chunks(t: dict, bits: int, n: int, dp: int, g: int) -> tor
     grid = t["grid"].to(torch.float32)
     scale = t["scale"].to(torch.float32).reshape(n, dp // g, 1)
     out = torch.empty((n, dp))
-    step = max(1, DECODE_CHUNK_CODES // dp)
-    for a in range(0, n, step):
-        b = min(a + step, n)
+    for a, b in row_ranges(n, dp, DECODE_CHUNK_CODES):
         index = torch.from_numpy(codes[a * dp:b * dp]).to(torch.int64)
         out[a:b] = (grid[index].reshape(b - a, dp // g, g) * scale[a:b]).reshape(b - a, dp)
     return out

@@ -31,7 +31,8 @@ import torch
 from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
-from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, screening_rows, within_ratio
+from riem_compiler.methods.base import (DecoderCall, Method, fp32_bytes, matrix, row_ranges, screening_rows,
+                                        within_ratio)
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 from riem_compiler.metrics import sum_of_squares
 
@@ -130,20 +131,18 @@ def _quantise(M: np.ndarray, bits: int, g: int, sdtype: str) -> tuple[np.ndarray
     tiny = np.finfo(sdtype).smallest_subnormal
     codes = np.empty((n, d), np.int16)
     scale = np.empty((n, groups), sdtype)
-    step = max(1, QUANTISE_CHUNK_VALUES // (groups * g))
-    for a in range(0, n, step):
-        rows = M[a:a + step]
+    for a, b in row_ranges(n, groups * g, QUANTISE_CHUNK_VALUES):
         if groups * g == d:
-            grouped = np.asarray(rows, np.float32).reshape(len(rows), groups, g)
+            grouped = np.asarray(M[a:b], np.float32).reshape(b - a, groups, g)
         else:
-            grouped = np.zeros((len(rows), groups, g), dtype=np.float32)
-            grouped.reshape(len(rows), groups * g)[:, :d] = rows
+            grouped = np.zeros((b - a, groups, g), dtype=np.float32)
+            grouped.reshape(b - a, groups * g)[:, :d] = M[a:b]
         absmax = np.abs(grouped).max(axis=2)
-        scale[a:a + step] = np.maximum(absmax / qmax, tiny).astype(sdtype)  # codes use the stored (rounded) scale
-        q = grouped / scale[a:a + step].astype(np.float32)[:, :, None]
+        scale[a:b] = np.maximum(absmax / qmax, tiny).astype(sdtype)  # codes use the stored (rounded) scale
+        q = grouped / scale[a:b].astype(np.float32)[:, :, None]
         np.rint(q, out=q)
         np.clip(q, -qmax, qmax, out=q)
-        codes[a:a + step] = q.reshape(len(rows), groups * g)[:, :d]
+        codes[a:b] = q.reshape(b - a, groups * g)[:, :d]
     return codes, scale, scale.astype(np.float32)[:, :, None]
 
 

@@ -21,7 +21,7 @@ import torch
 from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
-from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, within_ratio
+from riem_compiler.methods.base import DecoderCall, Method, fp32_bytes, matrix, row_ranges, within_ratio
 from riem_compiler.methods.rtn.layout import is_transposed, quantised_shape, weight_layout
 
 # a 4096-entry codebook, by explicit setting only: k-means time grows linearly with it (dim 4,
@@ -270,9 +270,7 @@ def padded_rows(rows: np.ndarray, dim: int) -> np.ndarray:
 
 def row_chunks(shape):
     """(start, stop) of consecutive row ranges of about ROW_CHUNK_VALUES values (at least one row)."""
-    n, d = shape[0], max(1, int(np.prod(shape[1:])))
-    step = max(1, ROW_CHUNK_VALUES // d)
-    return [(a, min(a + step, n)) for a in range(0, n, step)]
+    return row_ranges(shape[0], int(np.prod(shape[1:])), ROW_CHUNK_VALUES)
 
 
 def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, seed: int = 0,
