@@ -26,6 +26,7 @@ from riem_compiler.bitpack import eager_numpy
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.methods import decode_torch
 from riem_compiler.passes import input_scales
+from riem_compiler.passes.sensitivity import tensor_holders
 
 log = logging.getLogger("riem_compiler.rewrite")
 
@@ -221,16 +222,14 @@ def _copy_keeping(base: nn.Module, names) -> tuple[nn.Module, dict[int, torch.Te
 def _unshare(out: nn.Module, shared: dict[int, torch.Tensor]) -> None:
     """Copy into `out` the shared tensors it still holds after the rewrite (a weight tied to a layer
     that was not replaced), once per tensor, so that the rewritten model never aliases the input's."""
-    copies: dict[int, torch.Tensor] = {}
-    for module in out.modules():
-        for table in (module._parameters, module._buffers):
-            for key, t in table.items():
-                if t is None or id(t) not in shared:
-                    continue
-                if id(t) not in copies:
-                    data = t.detach().clone()
-                    copies[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
-                table[key] = copies[id(t)]
+    holders = tensor_holders(out)
+    for key, t in shared.items():
+        if key not in holders:
+            continue
+        data = t.detach().clone()
+        copied = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
+        for table, name in holders[key]:
+            table[name] = copied
 
 
 def _rewrite_functional(gm: torch.fx.GraphModule, param_name: str, cw: CompressedWeight, recompute: bool):
