@@ -683,6 +683,13 @@ def _dense_candidate(spec: LayerSpec) -> Candidate:
     return Candidate(dense, label(dense), family(dense), dense.nbytes, methods.relative_error(spec.weight, dense))
 
 
+def _add_fit_seconds(timing: dict | None, cands) -> None:
+    """Add a CandidateList's fit seconds per method into `timing` (a plain list has none)."""
+    if timing is not None:
+        for key, sec in getattr(cands, "seconds", {}).items():
+            timing[key] = timing.get(key, 0.0) + sec
+
+
 def _difference(weight: np.ndarray, decoded: np.ndarray) -> np.ndarray:
     """weight - decoded in float32, in decoded's memory where it may be written (it is not used after):
     one layer-sized array less per candidate job, the same bits."""
@@ -720,9 +727,7 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
         log.warning("%s: candidate source failed (%s: %s); only dense float32 is left",
                     spec.name, type(exc).__name__, exc)
         cands, n_dropped = [], 1
-    if timing is not None:
-        for key, sec in getattr(cands, "seconds", {}).items():
-            timing[key] = timing.get(key, 0.0) + sec
+    _add_fit_seconds(timing, cands)
     t_score = time.perf_counter()
     if rows is not None:
         subset = np.take(spec.weight, rows, axis=spec.output_axis)
@@ -736,9 +741,7 @@ def _evaluate_candidates(spec: LayerSpec, source: CandidateSource, budget_ratio:
         if not queue:
             more = source(spec, budget_ratio, only=refit)
             n_dropped += int(getattr(more, "dropped", 0))
-            if timing is not None:
-                for key, sec in getattr(more, "seconds", {}).items():
-                    timing[key] = timing.get(key, 0.0) + sec
+            _add_fit_seconds(timing, more)
             queue, refit = list(more), set()
             continue
         cw = queue.pop(0)
