@@ -85,24 +85,38 @@ def sum_of_squares(x: np.ndarray) -> float:
     return float(_sums_of_squares(flat, flat, 0, flat.size)[1]) if flat.size else 0.0
 
 
-# values per np.sum call of `_sums_of_squares`
+def streamed_sum_of_squares(piece, size: int) -> float:
+    """`sum_of_squares` of a float64 array of `size` values that is never whole: piece(lo, n) gives
+    its values [lo, lo + n), asked for in increasing order (rotq's rotated rows, made a chunk at a time)."""
+    return float(_pairwise(lambda lo, n: (np.sum(np.square(piece(lo, n))),), 0, size)[0]) if size else 0.0
+
+
+# values per np.sum call of `_pairwise`
 SUM_BLOCK = 1 << 16
 
 
-def _sums_of_squares(x: np.ndarray, y: np.ndarray, lo: int, n: int) -> tuple[float, float]:
-    """(sum (x - y)^2, sum x^2) over x[lo:lo + n] in float64, bit for bit what np.sum gives over the
-    whole float64 arrays: pieces split where numpy's pairwise summation splits n (n // 2, rounded
-    down to a multiple of 8), each piece summed by np.sum, both sums from one float64 copy of the
-    piece. Whole-array float64 copies had made scoring a candidate take 10x its weight's bytes."""
+def _pairwise(leaf, lo: int, n: int) -> tuple:
+    """Sums over values [lo, lo + n) split where numpy's pairwise summation splits n (n // 2, rounded
+    down to a multiple of 8) down to pieces of at most SUM_BLOCK values, each summed by leaf(lo, n)
+    (a tuple of np.sum results): bit for bit what np.sum gives over the whole float64 arrays."""
     if n <= SUM_BLOCK:
+        return leaf(lo, n)
+    half = n // 2
+    half -= half % 8
+    return tuple(a + b for a, b in zip(_pairwise(leaf, lo, half), _pairwise(leaf, lo + half, n - half)))
+
+
+def _sums_of_squares(x: np.ndarray, y: np.ndarray, lo: int, n: int) -> tuple[float, float]:
+    """(sum (x - y)^2, sum x^2) over x[lo:lo + n] in float64 (`_pairwise`), both sums from one float64
+    copy of each piece. Whole-array float64 copies had made scoring a candidate take 10x its weight's
+    bytes."""
+    def leaf(lo, n):
         piece = x[lo:lo + n].astype(np.float64)
         norm_sq = np.sum(np.square(piece))
         piece -= y[lo:lo + n]
         return np.sum(np.square(piece, out=piece)), norm_sq
-    half = n // 2
-    half -= half % 8
-    first, second = _sums_of_squares(x, y, lo, half), _sums_of_squares(x, y, lo + half, n - half)
-    return first[0] + second[0], first[1] + second[1]
+
+    return _pairwise(leaf, lo, n)
 
 
 def flat_outputs(out) -> list:

@@ -29,7 +29,7 @@ import torch
 from riem_compiler import bitpack
 from riem_compiler.compressed import CompressedWeight
 from riem_compiler.errors import InputError
-from riem_compiler.metrics import sum_of_squares
+from riem_compiler.metrics import streamed_sum_of_squares
 from riem_compiler.methods.base import (DecoderCall, Method, fp32_bytes, matrix, row_ranges, screening_rows,
                                         within_ratio)
 from riem_compiler.methods.rotq import rotation
@@ -194,50 +194,106 @@ def _code_block(X: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return best_s, best_c, best_e
 
 
-def _refit_levels(X, scale, codes, levels) -> np.ndarray:
-    """Lloyd update of the grid: each level the least-squares value of its entries x ~ s * level."""
-    k = len(levels)
-    s = np.broadcast_to(scale[:, None], X.shape).ravel()
-    num = np.bincount(codes.ravel(), weights=(s * X.ravel()), minlength=k)
-    den = np.bincount(codes.ravel(), weights=s * s, minlength=k)
-    return np.sort(np.where(den > 0, num / np.where(den > 0, den, 1.0), levels))
+class _LevelSums:
+    """The Lloyd update of the grid, summed a block of groups at a time: each level the least-squares
+    value of its entries x ~ s * level. np.add.at adds in the entries' order, as one np.bincount over
+    the whole layer did: the same sums bit for bit."""
+
+    def __init__(self, count: int):
+        self.num, self.den = np.zeros(count), np.zeros(count)
+
+    def add(self, X, scale, codes) -> None:
+        s = np.broadcast_to(scale[:, None], X.shape).ravel()
+        np.add.at(self.num, codes.ravel(), s * X.ravel())
+        np.add.at(self.den, codes.ravel(), s * s)
+
+    def levels(self, old: np.ndarray) -> np.ndarray:
+        den = self.den
+        return np.sort(np.where(den > 0, self.num / np.where(den > 0, den, 1.0), old))
+
+
+class _RotatedRows:
+    """The weight's rows zero-padded and rotated (float64), made a chunk of rows at a time and never
+    whole: the whole rotated matrix was 2x the float32 weight beside it, and with the codes the largest
+    part of compressing a 4096x11008 layer. Each row is rotated on its own, so a chunk's values are the
+    whole matrix's bit for bit; a fit rotates every row once per pass over the groups."""
+
+    def __init__(self, weight, lay: Layout, seed: int, transposed: bool):
+        src = matrix(weight)
+        self.src, self.lay, self.seed = (src.T if transposed else src), lay, seed
+        self._held = (0, 0, np.empty((0, lay.padded)))  # rows [a, b) of the last chunk `values` made
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        padded = np.zeros((b - a, self.lay.padded))
+        padded[:, :self.lay.cols] = self.src[a:b]
+        return rotation.rotate_numpy(padded, self.lay.block, self.seed, overwrite=True)
+
+    def values(self, lo: int, n: int) -> np.ndarray:
+        """Values [lo, lo + n) of the flattened matrix, asked for in increasing order."""
+        dp = self.lay.padded
+        a, b, held = self._held
+        if lo < a * dp or lo + n > b * dp:
+            a = lo // dp
+            b = min(self.lay.rows, max(-(-(lo + n) // dp), a + max(1, CODE_BLOCK_VALUES // dp)))
+            self._held = (a, b, self.rows(a, b))
+            held = self._held[2]
+        return held.reshape(-1)[lo - a * dp:lo - a * dp + n]
+
+    def layer_rms(self) -> float:
+        """sqrt(mean of the squared rotated values), the bits of np.sum over the whole matrix."""
+        size = self.lay.rows * self.lay.padded
+        rms = float(np.sqrt(streamed_sum_of_squares(self.values, size) / size)) if size else float("nan")
+        self._held = (0, 0, np.empty((0, self.lay.padded)))
+        return rms
+
+    def groups(self, layer_rms: float):
+        """(slice of groups, their rotated values / layer_rms as (groups, group)) a chunk of rows at a time."""
+        per_row = self.lay.padded // self.lay.group
+        for a, b in row_ranges(self.lay.rows, self.lay.padded, CODE_BLOCK_VALUES):
+            X = self.rows(a, b)
+            if layer_rms > 0:
+                X /= layer_rms
+            yield slice(a * per_row, b * per_row), X.reshape(-1, self.lay.group)
 
 
 def fit_rotq(weight, bits: int = 2, group_size: int | None = 64, block: int | None = None, seed: int = 0,
              grid: str = "gaussian", in_axis: int = 1) -> CompressedWeight:
-    """Rotate, then quantise each group to scale * grid levels (see the module docstring)."""
+    """Rotate, then quantise each group to scale * grid levels (see the module docstring). The rotated
+    rows are made a chunk at a time (`_RotatedRows`): once for the layer's RMS, once for the codes, and
+    for "fitted" once per Lloyd iteration and once more for the final codes."""
     if bits not in BITS:
         raise InputError(f"rotq bits must be one of {BITS}, got {bits}")
     if grid not in GRIDS:
         raise InputError(f"rotq grid must be one of {GRIDS}, got {grid!r}")
     shape, transposed = weight_layout(weight, in_axis, "rotq")
     lay = layout(shape, transposed, group_size, block)
-    # one float64 working copy (2x the float32 weight): the rotated matrix, made CODE_BLOCK_VALUES at a
-    # time from padded rows of the weight (each row is rotated on its own: the same products)
-    src = matrix(weight)
-    src = src.T if transposed else src
-    rotated = np.empty((lay.rows, lay.padded))
-    for a, b in row_ranges(lay.rows, lay.padded, CODE_BLOCK_VALUES):
-        padded = np.zeros((b - a, lay.padded))
-        padded[:, :lay.cols] = src[a:b]
-        rotated[a:b] = rotation.rotate_numpy(padded, lay.block, seed, overwrite=True)
-        del padded
-    layer_rms = float(np.sqrt(sum_of_squares(rotated) / rotated.size)) if rotated.size else float("nan")
+    rotated = _RotatedRows(weight, lay, seed, transposed)
+    layer_rms = rotated.layer_rms()
     if not np.isfinite(layer_rms):
         raise InputError(f"rotq: weight of shape {shape} has non-finite values or overflows float64")
-    if layer_rms > 0:
-        rotated /= layer_rms
-    X = rotated.reshape(-1, lay.group)
     levels = np.array(lloyd_max_normal(1 << bits))
-    scale, codes, err = _code_groups(X, levels)
+    count = lay.rows * lay.padded // lay.group
+    sums = _LevelSums(len(levels)) if grid == "fitted" else None
+    scale, codes, err = np.empty(count), np.empty((count, lay.group), np.uint8), np.empty(count)
+    for groups, X in rotated.groups(layer_rms):
+        scale[groups], codes[groups], err[groups] = _code_groups(X, levels)
+        if sums is not None:
+            sums.add(X, scale[groups], codes[groups])
     best = (float(err.sum()), levels, scale, codes)
-    if grid == "fitted":  # alternate: grid for these codes and scales, codes, scales; then a full search
-        for _ in range(LLOYD_ITERATIONS):
-            levels = _refit_levels(X, scale, codes, levels)
-            codes, _ = _nearest(X, scale, levels)
-            scale = _least_squares_scale(X, codes, levels)
-            codes, err = _nearest(X, scale, levels)
-        scale, codes, err = _code_groups(X, levels)
+    if grid == "fitted":
+        # alternate: grid for these codes and scales, codes, scales; then a full search with the last grid
+        # (the last iteration's codes and scales were never used: only its grid is)
+        scale, codes = scale.copy(), codes.copy()
+        for _ in range(LLOYD_ITERATIONS - 1):
+            levels, sums = sums.levels(levels), _LevelSums(len(levels))
+            for groups, X in rotated.groups(layer_rms):
+                c, _ = _nearest(X, scale[groups], levels)
+                scale[groups] = _least_squares_scale(X, c, levels)
+                codes[groups], _ = _nearest(X, scale[groups], levels)
+                sums.add(X, scale[groups], codes[groups])
+        levels = sums.levels(levels)
+        for groups, X in rotated.groups(layer_rms):
+            scale[groups], codes[groups], err[groups] = _code_groups(X, levels)
         if float(err.sum()) < best[0]:
             best = (float(err.sum()), levels, scale, codes)
     _, levels, scale, codes = best
