@@ -240,11 +240,12 @@ def test_a_fit_in_chunks_of_rows_is_the_fit_in_one(monkeypatch, in_axis):
             np.testing.assert_array_equal(one.arrays[key], chunked.arrays[key])
 
 
-def test_a_fit_holds_little_besides_the_normalised_rows(monkeypatch):
+def test_a_fit_holds_little_besides_its_codes(monkeypatch):
     """Whole, the float64 matrix, its decoded copy, their products and the padded vectors took ~10x a
-    weight's fp32 bytes per fit (two fits side by side: most of auto's peak on a 7B block). Now: the
-    normalised float32 rows, the codes, and chunks (small ones here, so that the bound is the weight's:
-    the default chunks hold a few tens of MB at most)."""
+    weight's fp32 bytes per fit (two fits side by side: most of auto's peak on a 7B block); then the
+    normalised float32 rows and the int64 permutation of every vector took 2x. Now: the codes (uint16 a
+    vector), the int32 permutation while it is drawn, and chunks (small ones here, so that the bound is the
+    weight's: the default chunks hold a few tens of MB at most), also for fits that share a Normalised."""
     import tracemalloc
 
     from riem_compiler.methods import vq as vq_m
@@ -259,7 +260,26 @@ def test_a_fit_holds_little_besides_the_normalised_rows(monkeypatch):
         vq_m.fit_vq(w, dim, bits, 1, 2, 0, 8192)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert peak <= 2.5 * w.nbytes, (dim, bits, peak / w.nbytes)
+        assert peak <= 0.6 * w.nbytes, (dim, bits, peak / w.nbytes)
+    shared = vq_m.Normalised(w)
+    tracemalloc.start()
+    for dim, bits, rows in ((2, 8, None), (2, 7, np.arange(0, 1024, 8)), (4, 8, None)):
+        vq_m.fit_vq(w, dim, bits, 1, 2, 0, 8192, rows, shared)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak <= 0.6 * w.nbytes, peak / w.nbytes
+
+
+def test_the_shared_permutation_is_numpys():
+    """Normalised.order shuffles a 4-byte arange with the generator's draws: the values of
+    np.random.default_rng(seed).permutation(count), a prefix kept."""
+    from riem_compiler.methods import vq as vq_m
+
+    nrm = vq_m.Normalised(np.zeros((4, 4), np.float32))
+    for seed, count, first in ((0, 10, 10), (3, 100_003, 5000), (7, 2_000_000, 65536)):
+        got = nrm.order(seed, count, first)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, np.random.default_rng(seed).permutation(count)[:first])
 
 
 @pytest.mark.parametrize("in_axis", [1, 0])

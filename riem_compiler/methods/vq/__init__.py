@@ -207,12 +207,13 @@ ROW_CHUNK_VALUES = 1 << 20
 
 
 class Normalised:
-    """A weight's RMS-normalised float32 rows (rows = outputs, C order) and their RMS, made on first use
-    and kept for every (dim, bits) fitted on it (auto fits 7 rungs a layer: this preparation and the
-    training sample's permutation were a fifth of a screening fit), with the last permutation drawn
-    (consecutive rungs of one vector length share it). `M` is the weight's matrix view (no copy); the
-    float64 values are made a chunk of rows at a time. The same values as a fit that prepares them
-    itself. Not shared between threads."""
+    """A weight's RMS-normalised float32 rows (rows = outputs, C order), a chunk of rows or some vectors at
+    a time, and the RMS of every row, made on first use and kept for every (dim, bits) fitted on it, with
+    the last permutation drawn (consecutive rungs of one vector length share it). `M` is the weight's
+    matrix view (no copy). The normalised rows are not kept: a float32 copy of the layer (plus an int64
+    permutation of all its vectors) per fitting worker was most of the peak of compressing the
+    4096x11008 layers of a 7B block. Each value is the float64 row / RMS in float32, as a fit that
+    normalised the whole layer at once. Not shared between threads."""
 
     def __init__(self, weight, in_axis: int = 1):
         self.weight, self.in_axis = weight, in_axis
@@ -224,36 +225,40 @@ class Normalised:
             self.shape, self.transposed = weight_layout(self.weight, self.in_axis, "vq")
             M = matrix(self.weight)
             self.M = M.T if self.transposed else M
-            n = self.M.shape[0]
-            self.rms = np.empty(n)
-            self.rows = np.empty(self.M.shape, np.float32)
+            self.rms = np.empty(self.M.shape[0])
             for a, b in row_chunks(self.M.shape):
                 part = self.M[a:b].astype(np.float64)
                 self.rms[a:b] = np.sqrt((part * part).mean(axis=1))
-                safe = np.where(self.rms[a:b] > 0, self.rms[a:b], 1.0)
-                self.rows[a:b] = part / safe[:, None]
+            self._divisor = np.where(self.rms > 0, self.rms, 1.0)
             self._made = True
         return self
 
+    def rows(self, which) -> np.ndarray:
+        """The normalised rows `which` (a slice or an index array) as a float32 array."""
+        return (self.M[which].astype(np.float64) / self._divisor[which][:, None]).astype(np.float32)
+
     def order(self, seed: int, count: int, first: int) -> np.ndarray:
-        """The first `first` of the seeded random order of `count` vectors (only a prefix is kept: the
-        whole order held 8 bytes a vector, as much as the float32 weight at 2 values a vector)."""
+        """The first `first` of the seeded random order of `count` vectors (only a prefix is kept), the
+        values of `np.random.default_rng(seed).permutation(count)`: the same draws shuffle a 4-byte
+        arange (the int64 one held 8 bytes a vector, as much as a d2 layer's float32 weight)."""
         if self._order is None or self._order[0] != (seed, count) or len(self._order[1]) < min(first, count):
-            self._order = ((seed, count), np.random.default_rng(seed).permutation(count)[:first].copy())
+            order = np.arange(count, dtype=np.int32 if count < 2**31 else np.int64)
+            np.random.default_rng(seed).shuffle(order)
+            self._order = ((seed, count), order[:first].astype(np.int64))
+            del order
         return self._order[1][:first]
 
     def vectors(self, index: np.ndarray, dim: int) -> np.ndarray:
         """The normalised rows' vectors of length `dim` at these flat indices (row-major, zero-padded
         at each row's end), without a padded copy of every row."""
-        n, d = self.rows.shape
+        n, d = self.M.shape
         v = -(-d // dim)
-        if d == v * dim:
-            return self.rows.reshape(n * v, dim)[index]
         row, at = np.divmod(index, v)
         cols = at[:, None] * dim + np.arange(dim)
         inside = cols < d
         out = np.zeros((len(index), dim), np.float32)
-        out[inside] = self.rows[np.broadcast_to(row[:, None], cols.shape)[inside], cols[inside]]
+        rows = np.broadcast_to(row[:, None], cols.shape)[inside]
+        out[inside] = (self.M[rows, cols[inside]].astype(np.float64) / self._divisor[rows]).astype(np.float32)
         return out
 
 
@@ -292,10 +297,8 @@ def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, s
     codebook = kmeans(train, 1 << bits, iterations, seed, SEEDING if rows is None else SCREEN_SEEDING)
     codebook = codebook.astype(np.float16)
     del train
-    normalised_rows = norm.rows
     if rows is not None:
         M, rms, n = M[rows], rms[rows], len(rows)
-        normalised_rows = normalised_rows[rows]
         shape = (shape[0], n) if transposed else (n, *shape[1:])
     centres, wide = codebook.astype(np.float32), codebook.astype(np.float64)
     labels = np.empty(n * v, np.uint16)  # codes of at most MAX_BITS bits
@@ -305,8 +308,8 @@ def fit_vq(weight, dim: int, bits: int, in_axis: int = 1, iterations: int = 8, s
     for s in range(0, n * v, chunk):
         e = min(s + chunk, n * v)
         first, last = s // v, -(-e // v)
-        labels[s:e] = nearest(padded_rows(normalised_rows[first:last], dim)[s - first * v:e - first * v], centres,
-                              distances=False)
+        part = norm.rows(slice(first, last) if rows is None else rows[first:last])
+        labels[s:e] = nearest(padded_rows(part, dim)[s - first * v:e - first * v], centres, distances=False)
     row_scale = np.empty(n)
     for a, b in row_chunks((n, v * dim)):
         Q = wide[labels[a * v:b * v]].reshape(b - a, v * dim)[:, :d]
