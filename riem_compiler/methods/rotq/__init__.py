@@ -221,30 +221,28 @@ class _RotatedRows:
     def __init__(self, weight, lay: Layout, seed: int, transposed: bool):
         src = matrix(weight)
         self.src, self.lay, self.seed = (src.T if transposed else src), lay, seed
-        self._held = (0, 0, np.empty((0, lay.padded)))  # rows [a, b) of the last chunk `values` made
 
     def rows(self, a: int, b: int) -> np.ndarray:
         padded = np.zeros((b - a, self.lay.padded))
         padded[:, :self.lay.cols] = self.src[a:b]
         return rotation.rotate_numpy(padded, self.lay.block, self.seed, overwrite=True)
 
-    def values(self, lo: int, n: int) -> np.ndarray:
-        """Values [lo, lo + n) of the flattened matrix, asked for in increasing order."""
-        dp = self.lay.padded
-        a, b, held = self._held
-        if lo < a * dp or lo + n > b * dp:
-            a = lo // dp
-            b = min(self.lay.rows, max(-(-(lo + n) // dp), a + max(1, CODE_BLOCK_VALUES // dp)))
-            self._held = (a, b, self.rows(a, b))
-            held = self._held[2]
-        return held.reshape(-1)[lo - a * dp:lo - a * dp + n]
-
     def layer_rms(self) -> float:
-        """sqrt(mean of the squared rotated values), the bits of np.sum over the whole matrix."""
-        size = self.lay.rows * self.lay.padded
-        rms = float(np.sqrt(streamed_sum_of_squares(self.values, size) / size)) if size else float("nan")
-        self._held = (0, 0, np.empty((0, self.lay.padded)))
-        return rms
+        """sqrt(mean of the squared rotated values), the bits of np.sum over the whole matrix: the pairwise
+        sum asks for pieces in increasing order, served from the last chunk of rows rotated."""
+        dp, size = self.lay.padded, self.lay.rows * self.lay.padded
+        held = [0, 0, None]  # rows [a, b) of the last chunk, and its values
+
+        def values(lo: int, n: int) -> np.ndarray:
+            a, b, chunk = held
+            if lo < a * dp or lo + n > b * dp:
+                a = lo // dp
+                b = min(self.lay.rows, max(-(-(lo + n) // dp), a + max(1, CODE_BLOCK_VALUES // dp)))
+                held[:] = a, b, self.rows(a, b)
+                chunk = held[2]
+            return chunk.reshape(-1)[lo - a * dp:lo - a * dp + n]
+
+        return float(np.sqrt(streamed_sum_of_squares(values, size) / size)) if size else float("nan")
 
     def groups(self, layer_rms: float):
         """(slice of groups, their rotated values / layer_rms as (groups, group)) a chunk of rows at a time."""

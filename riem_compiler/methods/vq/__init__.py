@@ -235,7 +235,12 @@ class Normalised:
 
     def rows(self, which) -> np.ndarray:
         """The normalised rows `which` (a slice or an index array) as a float32 array."""
-        return (self.M[which].astype(np.float64) / self._divisor[which][:, None]).astype(np.float32)
+        return self._normalised(self.M[which], self._divisor[which][:, None])
+
+    @staticmethod
+    def _normalised(values: np.ndarray, divisor: np.ndarray) -> np.ndarray:
+        """values / their rows' RMS (broadcast divisor), divided in float64 and stored as float32."""
+        return (values.astype(np.float64) / divisor).astype(np.float32)
 
     def order(self, seed: int, count: int, first: int) -> np.ndarray:
         """The first `first` of the seeded random order of `count` vectors (only a prefix is kept), the
@@ -245,7 +250,6 @@ class Normalised:
             order = np.arange(count, dtype=np.int32 if count < 2**31 else np.int64)
             np.random.default_rng(seed).shuffle(order)
             self._order = ((seed, count), order[:first].astype(np.int64))
-            del order
         return self._order[1][:first]
 
     def vectors(self, index: np.ndarray, dim: int) -> np.ndarray:
@@ -258,7 +262,7 @@ class Normalised:
         inside = cols < d
         out = np.zeros((len(index), dim), np.float32)
         rows = np.broadcast_to(row[:, None], cols.shape)[inside]
-        out[inside] = (self.M[rows, cols[inside]].astype(np.float64) / self._divisor[rows]).astype(np.float32)
+        out[inside] = self._normalised(self.M[rows, cols[inside]], self._divisor[rows])
         return out
 
 
